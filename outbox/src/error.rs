@@ -1,0 +1,81 @@
+//! The errors of the outbox, each with the context an operator needs to act on it.
+
+use sea_orm::DbErr;
+
+/// An error of the outbox library.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A publishing save on a connection that is not a transaction: the outbox rows could be
+    /// written without the entity, or the entity without them. Refused before anything is written.
+    #[error(
+        "refusing to publish `{entity}` outside a transaction (connection type `{connection}`): \
+         save it with `outbox::save(&db, model)` or inside `outbox::transaction(&db, ..)`, pass a \
+         `DatabaseTransaction`, or add `allow_autocommit` to its `#[publish]` attribute"
+    )]
+    NotInTransaction {
+        /// The entity (module path of its `Model`).
+        entity: &'static str,
+        /// The connection type the save was given.
+        connection: &'static str,
+    },
+
+    /// A delete of a publishing entity whose active model does not hold its primary key, which the
+    /// message body of a delete is made of.
+    #[error(
+        "cannot publish the delete of `{entity}`: its active model does not hold the primary key"
+    )]
+    MissingKey {
+        /// The entity (module path of its `Model`).
+        entity: &'static str,
+    },
+
+    /// A message body could not be encoded as JSON.
+    #[error("cannot encode the message body of `{entity}` for `{destination}`: {source}")]
+    Serialize {
+        /// The entity, or `enqueue` for an explicit row.
+        entity: &'static str,
+        /// The destination of the message (with its version suffix).
+        destination: String,
+        /// What serde_json said.
+        #[source]
+        source: serde_json::Error,
+    },
+
+    /// A destination or version that the outbox table cannot hold.
+    #[error("invalid destination `{destination}` for `{entity}`: {reason}")]
+    InvalidDestination {
+        /// The entity, or `enqueue` for an explicit row.
+        entity: &'static str,
+        /// The destination as given (with its version suffix).
+        destination: String,
+        /// Why it is refused.
+        reason: &'static str,
+    },
+
+    /// A setting that is missing, malformed or out of range.
+    #[error("invalid setting {variable}={value:?}: {reason}")]
+    Config {
+        /// The environment variable (or field) of the setting.
+        variable: &'static str,
+        /// The value given.
+        value: String,
+        /// Why it is refused.
+        reason: String,
+    },
+
+    /// The database refused an operation.
+    #[error("database error: {0}")]
+    Database(#[source] DbErr),
+}
+
+impl From<DbErr> for Error {
+    /// Recovers the typed error behind a `DbErr` that the write hooks raised (SeaORM's hooks can
+    /// only return `DbErr`), or wraps any other database error.
+    fn from(err: DbErr) -> Self {
+        crate::write::take_hook_error(&err).unwrap_or(Error::Database(err))
+    }
+}
+
+/// The result type of the outbox.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,144 @@
+//! The `dop-*` headers that django-outbox-pattern services read, and the ambient correlation id.
+//!
+//! Headers are built once, when the outbox row is written, and stored in its `headers` column;
+//! the relay sends them as stored. A custom `dop-correlation-id` wins over the generated one; the
+//! other four `dop-*` headers are always generated.
+
+use std::future::Future;
+
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+/// The id of the outbox row (a UUID), the consumer's idempotency key.
+pub const MSG_ID: &str = "dop-msg-id";
+/// The destination the row was written for (with its version suffix).
+pub const MSG_DESTINATION: &str = "dop-msg-destination";
+/// The kind of message: always `Published`.
+pub const MSG_TYPE: &str = "dop-msg-type";
+/// When the row was written: UTC, milliseconds, `Z` suffix.
+pub const MSG_SENT_TIME: &str = "dop-msg-sent-time";
+/// The id that ties together the messages caused by one request or one consumed message.
+pub const CORRELATION_ID: &str = "dop-correlation-id";
+/// A header that a sender may set to choose the consumer's idempotency key.
+pub const CAP_MSG_ID: &str = "cap-msg-id";
+/// The value of [`MSG_TYPE`].
+pub const PUBLISHED_TYPE: &str = "Published";
+
+tokio::task_local! {
+    static AMBIENT_CORRELATION_ID: String;
+}
+
+/// Runs `future` with `id` as the ambient correlation id: every outbox row written inside it
+/// (by `#[publish]` or [`crate::enqueue`]) carries `dop-correlation-id: id`, unless the row sets
+/// its own.
+///
+/// ```
+/// # async fn demo() {
+/// outbox::with_correlation_id("req-42", async {
+///     assert_eq!(outbox::correlation_id().as_deref(), Some("req-42"));
+/// })
+/// .await;
+/// assert_eq!(outbox::correlation_id(), None);
+/// # }
+/// ```
+pub async fn with_correlation_id<F: Future>(id: impl Into<String>, future: F) -> F::Output {
+    AMBIENT_CORRELATION_ID.scope(id.into(), future).await
+}
+
+/// The ambient correlation id, if the current task runs inside [`with_correlation_id`] (or a
+/// consumer callback).
+pub fn correlation_id() -> Option<String> {
+    AMBIENT_CORRELATION_ID.try_with(Clone::clone).ok()
+}
+
+/// Formats a time as `dop-msg-sent-time` does: `2026-11-26T18:03:13.484Z`.
+pub fn format_sent_time(time: DateTime<Utc>) -> String {
+    time.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
+}
+
+/// The correlation id of rows written now: the ambient one, or a fresh UUID shared by the rows
+/// of one write.
+pub(crate) fn current_or_new_correlation_id() -> String {
+    correlation_id().unwrap_or_else(|| Uuid::new_v4().to_string())
+}
+
+/// The headers of a new outbox row: the custom ones, then the generated `dop-*` headers over
+/// them (a custom `dop-correlation-id` is kept; otherwise `correlation`).
+pub(crate) fn build(
+    id: Uuid,
+    destination: &str,
+    added: DateTime<Utc>,
+    correlation: &str,
+    custom: Map<String, Value>,
+) -> Map<String, Value> {
+    let mut headers = custom;
+    let custom_correlation = headers
+        .get(CORRELATION_ID)
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned);
+    let correlation = custom_correlation.unwrap_or_else(|| correlation.to_owned());
+    headers.insert(MSG_ID.into(), Value::String(id.to_string()));
+    headers.insert(
+        MSG_DESTINATION.into(),
+        Value::String(destination.to_owned()),
+    );
+    headers.insert(MSG_TYPE.into(), Value::String(PUBLISHED_TYPE.into()));
+    headers.insert(MSG_SENT_TIME.into(), Value::String(format_sent_time(added)));
+    headers.insert(CORRELATION_ID.into(), Value::String(correlation));
+    headers
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn custom(pairs: &[(&str, &str)]) -> Map<String, Value> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), Value::String(v.to_string())))
+            .collect()
+    }
+
+    #[test]
+    fn sent_time_has_milliseconds_and_z() {
+        let t = DateTime::parse_from_rfc3339("2026-11-26T18:03:13.484512+00:00")
+            .unwrap()
+            .with_timezone(&Utc);
+        assert_eq!(format_sent_time(t), "2026-11-26T18:03:13.484Z");
+    }
+
+    #[test]
+    fn generated_headers_win_except_correlation_id() {
+        let id = Uuid::new_v4();
+        let h = build(
+            id,
+            "/topic/x.v1",
+            Utc::now(),
+            "generated",
+            custom(&[
+                ("x-custom", "a:b"),
+                ("dop-msg-id", "try-override"),
+                ("dop-correlation-id", "mine"),
+            ]),
+        );
+        assert_eq!(h["dop-msg-id"], id.to_string());
+        assert_eq!(h["dop-msg-destination"], "/topic/x.v1");
+        assert_eq!(h["dop-msg-type"], "Published");
+        assert_eq!(h["dop-correlation-id"], "mine");
+        assert_eq!(h["x-custom"], "a:b");
+    }
+
+    #[tokio::test]
+    async fn ambient_correlation_id_is_inherited_and_fresh_outside() {
+        let inside = with_correlation_id("req-1", async { current_or_new_correlation_id() }).await;
+        assert_eq!(inside, "req-1");
+        let (a, b) = (
+            current_or_new_correlation_id(),
+            current_or_new_correlation_id(),
+        );
+        assert_ne!(a, b);
+        assert!(Uuid::parse_str(&a).is_ok());
+    }
+}

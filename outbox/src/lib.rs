@@ -1,0 +1,66 @@
+//! # outbox
+//!
+//! The transactional outbox pattern for [SeaORM](https://www.sea-ql.org/SeaORM/) services, relayed
+//! to RabbitMQ over STOMP, wire-compatible with django-outbox-pattern.
+//!
+//! Annotate an entity's `Model` with [`publish`]; every save of it on a transaction writes one
+//! outbox row per attribute, in that same transaction:
+//!
+//! ```
+//! mod order {
+//!     use sea_orm::entity::prelude::*;
+//!
+//!     #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+//!     #[sea_orm(table_name = "orders")]
+//!     #[outbox::publish(destination = "/topic/orders", version = "v1", fields(customer, total))]
+//!     pub struct Model {
+//!         #[sea_orm(primary_key)]
+//!         pub id: i32,
+//!         pub customer: String,
+//!         pub total: i64,
+//!     }
+//!
+//!     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+//!     pub enum Relation {}
+//!     // No `impl ActiveModelBehavior for ActiveModel {}`: `#[publish]` writes it.
+//! }
+//!
+//! # async fn demo(db: &sea_orm::DatabaseConnection) -> Result<(), outbox::Error> {
+//! use sea_orm::ActiveValue::Set;
+//! // The order and its outbox row commit together, or neither does.
+//! let order = outbox::insert(db, order::ActiveModel {
+//!     customer: Set("ada".into()),
+//!     total: Set(4200),
+//!     ..Default::default()
+//! })
+//! .await?;
+//! # let _ = order; Ok(()) }
+//! ```
+//!
+//! Rows are written into the `published` table (see [`migration`]), with the `dop-*` headers that
+//! django-outbox-pattern services read.
+
+mod config;
+mod error;
+pub mod headers;
+pub mod migration;
+mod private;
+mod publish;
+pub mod published;
+pub mod received;
+mod wake;
+mod write;
+
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::private::*;
+}
+
+pub use config::{DAYS_TO_KEEP_DATA, Setting};
+pub use error::{Error, Result};
+pub use headers::{correlation_id, with_correlation_id};
+pub use outbox_macros::publish;
+pub use publish::{ActiveModelOf, Event, Events, Publish, Route};
+pub use published::{Entity as Published, Message, Status, enqueue, enqueue_all};
+pub use received::Entity as Received;
+pub use write::{TransactionFuture, hooks, insert, save, transaction, update, without_publishing};

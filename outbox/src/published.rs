@@ -1,0 +1,341 @@
+//! The outbox table, `published`: one row per message to relay, and how a row is built.
+//!
+//! A row is written in the transaction of the change it announces and holds everything the relay
+//! sends: the destination (with its version suffix), the JSON body and the headers, generated
+//! once at insert. The relay's bookkeeping (`claim_token`, `locked_until`, `next_attempt_at`,
+//! `last_error`) starts empty.
+
+use chrono::{DateTime, SubsecRound, Utc};
+use sea_orm::entity::prelude::*;
+use sea_orm::{ActiveValue::Set, ConnectionTrait};
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use crate::publish::Route;
+use crate::{Error, config, headers, wake, write};
+
+/// The longest destination, version suffix included, that the `destination` column holds.
+pub const MAX_DESTINATION_LEN: usize = 255;
+/// The longest version that the `version` column holds.
+pub const MAX_VERSION_LEN: usize = 100;
+/// Rows per INSERT statement when many are written at once (well under every database's limit
+/// on bound parameters).
+const ROWS_PER_INSERT: usize = 500;
+
+/// Where a row is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EnumIter, DeriveActiveEnum, Serialize)]
+#[sea_orm(rs_type = "i32", db_type = "Integer")]
+pub enum Status {
+    /// Given up: expired, or refused by the broker too many times. See `last_error`.
+    #[sea_orm(num_value = -1)]
+    Failed,
+    /// Waiting to be sent.
+    #[sea_orm(num_value = 1)]
+    Schedule,
+    /// Sent, and receipted by the broker.
+    #[sea_orm(num_value = 2)]
+    Succeeded,
+}
+
+/// A row of the outbox table.
+#[derive(Clone, Debug, PartialEq, DeriveEntityModel, Serialize)]
+#[sea_orm(table_name = "published")]
+pub struct Model {
+    /// The message id, sent as `dop-msg-id`.
+    #[sea_orm(primary_key, auto_increment = false)]
+    pub id: Uuid,
+    /// The version of `#[publish(version = ..)]`, already appended to `destination`.
+    pub version: Option<String>,
+    /// The STOMP destination, with its version suffix.
+    pub destination: String,
+    /// The message body.
+    pub body: Json,
+    /// Every header sent with the message, as a JSON object of strings.
+    pub headers: Json,
+    /// When the row was written.
+    pub added: DateTimeUtc,
+    /// After this time an unsent row is given up (FAILED), never sent.
+    pub expires_at: DateTimeUtc,
+    /// Failed sends so far.
+    pub retry: i32,
+    /// Where the row is in its life.
+    pub status: Status,
+    /// The relay that holds the row while sending it.
+    pub claim_token: Option<Uuid>,
+    /// Until when that relay holds it; after that another relay may take it.
+    pub locked_until: Option<DateTimeUtc>,
+    /// Not to be sent before this time (a retry's pause).
+    pub next_attempt_at: Option<DateTimeUtc>,
+    /// Why the last send failed, or why the row was given up.
+    #[sea_orm(column_type = "Text", nullable)]
+    pub last_error: Option<String>,
+}
+
+/// The outbox table has no relations.
+#[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+pub enum Relation {}
+
+impl ActiveModelBehavior for ActiveModel {}
+
+/// A message to write into the outbox: built by `#[publish]` for an entity, or by hand for
+/// [`Message::enqueue`].
+///
+/// ```no_run
+/// # async fn demo(txn: &sea_orm::DatabaseTransaction) -> Result<(), outbox::Error> {
+/// use outbox::Message;
+///
+/// let row = Message::new("/topic/invoices", &serde_json::json!({"id": 7, "total": 120}))?
+///     .version("v2")
+///     .header("x-tenant", "acme")
+///     .enqueue(txn)
+///     .await?;
+/// assert_eq!(row.destination, "/topic/invoices.v2");
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    entity: &'static str,
+    destination: String,
+    version: Option<String>,
+    body: Value,
+    headers: Map<String, Value>,
+}
+
+/// The entity name of messages that no `#[publish]` entity made.
+const ENQUEUED: &str = "enqueue";
+
+impl Message {
+    /// A message for `destination` with `body` encoded as JSON.
+    pub fn new<B: Serialize + ?Sized>(
+        destination: impl Into<String>,
+        body: &B,
+    ) -> Result<Self, Error> {
+        let destination = destination.into();
+        let body = serde_json::to_value(body).map_err(|source| Error::Serialize {
+            entity: ENQUEUED,
+            destination: destination.clone(),
+            source,
+        })?;
+        Ok(Self::from_json(destination, body))
+    }
+
+    /// A message for `destination` with a body that is already JSON.
+    pub fn from_json(destination: impl Into<String>, body: Value) -> Self {
+        Self {
+            entity: ENQUEUED,
+            destination: destination.into(),
+            version: None,
+            body,
+            headers: Map::new(),
+        }
+    }
+
+    pub(crate) fn from_route(entity: &'static str, route: &Route, body: Value) -> Self {
+        Self {
+            entity,
+            destination: route.destination.to_owned(),
+            version: route.version.map(str::to_owned),
+            body,
+            headers: Map::new(),
+        }
+    }
+
+    /// Sets the version: it is stored in the row and appended to the destination (`.v2`).
+    pub fn version(mut self, version: impl Into<String>) -> Self {
+        self.version = Some(version.into());
+        self
+    }
+
+    /// Adds a custom header. The generated `dop-*` headers win over custom ones, except
+    /// `dop-correlation-id`, which a custom header may set.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers
+            .insert(name.into(), Value::String(value.into()));
+        self
+    }
+
+    /// The destination the row will carry: with its version suffix.
+    pub fn full_destination(&self) -> String {
+        match &self.version {
+            Some(version) => format!("{}.{}", self.destination, version),
+            None => self.destination.clone(),
+        }
+    }
+
+    /// Writes the message into the outbox on `conn`: pass the transaction of the change it
+    /// announces. On an autocommit connection the row is committed at once.
+    pub async fn enqueue<C: ConnectionTrait>(self, conn: &C) -> Result<Model, Error> {
+        let mut rows = insert_messages(conn, vec![self]).await?;
+        wake_if_committed::<C>();
+        rows.pop().ok_or(Error::Database(DbErr::RecordNotInserted))
+    }
+
+    /// The row for this message, written at `added`.
+    fn into_row(
+        self,
+        added: DateTime<Utc>,
+        lifetime: chrono::Duration,
+        correlation: &str,
+    ) -> Result<Model, Error> {
+        let destination = self.full_destination();
+        let invalid = |reason| Error::InvalidDestination {
+            entity: self.entity,
+            destination: destination.clone(),
+            reason,
+        };
+        if self.destination.trim().is_empty() {
+            return Err(invalid("the destination is empty"));
+        }
+        if destination.chars().count() > MAX_DESTINATION_LEN {
+            return Err(invalid(
+                "longer than 255 characters with its version suffix",
+            ));
+        }
+        if let Some(version) = &self.version {
+            if version.is_empty() {
+                return Err(invalid("the version is empty"));
+            }
+            if version.chars().count() > MAX_VERSION_LEN {
+                return Err(invalid("the version is longer than 100 characters"));
+            }
+        }
+        let id = Uuid::new_v4();
+        let headers = headers::build(id, &destination, added, correlation, self.headers);
+        Ok(Model {
+            id,
+            version: self.version,
+            destination,
+            body: self.body,
+            headers: Value::Object(headers),
+            added,
+            expires_at: added + lifetime,
+            retry: 0,
+            status: Status::Schedule,
+            claim_token: None,
+            locked_until: None,
+            next_attempt_at: None,
+            last_error: None,
+        })
+    }
+}
+
+/// Writes a message into the outbox on `conn`; see [`Message`] for versions and headers.
+///
+/// For code paths that do not save a `#[publish]` entity, and for bulk operations (SeaORM's
+/// `insert_many`/`update_many` run no hooks, so they publish nothing by themselves).
+///
+/// ```no_run
+/// # async fn demo(db: &sea_orm::DatabaseConnection) -> Result<(), outbox::Error> {
+/// outbox::transaction(db, |txn| {
+///     Box::pin(async move {
+///         // ... the change itself, on `txn` ...
+///         outbox::enqueue(txn, "/topic/prices", &serde_json::json!({"sku": "A-1", "price": 990})).await?;
+///         Ok::<_, outbox::Error>(())
+///     })
+/// })
+/// .await
+/// # }
+/// ```
+pub async fn enqueue<C, B>(conn: &C, destination: &str, body: &B) -> Result<Model, Error>
+where
+    C: ConnectionTrait,
+    B: Serialize + ?Sized,
+{
+    Message::new(destination, body)?.enqueue(conn).await
+}
+
+/// Writes many messages into the outbox on `conn`, a few hundred rows per statement.
+pub async fn enqueue_all<C: ConnectionTrait>(
+    conn: &C,
+    messages: impl IntoIterator<Item = Message>,
+) -> Result<Vec<Model>, Error> {
+    let rows = insert_messages(conn, messages.into_iter().collect()).await?;
+    wake_if_committed::<C>();
+    Ok(rows)
+}
+
+fn wake_if_committed<C: ?Sized>() {
+    if write::connection_kind::<C>() == write::ConnectionKind::Autocommit {
+        wake::committed();
+    }
+}
+
+/// Builds the rows of `messages` and inserts them, all validated before anything is written.
+pub(crate) async fn insert_messages<C: ConnectionTrait>(
+    conn: &C,
+    messages: Vec<Message>,
+) -> Result<Vec<Model>, Error> {
+    // Microseconds: what every supported database stores, so the returned rows equal the stored.
+    let added = Utc::now().trunc_subsecs(6);
+    let lifetime = config::row_lifetime()?;
+    let correlation = headers::current_or_new_correlation_id();
+    let rows = messages
+        .into_iter()
+        .map(|message| message.into_row(added, lifetime, &correlation))
+        .collect::<Result<Vec<_>, _>>()?;
+    for chunk in rows.chunks(ROWS_PER_INSERT) {
+        let active = chunk.iter().cloned().map(|row| ActiveModel {
+            id: Set(row.id),
+            version: Set(row.version),
+            destination: Set(row.destination),
+            body: Set(row.body),
+            headers: Set(row.headers),
+            added: Set(row.added),
+            expires_at: Set(row.expires_at),
+            retry: Set(row.retry),
+            status: Set(row.status),
+            claim_token: Set(None),
+            locked_until: Set(None),
+            next_attempt_at: Set(None),
+            last_error: Set(None),
+        });
+        Entity::insert_many(active)
+            .exec_without_returning(conn)
+            .await?;
+    }
+    Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(message: Message) -> Result<Model, Error> {
+        message.into_row(Utc::now(), chrono::Duration::days(30), "corr")
+    }
+
+    #[test]
+    fn version_is_appended_to_the_destination_and_kept() {
+        let r = row(Message::from_json("/topic/orders", Value::Null).version("v1")).unwrap();
+        assert_eq!(r.destination, "/topic/orders.v1");
+        assert_eq!(r.version.as_deref(), Some("v1"));
+        assert_eq!(r.headers["dop-msg-destination"], "/topic/orders.v1");
+        assert_eq!(r.headers["dop-msg-id"], r.id.to_string());
+        assert_eq!(r.status, Status::Schedule);
+        assert_eq!(r.retry, 0);
+        assert_eq!(r.expires_at - r.added, chrono::Duration::days(30));
+    }
+
+    #[test]
+    fn empty_and_overlong_destinations_are_refused() {
+        assert!(matches!(
+            row(Message::from_json("", Value::Null)),
+            Err(Error::InvalidDestination { .. })
+        ));
+        let long = format!("/topic/{}", "x".repeat(246));
+        assert_eq!(long.len(), 253);
+        assert!(row(Message::from_json(long.clone(), Value::Null)).is_ok());
+        let err = row(Message::from_json(long, Value::Null).version("v1")).unwrap_err();
+        assert!(err.to_string().contains("255"), "{err}");
+    }
+
+    #[test]
+    fn a_body_that_cannot_be_encoded_is_a_typed_error() {
+        let mut map = std::collections::HashMap::new();
+        map.insert((1, 2), "tuple keys are not JSON");
+        let err = Message::new("/topic/x", &map).unwrap_err();
+        assert!(
+            matches!(err, Error::Serialize { ref destination, .. } if destination == "/topic/x")
+        );
+    }
+}

@@ -1,0 +1,326 @@
+//! The atomic write path: an entity row and its outbox rows are committed together or not at all.
+//!
+//! SeaORM's hooks receive only a `ConnectionTrait` and SeaORM opens no transaction around
+//! `insert`/`update`/`save`, so atomicity holds only when the save runs on a transaction. This
+//! module therefore offers [`save`], [`insert`], [`update`] and [`transaction`], which open one (a
+//! savepoint inside an existing transaction), and [`hooks`], which refuse a publishing save on an
+//! autocommit connection before anything is written.
+
+use std::any::type_name;
+use std::cell::RefCell;
+use std::future::Future;
+use std::pin::Pin;
+
+use sea_orm::{
+    ActiveModelBehavior, ActiveModelTrait, ConnectionTrait, DbErr, EntityTrait, IntoActiveModel,
+    TransactionSession, TransactionTrait,
+};
+
+use crate::publish::{ActiveModelOf, Event, Publish};
+use crate::published::{self, Message};
+use crate::{Error, wake};
+
+tokio::task_local! {
+    /// The typed error behind the last `DbErr` a hook returned, for [`take_hook_error`].
+    static HOOK_ERROR: RefCell<Option<Error>>;
+    /// Set by [`without_publishing`].
+    static NOT_PUBLISHING: ();
+}
+
+/// Turns an outbox error raised inside a SeaORM hook into the `DbErr` the hook must return,
+/// keeping the typed error for the library call around the save ([`save`], [`transaction`], ...).
+fn hook_error(err: Error) -> DbErr {
+    match err {
+        Error::Database(db) => db,
+        err => {
+            let db = DbErr::Custom(err.to_string());
+            let _ = HOOK_ERROR.try_with(|slot| *slot.borrow_mut() = Some(err));
+            db
+        }
+    }
+}
+
+/// The typed error that a hook turned into `err`, if any.
+pub(crate) fn take_hook_error(err: &DbErr) -> Option<Error> {
+    let DbErr::Custom(message) = err else {
+        return None;
+    };
+    HOOK_ERROR
+        .try_with(|slot| {
+            let mut slot = slot.borrow_mut();
+            match slot.as_ref() {
+                Some(stashed) if stashed.to_string() == *message => slot.take(),
+                _ => None,
+            }
+        })
+        .ok()
+        .flatten()
+}
+
+/// What a connection type is, as far as atomicity goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ConnectionKind {
+    /// A transaction: statements on it commit together.
+    Transaction,
+    /// A pool connection: every statement commits on its own.
+    Autocommit,
+    /// A connection type this library does not know.
+    Unknown,
+}
+
+/// Classifies a connection type by its name: `ConnectionTrait` cannot tell whether it is a
+/// transaction, and hooks cannot require `'static` (for `TypeId`). The names are checked by tests.
+pub(crate) fn connection_kind<C: ?Sized>() -> ConnectionKind {
+    let name = type_name::<C>();
+    let base = name.split('<').next().unwrap_or(name);
+    match base.rsplit("::").next().unwrap_or(base) {
+        "DatabaseTransaction" | "RestrictedTransaction" => ConnectionKind::Transaction,
+        "DatabaseConnection" | "RestrictedConnection" => ConnectionKind::Autocommit,
+        _ => ConnectionKind::Unknown,
+    }
+}
+
+/// Runs `future` with publishing turned off: saves of `#[publish]` entities inside it write no
+/// outbox rows and need no transaction. For migrations, repairs and backfills.
+///
+/// ```
+/// # async fn demo() {
+/// outbox::without_publishing(async {
+///     // `order.save(&db).await` here writes the order and no outbox row.
+/// })
+/// .await;
+/// # }
+/// ```
+pub async fn without_publishing<F: Future>(future: F) -> F::Output {
+    NOT_PUBLISHING.scope((), future).await
+}
+
+fn publishing_suppressed() -> bool {
+    NOT_PUBLISHING.try_with(|_| ()).is_ok()
+}
+
+/// The hooks that `#[publish]` calls from the entity's `ActiveModelBehavior`. An entity that
+/// keeps its own hooks (`#[publish(.., manual)]`) calls them itself:
+///
+/// ```ignore
+/// #[async_trait::async_trait]
+/// impl ActiveModelBehavior for ActiveModel {
+///     async fn before_save<C: ConnectionTrait>(self, db: &C, insert: bool) -> Result<Self, DbErr> {
+///         outbox::hooks::before_save::<Model, C>(db, insert)?;
+///         Ok(self)
+///     }
+///     async fn after_save<C: ConnectionTrait>(model: Model, db: &C, insert: bool) -> Result<Model, DbErr> {
+///         outbox::hooks::after_save::<Model, C>(&model, db, insert).await?;
+///         Ok(model)
+///     }
+/// }
+/// ```
+pub mod hooks {
+    use super::*;
+
+    /// Refuses a publishing save on an autocommit connection, before anything is written.
+    pub fn before_save<M: Publish, C: ConnectionTrait>(db: &C, insert: bool) -> Result<(), DbErr> {
+        let _ = db;
+        check_atomic::<M, C>(Event::of_save(insert)).map_err(hook_error)
+    }
+
+    /// Writes the model's outbox rows on the connection of the save.
+    pub async fn after_save<M: Publish, C: ConnectionTrait>(
+        model: &M,
+        db: &C,
+        insert: bool,
+    ) -> Result<(), DbErr> {
+        if publishing_suppressed() {
+            return Ok(());
+        }
+        let messages = messages_of(model, Event::of_save(insert)).map_err(hook_error)?;
+        write_messages(db, messages).await.map_err(hook_error)
+    }
+
+    /// Refuses a publishing delete on an autocommit connection, before anything is deleted.
+    pub fn before_delete<M: Publish, C: ConnectionTrait>(db: &C) -> Result<(), DbErr> {
+        let _ = db;
+        check_atomic::<M, C>(Event::Delete).map_err(hook_error)
+    }
+
+    /// Writes the outbox rows of a deleted row, whose body is `{"id": <primary key>}`.
+    pub async fn after_delete<M: Publish, C: ConnectionTrait>(
+        active: &ActiveModelOf<M>,
+        db: &C,
+    ) -> Result<(), DbErr> {
+        if publishing_suppressed() || !publishes::<M>(Event::Delete) {
+            return Ok(());
+        }
+        let messages = deleted_messages::<M>(active).map_err(hook_error)?;
+        write_messages(db, messages).await.map_err(hook_error)
+    }
+}
+
+fn publishes<M: Publish>(event: Event) -> bool {
+    M::ROUTES.iter().any(|route| route.on.contains(event))
+}
+
+fn check_atomic<M: Publish, C: ?Sized>(event: Event) -> Result<(), Error> {
+    if M::ALLOW_AUTOCOMMIT || publishing_suppressed() || !publishes::<M>(event) {
+        return Ok(());
+    }
+    match connection_kind::<C>() {
+        ConnectionKind::Transaction => Ok(()),
+        ConnectionKind::Autocommit | ConnectionKind::Unknown => Err(Error::NotInTransaction {
+            entity: M::ENTITY,
+            connection: type_name::<C>(),
+        }),
+    }
+}
+
+fn messages_of<M: Publish>(model: &M, event: Event) -> Result<Vec<Message>, Error> {
+    let mut messages = Vec::with_capacity(M::ROUTES.len());
+    for (index, route) in M::ROUTES.iter().enumerate() {
+        if !route.on.contains(event) {
+            continue;
+        }
+        let body = model.body(index).map_err(|source| Error::Serialize {
+            entity: M::ENTITY,
+            destination: route.destination.to_owned(),
+            source,
+        })?;
+        messages.push(Message::from_route(M::ENTITY, route, body));
+    }
+    Ok(messages)
+}
+
+fn deleted_messages<M: Publish>(active: &ActiveModelOf<M>) -> Result<Vec<Message>, Error> {
+    let key = M::deleted_key(active)
+        .map_err(|source| Error::Serialize {
+            entity: M::ENTITY,
+            destination: String::new(),
+            source,
+        })?
+        .ok_or(Error::MissingKey { entity: M::ENTITY })?;
+    let body = serde_json::json!({ "id": key });
+    Ok(M::ROUTES
+        .iter()
+        .filter(|route| route.on.contains(Event::Delete))
+        .map(|route| Message::from_route(M::ENTITY, route, body.clone()))
+        .collect())
+}
+
+/// Inserts the rows; on an autocommit connection they are committed now, so wake the relays.
+async fn write_messages<C: ConnectionTrait>(db: &C, messages: Vec<Message>) -> Result<(), Error> {
+    if messages.is_empty() {
+        return Ok(());
+    }
+    published::insert_messages(db, messages).await?;
+    if connection_kind::<C>() == ConnectionKind::Autocommit {
+        wake::committed();
+    }
+    Ok(())
+}
+
+/// The future a [`transaction`] callback returns.
+pub type TransactionFuture<'c, T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send + 'c>>;
+
+/// Runs `callback` in a transaction on `db` (a savepoint when `db` is itself a transaction),
+/// commits when it returns `Ok`, rolls back when it returns `Err`; then, if it committed, wakes
+/// this process's relays.
+///
+/// ```no_run
+/// # async fn demo(db: &sea_orm::DatabaseConnection) -> Result<(), outbox::Error> {
+/// let id = outbox::transaction(db, |txn| {
+///     Box::pin(async move {
+///         let row = outbox::enqueue(txn, "/topic/orders", &serde_json::json!({"id": 1})).await?;
+///         Ok::<_, outbox::Error>(row.id)
+///     })
+/// })
+/// .await?;
+/// # Ok(()) }
+/// ```
+pub async fn transaction<C, F, T, E>(db: &C, callback: F) -> Result<T, E>
+where
+    C: TransactionTrait,
+    F: for<'c> FnOnce(&'c C::Transaction) -> TransactionFuture<'c, T, E> + Send,
+    T: Send,
+    E: From<Error> + Send,
+{
+    HOOK_ERROR
+        .scope(RefCell::new(None), async move {
+            let txn = db.begin().await.map_err(|e| E::from(Error::from(e)))?;
+            match callback(&txn).await {
+                Ok(value) => {
+                    txn.commit().await.map_err(|e| E::from(Error::from(e)))?;
+                    if connection_kind::<C>() != ConnectionKind::Transaction {
+                        wake::committed();
+                    }
+                    Ok(value)
+                }
+                Err(err) => {
+                    // The callback's error is what the caller needs; a failed rollback only
+                    // means the connection is gone, which rolls back as well.
+                    let _ = txn.rollback().await;
+                    Err(err)
+                }
+            }
+        })
+        .await
+}
+
+/// Inserts an active model in its own transaction (a savepoint inside one), with its outbox rows.
+pub async fn insert<C, A>(db: &C, model: A) -> Result<<A::Entity as EntityTrait>::Model, Error>
+where
+    C: TransactionTrait,
+    A: ActiveModelTrait + ActiveModelBehavior + Send + 'static,
+    <A::Entity as EntityTrait>::Model: IntoActiveModel<A>,
+{
+    transaction(db, |txn| {
+        Box::pin(async move { Ok(model.insert(txn).await?) })
+    })
+    .await
+}
+
+/// Updates an active model in its own transaction (a savepoint inside one), with its outbox rows.
+pub async fn update<C, A>(db: &C, model: A) -> Result<<A::Entity as EntityTrait>::Model, Error>
+where
+    C: TransactionTrait,
+    A: ActiveModelTrait + ActiveModelBehavior + Send + 'static,
+    <A::Entity as EntityTrait>::Model: IntoActiveModel<A>,
+{
+    transaction(db, |txn| {
+        Box::pin(async move { Ok(model.update(txn).await?) })
+    })
+    .await
+}
+
+/// Inserts or updates an active model (as `ActiveModelTrait::save` does) in its own transaction
+/// (a savepoint inside one), with its outbox rows.
+pub async fn save<C, A>(db: &C, model: A) -> Result<A, Error>
+where
+    C: TransactionTrait,
+    A: ActiveModelTrait + ActiveModelBehavior + Send + 'static,
+    <A::Entity as EntityTrait>::Model: IntoActiveModel<A>,
+{
+    transaction(db, |txn| {
+        Box::pin(async move { Ok(model.save(txn).await?) })
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_types_are_classified_by_name() {
+        assert_eq!(
+            connection_kind::<sea_orm::DatabaseTransaction>(),
+            ConnectionKind::Transaction
+        );
+        assert_eq!(
+            connection_kind::<sea_orm::DatabaseConnection>(),
+            ConnectionKind::Autocommit
+        );
+        assert_eq!(
+            connection_kind::<sea_orm::DatabaseExecutor<'static>>(),
+            ConnectionKind::Unknown
+        );
+    }
+}
