@@ -1,0 +1,17 @@
+use sea_orm::entity::prelude::*;
+
+#[outbox::publish(destination = "", fields(totl))]
+#[outbox::publish(version = "v1", colour = "red")]
+#[outbox::publish(destination = "/topic/audit", on(upsert))]
+#[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+#[sea_orm(table_name = "orders")]
+pub struct Model {
+    #[sea_orm(primary_key)]
+    pub id: i32,
+    pub total: i64,
+}
+
+#[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+pub enum Relation {}
+
+fn main() {}

@@ -1,0 +1,7 @@
+#[outbox::publish(destination = "/topic/orders")]
+pub enum Model {
+    Draft,
+    Paid,
+}
+
+fn main() {}

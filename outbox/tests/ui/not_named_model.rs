@@ -1,0 +1,6 @@
+#[outbox::publish(destination = "/topic/orders")]
+pub struct Order {
+    pub id: i32,
+}
+
+fn main() {}
