@@ -57,12 +57,20 @@ pub enum Error {
     #[error("invalid setting {variable}={value:?}: {reason}")]
     Config {
         /// The environment variable (or field) of the setting.
-        variable: &'static str,
+        variable: String,
         /// The value given.
         value: String,
         /// Why it is refused.
         reason: String,
     },
+
+    /// The broker could not be reached, or refused a frame.
+    #[error("broker error: {0}")]
+    Transport(#[from] crate::transport::TransportError),
+
+    /// A background task of the library ended abnormally (it panicked or was cancelled).
+    #[error("outbox task stopped: {0}")]
+    Stopped(String),
 
     /// The database refused an operation.
     #[error("database error: {0}")]

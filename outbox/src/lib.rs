@@ -45,9 +45,12 @@ mod error;
 pub mod headers;
 pub mod migration;
 mod private;
+mod producer;
 mod publish;
 pub mod published;
 pub mod received;
+mod shutdown;
+pub mod transport;
 mod wake;
 mod write;
 
@@ -56,11 +59,15 @@ pub mod __private {
     pub use crate::private::*;
 }
 
-pub use config::{DAYS_TO_KEEP_DATA, Setting};
+pub use config::{OutboxConfig, Secret};
 pub use error::{Error, Result};
 pub use headers::{correlation_id, with_correlation_id};
 pub use outbox_macros::publish;
+pub use producer::{
+    NOTIFY_CHANNEL, Producer, ProducerBuilder, ProducerHandle, RoundReport, run_producer,
+};
 pub use publish::{ActiveModelOf, Event, Events, Publish, Route};
 pub use published::{Entity as Published, Message, Status, enqueue, enqueue_all};
 pub use received::Entity as Received;
+pub use shutdown::signal as shutdown_signal;
 pub use write::{TransactionFuture, hooks, insert, save, transaction, update, without_publishing};

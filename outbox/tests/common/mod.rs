@@ -13,6 +13,9 @@
 
 #![allow(dead_code)]
 
+pub mod proxy;
+pub mod stomp_peer;
+
 use std::path::PathBuf;
 use std::time::Duration;
 

@@ -1,0 +1,178 @@
+//! The broker, behind a small trait: send with receipts, subscribe, ack, nack, unsubscribe.
+//!
+//! Two implementations: [`StompTransport`] (RabbitMQ's STOMP plugin, or any STOMP 1.2 broker) and
+//! [`MemoryTransport`] (in-process, for tests and for running without a broker). The relay and the
+//! consumer use only this trait, so a service's own tests can run them against memory.
+
+mod memory;
+mod stomp;
+
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+pub use memory::MemoryTransport;
+pub use stomp::StompTransport;
+
+/// A message to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    /// The STOMP destination (`/topic/orders.v1`, `/queue/x`, `/amq/queue/x`, `/exchange/x/key`).
+    pub destination: String,
+    /// Headers besides `destination`, `content-length` and `receipt`, in order.
+    pub headers: Vec<(String, String)>,
+    /// The body, UTF-8 JSON for outbox messages.
+    pub body: Vec<u8>,
+}
+
+/// What became of a batch handed to [`Transport::send`].
+#[derive(Debug)]
+pub struct SendReport {
+    /// One flag per message, in order: whether the broker receipted it. Only a receipted message
+    /// is known to be stored by the broker.
+    pub receipted: Vec<bool>,
+    /// Why the others were not receipted, if any was not.
+    pub failure: Option<TransportError>,
+}
+
+impl SendReport {
+    /// Whether every message was receipted.
+    pub fn all_receipted(&self) -> bool {
+        self.receipted.iter().all(|r| *r)
+    }
+}
+
+/// How a subscription acknowledges messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckMode {
+    /// The broker considers a message delivered once sent.
+    Auto,
+    /// Each message is acknowledged on its own (`client-individual`).
+    ClientIndividual,
+}
+
+/// A subscription to open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscription {
+    /// The destination to consume from.
+    pub destination: String,
+    /// The subscription id, unique on the connection.
+    pub id: String,
+    /// The acknowledgement mode.
+    pub ack: AckMode,
+    /// Further SUBSCRIBE headers: RabbitMQ declares queues from them (`durable`, `x-queue-name`,
+    /// `x-dead-letter-routing-key`, `prefetch-count`, ...).
+    pub headers: Vec<(String, String)>,
+}
+
+/// A message received on a subscription.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// The id of the subscription it came through.
+    pub subscription: String,
+    /// The destination it was sent to.
+    pub destination: String,
+    /// The broker's id of this delivery (changes on redelivery).
+    pub message_id: String,
+    /// The value an ACK or NACK of it carries.
+    pub ack_id: String,
+    /// Every header, unescaped, as the broker sent them.
+    pub headers: Vec<(String, String)>,
+    /// The body.
+    pub body: Vec<u8>,
+}
+
+impl Delivery {
+    /// The first header named `name`.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.as_str())
+    }
+}
+
+/// Errors of a transport. They never contain a passcode or a key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransportError {
+    /// No configured broker address could be reached.
+    #[error("cannot connect to the broker at {addresses}: {reason}")]
+    Connect {
+        /// The addresses tried.
+        addresses: String,
+        /// Why the last one failed.
+        reason: String,
+    },
+    /// The broker refused the CONNECT (wrong login or passcode, unknown vhost).
+    #[error("the broker at {address} refused the connection: {message}")]
+    Refused {
+        /// The broker's address.
+        address: String,
+        /// The broker's ERROR message.
+        message: String,
+    },
+    /// The TLS configuration could not be used.
+    #[error("TLS configuration: {0}")]
+    Tls(String),
+    /// The broker answered a frame with an ERROR (and, for RabbitMQ, closed the connection).
+    #[error("the broker sent an ERROR: {message}: {detail}")]
+    Broker {
+        /// The ERROR frame's `message` header.
+        message: String,
+        /// Its body.
+        detail: String,
+    },
+    /// The connection dropped, or stalled past the heartbeat allowance.
+    #[error("the connection to the broker was lost: {0}")]
+    ConnectionLost(String),
+    /// Receipts did not come back in time.
+    #[error("no receipt from the broker within {0:?}")]
+    ReceiptTimeout(Duration),
+    /// The transport was closed.
+    #[error("the transport is closed")]
+    Closed,
+}
+
+impl TransportError {
+    /// Whether the broker itself refused a frame (as opposed to the connection failing):
+    /// a sign that a message, not the network, is at fault.
+    pub fn is_broker_refusal(&self) -> bool {
+        matches!(self, TransportError::Broker { .. })
+    }
+}
+
+/// A broker connection: what the relay and the consumer need from a broker.
+///
+/// Implementations reconnect lazily: after a failure the next call opens a new connection
+/// (failing over across their addresses); retry pacing (backoff) is the caller's.
+#[async_trait::async_trait]
+pub trait Transport: Send + Sync {
+    /// Opens a connection unless one is open.
+    async fn connect(&self) -> Result<(), TransportError>;
+
+    /// Sends the messages pipelined, each with a receipt request, and waits for the receipts
+    /// (bounded by the transport's receipt timeout). Connects first if needed.
+    async fn send(&self, messages: &[Outgoing]) -> SendReport;
+
+    /// Opens a subscription; its deliveries arrive on the receiver, which ends when the
+    /// connection is lost (subscribe again after reconnecting).
+    async fn subscribe(
+        &self,
+        subscription: Subscription,
+    ) -> Result<mpsc::Receiver<Delivery>, TransportError>;
+
+    /// Closes a subscription (UNSUBSCRIBE carries only the id: with RabbitMQ, queue headers
+    /// there would delete a durable queue).
+    async fn unsubscribe(&self, id: &str) -> Result<(), TransportError>;
+
+    /// Acknowledges a delivery.
+    async fn ack(&self, delivery: &Delivery) -> Result<(), TransportError>;
+
+    /// Rejects a delivery without requeueing it: the broker dead-letters it where the queue has
+    /// a dead-letter route.
+    async fn nack(&self, delivery: &Delivery) -> Result<(), TransportError>;
+
+    /// Closes the connection politely (DISCONNECT with a receipt).
+    async fn disconnect(&self) -> Result<(), TransportError>;
+}

@@ -1,0 +1,156 @@
+//! TLS for the STOMP connection: a private CA bundle or the public web roots, an optional client
+//! certificate, and server-name verification (on by default).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use crate::OutboxConfig;
+use crate::transport::TransportError;
+
+/// What a TLS connection is made with.
+pub(super) struct TlsSettings {
+    connector: TlsConnector,
+    server_name: Option<String>,
+}
+
+impl TlsSettings {
+    /// Reads the CA bundle, certificate and key named by `config`.
+    pub(super) fn from_config(config: &OutboxConfig) -> Result<Self, TransportError> {
+        // Explicit provider: the process may link both of rustls's providers.
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = RootCertStore::empty();
+        match &config.stomp_ca_certs {
+            Some(path) => {
+                for cert in read_certs(path)? {
+                    roots.add(cert).map_err(|e| {
+                        TransportError::Tls(format!("CA certificate in {}: {e}", path.display()))
+                    })?;
+                }
+            }
+            None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+        }
+        let roots = Arc::new(roots);
+        let builder = ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TransportError::Tls(e.to_string()))?;
+        let builder = if config.stomp_tls_verify_hostname {
+            builder.with_root_certificates(roots)
+        } else {
+            let inner = WebPkiServerVerifier::builder_with_provider(roots, provider)
+                .build()
+                .map_err(|e| TransportError::Tls(e.to_string()))?;
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(AnyName { inner }))
+        };
+        let client = match (&config.stomp_cert_file, &config.stomp_key_file) {
+            (Some(cert), Some(key)) => {
+                let chain = read_certs(cert)?;
+                let key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
+                    TransportError::Tls(format!("private key in {}: {e}", key.display()))
+                })?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| TransportError::Tls(format!("client certificate: {e}")))?
+            }
+            _ => builder.with_no_client_auth(),
+        };
+        Ok(Self {
+            connector: TlsConnector::from(Arc::new(client)),
+            server_name: config.stomp_tls_server_name.clone(),
+        })
+    }
+
+    /// The TLS handshake over `tcp` to `host` (or the configured server name).
+    pub(super) async fn connect(
+        &self,
+        host: &str,
+        tcp: TcpStream,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, TransportError> {
+        let name = self.server_name.as_deref().unwrap_or(host).to_owned();
+        let server_name = ServerName::try_from(name.clone())
+            .map_err(|e| TransportError::Tls(format!("server name `{name}`: {e}")))?;
+        self.connector
+            .connect(server_name, tcp)
+            .await
+            .map_err(|e| TransportError::Connect {
+                addresses: host.to_owned(),
+                reason: format!("TLS handshake with `{name}` failed: {e}"),
+            })
+    }
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TransportError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| TransportError::Tls(format!("certificates in {}: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(TransportError::Tls(format!(
+            "no certificate in {}",
+            path.display()
+        )));
+    }
+    Ok(certs)
+}
+
+/// Verifies the chain but accepts any server name (`OUTBOX_STOMP_TLS_VERIFY_HOSTNAME=false`).
+#[derive(Debug)]
+struct AnyName {
+    inner: Arc<WebPkiServerVerifier>,
+}
+
+impl ServerCertVerifier for AnyName {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        ) {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
