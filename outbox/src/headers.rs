@@ -5,6 +5,7 @@
 //! other four `dop-*` headers are always generated.
 
 use std::future::Future;
+use std::sync::OnceLock;
 
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
@@ -50,6 +51,44 @@ pub async fn with_correlation_id<F: Future>(id: impl Into<String>, future: F) ->
 /// consumer callback).
 pub fn correlation_id() -> Option<String> {
     AMBIENT_CORRELATION_ID.try_with(Clone::clone).ok()
+}
+
+/// What a header hook sees of a row being written.
+#[derive(Debug, Clone, Copy)]
+pub struct HeaderContext<'a> {
+    /// The entity whose save writes the row (the module path of its `Model`), or `enqueue`.
+    pub entity: &'a str,
+    /// The destination, with its version suffix.
+    pub destination: &'a str,
+    /// The message body.
+    pub body: &'a Value,
+}
+
+type HeaderHook = dyn Fn(&HeaderContext<'_>) -> Vec<(String, String)> + Send + Sync;
+
+static HEADER_HOOK: OnceLock<Box<HeaderHook>> = OnceLock::new();
+
+/// Installs a function that adds headers to every outbox row this process writes (a tenant, a
+/// schema version, a trace parent): the counterpart of django-outbox-pattern's
+/// `DEFAULT_GENERATE_HEADERS`. Headers set on a [`crate::Message`] win over the hook's, and the
+/// generated `dop-*` headers win over both (except `dop-correlation-id`). Returns `false`, and
+/// changes nothing, when a hook is already installed.
+///
+/// ```
+/// outbox::headers::set_header_hook(|row| vec![("x-origin".into(), format!("billing:{}", row.entity))]);
+/// ```
+pub fn set_header_hook(
+    hook: impl Fn(&HeaderContext<'_>) -> Vec<(String, String)> + Send + Sync + 'static,
+) -> bool {
+    HEADER_HOOK.set(Box::new(hook)).is_ok()
+}
+
+/// The hook's headers for a row, if a hook is installed.
+pub(crate) fn hook_headers(context: &HeaderContext<'_>) -> Vec<(String, String)> {
+    HEADER_HOOK
+        .get()
+        .map(|hook| hook(context))
+        .unwrap_or_default()
 }
 
 /// Formats a time as `dop-msg-sent-time` does: `2026-11-26T18:03:13.484Z`.

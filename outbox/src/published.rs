@@ -200,7 +200,16 @@ impl Message {
             }
         }
         let id = Uuid::new_v4();
-        let headers = headers::build(id, &destination, added, correlation, self.headers);
+        let mut custom = self.headers;
+        let context = headers::HeaderContext {
+            entity: self.entity,
+            destination: &destination,
+            body: &self.body,
+        };
+        for (name, value) in headers::hook_headers(&context) {
+            custom.entry(name).or_insert(Value::String(value));
+        }
+        let headers = headers::build(id, &destination, added, correlation, custom);
         Ok(Model {
             id,
             version: self.version,

@@ -1,5 +1,6 @@
-//! The five-minute start: an embedded SQLite database, an entity with `#[publish]`, and the outbox
-//! rows its saves write, printed. Nothing to install or configure.
+//! The five-minute start: an embedded SQLite database, an entity with `#[publish]`, the outbox rows
+//! its saves write, and the relay sending them to an in-memory broker. Nothing to install or
+//! configure.
 //!
 //! ```sh
 //! cargo run -p outbox-examples --bin quickstart
@@ -91,6 +92,23 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!(
             "  headers {}",
             serde_json::to_string(&row.headers).unwrap_or_default()
+        );
+    }
+
+    // The relay, here sending to an in-memory broker (in production: RabbitMQ over STOMP).
+    let broker = outbox::transport::MemoryTransport::new();
+    let relay = outbox::Producer::builder(db.clone())
+        .config(outbox::OutboxConfig::default())
+        .transport(broker.clone())
+        .build()?;
+    let report = relay.drain().await?;
+    println!();
+    println!("The relay sent {} messages:", report.sent);
+    for message in broker.sent() {
+        println!(
+            "  SEND {}  {}",
+            message.destination,
+            String::from_utf8_lossy(&message.body)
         );
     }
     Ok(())
