@@ -75,6 +75,18 @@ pub enum Error {
     /// The database refused an operation.
     #[error("database error: {0}")]
     Database(#[source] DbErr),
+
+    /// A consumed message's body is not the JSON a callback asked for ([`crate::Payload::json`]).
+    #[error("the body of message {message_id:?} from queue `{queue}` does not decode: {source}")]
+    InvalidBody {
+        /// The consumer's queue.
+        queue: String,
+        /// The message's idempotency key, if it has one.
+        message_id: Option<String>,
+        /// What serde_json said.
+        #[source]
+        source: serde_json::Error,
+    },
 }
 
 impl From<DbErr> for Error {

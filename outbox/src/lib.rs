@@ -41,14 +41,17 @@
 //! django-outbox-pattern services read.
 
 mod config;
+mod consumer;
 mod error;
 pub mod headers;
 pub mod migration;
+mod payload;
 mod private;
 mod producer;
 mod publish;
 pub mod published;
 pub mod received;
+mod send;
 mod shutdown;
 pub mod transport;
 mod wake;
@@ -60,14 +63,17 @@ pub mod __private {
 }
 
 pub use config::{OutboxConfig, Secret};
+pub use consumer::{Consumer, ConsumerBuilder, ConsumerHandle, Topology, declare, subscribe};
 pub use error::{Error, Result};
 pub use headers::{correlation_id, with_correlation_id};
 pub use outbox_macros::publish;
+pub use payload::{Payload, Transient};
 pub use producer::{
     NOTIFY_CHANNEL, Producer, ProducerBuilder, ProducerHandle, RoundReport, run_producer,
 };
 pub use publish::{ActiveModelOf, Event, Events, Publish, Route};
 pub use published::{Entity as Published, Message, Status, enqueue, enqueue_all};
 pub use received::Entity as Received;
+pub use send::{send, send_with};
 pub use shutdown::signal as shutdown_signal;
 pub use write::{TransactionFuture, hooks, insert, save, transaction, update, without_publishing};

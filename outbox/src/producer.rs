@@ -10,7 +10,7 @@
 //! The relay sleeps when nothing is due and wakes on the first of: a commit made by this process
 //! through the library, a PostgreSQL notification (any process's commit), or its polling interval.
 
-mod store;
+pub(crate) mod store;
 
 use std::future::Future;
 use std::sync::Arc;

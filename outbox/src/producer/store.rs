@@ -2,11 +2,14 @@
 //! fail a refused row, expire old rows, delete sent ones. Every statement that ends a claim
 //! touches only rows that still hold the claim's token, so a relay that lost its lease (it was
 //! paused past it and another relay took the rows over) changes nothing.
+//!
+//! The retention helpers ([`take_housekeeping_turn`], [`delete_in_batches`]) serve the consumer's
+//! inbox cleanup as well.
 
 use std::time::Duration;
 
 use chrono::{DateTime, SubsecRound, Utc};
-use sea_orm::sea_query::{Expr, ExprTrait, LockBehavior, LockType, OnConflict, Query};
+use sea_orm::sea_query::{Condition, Expr, ExprTrait, LockBehavior, LockType, OnConflict, Query};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend, DbErr, EntityTrait,
     FromQueryResult, IdenStatic, QueryFilter, SqliteTransactionMode, TransactionOptions,
@@ -261,10 +264,19 @@ pub(crate) async fn expire(db: &DatabaseConnection) -> Result<u64, DbErr> {
 /// The housekeeping task that deletes old sent rows.
 const CLEANUP_TASK: &str = "published_cleanup";
 
-/// Takes the cleanup turn if nobody took it within `every`: one relay among all those sharing the
-/// database wins it per period.
+/// Takes the relay's cleanup turn: [`take_housekeeping_turn`] for old sent rows.
 pub(crate) async fn take_cleanup_turn(
     db: &DatabaseConnection,
+    every: Duration,
+) -> Result<bool, DbErr> {
+    take_housekeeping_turn(db, CLEANUP_TASK, every).await
+}
+
+/// Takes the turn of housekeeping `task` if nobody took it within `every`: one process among all
+/// those sharing the database wins it per period.
+pub(crate) async fn take_housekeeping_turn(
+    db: &DatabaseConnection,
+    task: &str,
     every: Duration,
 ) -> Result<bool, DbErr> {
     let now = now();
@@ -272,7 +284,7 @@ pub(crate) async fn take_cleanup_turn(
     let insert = Query::insert()
         .into_table(housekeeping::Table)
         .columns([housekeeping::Task, housekeeping::LastRunAt])
-        .values_panic([CLEANUP_TASK.into(), never.into()])
+        .values_panic([task.into(), never.into()])
         .on_conflict(
             OnConflict::column(housekeeping::Task)
                 .do_nothing_on([housekeeping::Task])
@@ -283,7 +295,7 @@ pub(crate) async fn take_cleanup_turn(
     let take = Query::update()
         .table(housekeeping::Table)
         .value(housekeeping::LastRunAt, now)
-        .and_where(Expr::col(housekeeping::Task).eq(CLEANUP_TASK))
+        .and_where(Expr::col(housekeeping::Task).eq(task))
         .and_where(Expr::col(housekeeping::LastRunAt).lt(now - to_chrono(every)))
         .to_owned();
     Ok(db.execute(&take).await?.rows_affected() == 1)
@@ -295,28 +307,43 @@ pub(crate) async fn delete_sent_before(
     db: &DatabaseConnection,
     cutoff: DateTime<Utc>,
 ) -> Result<u64, DbErr> {
+    let old_and_sent = Condition::all()
+        .add(Expr::col(Column::Status).eq(Status::Succeeded.to_value()))
+        .add(Expr::col(Column::Added).lt(cutoff));
+    delete_in_batches(db, Entity, Column::Id, old_and_sent).await
+}
+
+/// Deletes the rows of `entity` (keyed by the UUID column `id`) that match `condition`, a bounded
+/// batch per statement, so that no statement holds locks on a large part of the table. Returns
+/// how many rows it deleted.
+pub(crate) async fn delete_in_batches<E: EntityTrait>(
+    db: &DatabaseConnection,
+    entity: E,
+    id: E::Column,
+    condition: Condition,
+) -> Result<u64, DbErr> {
     let mut deleted = 0;
     loop {
         let select = Query::select()
-            .column(Column::Id)
-            .from(Entity)
-            .and_where(Expr::col(Column::Status).eq(Status::Succeeded.to_value()))
-            .and_where(Expr::col(Column::Added).lt(cutoff))
+            .column(id)
+            .from(entity)
+            .cond_where(condition.clone())
             .limit(DELETE_BATCH)
             .to_owned();
         let ids: Vec<Uuid> = db
             .query_all(&select)
             .await?
             .iter()
-            .map(|row| row.try_get::<Uuid>("", Column::Id.as_str()))
+            .map(|row| row.try_get::<Uuid>("", id.as_str()))
             .collect::<Result<_, _>>()?;
         if ids.is_empty() {
             return Ok(deleted);
         }
+        // The condition again: a row changed since the select (a retried send) is kept.
         let delete = Query::delete()
-            .from_table(Entity)
-            .and_where(Expr::col(Column::Id).is_in(ids.iter().copied()))
-            .and_where(Expr::col(Column::Status).eq(Status::Succeeded.to_value()))
+            .from_table(entity)
+            .and_where(Expr::col(id).is_in(ids.iter().copied()))
+            .cond_where(condition.clone())
             .to_owned();
         deleted += db.execute(&delete).await?.rows_affected();
         if (ids.len() as u64) < DELETE_BATCH {

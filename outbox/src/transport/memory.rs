@@ -130,6 +130,9 @@ struct Broker {
 
 #[derive(Default)]
 struct Connection {
+    /// Which connection of the broker this is, counting every open ([`Delivery::connection`]):
+    /// a handle that reconnects gets a new one.
+    generation: u64,
     subscriptions: HashMap<String, Consumer>,
     /// Client-acknowledged deliveries not yet acked or nacked, oldest first, including those of
     /// subscriptions closed since.
@@ -412,7 +415,7 @@ impl Transport for MemoryTransport {
 
     async fn ack(&self, delivery: &Delivery) -> Result<(), TransportError> {
         let mut broker = self.broker();
-        broker.usable(self.connection)?;
+        broker.usable_for(self.connection, delivery)?;
         let settled = broker.settle(self.connection, &delivery.ack_id)?;
         broker.dispatch(&settled.queue);
         Ok(())
@@ -420,7 +423,7 @@ impl Transport for MemoryTransport {
 
     async fn nack(&self, delivery: &Delivery) -> Result<(), TransportError> {
         let mut broker = self.broker();
-        broker.usable(self.connection)?;
+        broker.usable_for(self.connection, delivery)?;
         let settled = broker.settle(self.connection, &delivery.ack_id)?;
         broker.dispatch(&settled.queue);
         broker.dead_letter(&settled.queue, settled.message);
@@ -464,8 +467,11 @@ impl Broker {
             return Err(down());
         }
         if let Entry::Vacant(vacant) = self.connections.entry(connection) {
-            vacant.insert(Connection::default());
             self.connects += 1;
+            vacant.insert(Connection {
+                generation: self.connects as u64,
+                ..Connection::default()
+            });
         }
         Ok(())
     }
@@ -479,6 +485,15 @@ impl Broker {
             ));
         }
         self.open_connection(connection)
+    }
+
+    /// For ack and nack: [`Broker::usable`], and `delivery` came on this very connection.
+    fn usable_for(&mut self, connection: u64, delivery: &Delivery) -> Result<(), TransportError> {
+        self.usable(connection)?;
+        match self.connections.get(&connection) {
+            Some(open) if open.generation == delivery.connection => Ok(()),
+            _ => Err(TransportError::stale_delivery()),
+        }
     }
 
     /// Closes a connection: its subscriptions end and its unacked deliveries go back to the
@@ -832,11 +847,13 @@ impl Broker {
             let Some(open) = self.connections.get_mut(&connection) else {
                 return;
             };
+            let generation = open.generation;
             let Some(consumer) = open.subscriptions.get_mut(&id) else {
                 return;
             };
             let message_id = format!("T_{id}@@session-memory-{connection}@@{tag}");
-            let delivery = delivery(&id, &message_id, consumer.ack, &message);
+            let mut delivery = delivery(&id, &message_id, consumer.ack, &message);
+            delivery.connection = generation;
             if consumer.ack == AckMode::ClientIndividual {
                 consumer.in_flight += 1;
                 open.unacked.push(Unacked {
@@ -876,6 +893,7 @@ fn delivery(subscription: &str, message_id: &str, ack: AckMode, message: &Messag
         ack_id: message_id.to_owned(),
         headers,
         body: message.body.clone(),
+        connection: 0,
     }
 }
 
@@ -1510,6 +1528,40 @@ mod tests {
         // The old delivery cannot be acked on the new connection.
         assert!(broker.ack(&_second).await.is_err());
         assert_eq!(broker.connect_count(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_delivery_of_an_earlier_connection_is_never_settled_on_the_current_one() {
+        let broker = MemoryTransport::new();
+        let mut receiver = broker
+            .subscribe(subscription("/queue/g", "s", &[]))
+            .await
+            .unwrap();
+        send_ok(&broker, &[message("/queue/g", "a")]).await;
+        let old = next(&mut receiver).await;
+        broker.disconnect().await.unwrap();
+        let mut again = broker
+            .subscribe(subscription("/queue/g", "s", &[]))
+            .await
+            .unwrap();
+        let current = next(&mut again).await;
+        assert_ne!(old.connection, current.connection);
+        // RabbitMQ reads only subscription and delivery tag from an ack id, so an old id can
+        // name a delivery of the new connection: the connection number is what tells them apart.
+        let colliding = Delivery {
+            ack_id: current.ack_id.clone(),
+            ..old
+        };
+        for settle in [broker.ack(&colliding).await, broker.nack(&colliding).await] {
+            assert_eq!(settle, Err(TransportError::stale_delivery()));
+        }
+        assert_eq!(
+            broker.unacked_len("g"),
+            1,
+            "the current delivery is untouched"
+        );
+        broker.ack(&current).await.unwrap();
+        assert_eq!(broker.unacked_len("g"), 0);
     }
 
     #[tokio::test]

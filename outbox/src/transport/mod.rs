@@ -80,6 +80,11 @@ pub struct Delivery {
     pub headers: Vec<(String, String)>,
     /// The body.
     pub body: Vec<u8>,
+    /// The transport connection it arrived on (a number the transport gives each connection it
+    /// opens). RabbitMQ reads only the subscription and the delivery tag of an ACK's id, so an
+    /// id from an earlier connection may name another message on the current one: [`Transport::ack`]
+    /// and [`Transport::nack`] refuse a delivery of an earlier connection.
+    pub connection: u64,
 }
 
 impl Delivery {
@@ -135,6 +140,11 @@ pub enum TransportError {
 }
 
 impl TransportError {
+    /// The error for an ack or nack of a delivery that came on an earlier connection.
+    pub(crate) fn stale_delivery() -> TransportError {
+        TransportError::ConnectionLost("delivery from an earlier connection".to_owned())
+    }
+
     /// Whether the broker itself refused a frame (as opposed to the connection failing):
     /// a sign that a message, not the network, is at fault.
     pub fn is_broker_refusal(&self) -> bool {
@@ -166,11 +176,12 @@ pub trait Transport: Send + Sync {
     /// there would delete a durable queue).
     async fn unsubscribe(&self, id: &str) -> Result<(), TransportError>;
 
-    /// Acknowledges a delivery.
+    /// Acknowledges a delivery. A delivery of an earlier connection is refused with
+    /// [`TransportError::ConnectionLost`]: the broker has already put it back in its queue.
     async fn ack(&self, delivery: &Delivery) -> Result<(), TransportError>;
 
     /// Rejects a delivery without requeueing it: the broker dead-letters it where the queue has
-    /// a dead-letter route.
+    /// a dead-letter route. A delivery of an earlier connection is refused as by [`Transport::ack`].
     async fn nack(&self, delivery: &Delivery) -> Result<(), TransportError>;
 
     /// Closes the connection politely (DISCONNECT with a receipt).

@@ -54,6 +54,8 @@ const DELIVERY_QUEUE: usize = 1024;
 pub struct StompTransport {
     settings: Arc<Settings>,
     connection: tokio::sync::Mutex<Option<Arc<Connection>>>,
+    /// Numbers the connections this transport opens ([`Delivery::connection`]).
+    connections_opened: AtomicU64,
 }
 
 /// What a connection needs from [`OutboxConfig`].
@@ -89,6 +91,7 @@ impl StompTransport {
                 max_frame_size: config.stomp_max_frame_size,
             }),
             connection: tokio::sync::Mutex::new(None),
+            connections_opened: AtomicU64::new(0),
         })
     }
 
@@ -101,7 +104,8 @@ impl StompTransport {
             return Ok(connection.clone());
         }
         *slot = None;
-        let connection = Arc::new(Connection::open(&self.settings).await?);
+        let generation = self.connections_opened.fetch_add(1, Ordering::Relaxed) + 1;
+        let connection = Arc::new(Connection::open(&self.settings, generation).await?);
         *slot = Some(connection.clone());
         Ok(connection)
     }
@@ -112,6 +116,15 @@ impl StompTransport {
             Some(connection) if connection.is_open() => Ok(connection.clone()),
             _ => Err(TransportError::ConnectionLost("not connected".into())),
         }
+    }
+
+    /// The open connection, if `delivery` came on it: an ack id is only meaningful there.
+    async fn current_for(&self, delivery: &Delivery) -> Result<Arc<Connection>, TransportError> {
+        let connection = self.current().await?;
+        if connection.generation != delivery.connection {
+            return Err(TransportError::stale_delivery());
+        }
+        Ok(connection)
     }
 }
 
@@ -158,7 +171,7 @@ impl Transport for StompTransport {
     }
 
     async fn ack(&self, delivery: &Delivery) -> Result<(), TransportError> {
-        let connection = self.current().await?;
+        let connection = self.current_for(delivery).await?;
         connection.write(
             ToServer::Ack {
                 id: delivery.ack_id.clone(),
@@ -169,7 +182,7 @@ impl Transport for StompTransport {
     }
 
     async fn nack(&self, delivery: &Delivery) -> Result<(), TransportError> {
-        let connection = self.current().await?;
+        let connection = self.current_for(delivery).await?;
         let mut frame: Message<ToServer> = ToServer::Nack {
             id: delivery.ack_id.clone(),
             transaction: None,
@@ -271,6 +284,8 @@ struct Shared {
 
 /// One open STOMP connection and the task that drives it.
 struct Connection {
+    /// Which of the transport's connections this is.
+    generation: u64,
     outbound: mpsc::Sender<Message<ToServer>>,
     shared: Arc<Shared>,
     next_receipt: AtomicU64,
@@ -285,10 +300,10 @@ impl Drop for Connection {
 
 impl Connection {
     /// Connects to the first address that answers, and logs in.
-    async fn open(settings: &Settings) -> Result<Self, TransportError> {
+    async fn open(settings: &Settings, generation: u64) -> Result<Self, TransportError> {
         let mut last_error = None;
         for (host, port) in &settings.addresses {
-            match Self::open_one(settings, host, *port).await {
+            match Self::open_one(settings, host, *port, generation).await {
                 Ok(connection) => return Ok(connection),
                 // A refused login is the same everywhere: say so rather than try the others.
                 Err(err @ TransportError::Refused { .. }) | Err(err @ TransportError::Tls(_)) => {
@@ -321,7 +336,12 @@ impl Connection {
         })
     }
 
-    async fn open_one(settings: &Settings, host: &str, port: u16) -> Result<Self, TransportError> {
+    async fn open_one(
+        settings: &Settings,
+        host: &str,
+        port: u16,
+        generation: u64,
+    ) -> Result<Self, TransportError> {
         let address = format!("{host}:{port}");
         let connect_failed = |reason: String| TransportError::Connect {
             addresses: address.clone(),
@@ -419,10 +439,12 @@ impl Connection {
             epoch,
             send_every,
             expect_every,
+            generation,
         };
         let task = tokio::spawn(driver.run());
         tracing::info!(broker = %address, ?send_every, ?expect_every, "connected to the broker");
         Ok(Self {
+            generation,
             outbound,
             shared,
             next_receipt: AtomicU64::new(1),
@@ -569,6 +591,8 @@ struct Driver {
     epoch: Instant,
     send_every: Option<Duration>,
     expect_every: Option<Duration>,
+    /// Stamped on every delivery ([`Delivery::connection`]).
+    generation: u64,
 }
 
 impl Driver {
@@ -676,6 +700,7 @@ impl Driver {
                         message_id,
                         headers,
                         body: body.unwrap_or_default(),
+                        connection: self.generation,
                     };
                     // A full queue waits here: the broker's prefetch keeps this short.
                     let _ = sender.send(delivery).await;

@@ -54,17 +54,31 @@ impl TlsSettings {
                 .with_custom_certificate_verifier(Arc::new(AnyName { inner }))
         };
         let client = match (&config.stomp_cert_file, &config.stomp_key_file) {
-            (Some(cert), Some(key)) => {
-                let chain = read_certs(cert)?;
-                let key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
-                    TransportError::Tls(format!("private key in {}: {e}", key.display()))
+            (Some(cert_path), Some(key_path)) => {
+                let chain = read_certs(cert_path)?;
+                let key = PrivateKeyDer::from_pem_file(key_path).map_err(|e| {
+                    TransportError::Tls(format!("private key in {}: {e}", key_path.display()))
                 })?;
-                builder
-                    .with_client_auth_cert(chain, key)
-                    .map_err(|e| TransportError::Tls(format!("client certificate: {e}")))?
+                builder.with_client_auth_cert(chain, key).map_err(|e| {
+                    TransportError::Tls(format!(
+                        "client certificate {} with key {}: {e}",
+                        cert_path.display(),
+                        key_path.display()
+                    ))
+                })?
             }
-            _ => builder.with_no_client_auth(),
+            (None, None) => builder.with_no_client_auth(),
+            _ => {
+                return Err(TransportError::Tls(
+                    "OUTBOX_STOMP_CERT_FILE and OUTBOX_STOMP_KEY_FILE must be set together".into(),
+                ));
+            }
         };
+        if let Some(name) = &config.stomp_tls_server_name {
+            ServerName::try_from(name.clone()).map_err(|e| {
+                TransportError::Tls(format!("OUTBOX_STOMP_TLS_SERVER_NAME `{name}`: {e}"))
+            })?;
+        }
         Ok(Self {
             connector: TlsConnector::from(Arc::new(client)),
             server_name: config.stomp_tls_server_name.clone(),

@@ -1,0 +1,485 @@
+//! The consumer: reads a destination's queue and runs a callback once per message, in effect.
+//!
+//! It declares the queue and its dead-letter queue as django-outbox-pattern does ([`Topology`]),
+//! subscribes with `client-individual` acknowledgements, and hands each message to the
+//! callback inside a transaction that begins with the message's inbox row (see
+//! [`Payload`]): a message whose key is already in the inbox is acknowledged without running the
+//! callback, a failing one is rolled back and dead-lettered, a transient failure is retried.
+//! Up to `in_flight` messages are processed at once (default 1: in order).
+//!
+//! When the broker connection drops, messages being processed finish (their acknowledgements
+//! are lost with the connection: the broker delivers them again and the inbox recognises them),
+//! and the consumer reconnects with backoff and subscribes again. On shutdown it stops taking
+//! messages, waits for those in flight up to the shutdown timeout, acknowledges them, and only
+//! then unsubscribes and disconnects.
+
+mod dispatch;
+mod failure;
+mod inbox;
+mod topology;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sea_orm::DatabaseConnection;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use uuid::Uuid;
+
+pub use topology::{Topology, declare};
+
+use crate::payload::BoxError;
+use crate::producer::Backoff;
+use crate::transport::{Delivery, StompTransport, Transport, TransportError};
+use crate::{Error, OutboxConfig, Payload};
+use dispatch::{Callback, Dispatcher};
+
+/// A subscription that lived this long was healthy: after it drops, reconnect at once.
+const STABLE_SUBSCRIPTION: Duration = Duration::from_secs(30);
+
+/// Consumes `destination` with settings from the environment ([`OutboxConfig::from_env`]) and
+/// the STOMP broker they name, until SIGTERM or SIGINT; then it stops taking messages, waits for
+/// those in flight (up to `OUTBOX_CONSUMER_SHUTDOWN_TIMEOUT`), acknowledges them, unsubscribes
+/// and returns `Ok`. A second signal during that wait ends the process at once (exit code 1);
+/// its unacknowledged messages are delivered again later.
+///
+/// The queue is the destination's last `/` segment; [`Consumer::builder`] names another, and
+/// sets concurrency and the rest. See [`Payload`] for what the callback gets and what each
+/// outcome does.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), outbox::Error> {
+/// let db = sea_orm::Database::connect(std::env::var("DATABASE_URL").unwrap()).await?;
+/// outbox::subscribe(db, "/topic/orders.v1", |payload: outbox::Payload| async move {
+///     tracing::info!(body = %payload.body(), "order received");
+///     payload.save();
+///     Ok::<_, outbox::Error>(())
+/// })
+/// .await
+/// # }
+/// ```
+pub async fn subscribe<F, Fut, E>(
+    db: DatabaseConnection,
+    destination: &str,
+    callback: F,
+) -> Result<(), Error>
+where
+    F: Fn(Payload) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), E>> + Send + 'static,
+    E: Into<BoxError> + 'static,
+{
+    let consumer = Consumer::builder(db)
+        .destination(destination)
+        .config(OutboxConfig::from_env()?)
+        .build()?;
+    consumer
+        .run_until(callback, async {
+            crate::shutdown::signal().await;
+            tokio::spawn(async {
+                crate::shutdown::signal().await;
+                tracing::warn!("second signal during shutdown; exiting at once");
+                std::process::exit(1);
+            });
+        })
+        .await
+}
+
+/// Configures a [`Consumer`].
+#[must_use]
+pub struct ConsumerBuilder {
+    db: DatabaseConnection,
+    destination: Option<String>,
+    queue: Option<String>,
+    prefetch: Option<u32>,
+    in_flight: usize,
+    shutdown_timeout: Option<Duration>,
+    exclusive: Option<bool>,
+    queue_headers: Vec<(String, String)>,
+    config: Option<OutboxConfig>,
+    transport: Option<Arc<dyn Transport>>,
+}
+
+impl ConsumerBuilder {
+    /// The destination to consume (`/topic/orders.v1`, `/queue/x`, ...). Required.
+    pub fn destination(mut self, destination: impl Into<String>) -> Self {
+        self.destination = Some(destination.into());
+        self
+    }
+
+    /// The queue to read (default: the destination's last `/` segment). Inbox keys are unique
+    /// per queue: two queues of one service that receive the same event each process it.
+    pub fn queue(mut self, queue: impl Into<String>) -> Self {
+        self.queue = Some(queue.into());
+        self
+    }
+
+    /// How many unacknowledged messages the broker may hand over at once (`prefetch-count`).
+    /// Default: the `prefetch-count` of the settings' queue headers (1), raised to
+    /// [`ConsumerBuilder::in_flight`].
+    pub fn prefetch(mut self, prefetch: u32) -> Self {
+        self.prefetch = Some(prefetch);
+        self
+    }
+
+    /// How many callbacks may run at once. Default 1: messages are processed in order.
+    pub fn in_flight(mut self, in_flight: usize) -> Self {
+        self.in_flight = in_flight;
+        self
+    }
+
+    /// How long a stopping consumer waits for callbacks in flight (default: the settings',
+    /// 90 s). Those still running then are abandoned, rolled back, and delivered again later.
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.shutdown_timeout = Some(timeout);
+        self
+    }
+
+    /// Declares the queues exclusive to the consumer's connection (default: the settings',
+    /// false). RabbitMQ deletes an exclusive queue, with its messages, when the connection
+    /// closes; the consumer then declares it again when it reconnects.
+    pub fn exclusive(mut self, exclusive: bool) -> Self {
+        self.exclusive = Some(exclusive);
+        self
+    }
+
+    /// Adds a queue-declaring SUBSCRIBE header (`x-max-length`, ...) to those of the settings;
+    /// `x-queue-name` and the dead-letter arguments are the consumer's own.
+    pub fn queue_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.queue_headers.push((name.into(), value.into()));
+        self
+    }
+
+    /// Uses these settings instead of the environment's.
+    pub fn config(mut self, config: OutboxConfig) -> Self {
+        self.config = Some(config);
+        self
+    }
+
+    /// Consumes through this transport instead of a STOMP connection made from the settings
+    /// (a [`crate::transport::MemoryTransport`] in tests: give the consumer a connection of its
+    /// own with `new_connection()`, since it disconnects while it starts and stops).
+    pub fn transport(mut self, transport: impl Transport + 'static) -> Self {
+        self.transport = Some(Arc::new(transport));
+        self
+    }
+
+    /// Consumes through a shared transport (one connection per consumer is best: it disconnects
+    /// while it starts and stops).
+    pub fn shared_transport(mut self, transport: Arc<dyn Transport>) -> Self {
+        self.transport = Some(transport);
+        self
+    }
+
+    /// The consumer; checks the settings and reads the TLS files they name.
+    pub fn build(self) -> Result<Consumer, Error> {
+        let config = match self.config {
+            Some(config) => config,
+            None => OutboxConfig::from_env()?,
+        };
+        config.validate()?;
+        if self.in_flight == 0 {
+            return Err(Error::Config {
+                variable: "in_flight".into(),
+                value: "0".into(),
+                reason: "at least one callback must be able to run".into(),
+            });
+        }
+        let mut headers: BTreeMap<String, String> = config.stomp_queue_headers.clone();
+        headers.extend(self.queue_headers);
+        let prefetch = match self.prefetch {
+            Some(0) => {
+                return Err(Error::Config {
+                    variable: "prefetch".into(),
+                    value: "0".into(),
+                    reason: "RabbitMQ reads 0 as no limit; give a number of messages".into(),
+                });
+            }
+            Some(prefetch) => Some(prefetch),
+            // Enough for every callback slot to be busy.
+            None => headers
+                .get("prefetch-count")
+                .and_then(|p| p.trim().parse::<u32>().ok())
+                .map(|p| p.max(u32::try_from(self.in_flight).unwrap_or(u32::MAX))),
+        };
+        if let Some(prefetch) = prefetch {
+            headers.insert("prefetch-count".into(), prefetch.to_string());
+        }
+        let destination = self.destination.unwrap_or_default();
+        let topology = Topology::with_headers(
+            &destination,
+            self.queue.as_deref(),
+            headers,
+            self.exclusive.unwrap_or(config.exclusive_queue),
+        )?;
+        let transport = match self.transport {
+            Some(transport) => transport,
+            None => Arc::new(StompTransport::new(&config)?),
+        };
+        Ok(Consumer {
+            db: self.db,
+            transport,
+            topology,
+            in_flight: self.in_flight,
+            shutdown_timeout: self
+                .shutdown_timeout
+                .unwrap_or(config.consumer_shutdown_timeout),
+            config: Arc::new(config),
+        })
+    }
+
+    /// Builds the consumer and runs it on a task of its own. Dropping the handle stops it, as
+    /// [`ConsumerHandle::stop`] does.
+    pub fn start<F, Fut, E>(self, callback: F) -> Result<ConsumerHandle, Error>
+    where
+        F: Fn(Payload) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: Into<BoxError> + 'static,
+    {
+        let consumer = self.build()?;
+        let (stop, mut stopped) = watch::channel(false);
+        let task = tokio::spawn(async move {
+            consumer
+                .run_until(callback, async move {
+                    let _ = stopped.wait_for(|stop| *stop).await;
+                })
+                .await
+        });
+        Ok(ConsumerHandle { stop, task })
+    }
+}
+
+/// A consumer started with [`ConsumerBuilder::start`].
+pub struct ConsumerHandle {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), Error>>,
+}
+
+impl ConsumerHandle {
+    /// Stops the consumer as SIGTERM would (messages in flight finish and are acknowledged, up to
+    /// the shutdown timeout) and waits for it.
+    pub async fn stop(self) -> Result<(), Error> {
+        let _ = self.stop.send(true);
+        self.join().await
+    }
+
+    /// Waits for the consumer to end (it ends only when stopped).
+    pub async fn join(self) -> Result<(), Error> {
+        match self.task.await {
+            Ok(result) => result,
+            Err(join) => Err(Error::Stopped(join.to_string())),
+        }
+    }
+}
+
+/// A consumer: reads a destination's queue and runs a callback once per message, in effect
+/// ([`Payload`] says how). Made by [`Consumer::builder`]; [`subscribe`] is the short way.
+///
+/// It declares the queue and its dead-letter queue as django-outbox-pattern does ([`Topology`]),
+/// processes up to `in_flight` messages at once (default 1: in order), reconnects with backoff
+/// when the broker connection drops (messages in flight then are delivered again and recognised
+/// by the inbox), and on shutdown waits for the callbacks in flight and acknowledges their
+/// messages before it unsubscribes.
+pub struct Consumer {
+    db: DatabaseConnection,
+    transport: Arc<dyn Transport>,
+    config: Arc<OutboxConfig>,
+    topology: Topology,
+    in_flight: usize,
+    shutdown_timeout: Duration,
+}
+
+impl Consumer {
+    /// A consumer on `db`; see [`ConsumerBuilder`].
+    pub fn builder(db: DatabaseConnection) -> ConsumerBuilder {
+        ConsumerBuilder {
+            db,
+            destination: None,
+            queue: None,
+            prefetch: None,
+            in_flight: 1,
+            shutdown_timeout: None,
+            exclusive: None,
+            queue_headers: Vec::new(),
+            config: None,
+            transport: None,
+        }
+    }
+
+    /// Its destination, queues and their declaring headers.
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    /// Declares its queues without consuming (see [`declare`]).
+    pub async fn declare(&self) -> Result<(), Error> {
+        self.topology.declare(self.transport.as_ref()).await
+    }
+
+    /// Runs until SIGTERM or SIGINT (see [`Consumer::run_until`]).
+    pub async fn run<F, Fut, E>(&self, callback: F) -> Result<(), Error>
+    where
+        F: Fn(Payload) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: Into<BoxError> + 'static,
+    {
+        self.run_until(callback, crate::shutdown::signal()).await
+    }
+
+    /// Runs until `shutdown` completes: then stops taking messages, waits up to the shutdown
+    /// timeout for the callbacks in flight (their messages are acknowledged or rejected as
+    /// usual), unsubscribes, disconnects and returns. Broker and database failures do not end
+    /// it: it reconnects with backoff.
+    pub async fn run_until<F, Fut, E>(
+        &self,
+        callback: F,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), Error>
+    where
+        F: Fn(Payload) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: Into<BoxError> + 'static,
+    {
+        let callback: Callback = Arc::new(move |payload| {
+            let future = callback(payload);
+            Box::pin(async move { future.await.map_err(Into::into) })
+        });
+        let dispatcher = Arc::new(Dispatcher {
+            db: self.db.clone(),
+            transport: self.transport.clone(),
+            callback,
+            queue: self.topology.queue().to_owned(),
+            keep_for: chrono::Duration::days(i64::from(self.config.days_to_keep_data)),
+            max_retries: self.config.consumer_max_retry_attempts,
+            retry_wait: self.config.consumer_retry_wait,
+        });
+        let housekeeping = tokio::spawn(inbox::keep_tidy(self.db.clone(), self.config.clone()));
+        tokio::pin!(shutdown);
+        let mut tasks: JoinSet<()> = JoinSet::new();
+        let mut backoff = Backoff::new(self.config.maximum_backoff);
+        let mut subscribed: Option<String> = None;
+        tracing::info!(
+            destination = %self.topology.destination(),
+            queue = %self.topology.queue(),
+            in_flight = self.in_flight,
+            "consumer started"
+        );
+        'connection: loop {
+            let (id, mut deliveries) = match self.open_subscription().await {
+                Ok(opened) => opened,
+                Err(err) => {
+                    let pause = backoff.next_pause();
+                    if err.is_broker_refusal() {
+                        // PRECONDITION_FAILED (the queue exists with other arguments), access
+                        // refused, ...: an operator must act; keep trying meanwhile.
+                        tracing::error!(error = %err, retry_in = ?pause, "the broker refused the subscription; retrying");
+                    } else {
+                        tracing::warn!(error = %err, retry_in = ?pause, "cannot subscribe; retrying");
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => continue 'connection,
+                        _ = shutdown.as_mut() => break 'connection,
+                    }
+                }
+            };
+            tracing::info!(subscription = %id, queue = %self.topology.queue(), "subscribed; waiting for messages");
+            subscribed = Some(id);
+            let since = Instant::now();
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = shutdown.as_mut() => break 'connection,
+                    Some(joined) = tasks.join_next(), if !tasks.is_empty() => report(joined),
+                    delivery = deliveries.recv(), if tasks.len() < self.in_flight => match delivery {
+                        Some(delivery) => {
+                            tasks.spawn(dispatcher.clone().handle(delivery));
+                        }
+                        None => break,
+                    },
+                }
+            }
+            subscribed = None;
+            // Messages in flight go on; their acknowledgements will be refused, and the broker
+            // delivers those messages again to the new subscription.
+            if since.elapsed() >= STABLE_SUBSCRIPTION {
+                backoff.reset();
+                tracing::warn!("the broker connection was lost; reconnecting");
+            } else {
+                let pause = backoff.next_pause();
+                tracing::warn!(retry_in = ?pause, "the broker connection was lost soon after subscribing; reconnecting after a pause");
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = shutdown.as_mut() => break 'connection,
+                }
+            }
+        }
+        self.stop(tasks, subscribed).await;
+        housekeeping.abort();
+        tracing::info!(queue = %self.topology.queue(), "consumer stopped");
+        Ok(())
+    }
+
+    /// Connects, declares the dead-letter queue, and subscribes to the main queue with a fresh id.
+    async fn open_subscription(
+        &self,
+    ) -> Result<(String, mpsc::Receiver<Delivery>), TransportError> {
+        let transport = self.transport.as_ref();
+        transport.connect().await?;
+        self.topology.declare_dead_letter_queue(transport).await?;
+        if !self.topology.exclusive() {
+            // A dead letter the broker handed the declaring subscription stays unacknowledged
+            // on this connection, hidden from anyone reading the dead-letter queue, until the
+            // connection closes. (An exclusive queue would close with it: keep that connection.)
+            // The connection is closed even when the broker does not confirm the DISCONNECT.
+            if let Err(err) = transport.disconnect().await {
+                tracing::debug!(error = %err, "disconnect after declaring failed");
+            }
+            transport.connect().await?;
+        }
+        let id = Uuid::new_v4().to_string();
+        let deliveries = transport.subscribe(self.topology.subscription(&id)).await?;
+        Ok((id, deliveries))
+    }
+
+    /// Waits for the callbacks in flight (they acknowledge their messages), then unsubscribes
+    /// (RabbitMQ refuses acknowledgements after it) and disconnects.
+    async fn stop(&self, mut tasks: JoinSet<()>, subscribed: Option<String>) {
+        if !tasks.is_empty() {
+            tracing::info!(
+                in_flight = tasks.len(),
+                timeout = ?self.shutdown_timeout,
+                "stopping: waiting for the callbacks in flight"
+            );
+        }
+        let finished = tokio::time::timeout(self.shutdown_timeout, async {
+            while let Some(joined) = tasks.join_next().await {
+                report(joined);
+            }
+        })
+        .await;
+        if finished.is_err() {
+            tracing::warn!(
+                abandoned = tasks.len(),
+                timeout = ?self.shutdown_timeout,
+                "callbacks still running at the shutdown timeout were abandoned and rolled back; their messages will be delivered again"
+            );
+            tasks.shutdown().await;
+        }
+        if let Some(id) = subscribed
+            && let Err(err) = self.transport.unsubscribe(&id).await
+        {
+            tracing::debug!(error = %err, "unsubscribe failed");
+        }
+        if let Err(err) = self.transport.disconnect().await {
+            tracing::debug!(error = %err, "disconnect failed");
+        }
+    }
+}
+
+/// Logs a message task that did not end normally (panics in callbacks are caught before this).
+fn report(joined: Result<(), tokio::task::JoinError>) {
+    if let Err(err) = joined {
+        tracing::error!(error = %err, "a message task ended abnormally; its message will be delivered again");
+    }
+}

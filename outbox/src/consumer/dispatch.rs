@@ -1,0 +1,213 @@
+//! What happens to one message: a transaction that inserts the inbox row first, then runs the
+//! callback, then commits; then the ACK (or, on failure, the rollback and the NACK that
+//! dead-letters the message). Nothing is acknowledged before its effects are committed.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use sea_orm::{DatabaseConnection, DatabaseTransaction, TransactionTrait};
+use tracing::Instrument;
+
+use super::failure::{Failure, panic_message};
+use super::inbox;
+use crate::payload::{BoxError, Decision, Incoming};
+use crate::transport::{Delivery, Transport};
+use crate::{Payload, wake};
+
+/// A callback with its types erased.
+pub(crate) type Callback =
+    Arc<dyn Fn(Payload) -> BoxFuture<'static, Result<(), BoxError>> + Send + Sync>;
+
+/// Processes messages for one consumer; shared by its message tasks.
+pub(crate) struct Dispatcher {
+    pub(crate) db: DatabaseConnection,
+    pub(crate) transport: Arc<dyn Transport>,
+    pub(crate) callback: Callback,
+    pub(crate) queue: String,
+    /// How long an inbox row is kept (`days_to_keep_data`).
+    pub(crate) keep_for: chrono::Duration,
+    /// Further attempts after a transient failure.
+    pub(crate) max_retries: u32,
+    /// The wait before retry n is n times this.
+    pub(crate) retry_wait: Duration,
+}
+
+/// What the broker is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Ack,
+    Nack,
+}
+
+/// How one attempt ended.
+enum Attempt {
+    /// Committed: acknowledge.
+    Committed,
+    /// The key is already in the inbox: acknowledge without calling the callback.
+    Duplicate,
+    /// The callback called `nack()`: rolled back, dead-letter.
+    Nacked,
+    /// Rolled back.
+    Failed(Failure),
+}
+
+impl Dispatcher {
+    /// Processes a delivery and settles it with the broker.
+    pub(crate) async fn handle(self: Arc<Self>, delivery: Delivery) {
+        let message = Arc::new(Incoming::new(&delivery, &self.queue));
+        let span = tracing::info_span!(
+            "outbox.message",
+            queue = %self.queue,
+            message_id = message.key.as_deref().unwrap_or(""),
+            correlation_id = message.correlation_id.as_deref().unwrap_or(""),
+        );
+        async {
+            let verdict = self.process(&message).await;
+            self.settle(&delivery, verdict).await;
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn process(&self, message: &Arc<Incoming>) -> Verdict {
+        let mut retries = 0;
+        loop {
+            let failure = match self.attempt(message).await {
+                Attempt::Committed => return Verdict::Ack,
+                Attempt::Duplicate => {
+                    tracing::info!(
+                        "message already processed on this queue; acknowledged without calling the callback"
+                    );
+                    return Verdict::Ack;
+                }
+                Attempt::Nacked => {
+                    tracing::info!(
+                        "the callback nacked the message; rolled back, dead-lettering it"
+                    );
+                    return Verdict::Nack;
+                }
+                Attempt::Failed(failure) => failure,
+            };
+            if !failure.is_transient() {
+                tracing::error!(error = %failure, "processing failed; rolled back, dead-lettering the message");
+                return Verdict::Nack;
+            }
+            if retries >= self.max_retries {
+                tracing::error!(
+                    error = %failure,
+                    retries,
+                    "all retries exhausted; dead-lettering the message"
+                );
+                return Verdict::Nack;
+            }
+            retries += 1;
+            let wait = self.retry_wait * retries;
+            tracing::warn!(
+                error = %failure,
+                retry = retries,
+                of = self.max_retries,
+                retry_in = ?wait,
+                "transient failure; rolled back, the callback runs again in a new transaction"
+            );
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// One transaction: inbox row, callback, commit.
+    async fn attempt(&self, message: &Arc<Incoming>) -> Attempt {
+        let txn = match self.db.begin().await {
+            Ok(txn) => txn,
+            Err(err) => return Attempt::Failed(Failure::Database(err)),
+        };
+        if let Err(err) = inbox::insert(&txn, message, self.keep_for).await {
+            rollback(txn).await;
+            return if inbox::is_duplicate(&err) {
+                Attempt::Duplicate
+            } else {
+                Attempt::Failed(Failure::Database(err))
+            };
+        }
+        let txn = Arc::new(txn);
+        let decision = Arc::new(Decision::default());
+        let payload = Payload::new(message.clone(), txn.clone(), decision.clone());
+        let outcome = self.call(payload, message).await;
+        // The payload went with the callback's future; if it is still held elsewhere the
+        // transaction cannot be ended here (it rolls back when the last holder drops it).
+        let Ok(txn) = Arc::try_unwrap(txn) else {
+            return Attempt::Failed(Failure::PayloadKept);
+        };
+        match outcome {
+            Err(failure) => {
+                rollback(txn).await;
+                Attempt::Failed(failure)
+            }
+            Ok(()) if decision.get() == Decision::NACKED => {
+                rollback(txn).await;
+                Attempt::Nacked
+            }
+            Ok(()) => {
+                if decision.get() == Decision::UNDECIDED {
+                    tracing::warn!(
+                        "the callback returned Ok without calling save() or nack(); treated as saved"
+                    );
+                }
+                match txn.commit().await {
+                    Ok(()) => {
+                        // Outbox rows the callback wrote are committed: wake this process's relays.
+                        wake::committed();
+                        Attempt::Committed
+                    }
+                    Err(err) => Attempt::Failed(Failure::Database(err)),
+                }
+            }
+        }
+    }
+
+    /// Runs the callback with the message's correlation id ambient, catching panics.
+    async fn call(&self, payload: Payload, message: &Incoming) -> Result<(), Failure> {
+        let correlation_id = message
+            .correlation_id
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let callback = self.callback.clone();
+        let run = async move {
+            // The call itself may panic before it returns a future.
+            let future = std::panic::catch_unwind(AssertUnwindSafe(|| (*callback)(payload)))
+                .map_err(|panic| Failure::Panic(panic_message(panic)))?;
+            AssertUnwindSafe(future)
+                .catch_unwind()
+                .await
+                .map_err(|panic| Failure::Panic(panic_message(panic)))?
+                .map_err(Failure::Callback)
+        };
+        crate::with_correlation_id(correlation_id, run).await
+    }
+
+    async fn settle(&self, delivery: &Delivery, verdict: Verdict) {
+        let settled = match verdict {
+            Verdict::Ack => self.transport.ack(delivery).await,
+            Verdict::Nack => self.transport.nack(delivery).await,
+        };
+        match (settled, verdict) {
+            (Ok(()), _) => tracing::debug!(?verdict, "message settled"),
+            (Err(err), Verdict::Ack) => tracing::warn!(
+                error = %err,
+                "could not acknowledge the message; the broker will deliver it again, and its inbox row makes that a duplicate"
+            ),
+            (Err(err), Verdict::Nack) => tracing::warn!(
+                error = %err,
+                "could not reject the message; the broker will deliver it again"
+            ),
+        }
+    }
+}
+
+async fn rollback(txn: DatabaseTransaction) {
+    // A failed rollback means the connection is gone, which rolls back too.
+    if let Err(err) = txn.rollback().await {
+        tracing::debug!(error = %err, "rollback failed");
+    }
+}
