@@ -1,0 +1,137 @@
+//! `outbox-bench`: the figures behind the performance claims, on this machine's real database and
+//! broker.
+//!
+//! ```sh
+//! cargo run --release -p outbox-bench -- all [--n 10000]
+//! ```
+//!
+//! Reads `DATABASE_URL` (a server URL: each run creates and drops a scratch database on it; PostgreSQL
+//! by default, MariaDB and SQLite accepted) and `OUTBOX_STOMP_HOST_AND_PORTS`. Prints one line per
+//! figure on stdout, `name value unit`, and its progress on stderr. With `all`, every scenario runs
+//! in a child process of its own, so that each memory figure is that scenario's alone.
+
+mod scenarios;
+mod scratch;
+
+use std::process::ExitCode;
+
+use clap::{Parser, ValueEnum};
+
+#[derive(Parser)]
+#[command(name = "outbox-bench", about = "Benchmarks of the outbox")]
+struct Cli {
+    /// What to measure.
+    scenario: Scenario,
+    /// Messages (or saves) per measurement.
+    #[arg(long, default_value_t = 10_000)]
+    n: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Scenario {
+    /// Per-save cost of publishing: saves with and without `#[publish]`, interleaved.
+    Write,
+    /// Relay throughput, one relay and two, and the relay's peak memory.
+    Relay,
+    /// Commit-to-subscriber latency with an idle relay.
+    Latency,
+    /// Consumer throughput with the README callback, and the consumer's peak memory.
+    Consume,
+    /// The broker's own limit: the bare transport sending the same messages with receipts.
+    Limit,
+    /// Every scenario, each in a child process.
+    All,
+}
+
+/// Prints one figure.
+pub fn figure(name: &str, value: f64, unit: &str) {
+    println!("{name} {value:.1} {unit}");
+}
+
+/// Progress, on stderr.
+pub fn progress(message: &str) {
+    eprintln!("outbox-bench: {message}");
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if cli.scenario == Scenario::All {
+        return run_all(cli.n);
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("outbox-bench: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let settings = scenarios::Settings::from_env()?;
+        match cli.scenario {
+            Scenario::Write => scenarios::write(&settings, cli.n).await,
+            Scenario::Relay => scenarios::relay(&settings, cli.n).await,
+            Scenario::Latency => scenarios::latency(&settings, cli.n.clamp(200, 2000)).await,
+            Scenario::Consume => scenarios::consume(&settings, cli.n).await,
+            Scenario::Limit => scenarios::limit(&settings, cli.n).await,
+            Scenario::All => Ok(()),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("outbox-bench: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs each scenario as a child process; the relay's share of the limit comes out of the two.
+fn run_all(n: usize) -> ExitCode {
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(err) => {
+            eprintln!("outbox-bench: cannot find this program: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut relay_rate = None;
+    let mut limit_rate = None;
+    for scenario in ["write", "relay", "latency", "consume", "limit"] {
+        progress(&format!("scenario {scenario}"));
+        let output = std::process::Command::new(&exe)
+            .args([scenario, "--n", &n.to_string()])
+            .stderr(std::process::Stdio::inherit())
+            .output();
+        let output = match output {
+            Ok(output) if output.status.success() => output,
+            Ok(output) => {
+                eprintln!(
+                    "outbox-bench: scenario {scenario} failed ({})",
+                    output.status
+                );
+                return ExitCode::FAILURE;
+            }
+            Err(err) => {
+                eprintln!("outbox-bench: cannot run scenario {scenario}: {err}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        for line in stdout.lines() {
+            println!("{line}");
+            let mut parts = line.split_whitespace();
+            match (
+                parts.next(),
+                parts.next().and_then(|v| v.parse::<f64>().ok()),
+            ) {
+                (Some("relay.rate"), Some(v)) => relay_rate = Some(v),
+                (Some("limit.rate"), Some(v)) => limit_rate = Some(v),
+                _ => {}
+            }
+        }
+    }
+    if let (Some(relay), Some(limit)) = (relay_rate, limit_rate) {
+        figure("relay.of_limit", 100.0 * relay / limit, "%");
+    }
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,401 @@
+//! The scenarios. Each measures one thing the README promises, against the real database and
+//! broker, and prints its figures.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use outbox::transport::{AckMode, Outgoing, StompTransport, Subscription, Transport};
+use outbox::{OutboxConfig, Producer, Published, Status};
+use sea_orm::ActiveValue::Set;
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, TransactionTrait,
+};
+use tokio::sync::mpsc;
+
+use crate::scratch::{BoxError, Scratch};
+use crate::{figure, progress};
+
+/// A plain entity: the baseline save.
+pub mod item {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+    #[sea_orm(table_name = "bench_item")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub id: i64,
+        pub name: String,
+        pub amount: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// The same entity, published on every save.
+pub mod published_item {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+    #[sea_orm(table_name = "bench_published_item")]
+    #[outbox::publish(destination = "/topic/outbox_bench_write", fields(name, amount))]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub id: i64,
+        pub name: String,
+        pub amount: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+}
+
+/// Where the benchmark runs.
+pub struct Settings {
+    database_url: String,
+    config: OutboxConfig,
+}
+
+impl Settings {
+    pub fn from_env() -> Result<Settings, BoxError> {
+        let database_url = std::env::var("DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+        Ok(Settings {
+            database_url,
+            config: OutboxConfig::from_env()?,
+        })
+    }
+}
+
+fn rate(count: usize, elapsed: Duration) -> f64 {
+    count as f64 / elapsed.as_secs_f64()
+}
+
+/// Peak resident memory of this process, in MB.
+fn peak_rss_mb() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+/// A fresh destination with a queue bound to it (deleted when the reader goes), and a task
+/// reporting what arrives, by `dop-msg-id`, with its arrival time.
+///
+/// A live reader consumes as messages come. A deferred one lets them pile up in the queue (it
+/// holds one unacknowledged message, so the broker delivers nothing more) until [`Reader::drain`]:
+/// a throughput measurement then times the sender alone, not the sender racing a consumer for
+/// this machine's two cores, and still checks that every message arrived.
+struct Reader {
+    destination: String,
+    arrivals: mpsc::UnboundedReceiver<(String, Instant)>,
+    transport: Arc<StompTransport>,
+    start_draining: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Reader {
+    async fn live(config: &OutboxConfig) -> Result<Reader, BoxError> {
+        Reader::open(config, false).await
+    }
+
+    async fn deferred(config: &OutboxConfig) -> Result<Reader, BoxError> {
+        Reader::open(config, true).await
+    }
+
+    async fn open(config: &OutboxConfig, deferred: bool) -> Result<Reader, BoxError> {
+        let key = format!("outbox_bench_{}", uuid::Uuid::new_v4().simple());
+        let transport = Arc::new(StompTransport::new(config)?);
+        // Not durable: RabbitMQ deletes the queue when this subscription ends.
+        let mut headers = vec![("x-queue-name".to_owned(), key.clone())];
+        if deferred {
+            headers.push(("prefetch-count".into(), "1".into()));
+        }
+        let mut deliveries = transport
+            .subscribe(Subscription {
+                destination: format!("/topic/{key}"),
+                id: "bench-reader".into(),
+                ack: if deferred {
+                    AckMode::ClientIndividual
+                } else {
+                    AckMode::Auto
+                },
+                headers,
+            })
+            .await?;
+        let (tx, arrivals) = mpsc::unbounded_channel();
+        let (start_draining, drain) = tokio::sync::oneshot::channel::<()>();
+        let acker = transport.clone();
+        tokio::spawn(async move {
+            if deferred && drain.await.is_err() {
+                return;
+            }
+            while let Some(delivery) = deliveries.recv().await {
+                if deferred && acker.ack(&delivery).await.is_err() {
+                    break;
+                }
+                let id = delivery.header("dop-msg-id").unwrap_or_default().to_owned();
+                if tx.send((id, Instant::now())).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Reader {
+            destination: format!("/topic/{key}"),
+            arrivals,
+            transport,
+            start_draining: deferred.then_some(start_draining),
+        })
+    }
+
+    /// Consumes what piled up, until `count` distinct messages arrived; returns how many did.
+    async fn drain(&mut self, count: usize, limit: Duration) -> usize {
+        if let Some(start) = self.start_draining.take() {
+            let _ = start.send(());
+        }
+        let mut seen = std::collections::HashSet::new();
+        let deadline = tokio::time::Instant::now() + limit;
+        while seen.len() < count {
+            match tokio::time::timeout_at(deadline, self.arrivals.recv()).await {
+                Ok(Some((id, _))) => {
+                    seen.insert(id);
+                }
+                _ => break,
+            }
+        }
+        seen.len()
+    }
+
+    async fn close(self) {
+        let _ = self.transport.unsubscribe("bench-reader").await;
+        let _ = self.transport.disconnect().await;
+    }
+}
+
+async fn enqueue(scratch: &Scratch, destination: &str, n: usize) -> Result<(), BoxError> {
+    let txn = scratch.db.begin().await?;
+    let messages = (0..n).map(|i| {
+        outbox::Message::from_json(
+            destination,
+            serde_json::json!({"id": i, "customer": "ada", "total": 4200, "currency": "EUR"}),
+        )
+    });
+    outbox::enqueue_all(&txn, messages).await?;
+    txn.commit().await?;
+    Ok(())
+}
+
+async fn sent_count(scratch: &Scratch) -> Result<u64, BoxError> {
+    Ok(Published::find()
+        .filter(outbox::published::Column::Status.eq(Status::Succeeded))
+        .count(&scratch.db)
+        .await?)
+}
+
+/// Per-save cost of publishing: `n` saves of each entity, each in its own transaction, interleaved.
+pub async fn write(settings: &Settings, n: usize) -> Result<(), BoxError> {
+    let scratch = Scratch::create(&settings.database_url, 5).await?;
+    let (mut plain, mut published) = (Duration::ZERO, Duration::ZERO);
+    for i in 0..n {
+        let started = Instant::now();
+        let txn = scratch.db.begin().await?;
+        item::ActiveModel {
+            name: Set(format!("item {i}")),
+            amount: Set(i as i64),
+            ..Default::default()
+        }
+        .insert(&txn)
+        .await?;
+        txn.commit().await?;
+        plain += started.elapsed();
+
+        let started = Instant::now();
+        outbox::insert(
+            &scratch.db,
+            published_item::ActiveModel {
+                name: Set(format!("item {i}")),
+                amount: Set(i as i64),
+                ..Default::default()
+            },
+        )
+        .await?;
+        published += started.elapsed();
+    }
+    figure("write.plain_rate", rate(n, plain), "rows/s");
+    figure("write.outbox_rate", rate(n, published), "rows/s");
+    figure(
+        "write.ratio",
+        published.as_secs_f64() / plain.as_secs_f64(),
+        "x",
+    );
+    scratch.drop().await;
+    Ok(())
+}
+
+/// Relay throughput: `n` pending rows to `n` receipted messages, with one relay, then two.
+pub async fn relay(settings: &Settings, n: usize) -> Result<(), BoxError> {
+    let scratch = Scratch::create(&settings.database_url, 5).await?;
+
+    let mut reader = Reader::deferred(&settings.config).await?;
+    enqueue(&scratch, &reader.destination, n).await?;
+    progress(&format!("relay: {n} rows pending, one relay"));
+    let producer = Producer::builder(scratch.connect(2).await?)
+        .config(settings.config.clone())
+        .build()?;
+    let started = Instant::now();
+    let report = producer.drain().await?;
+    let elapsed = started.elapsed();
+    let arrived = reader.drain(n, Duration::from_secs(60)).await;
+    if report.sent != n || arrived != n {
+        return Err(format!("relayed {} and {arrived} arrived, of {n}", report.sent).into());
+    }
+    figure("relay.rate", rate(n, elapsed), "msgs/s");
+    figure(
+        "relay.batch",
+        f64::from(settings.config.published_chunk_size),
+        "rows",
+    );
+    reader.close().await;
+
+    let mut reader = Reader::deferred(&settings.config).await?;
+    enqueue(&scratch, &reader.destination, n).await?;
+    progress(&format!("relay: {n} rows pending, two relays"));
+    let already = sent_count(&scratch).await?;
+    let started = Instant::now();
+    let relays = [
+        Producer::builder(scratch.connect(2).await?)
+            .config(settings.config.clone())
+            .start()?,
+        Producer::builder(scratch.connect(2).await?)
+            .config(settings.config.clone())
+            .start()?,
+    ];
+    while sent_count(&scratch).await? < already + n as u64 {
+        if started.elapsed() > Duration::from_secs(120) {
+            return Err("two relays did not finish within 120 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let elapsed = started.elapsed();
+    for relay in relays {
+        relay.stop().await?;
+    }
+    let arrived = reader.drain(n, Duration::from_secs(120)).await;
+    if arrived != n {
+        return Err(format!("{arrived} of {n} arrived with two relays").into());
+    }
+    figure("relay.rate_2", rate(n, elapsed), "msgs/s");
+    figure("relay.rss_mb", peak_rss_mb(), "MB");
+    reader.close().await;
+    scratch.drop().await;
+    Ok(())
+}
+
+/// Latency from the commit of one entity to its arrival at a subscriber, with an idle relay in
+/// another pool: on PostgreSQL the relay learns of the commit through NOTIFY, as a relay in
+/// another process would.
+pub async fn latency(settings: &Settings, samples: usize) -> Result<(), BoxError> {
+    let scratch = Scratch::create(&settings.database_url, 5).await?;
+    let mut reader = Reader::live(&settings.config).await?;
+    let relay = Producer::builder(scratch.connect(2).await?)
+        .config(settings.config.clone())
+        .start()?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    progress(&format!("latency: {samples} samples"));
+    let mut latencies = Vec::with_capacity(samples);
+    for i in 0..samples {
+        // A random moment: the relay is idle, wherever its polling cycle is.
+        let pause = (uuid::Uuid::new_v4().as_u128() % 20) as u64 + 1;
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        let txn = scratch.db.begin().await?;
+        let row =
+            outbox::enqueue(&txn, &reader.destination, &serde_json::json!({ "n": i })).await?;
+        txn.commit().await?;
+        let at = Instant::now();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match tokio::time::timeout_at(deadline, reader.arrivals.recv()).await {
+                Ok(Some((id, arrived))) => {
+                    if id == row.id.to_string() {
+                        latencies.push(arrived.saturating_duration_since(at));
+                        break;
+                    }
+                }
+                _ => return Err(format!("sample {i} did not arrive within 30 s").into()),
+            }
+        }
+    }
+    relay.stop().await?;
+    reader.close().await;
+    latencies.sort();
+    let percentile = |p: f64| {
+        let index = ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1;
+        latencies[index].as_secs_f64() * 1000.0
+    };
+    figure("latency.p50", percentile(0.50), "ms");
+    figure("latency.p90", percentile(0.90), "ms");
+    figure("latency.p99", percentile(0.99), "ms");
+    scratch.drop().await;
+    Ok(())
+}
+
+/// The broker's own limit: the bare transport sending `n` messages like the relay's, with
+/// receipts, in batches of the relay's size, no database.
+pub async fn limit(settings: &Settings, n: usize) -> Result<(), BoxError> {
+    let mut reader = Reader::deferred(&settings.config).await?;
+    let transport = StompTransport::new(&settings.config)?;
+    transport.connect().await?;
+    let batch = settings.config.published_chunk_size as usize;
+    let messages: Vec<Outgoing> =
+        (0..n)
+            .map(|i| {
+                Outgoing {
+            destination: reader.destination.clone(),
+            headers: vec![
+                ("dop-msg-id".into(), uuid::Uuid::new_v4().to_string()),
+                ("dop-msg-destination".into(), reader.destination.clone()),
+                ("dop-msg-type".into(), "Published".into()),
+                ("dop-msg-sent-time".into(), "2026-11-26T18:03:13.484Z".into()),
+                ("dop-correlation-id".into(), uuid::Uuid::new_v4().to_string()),
+                ("persistent".into(), "true".into()),
+                ("content-type".into(), "application/json".into()),
+            ],
+            body: serde_json::json!({"id": i, "customer": "ada", "total": 4200, "currency": "EUR"})
+                .to_string()
+                .into_bytes(),
+        }
+            })
+            .collect();
+    progress(&format!("limit: {n} messages, batches of {batch}"));
+    let started = Instant::now();
+    for chunk in messages.chunks(batch) {
+        let report = transport.send(chunk).await;
+        if let Some(err) = report.failure {
+            return Err(err.into());
+        }
+    }
+    let elapsed = started.elapsed();
+    let arrived = reader.drain(n, Duration::from_secs(60)).await;
+    if arrived != n {
+        return Err(format!("{arrived} of {n} arrived").into());
+    }
+    figure("limit.rate", rate(n, elapsed), "msgs/s");
+    transport.disconnect().await?;
+    reader.close().await;
+    Ok(())
+}
+
+/// Consumer throughput: filled in with the consumer.
+pub async fn consume(_settings: &Settings, _n: usize) -> Result<(), BoxError> {
+    Err("the consume scenario needs the consumer".into())
+}
