@@ -85,12 +85,18 @@ impl MigrationTrait for CreateOutboxTables {
         let types = ColumnTypes::for_backend(manager.get_database_backend());
 
         manager.create_table(published_table(&types)).await?;
+        // (status, added): the relay's claim reads the oldest waiting rows, and the cleanup the
+        // oldest sent ones, without walking past the other statuses; it also serves lookups by
+        // status alone.
         manager
-            .create_index(index(
-                "published_status_idx",
-                Published::Table,
-                Published::Status,
-            ))
+            .create_index(
+                Index::create()
+                    .name("published_status_added_idx")
+                    .table(Published::Table)
+                    .col(Published::Status)
+                    .col(Published::Added)
+                    .to_owned(),
+            )
             .await?;
         manager
             .create_index(index(

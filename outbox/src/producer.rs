@@ -28,6 +28,10 @@ use crate::{Error, OutboxConfig, wake};
 /// The PostgreSQL channel the outbox table's trigger notifies at every commit that inserted rows.
 pub const NOTIFY_CHANNEL: &str = "outbox_published";
 
+/// Batches a relay has in flight at once: the database work of one overlaps the broker's work
+/// on another.
+const BATCHES_IN_FLIGHT: usize = 3;
+
 /// How often the relay looks for expired rows.
 const EXPIRY_CHECK_EVERY: Duration = Duration::from_secs(60);
 
@@ -152,6 +156,15 @@ pub struct RoundReport {
     pub released: usize,
 }
 
+impl std::ops::AddAssign for RoundReport {
+    fn add_assign(&mut self, other: RoundReport) {
+        self.claimed += other.claimed;
+        self.sent += other.sent;
+        self.refused += other.refused;
+        self.released += other.released;
+    }
+}
+
 impl Producer {
     /// A producer on `db`; see [`ProducerBuilder`].
     pub fn builder(db: DatabaseConnection) -> ProducerBuilder {
@@ -189,7 +202,7 @@ impl Producer {
                     _ = shutdown.as_mut() => break,
                 }
             }
-            match self.round().await {
+            match self.rounds().await {
                 Ok(report) if report.claimed > 0 && report.released == 0 => {
                     backoff.reset();
                     continue;
@@ -234,15 +247,23 @@ impl Producer {
     pub async fn drain(&self) -> Result<RoundReport, Error> {
         let mut total = RoundReport::default();
         loop {
-            let report = self.round().await?;
-            total.claimed += report.claimed;
-            total.sent += report.sent;
-            total.refused += report.refused;
-            total.released += report.released;
+            let report = self.rounds().await?;
+            total += report;
             if report.claimed == 0 || report.released > 0 {
                 return Ok(total);
             }
         }
+    }
+
+    /// [`BATCHES_IN_FLIGHT`] rounds at once, on the one broker connection: while one batch
+    /// waits for its receipts, the next is being claimed or marked.
+    async fn rounds(&self) -> Result<RoundReport, Error> {
+        let reports = futures::future::join_all((0..BATCHES_IN_FLIGHT).map(|_| self.round())).await;
+        let mut total = RoundReport::default();
+        for report in reports {
+            total += report?;
+        }
+        Ok(total)
     }
 
     /// One round: claim a batch, send it, settle every row of it.
