@@ -25,6 +25,9 @@ struct Cli {
     /// Messages (or saves) per measurement.
     #[arg(long, default_value_t = 10_000)]
     n: usize,
+    /// For the worker processes: the scratch database, destination and queue, concurrency.
+    #[command(flatten)]
+    worker: scenarios::WorkerArgs,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -41,6 +44,12 @@ enum Scenario {
     Limit,
     /// Every scenario, each in a child process.
     All,
+    /// (internal) The relay alone, in its own process, for its memory figure.
+    #[value(hide = true)]
+    RelayWorker,
+    /// (internal) The consumer alone, in its own process, for its memory figure.
+    #[value(hide = true)]
+    ConsumeWorker,
 }
 
 /// Prints one figure.
@@ -73,6 +82,10 @@ fn main() -> ExitCode {
             Scenario::Latency => scenarios::latency(&settings, cli.n.clamp(200, 2000)).await,
             Scenario::Consume => scenarios::consume(&settings, cli.n).await,
             Scenario::Limit => scenarios::limit(&settings, cli.n).await,
+            Scenario::RelayWorker => scenarios::relay_worker(&settings, &cli.worker, cli.n).await,
+            Scenario::ConsumeWorker => {
+                scenarios::consume_worker(&settings, &cli.worker, cli.n).await
+            }
             Scenario::All => Ok(()),
         }
     });

@@ -1,6 +1,7 @@
 //! The scenarios. Each measures one thing the README promises, against the real database and
 //! broker, and prints its figures.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -182,6 +183,31 @@ impl Reader {
     }
 }
 
+/// A message like the relay's: the same headers and body size.
+fn bench_message(destination: &str, i: usize) -> Outgoing {
+    Outgoing {
+        destination: destination.to_owned(),
+        headers: vec![
+            ("dop-msg-id".into(), uuid::Uuid::new_v4().to_string()),
+            ("dop-msg-destination".into(), destination.to_owned()),
+            ("dop-msg-type".into(), "Published".into()),
+            (
+                "dop-msg-sent-time".into(),
+                "2026-11-26T18:03:13.484Z".into(),
+            ),
+            (
+                "dop-correlation-id".into(),
+                uuid::Uuid::new_v4().to_string(),
+            ),
+            ("persistent".into(), "true".into()),
+            ("content-type".into(), "application/json".into()),
+        ],
+        body: serde_json::json!({"id": i, "customer": "ada", "total": 4200, "currency": "EUR"})
+            .to_string()
+            .into_bytes(),
+    }
+}
+
 async fn enqueue(scratch: &Scratch, destination: &str, n: usize) -> Result<(), BoxError> {
     let txn = scratch.db.begin().await?;
     let messages = (0..n).map(|i| {
@@ -248,18 +274,24 @@ pub async fn relay(settings: &Settings, n: usize) -> Result<(), BoxError> {
 
     let mut reader = Reader::deferred(&settings.config).await?;
     enqueue(&scratch, &reader.destination, n).await?;
-    progress(&format!("relay: {n} rows pending, one relay"));
-    let producer = Producer::builder(scratch.connect(2).await?)
-        .config(settings.config.clone())
-        .build()?;
-    let started = Instant::now();
-    let report = producer.drain().await?;
-    let elapsed = started.elapsed();
+    progress(&format!(
+        "relay: {n} rows pending, one relay in a process of its own"
+    ));
+    let figures = run_worker(
+        "relay-worker",
+        n,
+        &WorkerArgs {
+            database_url: Some(scratch.url.clone()),
+            ..WorkerArgs::default()
+        },
+    )
+    .await?;
     let arrived = reader.drain(n, Duration::from_secs(60)).await;
-    if report.sent != n || arrived != n {
-        return Err(format!("relayed {} and {arrived} arrived, of {n}", report.sent).into());
+    if arrived != n {
+        return Err(format!("{arrived} of {n} relayed messages arrived").into());
     }
-    figure("relay.rate", rate(n, elapsed), "msgs/s");
+    print_as(&figures, "rate", "relay.rate", "msgs/s")?;
+    print_as(&figures, "rss_mb", "relay.rss_mb", "MB")?;
     figure(
         "relay.batch",
         f64::from(settings.config.published_chunk_size),
@@ -295,7 +327,6 @@ pub async fn relay(settings: &Settings, n: usize) -> Result<(), BoxError> {
         return Err(format!("{arrived} of {n} arrived with two relays").into());
     }
     figure("relay.rate_2", rate(n, elapsed), "msgs/s");
-    figure("relay.rss_mb", peak_rss_mb(), "MB");
     reader.close().await;
     scratch.drop().await;
     Ok(())
@@ -395,7 +426,239 @@ pub async fn limit(settings: &Settings, n: usize) -> Result<(), BoxError> {
     Ok(())
 }
 
-/// Consumer throughput: filled in with the consumer.
-pub async fn consume(_settings: &Settings, _n: usize) -> Result<(), BoxError> {
-    Err("the consume scenario needs the consumer".into())
+/// Arguments of the worker processes.
+#[derive(clap::Args, Debug, Default, Clone)]
+pub struct WorkerArgs {
+    /// The scratch database.
+    #[arg(long, hide = true)]
+    database_url: Option<String>,
+    /// The destination to consume.
+    #[arg(long, hide = true)]
+    destination: Option<String>,
+    /// The queue to consume.
+    #[arg(long, hide = true)]
+    queue: Option<String>,
+    /// Unacknowledged messages the broker may push.
+    #[arg(long, hide = true)]
+    prefetch: Option<u32>,
+    /// Callbacks at once.
+    #[arg(long, hide = true)]
+    in_flight: Option<usize>,
+}
+
+/// Runs this program as a worker process and returns its figures (`name value` pairs).
+async fn run_worker(
+    scenario: &str,
+    n: usize,
+    args: &WorkerArgs,
+) -> Result<HashMap<String, f64>, BoxError> {
+    let mut command = tokio::process::Command::new(std::env::current_exe()?);
+    command.args([scenario, "--n", &n.to_string()]);
+    let options = [
+        ("--database-url", args.database_url.clone()),
+        ("--destination", args.destination.clone()),
+        ("--queue", args.queue.clone()),
+        ("--prefetch", args.prefetch.map(|p| p.to_string())),
+        ("--in-flight", args.in_flight.map(|k| k.to_string())),
+    ];
+    for (flag, value) in options {
+        if let Some(value) = value {
+            command.args([flag, value.as_str()]);
+        }
+    }
+    let output = command
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .await?;
+    if !output.status.success() {
+        return Err(format!("the {scenario} process failed ({})", output.status).into());
+    }
+    Ok(String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| {
+            let mut parts = line.split_whitespace();
+            Some((parts.next()?.to_owned(), parts.next()?.parse().ok()?))
+        })
+        .collect())
+}
+
+fn print_as(
+    figures: &HashMap<String, f64>,
+    key: &str,
+    name: &str,
+    unit: &str,
+) -> Result<(), BoxError> {
+    let value = figures
+        .get(key)
+        .ok_or_else(|| format!("the worker printed no {key}"))?;
+    figure(name, *value, unit);
+    Ok(())
+}
+
+/// The relay alone: drains the scratch database, prints its rate and its peak memory.
+pub async fn relay_worker(
+    settings: &Settings,
+    args: &WorkerArgs,
+    n: usize,
+) -> Result<(), BoxError> {
+    let url = args
+        .database_url
+        .as_deref()
+        .ok_or("--database-url is required")?;
+    let db = sea_orm::Database::connect(url).await?;
+    let producer = Producer::builder(db)
+        .config(settings.config.clone())
+        .build()?;
+    let started = Instant::now();
+    let report = producer.drain().await?;
+    let elapsed = started.elapsed();
+    if report.sent != n {
+        return Err(format!("relayed {} of {n}", report.sent).into());
+    }
+    println!("rate {}", rate(n, elapsed));
+    println!("rss_mb {}", peak_rss_mb());
+    Ok(())
+}
+
+/// The consumer alone: consumes until `n` inbox rows exist, with the README's callback (a
+/// business row and the inbox row in one transaction); prints its rate and its peak memory.
+pub async fn consume_worker(
+    settings: &Settings,
+    args: &WorkerArgs,
+    n: usize,
+) -> Result<(), BoxError> {
+    let url = args
+        .database_url
+        .as_deref()
+        .ok_or("--database-url is required")?;
+    let destination = args
+        .destination
+        .clone()
+        .ok_or("--destination is required")?;
+    let queue = args.queue.clone().ok_or("--queue is required")?;
+    let in_flight = args.in_flight.unwrap_or(1);
+    let mut options = sea_orm::ConnectOptions::new(url.to_owned());
+    options
+        .max_connections(in_flight as u32 + 2)
+        .sqlx_logging(false);
+    let db = sea_orm::Database::connect(options).await?;
+    let mut builder = outbox::Consumer::builder(db.clone())
+        .destination(destination)
+        .queue(queue)
+        .in_flight(in_flight)
+        .config(settings.config.clone());
+    if let Some(prefetch) = args.prefetch {
+        builder = builder.prefetch(prefetch);
+    }
+    let baseline = outbox::Received::find().count(&db).await? as usize;
+    let started = Instant::now();
+    let consumer = builder.start(|payload: outbox::Payload| async move {
+        let n = payload.body()["id"].as_i64().unwrap_or(0);
+        item::ActiveModel {
+            name: Set(format!("order {n}")),
+            amount: Set(n),
+            ..Default::default()
+        }
+        .insert(payload.db())
+        .await?;
+        payload.save();
+        Ok::<_, sea_orm::DbErr>(())
+    })?;
+    loop {
+        let done = outbox::Received::find().count(&db).await? as usize - baseline;
+        if done >= n {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(600) {
+            return Err(format!("only {done} of {n} consumed in 600 s").into());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let elapsed = started.elapsed();
+    consumer.stop().await?;
+    println!("rate {}", rate(n, elapsed));
+    println!("rss_mb {}", peak_rss_mb());
+    Ok(())
+}
+
+/// Queues `n` messages on a fresh destination whose consumer queues are declared first.
+async fn fill_queue(settings: &Settings, n: usize) -> Result<(String, String), BoxError> {
+    let key = format!("outbox_bench_{}", uuid::Uuid::new_v4().simple());
+    let destination = format!("/topic/{key}");
+    let transport = StompTransport::new(&settings.config)?;
+    outbox::declare(&transport, &settings.config, &destination, Some(&key)).await?;
+    let messages: Vec<Outgoing> = (0..n).map(|i| bench_message(&destination, i)).collect();
+    for chunk in messages.chunks(settings.config.published_chunk_size as usize) {
+        if let Some(err) = transport.send(chunk).await.failure {
+            return Err(err.into());
+        }
+    }
+    transport.disconnect().await?;
+    Ok((destination, key))
+}
+
+/// Deletes the benchmark's durable queues (RabbitMQ's STOMP cannot: this asks `rabbitmqctl`).
+fn delete_queues(queue: &str) {
+    for name in [queue.to_owned(), format!("DLQ.{queue}")] {
+        let deleted = std::process::Command::new("rabbitmqctl")
+            .args(["--quiet", "delete_queue", &name])
+            .output()
+            .map(|out| out.status.success())
+            .unwrap_or(false);
+        if !deleted {
+            progress(&format!("could not delete queue {name}: delete it by hand"));
+        }
+    }
+}
+
+/// Consumer throughput: `n` queued messages consumed with the README callback until `n` inbox
+/// rows exist, with settings for throughput and then at the defaults.
+pub async fn consume(settings: &Settings, n: usize) -> Result<(), BoxError> {
+    const PREFETCH: u32 = 200;
+    const IN_FLIGHT: usize = 8;
+    let scratch = Scratch::create(&settings.database_url, 2).await?;
+
+    let (destination, queue) = fill_queue(settings, n).await?;
+    progress(&format!(
+        "consume: {n} messages, prefetch {PREFETCH}, {IN_FLIGHT} in flight"
+    ));
+    let figures = run_worker(
+        "consume-worker",
+        n,
+        &WorkerArgs {
+            database_url: Some(scratch.url.clone()),
+            destination: Some(destination),
+            queue: Some(queue.clone()),
+            prefetch: Some(PREFETCH),
+            in_flight: Some(IN_FLIGHT),
+        },
+    )
+    .await;
+    delete_queues(&queue);
+    let figures = figures?;
+    print_as(&figures, "rate", "consume.rate", "msgs/s")?;
+    figure("consume.prefetch", f64::from(PREFETCH), "messages");
+    figure("consume.in_flight", IN_FLIGHT as f64, "callbacks");
+    print_as(&figures, "rss_mb", "consume.rss_mb", "MB")?;
+
+    // At the defaults: one message at a time. Fewer messages: it is slower by design.
+    let m = n.clamp(1, 2000);
+    let (destination, queue) = fill_queue(settings, m).await?;
+    progress(&format!("consume: {m} messages at the defaults"));
+    let figures = run_worker(
+        "consume-worker",
+        m,
+        &WorkerArgs {
+            database_url: Some(scratch.url.clone()),
+            destination: Some(destination),
+            queue: Some(queue.clone()),
+            ..WorkerArgs::default()
+        },
+    )
+    .await;
+    delete_queues(&queue);
+    let figures = figures?;
+    print_as(&figures, "rate", "consume.rate_default", "msgs/s")?;
+    scratch.drop().await;
+    Ok(())
 }
