@@ -135,7 +135,8 @@ impl ProducerHandle {
     }
 }
 
-/// The relay. See the [module documentation](self).
+/// The relay: claims due outbox rows, sends them with receipts, and records what became of each.
+/// Several may share a database. See [`run_producer`] and [`ProducerBuilder`].
 pub struct Producer {
     db: DatabaseConnection,
     transport: Arc<dyn Transport>,
@@ -184,6 +185,7 @@ impl Producer {
         let listener = self.listen_postgres();
         let mut backoff = Backoff::new(self.config.maximum_backoff);
         let mut last_expiry_check: Option<Instant> = None;
+        let mut pending_sampler = crate::metrics::PendingSampler::default();
         tracing::info!(batch = self.config.published_chunk_size, "relay started");
         loop {
             if futures::poll!(shutdown.as_mut()).is_ready() {
@@ -194,6 +196,7 @@ impl Producer {
                 last_expiry_check = Some(Instant::now());
                 self.housekeeping().await;
             }
+            pending_sampler.sample_if_due(&self.db).await;
             if let Err(err) = self.transport.connect().await {
                 let pause = backoff.next_pause();
                 tracing::warn!(error = %err, retry_in = ?pause, "broker unreachable; rows stay scheduled");
@@ -281,6 +284,7 @@ impl Producer {
         let span =
             tracing::info_span!("outbox.batch", size = claim.rows.len(), token = %claim.token);
         let report = self.settle(claim).instrument(span.clone()).await?;
+        crate::metrics::batch_relayed(report.claimed, started.elapsed());
         span.in_scope(|| {
             tracing::info!(
                 sent = report.sent,
@@ -357,6 +361,7 @@ impl Producer {
         for row in rows {
             tracing::debug!(message_id = %row.id, destination = %row.destination, "message receipted");
         }
+        crate::metrics::sent(rows);
         let ids: Vec<Uuid> = rows.iter().map(|row| row.id).collect();
         let marked = store::mark_sent(&self.db, &ids, token).await? as usize;
         if marked < rows.len() {
@@ -376,6 +381,7 @@ impl Producer {
         why: &TransportError,
     ) -> Result<usize, Error> {
         tracing::warn!(rows = rows.len(), error = %why, "broker connection failed; rows given back without spending a retry");
+        crate::metrics::released(rows.len());
         let ids: Vec<Uuid> = rows.iter().map(|row| row.id).collect();
         store::release(&self.db, &ids, token).await?;
         Ok(rows.len())
@@ -409,6 +415,7 @@ impl Producer {
             ),
         }
         store::record_refusal(&self.db, row, token, &decision, &reason).await?;
+        crate::metrics::refused(&row.destination, decision == store::Refusal::Failed);
         Ok(())
     }
 
@@ -417,10 +424,13 @@ impl Producer {
     async fn housekeeping(&self) {
         match store::expire(&self.db).await {
             Ok(0) => {}
-            Ok(expired) => tracing::error!(
-                expired,
-                "outbox rows expired before they could be sent; marked FAILED (see last_error)"
-            ),
+            Ok(expired) => {
+                crate::metrics::expired(expired);
+                tracing::error!(
+                    expired,
+                    "outbox rows expired before they could be sent; marked FAILED (see last_error)"
+                )
+            }
             Err(err) => tracing::warn!(error = %err, "expiring old rows failed"),
         }
         match store::take_cleanup_turn(&self.db, self.config.remove_data_cache_ttl).await {

@@ -1,17 +1,42 @@
 //! `outbox`: run the relay and operate the outbox without writing code.
 //!
 //! Reads `DATABASE_URL` and the `OUTBOX_*` settings. Logs go to stderr; `RUST_LOG` sets the level
-//! (default `info`).
+//! (default `info` for `publish`, `warn` for the other commands, whose output is on stdout).
 
 use std::process::ExitCode;
+use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use chrono::SecondsFormat;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use outbox::ops::{self, DeadLetter, Purge, PurgeStatus, Retry, StatusReport};
+use outbox::transport::{StompTransport, TransportError};
+use outbox::{Error, OutboxConfig};
+use sea_orm::DatabaseConnection;
+use uuid::Uuid;
+
+const LONG_ABOUT: &str = "\
+The transactional outbox: run the relay, and operate the outbox and the consumers' dead-letter \
+queues without writing SQL.
+
+Settings come from the environment: DATABASE_URL (or --database-url) for the commands that use \
+the database (publish, status, retry, purge), and the OUTBOX_* variables (OUTBOX_STOMP_HOST_AND_PORTS, \
+OUTBOX_STOMP_USERNAME, ...) for those that use the broker (publish, dlq, declare). Logs go to \
+stderr (RUST_LOG sets the level); results go to stdout.
+
+Durations (--older-than) are a number and a unit: 90s, 15m, 12h, 30d, 2w, or several at once: 1d12h.
+
+Exit codes:
+  0  success (including a dry run, or nothing to do)
+  1  operational failure: the database or the broker failed or refused an operation
+  2  usage or configuration error: a bad argument, a missing or malformed DATABASE_URL, an
+     invalid OUTBOX_* setting, unreadable TLS files, a login or vhost the broker refuses";
 
 #[derive(Parser)]
 #[command(
     name = "outbox",
     version,
-    about = "The transactional outbox: relay and operations"
+    about = "The transactional outbox: relay and operations",
+    long_about = LONG_ABOUT
 )]
 struct Cli {
     /// The database holding the outbox tables.
@@ -26,53 +51,590 @@ struct Cli {
 enum Command {
     /// Run the relay: send scheduled outbox rows to the broker until SIGTERM or SIGINT.
     Publish,
+    /// Show what the outbox holds: rows per status and destination, failures, inbox rows.
+    ///
+    /// Rows per status and destination, the age of the oldest unsent row (how far behind the
+    /// relay is), the latest FAILED rows with their last_error, and the inbox rows per queue.
+    Status(StatusArgs),
+    /// Put FAILED rows back to be sent.
+    ///
+    /// Each matching FAILED row gets status SCHEDULE, its attempts reset to 0, no retry pause,
+    /// and a new lifetime of OUTBOX_DAYS_TO_KEEP_DATA days (so that an expired row is not expired
+    /// again at once). Its last_error is kept until the relay sends it (which clears it) or
+    /// fails it again (which replaces it). A running relay sends the rows at its next poll (on
+    /// PostgreSQL at once: it is notified). Prints how many rows were rescheduled.
+    Retry(RetryArgs),
+    /// Delete sent or failed rows, in batches.
+    ///
+    /// Deletes the rows of one status (sent rows by default), optionally only those written
+    /// longer ago than --older-than, a thousand rows per statement. Rows waiting to be sent are
+    /// never deleted, unless `--status scheduled --force`. Prints how many rows were deleted.
+    Purge(PurgeArgs),
+    /// Inspect and replay a consumer's dead-letter queue (DLQ.<queue>).
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+    /// Create a consumer's queue and dead-letter queue ahead of the consumer.
+    ///
+    /// Declares <queue> bound to <destination>, and DLQ.<queue>, with the headers the consumer
+    /// (and django-outbox-pattern) declare them with, without consuming. Run it before anything
+    /// is published to a topic: the broker drops the messages sent to a topic before a queue is
+    /// bound to it.
+    Declare(DeclareArgs),
 }
 
-/// Exit code of a run that could not start: bad settings, no database.
-const EXIT_CONFIG: u8 = 2;
+#[derive(Args)]
+struct StatusArgs {
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    json: bool,
+    /// How many of the latest FAILED rows to show.
+    #[arg(long, default_value_t = 10, value_name = "N")]
+    failed: u64,
+}
+
+#[derive(Args)]
+struct RetryArgs {
+    /// Only rows of this destination (with its version suffix, as `status` shows it).
+    #[arg(long, value_name = "DESTINATION")]
+    destination: Option<String>,
+    /// Only this row (message id); repeat for several.
+    #[arg(long = "id", value_name = "UUID")]
+    ids: Vec<Uuid>,
+    /// Only rows written longer ago than this (90s, 15m, 12h, 30d).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    older_than: Option<Duration>,
+    /// Count the rows that would be rescheduled; change nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum PurgeStatusArg {
+    /// Sent rows (SUCCEEDED).
+    Sent,
+    /// Given-up rows (FAILED).
+    Failed,
+    /// Sent and failed rows.
+    AllSentAndFailed,
+    /// Rows waiting to be sent (SCHEDULE): their messages are lost. Needs --force.
+    Scheduled,
+}
+
+impl From<PurgeStatusArg> for PurgeStatus {
+    fn from(arg: PurgeStatusArg) -> Self {
+        match arg {
+            PurgeStatusArg::Sent => PurgeStatus::Sent,
+            PurgeStatusArg::Failed => PurgeStatus::Failed,
+            PurgeStatusArg::AllSentAndFailed => PurgeStatus::SentAndFailed,
+            PurgeStatusArg::Scheduled => PurgeStatus::Scheduled,
+        }
+    }
+}
+
+#[derive(Args)]
+struct PurgeArgs {
+    /// Which rows to delete.
+    #[arg(long, value_enum, default_value_t = PurgeStatusArg::Sent)]
+    status: PurgeStatusArg,
+    /// Only rows written longer ago than this (90s, 15m, 12h, 30d).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    older_than: Option<Duration>,
+    /// Count the rows that would be deleted; delete nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Required by --status scheduled: deleting unsent rows loses their messages.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// Show the messages of DLQ.<queue>, leaving them there.
+    ///
+    /// Shows each message's headers, the death reason among them (x-first-death-reason,
+    /// x-first-death-queue, ...), and its body. Nothing is acknowledged: the broker puts the
+    /// messages back in the dead-letter queue when this disconnects.
+    List(DlqListArgs),
+    /// Move the messages of DLQ.<queue> back to <queue>.
+    ///
+    /// Each message is sent to /amq/queue/<queue> with its original headers (the broker's own
+    /// removed) and removed from the dead-letter queue only once the broker confirmed the copy:
+    /// an interruption leaves a message in both queues at worst, and the consumer's inbox
+    /// recognises the second copy. Fails before moving anything if <queue> does not exist.
+    /// Stops at a message dead-lettered again during the replay. Prints how many were moved.
+    Replay(DlqReplayArgs),
+}
+
+#[derive(Args)]
+struct DlqListArgs {
+    /// The consumer's queue (not the DLQ. name).
+    queue: String,
+    /// The most messages to show.
+    #[arg(long, default_value_t = 20, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    limit: u16,
+    /// Print JSON: an array of {headers, body}.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct DlqReplayArgs {
+    /// The consumer's queue (not the DLQ. name).
+    queue: String,
+    /// The most messages to move (default: all).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    limit: Option<u16>,
+}
+
+#[derive(Args)]
+struct DeclareArgs {
+    /// The destination the consumer will read (/topic/orders.v1).
+    destination: String,
+    /// Its queue (default: the destination's last `/` segment).
+    queue: Option<String>,
+}
+
+/// Exit code of an operation that failed: the database or the broker failed or refused.
+const EXIT_FAILURE: u8 = 1;
+/// Exit code of a run that could not start: bad arguments or settings.
+const EXIT_USAGE: u8 = 2;
+
+/// How a command failed, and so the exit code.
+enum Failure {
+    Usage(String),
+    Operation(String),
+}
+
+impl From<Error> for Failure {
+    fn from(err: Error) -> Self {
+        match err {
+            Error::Config { .. } => Failure::Usage(err.to_string()),
+            Error::Transport(TransportError::Broker { ref message, .. })
+                if message.eq_ignore_ascii_case("not_found") =>
+            {
+                Failure::Operation(format!(
+                    "{err} (does the queue exist? `outbox declare <destination> <queue>` creates a consumer's queues)"
+                ))
+            }
+            // Unusable TLS files, a refused login or vhost: the settings must change.
+            Error::Transport(TransportError::Tls(_) | TransportError::Refused { .. }) => {
+                Failure::Usage(err.to_string())
+            }
+            other => Failure::Operation(other.to_string()),
+        }
+    }
+}
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_level = match cli.command {
+        Command::Publish => "info",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
-    let Some(url) = cli.database_url else {
-        eprintln!("outbox: DATABASE_URL is not set (or pass --database-url)");
-        return ExitCode::from(EXIT_CONFIG);
-    };
-    let config = match outbox::OutboxConfig::from_env() {
-        Ok(config) => config,
-        Err(err) => {
-            eprintln!("outbox: {err}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
-    let db = match sea_orm::Database::connect(url.as_str()).await {
-        Ok(db) => db,
-        Err(err) => {
-            eprintln!("outbox: cannot connect to the database: {err}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
-    let result = match cli.command {
-        Command::Publish => match outbox::Producer::builder(db).config(config).build() {
-            Ok(producer) => producer.run_until(outbox::shutdown_signal()).await,
-            Err(err) => {
-                eprintln!("outbox: {err}");
-                return ExitCode::from(EXIT_CONFIG);
-            }
-        },
-    };
-    match result {
+    match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("outbox: {err}");
-            ExitCode::FAILURE
+        Err(Failure::Usage(message)) => {
+            eprintln!("outbox: {message}");
+            ExitCode::from(EXIT_USAGE)
         }
+        Err(Failure::Operation(message)) => {
+            eprintln!("outbox: {message}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let config = OutboxConfig::from_env()?;
+    let url = cli.database_url;
+    match cli.command {
+        Command::Publish => {
+            let db = connect(url, None).await?;
+            let producer = outbox::Producer::builder(db).config(config).build()?;
+            Ok(producer.run_until(outbox::shutdown_signal()).await?)
+        }
+        Command::Status(args) => {
+            let db = connect(url, Some(OPERATION_POOL)).await?;
+            let report = ops::status(&db, args.failed).await?;
+            if args.json {
+                let json = serde_json::to_string_pretty(&report)
+                    .map_err(|e| Failure::Operation(format!("cannot encode the report: {e}")))?;
+                println!("{json}");
+            } else {
+                print_status(&report);
+            }
+            Ok(())
+        }
+        Command::Retry(args) => {
+            let db = connect(url, Some(OPERATION_POOL)).await?;
+            let mut retry = Retry::new().config(&config).ids(args.ids);
+            if let Some(destination) = args.destination {
+                retry = retry.destination(destination);
+            }
+            if let Some(age) = args.older_than {
+                retry = retry.older_than(age);
+            }
+            if args.dry_run {
+                let rows = retry.count(&db).await?;
+                println!("dry run: {rows} FAILED rows would be rescheduled");
+            } else {
+                let rows = retry.run(&db).await?;
+                println!("{rows} FAILED rows rescheduled");
+            }
+            Ok(())
+        }
+        Command::Purge(args) => {
+            let status = PurgeStatus::from(args.status);
+            if args.status == PurgeStatusArg::Scheduled && !args.force {
+                return Err(Failure::Usage(
+                    "--status scheduled deletes rows whose messages were never sent: add --force to mean it".into(),
+                ));
+            }
+            if args.force && args.status != PurgeStatusArg::Scheduled {
+                return Err(Failure::Usage(
+                    "--force only applies to --status scheduled".into(),
+                ));
+            }
+            let db = connect(url, Some(OPERATION_POOL)).await?;
+            let mut purge = Purge::new(status);
+            if args.force {
+                purge = purge.force();
+            }
+            if let Some(age) = args.older_than {
+                purge = purge.older_than(age);
+            }
+            let age = args
+                .older_than
+                .map(|age| format!(", older than {}", format_age(age.as_secs())))
+                .unwrap_or_default();
+            if args.dry_run {
+                let rows = purge.count(&db).await?;
+                println!("dry run: {rows} rows would be deleted (status {status}{age})");
+            } else {
+                let rows = purge.run(&db).await?;
+                println!("{rows} rows deleted (status {status}{age})");
+            }
+            Ok(())
+        }
+        Command::Dlq(DlqCommand::List(args)) => {
+            let broker = StompTransport::new(&config).map_err(Error::from)?;
+            let found = ops::dlq_list(&broker, &args.queue, usize::from(args.limit)).await?;
+            if args.json {
+                let json: Vec<serde_json::Value> = found.iter().map(dead_letter_json).collect();
+                let json = serde_json::to_string_pretty(&json)
+                    .map_err(|e| Failure::Operation(format!("cannot encode the messages: {e}")))?;
+                println!("{json}");
+            } else {
+                print_dead_letters(&args.queue, &found, args.limit);
+            }
+            Ok(())
+        }
+        Command::Dlq(DlqCommand::Replay(args)) => {
+            let broker = StompTransport::new(&config).map_err(Error::from)?;
+            let limit = args.limit.map(usize::from);
+            let report = ops::dlq_replay(&broker, &args.queue, limit).await?;
+            println!(
+                "{} messages moved from DLQ.{} back to {}",
+                report.replayed, args.queue, args.queue
+            );
+            if report.stopped_at_repeat {
+                println!(
+                    "stopped at a message replayed earlier in this run and dead-lettered again: it stays in DLQ.{}",
+                    args.queue
+                );
+            }
+            Ok(())
+        }
+        Command::Declare(args) => {
+            let broker = StompTransport::new(&config).map_err(Error::from)?;
+            let topology =
+                outbox::Topology::new(&config, &args.destination, args.queue.as_deref())?;
+            topology.declare(&broker).await?;
+            println!(
+                "declared {} (bound to {}) and its dead-letter queue {}",
+                topology.queue(),
+                topology.destination(),
+                topology.dead_letter_queue()
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Connections an operation command needs: it runs one statement at a time.
+const OPERATION_POOL: u32 = 2;
+
+/// Connects to the database, with at most `pool` connections (default: SeaORM's, for the
+/// relay). A malformed URL is a usage error, an unreachable server an operational one.
+async fn connect(url: Option<String>, pool: Option<u32>) -> Result<DatabaseConnection, Failure> {
+    let Some(url) = url else {
+        return Err(Failure::Usage(
+            "DATABASE_URL is not set (or pass --database-url)".into(),
+        ));
+    };
+    let mut options = sea_orm::ConnectOptions::new(url);
+    options
+        .connect_timeout(Duration::from_secs(10))
+        .sqlx_logging(false);
+    if let Some(pool) = pool {
+        options.max_connections(pool);
+    }
+    sea_orm::Database::connect(options).await.map_err(|err| {
+        let message = format!("cannot connect to the database: {err}");
+        if is_configuration(&err) {
+            Failure::Usage(message)
+        } else {
+            Failure::Operation(message)
+        }
+    })
+}
+
+fn is_configuration(err: &sea_orm::DbErr) -> bool {
+    use sea_orm::{DbErr, RuntimeErr, sqlx};
+    match err {
+        DbErr::Conn(RuntimeErr::SqlxError(err)) => {
+            matches!(err.as_ref(), sqlx::Error::Configuration(_))
+        }
+        DbErr::Conn(RuntimeErr::Internal(_)) => true,
+        _ => false,
+    }
+}
+
+/// Parses `90s`, `15m`, `12h`, `30d`, `2w`, or several at once (`1d12h`).
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Err("empty duration: give a number and a unit, like 30d, 12h, 15m or 90s".into());
+    }
+    let mut total: u64 = 0;
+    let mut rest = text;
+    while !rest.is_empty() {
+        let digits = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+        if digits == 0 {
+            return Err(format!("`{text}`: expected a number before `{rest}`"));
+        }
+        let number: u64 = rest[..digits]
+            .parse()
+            .map_err(|_| format!("`{text}`: the number is too large"))?;
+        rest = &rest[digits..];
+        let unit_len = rest.len()
+            - rest
+                .trim_start_matches(|c: char| c.is_ascii_alphabetic())
+                .len();
+        let seconds_per = match &rest[..unit_len] {
+            "s" => 1,
+            "m" => 60,
+            "h" => 3600,
+            "d" => 86_400,
+            "w" => 7 * 86_400,
+            "" => {
+                return Err(format!(
+                    "`{text}`: missing unit after {number} (s, m, h, d or w)"
+                ));
+            }
+            other => {
+                return Err(format!(
+                    "`{text}`: unknown unit `{other}` (s, m, h, d or w)"
+                ));
+            }
+        };
+        rest = &rest[unit_len..];
+        total = number
+            .checked_mul(seconds_per)
+            .and_then(|seconds| total.checked_add(seconds))
+            .ok_or_else(|| format!("`{text}` is too long"))?;
+    }
+    Ok(Duration::from_secs(total))
+}
+
+/// `3d 4h`, `12m 5s`, `45s`: the largest unit, and the next one when it is not zero.
+fn format_age(seconds: u64) -> String {
+    const UNITS: [(&str, u64); 5] = [
+        ("w", 604_800),
+        ("d", 86_400),
+        ("h", 3600),
+        ("m", 60),
+        ("s", 1),
+    ];
+    let first = UNITS
+        .iter()
+        .position(|(_, size)| seconds >= *size)
+        .unwrap_or(UNITS.len() - 1);
+    let (name, size) = UNITS[first];
+    let mut text = format!("{}{name}", seconds / size);
+    if let Some((next, next_size)) = UNITS.get(first + 1) {
+        let rest = (seconds % size) / next_size;
+        if rest > 0 {
+            text.push_str(&format!(" {rest}{next}"));
+        }
+    }
+    text
+}
+
+fn age(seconds: Option<i64>) -> String {
+    seconds
+        .map(|s| format_age(u64::try_from(s).unwrap_or(0)))
+        .unwrap_or_else(|| "-".into())
+}
+
+fn print_status(report: &StatusReport) {
+    println!(
+        "outbox status at {}",
+        report.at.to_rfc3339_opts(SecondsFormat::Secs, true)
+    );
+    println!();
+    let width = report
+        .destinations
+        .iter()
+        .map(|d| d.destination.chars().count())
+        .max()
+        .unwrap_or(0)
+        .max("destination".len());
+    println!(
+        "{:<width$}  {:>10}  {:>10}  {:>8}  oldest pending",
+        "destination", "scheduled", "succeeded", "failed"
+    );
+    for d in &report.destinations {
+        println!(
+            "{:<width$}  {:>10}  {:>10}  {:>8}  {}",
+            d.destination,
+            d.counts.scheduled,
+            d.counts.succeeded,
+            d.counts.failed,
+            age(d.oldest_pending_age_seconds)
+        );
+    }
+    println!(
+        "{:<width$}  {:>10}  {:>10}  {:>8}  {}",
+        "total",
+        report.totals.scheduled,
+        report.totals.succeeded,
+        report.totals.failed,
+        age(report.oldest_pending_age_seconds)
+    );
+    println!();
+    if report.latest_failed.is_empty() {
+        println!("no FAILED rows");
+    } else {
+        println!(
+            "latest FAILED rows ({} of {}):",
+            report.latest_failed.len(),
+            report.totals.failed
+        );
+        for row in &report.latest_failed {
+            println!(
+                "  {}  {}  added {}  attempts {}",
+                row.id,
+                row.destination,
+                row.added.to_rfc3339_opts(SecondsFormat::Secs, true),
+                row.retry
+            );
+            println!(
+                "      {}",
+                row.last_error.as_deref().unwrap_or("(no reason recorded)")
+            );
+        }
+    }
+    println!();
+    println!("inbox (received): {} rows", report.received.total);
+    for queue in &report.received.queues {
+        println!("  {}  {}", queue.queue, queue.rows);
+    }
+}
+
+/// The headers an operator looks at first, in this order.
+const KEY_HEADERS: &[&str] = &[
+    "x-first-death-reason",
+    "x-first-death-queue",
+    "x-first-death-exchange",
+    "dop-msg-id",
+    "dop-msg-destination",
+    "dop-msg-sent-time",
+    "dop-correlation-id",
+];
+
+fn print_dead_letters(queue: &str, found: &[DeadLetter], limit: u16) {
+    let more = if found.len() == usize::from(limit) {
+        " (the limit: there may be more)"
+    } else {
+        ""
+    };
+    println!(
+        "DLQ.{queue}: {} messages shown{more}; they stay in the queue",
+        found.len()
+    );
+    for (n, dead) in found.iter().enumerate() {
+        println!();
+        println!("#{}", n + 1);
+        for name in KEY_HEADERS {
+            if let Some(value) = dead.header(name) {
+                println!("  {name}: {value}");
+            }
+        }
+        for (name, value) in dead.original_headers() {
+            if !KEY_HEADERS.contains(&name.as_str()) {
+                println!("  {name}: {value}");
+            }
+        }
+        let body = String::from_utf8_lossy(&dead.body);
+        let shown: String = body.chars().take(500).collect();
+        let cut = if shown.len() < body.len() { " ..." } else { "" };
+        println!("  body: {shown}{cut}");
+    }
+}
+
+fn dead_letter_json(dead: &DeadLetter) -> serde_json::Value {
+    let mut headers = serde_json::Map::new();
+    for (name, value) in &dead.headers {
+        // STOMP: the first occurrence of a header wins.
+        headers
+            .entry(name.clone())
+            .or_insert_with(|| serde_json::Value::String(value.clone()));
+    }
+    let body = serde_json::from_slice(&dead.body).unwrap_or_else(|_| {
+        serde_json::Value::String(String::from_utf8_lossy(&dead.body).into_owned())
+    });
+    serde_json::json!({ "headers": headers, "body": body })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_take_a_unit_and_may_be_combined() {
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("15m"), Ok(Duration::from_secs(900)));
+        assert_eq!(parse_duration("12h"), Ok(Duration::from_secs(43_200)));
+        assert_eq!(parse_duration("30d"), Ok(Duration::from_secs(2_592_000)));
+        assert_eq!(parse_duration("1w"), Ok(Duration::from_secs(604_800)));
+        assert_eq!(parse_duration("1d12h"), Ok(Duration::from_secs(129_600)));
+        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
+        for bad in ["", "30", "d", "3x", "1.5h", "-1d", "99999999999999999999d"] {
+            assert!(parse_duration(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn ages_show_their_two_largest_units() {
+        assert_eq!(format_age(0), "0s");
+        assert_eq!(format_age(45), "45s");
+        assert_eq!(format_age(725), "12m 5s");
+        assert_eq!(format_age(3600), "1h");
+        assert_eq!(format_age(3 * 86_400 + 4 * 3600 + 5), "3d 4h");
+    }
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
     }
 }

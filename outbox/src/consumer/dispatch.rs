@@ -76,14 +76,19 @@ impl Dispatcher {
         let mut retries = 0;
         loop {
             let failure = match self.attempt(message).await {
-                Attempt::Committed => return Verdict::Ack,
+                Attempt::Committed => {
+                    crate::metrics::consumed(&self.queue, crate::metrics::Outcome::Acked);
+                    return Verdict::Ack;
+                }
                 Attempt::Duplicate => {
+                    crate::metrics::consumed(&self.queue, crate::metrics::Outcome::Duplicate);
                     tracing::info!(
                         "message already processed on this queue; acknowledged without calling the callback"
                     );
                     return Verdict::Ack;
                 }
                 Attempt::Nacked => {
+                    crate::metrics::consumed(&self.queue, crate::metrics::Outcome::Nacked);
                     tracing::info!(
                         "the callback nacked the message; rolled back, dead-lettering it"
                     );
@@ -92,10 +97,12 @@ impl Dispatcher {
                 Attempt::Failed(failure) => failure,
             };
             if !failure.is_transient() {
+                crate::metrics::consumed(&self.queue, crate::metrics::Outcome::DeadLettered);
                 tracing::error!(error = %failure, "processing failed; rolled back, dead-lettering the message");
                 return Verdict::Nack;
             }
             if retries >= self.max_retries {
+                crate::metrics::consumed(&self.queue, crate::metrics::Outcome::DeadLettered);
                 tracing::error!(
                     error = %failure,
                     retries,
@@ -104,6 +111,7 @@ impl Dispatcher {
                 return Verdict::Nack;
             }
             retries += 1;
+            crate::metrics::consumed(&self.queue, crate::metrics::Outcome::Retried);
             let wait = self.retry_wait * retries;
             tracing::warn!(
                 error = %failure,
@@ -133,7 +141,9 @@ impl Dispatcher {
         let txn = Arc::new(txn);
         let decision = Arc::new(Decision::default());
         let payload = Payload::new(message.clone(), txn.clone(), decision.clone());
+        let started = std::time::Instant::now();
         let outcome = self.call(payload, message).await;
+        crate::metrics::callback_finished(&self.queue, started.elapsed());
         // The payload went with the callback's future; if it is still held elsewhere the
         // transaction cannot be ended here (it rolls back when the last holder drops it).
         let Ok(txn) = Arc::try_unwrap(txn) else {

@@ -1,0 +1,247 @@
+//! Metrics, through the [`metrics`](https://docs.rs/metrics) facade: the relay and the consumer
+//! record them, and they go wherever the service's recorder sends them (Prometheus,
+//! StatsD, ...). Without a recorder installed they cost next to nothing and go nowhere: the
+//! library installs none itself.
+//!
+//! Labels are few and bounded: the destination of a relayed message (its version suffix
+//! included), the queue of a consumer, and the outcome of a consumed message. Never an id.
+//!
+//! | name | type | labels | meaning |
+//! | --- | --- | --- | --- |
+//! | `outbox_messages_sent_total` | counter | `destination` | messages the broker receipted (the relay then marks their rows SUCCEEDED) |
+//! | `outbox_messages_refused_total` | counter | `destination` | sends the broker refused; each spends one of the row's attempts (= retried + failed) |
+//! | `outbox_messages_retried_total` | counter | `destination` | refused messages scheduled for another attempt |
+//! | `outbox_messages_failed_total` | counter | `destination` | refused messages whose last attempt this was: their rows are now FAILED |
+//! | `outbox_messages_expired_total` | counter | | rows marked FAILED because they were not sent before their `expires_at` |
+//! | `outbox_messages_released_total` | counter | | claimed rows given back unsent because the broker connection failed (no attempt spent) |
+//! | `outbox_relay_batch_size` | histogram | | rows claimed per relay batch |
+//! | `outbox_relay_batch_duration_seconds` | histogram | | time to claim, send and settle one batch |
+//! | `outbox_pending_messages` | gauge | | rows waiting to be sent (status SCHEDULE), sampled by each relay every 10 s |
+//! | `outbox_oldest_pending_age_seconds` | gauge | | age of the oldest row waiting to be sent (0 when none), sampled with the above |
+//! | `outbox_consumer_messages_total` | counter | `queue`, `outcome` | consumed messages by outcome: `acked`, `duplicate` (already in the inbox: acked without running the callback), `nacked` (the callback called `nack()`), `dead_lettered` (the callback failed or panicked, or its transient failures outlasted the retries), and `retried` (not a final outcome: one per further attempt after a transient failure) |
+//! | `outbox_consumer_callback_duration_seconds` | histogram | `queue` | time the callback took, per attempt |
+//!
+//! The pending gauges describe the whole table, not one relay: with several relays, aggregate
+//! them with `max`, not `sum`.
+//!
+//! Install a recorder at the start of the service (with metrics-exporter-prometheus:
+//! `PrometheusBuilder::new().install()?`), then let [`describe`] give it each metric's help text
+//! and unit:
+//!
+//! ```no_run
+//! // After installing the recorder:
+//! outbox::metrics::describe();
+//! ```
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use ::metrics::{
+    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
+use sea_orm::DatabaseConnection;
+
+use crate::published::Model as Row;
+
+/// Messages the broker receipted.
+pub const MESSAGES_SENT: &str = "outbox_messages_sent_total";
+/// Sends the broker refused.
+pub const MESSAGES_REFUSED: &str = "outbox_messages_refused_total";
+/// Refused messages scheduled for another attempt.
+pub const MESSAGES_RETRIED: &str = "outbox_messages_retried_total";
+/// Refused messages marked FAILED after their last attempt.
+pub const MESSAGES_FAILED: &str = "outbox_messages_failed_total";
+/// Rows marked FAILED because they expired unsent.
+pub const MESSAGES_EXPIRED: &str = "outbox_messages_expired_total";
+/// Claimed rows given back after a broker connection failure.
+pub const MESSAGES_RELEASED: &str = "outbox_messages_released_total";
+/// Rows per relay batch.
+pub const RELAY_BATCH_SIZE: &str = "outbox_relay_batch_size";
+/// Seconds per relay batch.
+pub const RELAY_BATCH_DURATION: &str = "outbox_relay_batch_duration_seconds";
+/// Rows waiting to be sent.
+pub const PENDING_MESSAGES: &str = "outbox_pending_messages";
+/// Age of the oldest row waiting to be sent, in seconds.
+pub const OLDEST_PENDING_AGE: &str = "outbox_oldest_pending_age_seconds";
+/// Consumed messages by outcome.
+pub const CONSUMER_MESSAGES: &str = "outbox_consumer_messages_total";
+/// Seconds per callback attempt.
+pub const CONSUMER_CALLBACK_DURATION: &str = "outbox_consumer_callback_duration_seconds";
+
+/// How often a relay samples the pending gauges.
+const PENDING_SAMPLE_EVERY: Duration = Duration::from_secs(10);
+
+/// Gives the installed recorder the help text and unit of every outbox metric. Call it once,
+/// after installing the recorder; recording works without it.
+pub fn describe() {
+    describe_counter!(
+        MESSAGES_SENT,
+        Unit::Count,
+        "Messages the broker receipted, by destination"
+    );
+    describe_counter!(
+        MESSAGES_REFUSED,
+        Unit::Count,
+        "Sends the broker refused (each spends an attempt), by destination"
+    );
+    describe_counter!(
+        MESSAGES_RETRIED,
+        Unit::Count,
+        "Refused messages scheduled for another attempt, by destination"
+    );
+    describe_counter!(
+        MESSAGES_FAILED,
+        Unit::Count,
+        "Refused messages marked FAILED after their last attempt, by destination"
+    );
+    describe_counter!(
+        MESSAGES_EXPIRED,
+        Unit::Count,
+        "Rows marked FAILED because they were not sent before expires_at"
+    );
+    describe_counter!(
+        MESSAGES_RELEASED,
+        Unit::Count,
+        "Claimed rows given back unsent because the broker connection failed"
+    );
+    describe_histogram!(
+        RELAY_BATCH_SIZE,
+        Unit::Count,
+        "Rows claimed per relay batch"
+    );
+    describe_histogram!(
+        RELAY_BATCH_DURATION,
+        Unit::Seconds,
+        "Time to claim, send and settle one relay batch"
+    );
+    describe_gauge!(
+        PENDING_MESSAGES,
+        Unit::Count,
+        "Rows waiting to be sent, sampled every 10 s"
+    );
+    describe_gauge!(
+        OLDEST_PENDING_AGE,
+        Unit::Seconds,
+        "Age of the oldest row waiting to be sent, sampled every 10 s"
+    );
+    describe_counter!(
+        CONSUMER_MESSAGES,
+        Unit::Count,
+        "Consumed messages by queue and outcome (acked, duplicate, nacked, dead_lettered, retried)"
+    );
+    describe_histogram!(
+        CONSUMER_CALLBACK_DURATION,
+        Unit::Seconds,
+        "Time the consumer callback took, per attempt"
+    );
+}
+
+/// Counts receipted rows, one increment per destination.
+pub(crate) fn sent(rows: &[Row]) {
+    let mut per_destination: BTreeMap<&str, u64> = BTreeMap::new();
+    for row in rows {
+        *per_destination.entry(row.destination.as_str()).or_default() += 1;
+    }
+    for (destination, count) in per_destination {
+        counter!(MESSAGES_SENT, "destination" => destination.to_owned()).increment(count);
+    }
+}
+
+/// Counts a refusal, and whether it was the row's last attempt.
+pub(crate) fn refused(destination: &str, given_up: bool) {
+    let label = destination.to_owned();
+    counter!(MESSAGES_REFUSED, "destination" => label.clone()).increment(1);
+    let outcome = if given_up {
+        MESSAGES_FAILED
+    } else {
+        MESSAGES_RETRIED
+    };
+    counter!(outcome, "destination" => label).increment(1);
+}
+
+/// Counts rows given back after a connection failure.
+pub(crate) fn released(rows: usize) {
+    counter!(MESSAGES_RELEASED).increment(rows as u64);
+}
+
+/// Counts rows that expired unsent.
+pub(crate) fn expired(rows: u64) {
+    counter!(MESSAGES_EXPIRED).increment(rows);
+}
+
+/// Records a relay batch: its size and how long it took.
+pub(crate) fn batch_relayed(claimed: usize, elapsed: Duration) {
+    histogram!(RELAY_BATCH_SIZE).record(claimed as f64);
+    histogram!(RELAY_BATCH_DURATION).record(elapsed.as_secs_f64());
+}
+
+/// Samples the pending gauges at most every 10 s; a relay keeps one and calls it every loop.
+#[derive(Debug, Default)]
+pub(crate) struct PendingSampler {
+    last: Option<Instant>,
+}
+
+impl PendingSampler {
+    /// Runs the sampling query if the last sample is 10 s old. A failure is logged: the gauges
+    /// keep their last values.
+    pub(crate) async fn sample_if_due(&mut self, db: &DatabaseConnection) {
+        if self
+            .last
+            .is_some_and(|at| at.elapsed() < PENDING_SAMPLE_EVERY)
+        {
+            return;
+        }
+        self.last = Some(Instant::now());
+        match crate::ops::pending(db).await {
+            Ok((rows, oldest)) => {
+                let age = oldest
+                    .map(|added| {
+                        (chrono::Utc::now() - added).num_milliseconds().max(0) as f64 / 1000.0
+                    })
+                    .unwrap_or(0.0);
+                gauge!(PENDING_MESSAGES).set(rows as f64);
+                gauge!(OLDEST_PENDING_AGE).set(age);
+            }
+            Err(err) => tracing::debug!(error = %err, "sampling the pending rows failed"),
+        }
+    }
+}
+
+/// What became of a consumed message (the `outcome` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// Processed and committed: acknowledged.
+    Acked,
+    /// Already in the inbox: acknowledged without running the callback.
+    Duplicate,
+    /// The callback called `nack()`: dead-lettered.
+    Nacked,
+    /// The callback failed (or its retries ran out): dead-lettered.
+    DeadLettered,
+    /// A transient failure: the callback runs again.
+    Retried,
+}
+
+impl Outcome {
+    fn label(self) -> &'static str {
+        match self {
+            Outcome::Acked => "acked",
+            Outcome::Duplicate => "duplicate",
+            Outcome::Nacked => "nacked",
+            Outcome::DeadLettered => "dead_lettered",
+            Outcome::Retried => "retried",
+        }
+    }
+}
+
+/// Counts a consumed message's outcome on `queue`.
+pub(crate) fn consumed(queue: &str, outcome: Outcome) {
+    counter!(CONSUMER_MESSAGES, "queue" => queue.to_owned(), "outcome" => outcome.label())
+        .increment(1);
+}
+
+/// Records how long one callback attempt took on `queue`.
+pub(crate) fn callback_finished(queue: &str, elapsed: Duration) {
+    histogram!(CONSUMER_CALLBACK_DURATION, "queue" => queue.to_owned())
+        .record(elapsed.as_secs_f64());
+}

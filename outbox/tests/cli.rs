@@ -1,0 +1,770 @@
+//! The `outbox` command line, run as an operator runs it (the built binary, `DATABASE_URL` and
+//! `OUTBOX_*` in its environment) against real databases and the real RabbitMQ: what each
+//! command reports, changes and leaves alone, and its exit codes.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use common::stomp_peer::{QueueCleanup, RABBITMQ_STOMP, StompPeer, queue_message_count, unique};
+use common::{Backend, TestDb};
+use outbox::published::{Column, Model as Row};
+use outbox::{Consumer, OutboxConfig, Payload, Published, Received, Status};
+use sea_orm::ActiveValue::Set;
+use sea_orm::sea_query::Expr;
+use sea_orm::{
+    ActiveEnum, ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, TransactionTrait,
+};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+/// What a run of the binary did.
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    #[track_caller]
+    fn ok(self) -> Run {
+        assert_eq!(
+            self.code, 0,
+            "exit code {}\nstdout: {}\nstderr: {}",
+            self.code, self.stdout, self.stderr
+        );
+        self
+    }
+}
+
+/// The `outbox` binary with the broker of the tests and, if given, `DATABASE_URL`.
+fn command(database_url: Option<&str>, args: &[&str]) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_outbox"));
+    command
+        .args(args)
+        .env_remove("DATABASE_URL")
+        .env("OUTBOX_STOMP_HOST_AND_PORTS", RABBITMQ_STOMP)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    if let Some(url) = database_url {
+        command.env("DATABASE_URL", url);
+    }
+    command
+}
+
+/// Runs `outbox <args>` to its end.
+async fn outbox(database_url: Option<&str>, args: &[&str]) -> Run {
+    let output = tokio::time::timeout(
+        Duration::from_secs(60),
+        command(database_url, args).output(),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("`outbox {}` did not end within 60 s", args.join(" ")))
+    .expect("run the outbox binary");
+    Run {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// The first whole number in `text`.
+fn first_number(text: &str) -> u64 {
+    text.split(|c: char| !c.is_ascii_digit())
+        .find(|part| !part.is_empty())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no number in {text:?}"))
+}
+
+async fn rows(db: &DatabaseConnection) -> Vec<Row> {
+    Published::find().all(db).await.expect("read the outbox")
+}
+
+async fn row(db: &DatabaseConnection, id: Uuid) -> Row {
+    Published::find_by_id(id)
+        .one(db)
+        .await
+        .expect("read a row")
+        .expect("the row exists")
+}
+
+/// Writes `count` rows for `destination`; returns their ids.
+async fn enqueue(db: &DatabaseConnection, destination: &str, count: usize) -> Vec<Uuid> {
+    let txn = db.begin().await.unwrap();
+    let messages = (0..count).map(|n| outbox::Message::from_json(destination, json!({ "n": n })));
+    let written = outbox::enqueue_all(&txn, messages).await.unwrap();
+    txn.commit().await.unwrap();
+    written.into_iter().map(|row| row.id).collect()
+}
+
+/// Sets the rows' status (FAILED ones with a reason and their attempts spent) and backdates
+/// them by `days`.
+async fn set(db: &DatabaseConnection, ids: &[Uuid], status: Status, days: i64) {
+    let added = Utc::now() - chrono::Duration::days(days);
+    let mut update = Published::update_many()
+        .col_expr(Column::Status, Expr::value(status.to_value()))
+        .col_expr(Column::Added, Expr::value(added))
+        .filter(Column::Id.is_in(ids.iter().copied()));
+    if status == Status::Failed {
+        update = update
+            .col_expr(Column::Retry, Expr::value(50))
+            .col_expr(
+                Column::LastError,
+                Expr::value("the broker sent an ERROR: not_found: test"),
+            )
+            .col_expr(
+                Column::NextAttemptAt,
+                Expr::value(Utc::now() + chrono::Duration::hours(1)),
+            );
+    }
+    update.exec(db).await.expect("set the rows' status");
+}
+
+/// An inbox row for `queue`.
+async fn receive(db: &DatabaseConnection, queue: &str) {
+    let now = Utc::now();
+    let row = outbox::received::ActiveModel {
+        id: Set(Uuid::new_v4()),
+        queue: Set(queue.to_owned()),
+        msg_id: Set(Some(Uuid::new_v4().to_string())),
+        headers: Set(None),
+        body: Set(None),
+        added: Set(now),
+        expires_at: Set(now + chrono::Duration::days(30)),
+        retry: Set(0),
+        status: Set(Status::Succeeded),
+    };
+    Received::insert(row)
+        .exec_without_returning(db)
+        .await
+        .expect("insert an inbox row");
+}
+
+/// Polls `check` until it holds or `limit` passes.
+async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+macro_rules! on_every_backend {
+    ($($scenario:ident),* $(,)?) => {
+        mod postgres { $( #[tokio::test] async fn $scenario() { super::$scenario(super::Backend::Postgres).await } )* }
+        mod mariadb { $( #[tokio::test] async fn $scenario() { super::$scenario(super::Backend::MariaDb).await } )* }
+        mod sqlite { $( #[tokio::test] async fn $scenario() { super::$scenario(super::Backend::Sqlite).await } )* }
+    };
+}
+
+on_every_backend!(
+    status_counts_match_the_table,
+    retry_reschedules_only_the_failed_rows_its_filters_name,
+    purge_dry_run_deletes_nothing_and_purge_deletes_only_what_it_should,
+);
+
+// ---------------------------------------------------------------------------------- status
+
+async fn status_counts_match_the_table(backend: Backend) {
+    let test = TestDb::new(backend).await;
+    let orders = enqueue(&test.db, "/topic/orders.v1", 6).await;
+    let prices = enqueue(&test.db, "/topic/prices", 3).await;
+    set(&test.db, &orders[..2], Status::Succeeded, 0).await;
+    set(&test.db, &orders[2..3], Status::Failed, 0).await;
+    set(&test.db, &orders[3..4], Status::Schedule, 2).await;
+    set(&test.db, &prices[..1], Status::Failed, 1).await;
+    for queue in ["orders_q", "orders_q", "prices_q"] {
+        receive(&test.db, queue).await;
+    }
+
+    let run = outbox(Some(&test.url), &["status", "--json"]).await.ok();
+    let report: Value = serde_json::from_str(&run.stdout).expect("status --json prints JSON");
+
+    let table = rows(&test.db).await;
+    let mut expected: BTreeMap<String, [u64; 3]> = BTreeMap::new();
+    for row in &table {
+        let counts = expected.entry(row.destination.clone()).or_default();
+        match row.status {
+            Status::Schedule => counts[0] += 1,
+            Status::Succeeded => counts[1] += 1,
+            Status::Failed => counts[2] += 1,
+        }
+    }
+    let mut reported: BTreeMap<String, [u64; 3]> = BTreeMap::new();
+    for destination in report["destinations"].as_array().expect("destinations") {
+        reported.insert(
+            destination["destination"].as_str().unwrap().to_owned(),
+            [
+                destination["scheduled"].as_u64().unwrap(),
+                destination["succeeded"].as_u64().unwrap(),
+                destination["failed"].as_u64().unwrap(),
+            ],
+        );
+    }
+    assert_eq!(reported, expected);
+    assert_eq!(expected["/topic/orders.v1"], [3, 2, 1]);
+    assert_eq!(expected["/topic/prices"], [2, 0, 1]);
+    assert_eq!(
+        report["totals"],
+        json!({"scheduled": 5, "succeeded": 2, "failed": 2})
+    );
+
+    // The oldest unsent row is the one backdated by two days.
+    let age = report["oldest_pending_age_seconds"].as_i64().unwrap();
+    assert!((2 * 86_400 - 60..2 * 86_400 + 60).contains(&age), "{age}");
+    let orders_age = report["destinations"][0]["oldest_pending_age_seconds"]
+        .as_i64()
+        .unwrap();
+    assert_eq!(orders_age, age);
+
+    let failed = report["latest_failed"].as_array().unwrap();
+    assert_eq!(failed.len(), 2);
+    assert_eq!(
+        failed[0]["id"],
+        orders[2].to_string(),
+        "the newest failure first"
+    );
+    assert_eq!(
+        failed[0]["last_error"],
+        "the broker sent an ERROR: not_found: test"
+    );
+    assert_eq!(failed[1]["id"], prices[0].to_string());
+    assert_eq!(
+        report["received"],
+        json!({"total": 3, "queues": [{"queue": "orders_q", "rows": 2}, {"queue": "prices_q", "rows": 1}]})
+    );
+
+    // `--failed` bounds the list; the tables say the same as the JSON.
+    let run = outbox(Some(&test.url), &["status", "--failed", "1"])
+        .await
+        .ok();
+    assert!(
+        run.stdout.contains("latest FAILED rows (1 of 2)"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout
+            .contains("the broker sent an ERROR: not_found: test"),
+        "{}",
+        run.stdout
+    );
+    let orders_line = run
+        .stdout
+        .lines()
+        .find(|line| line.starts_with("/topic/orders.v1"))
+        .expect("a line for the destination");
+    let numbers: Vec<&str> = orders_line.split_whitespace().collect();
+    assert_eq!(&numbers[1..4], ["3", "2", "1"], "{orders_line}");
+    assert!(run.stdout.contains("inbox (received): 3 rows"));
+    test.drop_database().await;
+}
+
+// ----------------------------------------------------------------------------------- retry
+
+async fn retry_reschedules_only_the_failed_rows_its_filters_name(backend: Backend) {
+    let test = TestDb::new(backend).await;
+    let orders = enqueue(&test.db, "/topic/orders.v1", 4).await;
+    let prices = enqueue(&test.db, "/topic/prices", 2).await;
+    set(&test.db, &orders[..2], Status::Failed, 3).await;
+    set(&test.db, &orders[2..3], Status::Failed, 0).await;
+    set(&test.db, &orders[3..], Status::Succeeded, 3).await;
+    set(&test.db, &prices, Status::Failed, 3).await;
+    let url = test.url.as_str();
+
+    let run = outbox(
+        Some(url),
+        &[
+            "retry",
+            "--destination",
+            "/topic/orders.v1",
+            "--older-than",
+            "2d",
+            "--dry-run",
+        ],
+    )
+    .await
+    .ok();
+    assert_eq!(first_number(&run.stdout), 2, "{}", run.stdout);
+    assert_eq!(row(&test.db, orders[0]).await.status, Status::Failed);
+
+    let run = outbox(
+        Some(url),
+        &[
+            "retry",
+            "--destination",
+            "/topic/orders.v1",
+            "--older-than",
+            "2d",
+        ],
+    )
+    .await
+    .ok();
+    assert_eq!(first_number(&run.stdout), 2, "{}", run.stdout);
+    for id in &orders[..2] {
+        let retried = row(&test.db, *id).await;
+        assert_eq!(retried.status, Status::Schedule);
+        assert_eq!(retried.retry, 0);
+        assert_eq!(retried.next_attempt_at, None);
+        assert_eq!(
+            retried.last_error.as_deref(),
+            Some("the broker sent an ERROR: not_found: test"),
+            "the reason is kept until the row is sent"
+        );
+        assert!(retried.expires_at > Utc::now() + chrono::Duration::days(29));
+    }
+    assert_eq!(row(&test.db, orders[2]).await.status, Status::Failed);
+    assert_eq!(row(&test.db, orders[3]).await.status, Status::Succeeded);
+    assert_eq!(row(&test.db, prices[0]).await.status, Status::Failed);
+
+    // By id: only FAILED rows, whatever ids are named.
+    let (a, b, sent) = (
+        prices[0].to_string(),
+        orders[2].to_string(),
+        orders[3].to_string(),
+    );
+    let run = outbox(Some(url), &["retry", "--id", &a, "--id", &b, "--id", &sent])
+        .await
+        .ok();
+    assert_eq!(first_number(&run.stdout), 2, "{}", run.stdout);
+    assert_eq!(row(&test.db, orders[3]).await.status, Status::Succeeded);
+
+    // With no filter: every FAILED row left.
+    let run = outbox(Some(url), &["retry"]).await.ok();
+    assert_eq!(first_number(&run.stdout), 1, "{}", run.stdout);
+    assert!(
+        rows(&test.db)
+            .await
+            .iter()
+            .all(|r| r.status != Status::Failed)
+    );
+    test.drop_database().await;
+}
+
+/// A durable queue bound to `/topic/<key>`, read by a raw STOMP client.
+async fn topic_reader(key: &str) -> (StompPeer, QueueCleanup) {
+    let queue = format!("{key}_q");
+    let mut peer = StompPeer::connect(RABBITMQ_STOMP)
+        .await
+        .expect("connect to RabbitMQ");
+    peer.subscribe(
+        &format!("/topic/{key}"),
+        &[
+            ("ack", "auto"),
+            ("durable", "true"),
+            ("auto-delete", "false"),
+            ("x-queue-name", queue.as_str()),
+        ],
+    )
+    .await
+    .expect("subscribe");
+    (peer, QueueCleanup(vec![queue]))
+}
+
+#[tokio::test]
+async fn retried_rows_are_sent_by_the_next_relay_run() {
+    let test = TestDb::new(Backend::Postgres).await;
+    let key = unique("cli_retry");
+    let (mut reader, _cleanup) = topic_reader(&key).await;
+    let destination = format!("/topic/{key}");
+    let failed = enqueue(&test.db, &destination, 3).await;
+    set(&test.db, &failed, Status::Failed, 1).await;
+    let other = enqueue(&test.db, "/topic/cli_retry_elsewhere", 1).await;
+    set(&test.db, &other, Status::Failed, 1).await;
+
+    let mut relay = command(Some(&test.url), &["publish"])
+        .env("OUTBOX_PRODUCER_WAITING_TIME", "0.2")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start `outbox publish`");
+    // The relay leaves FAILED rows alone.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        reader
+            .next_message(Duration::from_millis(500))
+            .await
+            .is_none()
+    );
+
+    let run = outbox(Some(&test.url), &["retry", "--destination", &destination])
+        .await
+        .ok();
+    assert_eq!(first_number(&run.stdout), 3, "{}", run.stdout);
+
+    let mut received = Vec::new();
+    while received.len() < 3 {
+        let frame = reader
+            .next_message(Duration::from_secs(10))
+            .await
+            .expect("the relay sends the rescheduled rows");
+        received.push(frame.header("dop-msg-id").unwrap().to_owned());
+    }
+    received.sort();
+    let mut expected: Vec<String> = failed.iter().map(Uuid::to_string).collect();
+    expected.sort();
+    assert_eq!(received, expected);
+    let db = test.db.clone();
+    eventually(Duration::from_secs(10), "the rows marked sent", || {
+        let db = db.clone();
+        let failed = failed.clone();
+        async move {
+            let mut all_sent = true;
+            for id in failed {
+                let sent = row(&db, id).await;
+                all_sent &= sent.status == Status::Succeeded && sent.last_error.is_none();
+            }
+            all_sent
+        }
+    })
+    .await;
+    assert_eq!(row(&test.db, other[0]).await.status, Status::Failed);
+
+    // SIGTERM: the relay stops cleanly.
+    let pid = relay.id().expect("the relay's pid").to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("run kill");
+    assert!(killed.success());
+    let status = tokio::time::timeout(Duration::from_secs(20), relay.wait())
+        .await
+        .expect("the relay stops after SIGTERM")
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    test.drop_database().await;
+}
+
+// ----------------------------------------------------------------------------------- purge
+
+async fn purge_dry_run_deletes_nothing_and_purge_deletes_only_what_it_should(backend: Backend) {
+    let test = TestDb::new(backend).await;
+    let ids = enqueue(&test.db, "/topic/purge", 9).await;
+    let old_sent = &ids[0..2];
+    let new_sent = &ids[2..3];
+    let old_failed = &ids[3..5];
+    let new_failed = &ids[5..6];
+    let old_scheduled = &ids[6..8];
+    let new_scheduled = &ids[8..9];
+    set(&test.db, old_sent, Status::Succeeded, 10).await;
+    set(&test.db, new_sent, Status::Succeeded, 0).await;
+    set(&test.db, old_failed, Status::Failed, 10).await;
+    set(&test.db, new_failed, Status::Failed, 0).await;
+    set(&test.db, old_scheduled, Status::Schedule, 10).await;
+    set(&test.db, new_scheduled, Status::Schedule, 0).await;
+    let url = test.url.as_str();
+    let remaining = |db: DatabaseConnection| async move {
+        let mut ids: Vec<Uuid> = rows(&db).await.into_iter().map(|r| r.id).collect();
+        ids.sort();
+        ids
+    };
+    let without = |gone: &[&[Uuid]]| {
+        let mut kept: Vec<Uuid> = ids
+            .iter()
+            .filter(|id| !gone.iter().any(|g| g.contains(id)))
+            .copied()
+            .collect();
+        kept.sort();
+        kept
+    };
+
+    for (status, expected) in [("sent", 3), ("failed", 3), ("all-sent-and-failed", 6)] {
+        let run = outbox(Some(url), &["purge", "--status", status, "--dry-run"])
+            .await
+            .ok();
+        assert_eq!(
+            first_number(&run.stdout),
+            expected,
+            "{status}: {}",
+            run.stdout
+        );
+    }
+    let run = outbox(Some(url), &["purge", "--older-than", "1w", "--dry-run"])
+        .await
+        .ok();
+    assert_eq!(first_number(&run.stdout), 2, "{}", run.stdout);
+    assert_eq!(remaining(test.db.clone()).await, without(&[]));
+
+    // Unsent rows: refused without --force, dry run or not.
+    for args in [
+        &["purge", "--status", "scheduled"][..],
+        &["purge", "--status", "scheduled", "--dry-run"][..],
+        &["purge", "--force"][..],
+    ] {
+        let run = outbox(Some(url), args).await;
+        assert_eq!(run.code, 2, "{args:?}: {}", run.stderr);
+    }
+    assert_eq!(remaining(test.db.clone()).await, without(&[]));
+
+    let run = outbox(
+        Some(url),
+        &["purge", "--status", "sent", "--older-than", "7d"],
+    )
+    .await
+    .ok();
+    assert_eq!(first_number(&run.stdout), 2, "{}", run.stdout);
+    assert_eq!(remaining(test.db.clone()).await, without(&[old_sent]));
+
+    let run = outbox(Some(url), &["purge", "--status", "all-sent-and-failed"])
+        .await
+        .ok();
+    assert_eq!(first_number(&run.stdout), 4, "{}", run.stdout);
+    assert_eq!(
+        remaining(test.db.clone()).await,
+        without(&[old_sent, new_sent, old_failed, new_failed])
+    );
+
+    let run = outbox(
+        Some(url),
+        &[
+            "purge",
+            "--status",
+            "scheduled",
+            "--force",
+            "--older-than",
+            "1d",
+        ],
+    )
+    .await
+    .ok();
+    assert_eq!(first_number(&run.stdout), 2, "{}", run.stdout);
+    assert_eq!(remaining(test.db.clone()).await, new_scheduled.to_vec());
+    test.drop_database().await;
+}
+
+// ------------------------------------------------------------------------------------- dlq
+
+/// Settings for an in-process consumer: the test broker, short timings.
+fn consumer_config() -> OutboxConfig {
+    let mut config = OutboxConfig::default();
+    config.stomp_host_and_ports = vec![("127.0.0.1".to_owned(), 61613)];
+    config.receipt_timeout = Duration::from_secs(3);
+    config.maximum_backoff = Duration::from_millis(300);
+    config.consumer_shutdown_timeout = Duration::from_secs(10);
+    config
+}
+
+/// The messages of a queue ready for a consumer (not those handed out and unacknowledged).
+fn ready_messages(queue: &str) -> Option<usize> {
+    let output = std::process::Command::new("rabbitmqctl")
+        .args([
+            "--quiet",
+            "list_queues",
+            "--no-table-headers",
+            "name",
+            "messages_ready",
+        ])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| line.split_once('\t'))
+        .find(|(name, _)| *name == queue)
+        .and_then(|(_, count)| count.trim().parse().ok())
+}
+
+#[tokio::test]
+async fn a_dead_letter_is_listed_without_loss_then_replayed_and_processed_once() {
+    let test = TestDb::new(Backend::Postgres).await;
+    let queue = unique("cli_dlq");
+    let dead_letters = format!("DLQ.{queue}");
+    let _cleanup = QueueCleanup(vec![queue.clone(), dead_letters.clone()]);
+    let destination = format!("/topic/{queue}");
+    outbox(None, &["declare", &destination]).await.ok();
+
+    // A callback that fails the first time: the message is dead-lettered, then succeeds.
+    let calls = Arc::new(AtomicUsize::new(0));
+    let consumer = Consumer::builder(test.db.clone())
+        .config(consumer_config())
+        .destination(&destination)
+        .start({
+            let calls = calls.clone();
+            move |payload: Payload| {
+                let attempt = calls.fetch_add(1, Ordering::SeqCst) + 1;
+                async move {
+                    if attempt == 1 {
+                        return Err("the first attempt fails".into());
+                    }
+                    payload.save();
+                    Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+                }
+            }
+        })
+        .unwrap();
+    let mut peer = StompPeer::connect(RABBITMQ_STOMP).await.unwrap();
+    peer.send(
+        &destination,
+        &[
+            ("dop-msg-id", "m-1"),
+            ("x-custom", "a:b"),
+            ("persistent", "true"),
+        ],
+        br#"{"n": 1}"#,
+    )
+    .await
+    .unwrap();
+    peer.disconnect().await.unwrap();
+    eventually(Duration::from_secs(15), "the message dead-lettered", || {
+        let dead_letters = dead_letters.clone();
+        async move { ready_messages(&dead_letters) == Some(1) }
+    })
+    .await;
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+    // Listing, twice: the message is shown with its death reason and stays.
+    for _ in 0..2 {
+        let run = outbox(None, &["dlq", "list", &queue]).await.ok();
+        assert!(run.stdout.contains("1 messages shown"), "{}", run.stdout);
+        assert!(
+            run.stdout.contains("x-first-death-reason: rejected"),
+            "{}",
+            run.stdout
+        );
+        assert!(
+            run.stdout
+                .contains(&format!("x-first-death-queue: {queue}")),
+            "{}",
+            run.stdout
+        );
+        assert!(run.stdout.contains("dop-msg-id: m-1"), "{}", run.stdout);
+        assert!(run.stdout.contains("x-custom: a:b"), "{}", run.stdout);
+        assert!(run.stdout.contains(r#"body: {"n": 1}"#), "{}", run.stdout);
+        eventually(
+            Duration::from_secs(10),
+            "the message back in the DLQ",
+            || {
+                let dead_letters = dead_letters.clone();
+                async move { ready_messages(&dead_letters) == Some(1) }
+            },
+        )
+        .await;
+    }
+    let run = outbox(None, &["dlq", "list", &queue, "--json"]).await.ok();
+    let listed: Value = serde_json::from_str(&run.stdout).expect("dlq list --json prints JSON");
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    assert_eq!(listed[0]["headers"]["x-first-death-reason"], "rejected");
+    assert_eq!(listed[0]["headers"]["dop-msg-id"], "m-1");
+    assert_eq!(listed[0]["body"], json!({"n": 1}));
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "listing delivers nothing");
+
+    // Replay: back to the queue, processed by the running consumer, once.
+    let run = outbox(None, &["dlq", "replay", &queue]).await.ok();
+    assert_eq!(first_number(&run.stdout), 1, "{}", run.stdout);
+    let db = test.db.clone();
+    eventually(
+        Duration::from_secs(15),
+        "the replayed message processed",
+        || {
+            let db = db.clone();
+            async move { Received::find().all(&db).await.unwrap().len() == 1 }
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    consumer.stop().await.unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    let inbox = Received::find().all(&test.db).await.unwrap();
+    assert_eq!(inbox[0].msg_id.as_deref(), Some("m-1"));
+    let headers = inbox[0].headers.clone().unwrap();
+    assert_eq!(headers["x-custom"], "a:b", "the original headers came back");
+    assert!(headers.get("x-first-death-reason").is_none());
+    assert_eq!(queue_message_count(&dead_letters), Some(0));
+    assert_eq!(queue_message_count(&queue), Some(0));
+
+    // Nothing left: a second replay moves nothing.
+    let run = outbox(None, &["dlq", "replay", &queue]).await.ok();
+    assert_eq!(first_number(&run.stdout), 0, "{}", run.stdout);
+    test.drop_database().await;
+}
+
+#[tokio::test]
+async fn replaying_into_a_missing_queue_fails_and_moves_nothing() {
+    let queue = unique("cli_dlq_missing");
+    let run = outbox(None, &["dlq", "replay", &queue]).await;
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(run.stderr.contains("not_found"), "{}", run.stderr);
+    let run = outbox(None, &["dlq", "list", &queue]).await;
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(run.stderr.contains("outbox declare"), "{}", run.stderr);
+}
+
+// --------------------------------------------------------------------------------- declare
+
+#[tokio::test]
+async fn declare_creates_the_queues_so_a_message_sent_before_any_consumer_is_kept() {
+    let key = unique("cli_declare");
+    let queue = format!("{key}_named");
+    let _cleanup = QueueCleanup(vec![queue.clone(), format!("DLQ.{queue}")]);
+    let destination = format!("/topic/{key}");
+    let run = outbox(None, &["declare", &destination, &queue]).await.ok();
+    assert!(run.stdout.contains(&queue), "{}", run.stdout);
+    assert_eq!(queue_message_count(&queue), Some(0));
+    assert_eq!(queue_message_count(&format!("DLQ.{queue}")), Some(0));
+
+    let mut peer = StompPeer::connect(RABBITMQ_STOMP).await.unwrap();
+    peer.send(&destination, &[("dop-msg-id", "early")], b"{}")
+        .await
+        .unwrap();
+    peer.disconnect().await.unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the early message kept",
+        || async { queue_message_count(&queue) == Some(1) },
+    )
+    .await;
+
+    // Declaring again, as a second deploy would, changes nothing and keeps the message.
+    outbox(None, &["declare", &destination, &queue]).await.ok();
+    assert_eq!(queue_message_count(&queue), Some(1));
+}
+
+// ------------------------------------------------------------------------------ exit codes
+
+#[tokio::test]
+async fn usage_and_configuration_errors_exit_2_and_operational_failures_exit_1() {
+    let usage: &[&[&str]] = &[
+        &["status"],
+        &["bogus"],
+        &["retry", "--older-than", "3x"],
+        &["retry", "--id", "not-a-uuid"],
+        &["purge", "--status", "scheduled"],
+        &["dlq", "list", "q", "--limit", "0"],
+    ];
+    for args in usage {
+        let run = outbox(None, args).await;
+        assert_eq!(run.code, 2, "{args:?}: {}", run.stderr);
+    }
+    let run = command(Some("postgres://postgres@127.0.0.1:5432/x"), &["status"])
+        .env("OUTBOX_MAXIMUM_RETRY_ATTEMPTS", "fifty")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(run.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&run.stderr).contains("OUTBOX_MAXIMUM_RETRY_ATTEMPTS"));
+
+    // Nothing listens on port 1.
+    let run = outbox(Some("postgres://postgres@127.0.0.1:1/x"), &["status"]).await;
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    let run = command(None, &["dlq", "list", "q"])
+        .env("OUTBOX_STOMP_HOST_AND_PORTS", "127.0.0.1:1")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(run.status.code(), Some(1));
+
+    for args in [&["--help"][..], &["dlq", "replay", "--help"][..]] {
+        outbox(None, args).await.ok();
+    }
+    let help = outbox(None, &["--help"]).await.ok();
+    assert!(help.stdout.contains("Exit codes"), "{}", help.stdout);
+}
