@@ -25,6 +25,21 @@ pub struct Outgoing {
     pub body: Vec<u8>,
 }
 
+impl Outgoing {
+    /// The first header named `name`.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.as_str())
+    }
+
+    /// The body decoded from JSON.
+    pub fn json<T: serde::de::DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
+        serde_json::from_slice(&self.body)
+    }
+}
+
 /// What became of a batch handed to [`Transport::send`].
 #[derive(Debug)]
 pub struct SendReport {

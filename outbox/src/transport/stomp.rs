@@ -201,6 +201,7 @@ impl Transport for StompTransport {
         if !connection.is_open() {
             return Ok(());
         }
+        connection.shared.closing.store(true, Ordering::Relaxed);
         let result = connection
             .request(
                 ToServer::Disconnect { receipt: None }.into(),
@@ -280,6 +281,8 @@ struct Shared {
     subscriptions: Mutex<HashMap<String, mpsc::Sender<Delivery>>>,
     /// Why the connection ended; set once.
     ended: Mutex<Option<TransportError>>,
+    /// A DISCONNECT was sent: the end of the connection is expected, not a failure.
+    closing: std::sync::atomic::AtomicBool,
 }
 
 /// One open STOMP connection and the task that drives it.
@@ -598,7 +601,11 @@ struct Driver {
 impl Driver {
     async fn run(mut self) {
         let reason = self.drive().await;
-        tracing::warn!(error = %reason, "broker connection ended");
+        if self.shared.closing.load(Ordering::Relaxed) {
+            tracing::debug!(reason = %reason, "broker connection closed after DISCONNECT");
+        } else {
+            tracing::warn!(error = %reason, "broker connection ended");
+        }
         *lock(&self.shared.ended) = Some(reason.clone());
         for (_, waiter) in lock(&self.shared.receipts).drain() {
             let _ = waiter.send(Err(reason.clone()));
