@@ -1,6 +1,6 @@
 //! The five-minute start: an embedded SQLite database, an entity with `#[publish]`, the outbox rows
-//! its saves write, and the relay sending them to an in-memory broker. Nothing to install or
-//! configure.
+//! its saves write, the relay sending them to an in-memory broker, and a consumer processing them
+//! once each. Nothing to install or configure.
 //!
 //! ```sh
 //! cargo run -p outbox-examples --bin quickstart
@@ -95,8 +95,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
 
-    // The relay, here sending to an in-memory broker (in production: RabbitMQ over STOMP).
+    // A consumer of the orders, its queues declared first: a broker drops a message sent to a
+    // topic that no queue is bound to.
     let broker = outbox::transport::MemoryTransport::new();
+    let consumer = outbox::Consumer::builder(db.clone())
+        .destination("/topic/orders.v1")
+        .queue("quickstart.orders")
+        .config(outbox::OutboxConfig::default())
+        .transport(broker.new_connection())
+        .build()?;
+    consumer.declare().await?;
+
+    // The relay, here sending to the in-memory broker (in production: RabbitMQ over STOMP).
     let relay = outbox::Producer::builder(db.clone())
         .config(outbox::OutboxConfig::default())
         .transport(broker.clone())
@@ -111,5 +121,32 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             String::from_utf8_lossy(&message.body)
         );
     }
+
+    // The consumer processes each order message once, in a transaction with its inbox row.
+    println!();
+    let queue_drained = async {
+        while broker.queue_len("quickstart.orders") + broker.unacked_len("quickstart.orders") > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    consumer
+        .run_until(
+            |payload: outbox::Payload| async move {
+                println!(
+                    "  consumed {} (message {})",
+                    payload.body(),
+                    payload.message_id().unwrap_or("-")
+                );
+                payload.save();
+                Ok::<_, outbox::Error>(())
+            },
+            queue_drained,
+        )
+        .await?;
+    let inbox = outbox::Received::find().all(&db).await?;
+    println!(
+        "{} rows in the inbox: each message processed once.",
+        inbox.len()
+    );
     Ok(())
 }
