@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sea_orm::DatabaseConnection;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use uuid::Uuid;
 
@@ -32,6 +32,7 @@ pub use topology::{Topology, declare};
 
 use crate::payload::BoxError;
 use crate::producer::Backoff;
+use crate::shutdown::Stoppable;
 use crate::transport::{Delivery, StompTransport, Transport, TransportError};
 use crate::{Error, OutboxConfig, Payload};
 use dispatch::{Callback, Dispatcher};
@@ -238,38 +239,25 @@ impl ConsumerBuilder {
         E: Into<BoxError> + 'static,
     {
         let consumer = self.build()?;
-        let (stop, mut stopped) = watch::channel(false);
-        let task = tokio::spawn(async move {
-            consumer
-                .run_until(callback, async move {
-                    let _ = stopped.wait_for(|stop| *stop).await;
-                })
-                .await
-        });
-        Ok(ConsumerHandle { stop, task })
+        Ok(ConsumerHandle(Stoppable::spawn(move |stop| async move {
+            consumer.run_until(callback, stop).await
+        })))
     }
 }
 
-/// A consumer started with [`ConsumerBuilder::start`].
-pub struct ConsumerHandle {
-    stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<Result<(), Error>>,
-}
+/// A consumer started with [`ConsumerBuilder::start`]; dropping it stops the consumer too.
+pub struct ConsumerHandle(Stoppable);
 
 impl ConsumerHandle {
     /// Stops the consumer as SIGTERM would (messages in flight finish and are acknowledged, up to
     /// the shutdown timeout) and waits for it.
     pub async fn stop(self) -> Result<(), Error> {
-        let _ = self.stop.send(true);
-        self.join().await
+        self.0.stop().await
     }
 
     /// Waits for the consumer to end (it ends only when stopped).
     pub async fn join(self) -> Result<(), Error> {
-        match self.task.await {
-            Ok(result) => result,
-            Err(join) => Err(Error::Stopped(join.to_string())),
-        }
+        self.0.join().await
     }
 }
 

@@ -17,11 +17,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sea_orm::{DatabaseConnection, DbBackend};
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
 use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::published::Model as Row;
+use crate::shutdown::Stoppable;
 use crate::transport::{Outgoing, StompTransport, Transport, TransportError};
 use crate::{Error, OutboxConfig, wake};
 
@@ -101,37 +102,24 @@ impl ProducerBuilder {
     /// Builds the producer and runs it on a task of its own.
     pub fn start(self) -> Result<ProducerHandle, Error> {
         let producer = self.build()?;
-        let (stop, mut stopped) = watch::channel(false);
-        let task = tokio::spawn(async move {
-            producer
-                .run_until(async move {
-                    let _ = stopped.wait_for(|stop| *stop).await;
-                })
-                .await
-        });
-        Ok(ProducerHandle { stop, task })
+        Ok(ProducerHandle(Stoppable::spawn(move |stop| async move {
+            producer.run_until(stop).await
+        })))
     }
 }
 
-/// A producer started with [`ProducerBuilder::start`].
-pub struct ProducerHandle {
-    stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<Result<(), Error>>,
-}
+/// A producer started with [`ProducerBuilder::start`]; dropping it stops the producer too.
+pub struct ProducerHandle(Stoppable);
 
 impl ProducerHandle {
     /// Asks the producer to stop (it finishes the batch in flight) and waits for it.
     pub async fn stop(self) -> Result<(), Error> {
-        let _ = self.stop.send(true);
-        self.join().await
+        self.0.stop().await
     }
 
-    /// Waits for the producer to end on its own (it ends only on a fatal error).
+    /// Waits for the producer to end (it ends only when stopped).
     pub async fn join(self) -> Result<(), Error> {
-        match self.task.await {
-            Ok(result) => result,
-            Err(join) => Err(Error::Stopped(join.to_string())),
-        }
+        self.0.join().await
     }
 }
 
