@@ -8,11 +8,13 @@ use std::collections::BTreeMap;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chrono::Utc;
-use common::stomp_peer::{QueueCleanup, RABBITMQ_STOMP, StompPeer, queue_message_count, unique};
-use common::{Backend, TestDb};
+use common::stomp_peer::{
+    QueueCleanup, RABBITMQ_STOMP, StompPeer, queue_message_count, topic_reader, unique,
+};
+use common::{Backend, TestDb, eventually};
 use outbox::published::{Column, Model as Row};
 use outbox::{Consumer, OutboxConfig, Payload, Published, Received, Status};
 use sea_orm::ActiveValue::Set;
@@ -144,19 +146,6 @@ async fn receive(db: &DatabaseConnection, queue: &str) {
         .exec_without_returning(db)
         .await
         .expect("insert an inbox row");
-}
-
-/// Polls `check` until it holds or `limit` passes.
-async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 macro_rules! on_every_backend {
@@ -349,26 +338,6 @@ async fn retry_reschedules_only_the_failed_rows_its_filters_name(backend: Backen
             .all(|r| r.status != Status::Failed)
     );
     test.drop_database().await;
-}
-
-/// A durable queue bound to `/topic/<key>`, read by a raw STOMP client.
-async fn topic_reader(key: &str) -> (StompPeer, QueueCleanup) {
-    let queue = format!("{key}_q");
-    let mut peer = StompPeer::connect(RABBITMQ_STOMP)
-        .await
-        .expect("connect to RabbitMQ");
-    peer.subscribe(
-        &format!("/topic/{key}"),
-        &[
-            ("ack", "auto"),
-            ("durable", "true"),
-            ("auto-delete", "false"),
-            ("x-queue-name", queue.as_str()),
-        ],
-    )
-    .await
-    .expect("subscribe");
-    (peer, QueueCleanup(vec![queue]))
 }
 
 #[tokio::test]

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::proxy::FaultProxy;
 use common::stomp_peer::{QueueCleanup, RABBITMQ_STOMP, StompPeer, queue_message_count, unique};
-use common::{Backend, TestDb};
+use common::{Backend, TestDb, eventually};
 use outbox::received::Column as ReceivedColumn;
 use outbox::transport::{MemoryTransport, StompTransport};
 use outbox::{Consumer, ConsumerBuilder, OutboxConfig, Payload, Producer, Received, Status};
@@ -118,19 +118,6 @@ async fn effect_count(db: &DatabaseConnection, msg_id: &str) -> usize {
 
 async fn inbox(db: &DatabaseConnection) -> Vec<outbox::received::Model> {
     Received::find().all(db).await.expect("read the inbox")
-}
-
-/// Polls `check` until it holds or `limit` passes.
-async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// What the test callback saw: the calls per message id, the correlation ids it found ambient,

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use common::proxy::FaultProxy;
 use common::stomp_peer::{QueueCleanup, RABBITMQ_STOMP, StompPeer, queue_message_count, unique};
-use common::{Backend, TestDb};
+use common::{Backend, TestDb, count_with_status, eventually};
 use outbox::published::Column;
 use outbox::transport::{StompTransport, Transport, TransportError};
 use outbox::{Consumer, OutboxConfig, Payload, Producer, Published, Secret, Status};
@@ -139,19 +139,6 @@ async fn wait_until_all_sent(db: &DatabaseConnection, n: usize, limit: Duration)
     }
 }
 
-/// Polls `check` until it holds or `limit` passes.
-async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// The business table the callbacks write to, in the message's transaction. No unique key: a
 /// message processed twice shows as two rows.
 async fn create_effects_table(db: &DatabaseConnection) {
@@ -244,14 +231,6 @@ async fn outbox_ids(db: &DatabaseConnection) -> HashSet<String> {
         .into_iter()
         .map(|row| row.id.to_string())
         .collect()
-}
-
-async fn count_with_status(db: &DatabaseConnection, status: Status) -> u64 {
-    Published::find()
-        .filter(Column::Status.eq(status))
-        .count(db)
-        .await
-        .unwrap_or(0)
 }
 
 /// Enqueues `count` messages in transactions of up to 500; retried when the database drops the

@@ -8,9 +8,9 @@ mod common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{Backend, TestDb};
+use common::{Backend, TestDb, count_with_status, eventually};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 use metrics_util::{CompositeKey, MetricKind};
 use outbox::metrics as m;
@@ -18,7 +18,7 @@ use outbox::published::Column;
 use outbox::transport::{MemoryTransport, Outgoing, Transport};
 use outbox::{Consumer, OutboxConfig, Payload, Producer, Published, Received, Status};
 use sea_orm::sea_query::Expr;
-use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, PaginatorTrait, QueryFilter};
+use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
 use serde_json::json;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -97,26 +97,6 @@ fn config() -> OutboxConfig {
     config
 }
 
-async fn count(db: &DatabaseConnection, status: Status) -> u64 {
-    Published::find()
-        .filter(Column::Status.eq(status))
-        .count(db)
-        .await
-        .unwrap()
-}
-
-async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test]
 async fn a_known_relay_and_consumer_run_is_counted_exactly() {
     let recorder = DebuggingRecorder::new();
@@ -183,12 +163,12 @@ async fn a_known_relay_and_consumer_run_is_counted_exactly() {
         .start()
         .unwrap();
     eventually(Duration::from_secs(20), "every row settled", || async {
-        count(db, Status::Schedule).await == 0
+        count_with_status(db, Status::Schedule).await == 0
     })
     .await;
     relay.stop().await.unwrap();
-    assert_eq!(count(db, Status::Succeeded).await, 5);
-    assert_eq!(count(db, Status::Failed).await, 2);
+    assert_eq!(count_with_status(db, Status::Succeeded).await, 5);
+    assert_eq!(count_with_status(db, Status::Failed).await, 2);
 
     // The consumer: one message of each outcome.
     let consumer_config = config();

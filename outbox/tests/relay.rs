@@ -8,8 +8,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::proxy::FaultProxy;
-use common::stomp_peer::{QueueCleanup, RABBITMQ_STOMP, StompPeer, unique};
-use common::{Backend, TestDb};
+use common::stomp_peer::{RABBITMQ_STOMP, topic_reader, unique};
+use common::{Backend, TestDb, count_with_status, eventually};
 use outbox::published::{Column, Model as Row};
 use outbox::transport::MemoryTransport;
 use outbox::{OutboxConfig, Producer, Published, Status};
@@ -33,49 +33,8 @@ fn config(broker: &str) -> OutboxConfig {
     config
 }
 
-/// A durable queue bound to `/topic/<key>`, read by a raw STOMP client.
-async fn topic_reader(key: &str) -> (StompPeer, QueueCleanup) {
-    let queue = format!("{key}_q");
-    let mut peer = StompPeer::connect(RABBITMQ_STOMP)
-        .await
-        .expect("connect to RabbitMQ");
-    peer.subscribe(
-        &format!("/topic/{key}"),
-        &[
-            ("ack", "auto"),
-            ("durable", "true"),
-            ("auto-delete", "false"),
-            ("x-queue-name", queue.as_str()),
-        ],
-    )
-    .await
-    .expect("subscribe");
-    (peer, QueueCleanup(vec![queue]))
-}
-
 async fn rows(db: &DatabaseConnection) -> Vec<Row> {
     Published::find().all(db).await.expect("read the outbox")
-}
-
-async fn count_with_status(db: &DatabaseConnection, status: Status) -> u64 {
-    Published::find()
-        .filter(Column::Status.eq(status))
-        .count(db)
-        .await
-        .expect("count")
-}
-
-/// Polls `check` until it holds or `limit` passes.
-async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 async fn enqueue_many(db: &DatabaseConnection, destination: &str, count: usize) {

@@ -233,3 +233,29 @@ fn with_database(admin_url: &str, database: &str) -> String {
     }
     url
 }
+
+/// Polls `check` until it holds, failing the test with `what` when `limit` passes first.
+pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + limit;
+    while !check().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// How many outbox rows have `status`.
+pub async fn count_with_status(db: &DatabaseConnection, status: outbox::Status) -> u64 {
+    use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
+    outbox::Published::find()
+        .filter(outbox::published::Column::Status.eq(status))
+        .count(db)
+        .await
+        .expect("count outbox rows")
+}

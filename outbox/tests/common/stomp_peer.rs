@@ -492,3 +492,24 @@ pub fn queue_message_count(name: &str) -> Option<usize> {
         .find(|(queue, _)| *queue == name)
         .and_then(|(_, count)| count.trim().parse().ok())
 }
+
+/// A durable queue `<key>_q` bound to `/topic/<key>`, read by a raw client with automatic
+/// acknowledgements; the queue is deleted when the cleanup goes.
+pub async fn topic_reader(key: &str) -> (StompPeer, QueueCleanup) {
+    let queue = format!("{key}_q");
+    let mut peer = StompPeer::connect(RABBITMQ_STOMP)
+        .await
+        .expect("connect to RabbitMQ");
+    peer.subscribe(
+        &format!("/topic/{key}"),
+        &[
+            ("ack", "auto"),
+            ("durable", "true"),
+            ("auto-delete", "false"),
+            ("x-queue-name", queue.as_str()),
+        ],
+    )
+    .await
+    .expect("subscribe");
+    (peer, QueueCleanup(vec![queue]))
+}
