@@ -14,7 +14,7 @@ use chrono::Utc;
 use common::stomp_peer::{
     QueueCleanup, RABBITMQ_STOMP, StompPeer, queue_message_count, topic_reader, unique,
 };
-use common::{Backend, TestDb, eventually};
+use common::{Backend, TestDb, eventually, on_every_backend};
 use outbox::published::{Column, Model as Row};
 use outbox::{Consumer, OutboxConfig, Payload, Published, Received, Status};
 use sea_orm::ActiveValue::Set;
@@ -146,14 +146,6 @@ async fn receive(db: &DatabaseConnection, queue: &str) {
         .exec_without_returning(db)
         .await
         .expect("insert an inbox row");
-}
-
-macro_rules! on_every_backend {
-    ($($scenario:ident),* $(,)?) => {
-        mod postgres { $( #[tokio::test] async fn $scenario() { super::$scenario(super::Backend::Postgres).await } )* }
-        mod mariadb { $( #[tokio::test] async fn $scenario() { super::$scenario(super::Backend::MariaDb).await } )* }
-        mod sqlite { $( #[tokio::test] async fn $scenario() { super::$scenario(super::Backend::Sqlite).await } )* }
-    };
 }
 
 on_every_backend!(

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::proxy::FaultProxy;
 use common::stomp_peer::{QueueCleanup, RABBITMQ_STOMP, StompPeer, queue_message_count, unique};
-use common::{Backend, TestDb, eventually};
+use common::{Backend, TestDb, eventually, on_every_backend};
 use outbox::received::Column as ReceivedColumn;
 use outbox::transport::{MemoryTransport, StompTransport};
 use outbox::{Consumer, ConsumerBuilder, OutboxConfig, Payload, Producer, Received, Status};
@@ -623,14 +623,6 @@ async fn transient_failures_are_retried_in_a_new_transaction_then_dead_lettered(
 
 // ---------------------------------------------------------------------------------------------
 // Inbox deduplication on every database (the in-memory broker, the real database)
-
-macro_rules! on_every_backend {
-    ($($scenario:ident),* $(,)?) => {
-        mod postgres { $( #[tokio::test] async fn $scenario() { super::$scenario(super::Backend::Postgres).await } )* }
-        mod mariadb { $( #[tokio::test] async fn $scenario() { super::$scenario(super::Backend::MariaDb).await } )* }
-        mod sqlite { $( #[tokio::test] async fn $scenario() { super::$scenario(super::Backend::Sqlite).await } )* }
-    };
-}
 
 on_every_backend!(
     the_inbox_recognises_a_redelivery_and_a_concurrent_duplicate,

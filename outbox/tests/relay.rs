@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::proxy::FaultProxy;
 use common::stomp_peer::{RABBITMQ_STOMP, topic_reader, unique};
-use common::{Backend, TestDb, count_with_status, eventually};
+use common::{Backend, TestDb, count_with_status, eventually, on_every_backend};
 use outbox::published::{Column, Model as Row};
 use outbox::transport::MemoryTransport;
 use outbox::{OutboxConfig, Producer, Published, Status};
@@ -42,14 +42,6 @@ async fn enqueue_many(db: &DatabaseConnection, destination: &str, count: usize) 
     let messages = (0..count).map(|n| outbox::Message::from_json(destination, json!({ "n": n })));
     outbox::enqueue_all(&txn, messages).await.unwrap();
     txn.commit().await.unwrap();
-}
-
-macro_rules! on_every_backend {
-    ($($scenario:ident),* $(,)?) => {
-        mod postgres { $( #[tokio::test] async fn $scenario() { super::$scenario(super::Backend::Postgres).await } )* }
-        mod mariadb { $( #[tokio::test] async fn $scenario() { super::$scenario(super::Backend::MariaDb).await } )* }
-        mod sqlite { $( #[tokio::test] async fn $scenario() { super::$scenario(super::Backend::Sqlite).await } )* }
-    };
 }
 
 on_every_backend!(

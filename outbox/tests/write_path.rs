@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Backend, TestDb};
+use common::{Backend, TestDb, on_every_backend};
 use outbox::{Error, Published, Status};
 use sea_orm::ActiveValue::Set;
 use sea_orm::{
@@ -101,15 +101,6 @@ async fn outbox_rows(db: &DatabaseConnection) -> Vec<outbox::published::Model> {
 
 async fn order_count(db: &DatabaseConnection) -> u64 {
     order::Entity::find().count(db).await.expect("count orders")
-}
-
-/// Runs one scenario on every backend, each in its own test.
-macro_rules! on_every_backend {
-    ($($scenario:ident),* $(,)?) => {
-        mod postgres { $( #[tokio::test] async fn $scenario() { super::$scenario(super::Backend::Postgres).await } )* }
-        mod mariadb { $( #[tokio::test] async fn $scenario() { super::$scenario(super::Backend::MariaDb).await } )* }
-        mod sqlite { $( #[tokio::test] async fn $scenario() { super::$scenario(super::Backend::Sqlite).await } )* }
-    };
 }
 
 on_every_backend!(

@@ -259,3 +259,16 @@ pub async fn count_with_status(db: &DatabaseConnection, status: outbox::Status) 
         .await
         .expect("count outbox rows")
 }
+
+/// Runs each scenario, an `async fn(Backend)` of the test file, on every backend, as the tests
+/// `postgres::<scenario>`, `mariadb::<scenario>` and `sqlite::<scenario>`.
+#[allow(unused_macros)]
+macro_rules! on_every_backend {
+    ($($scenario:ident),* $(,)?) => {
+        mod postgres { $( #[tokio::test] async fn $scenario() { super::$scenario(super::Backend::Postgres).await } )* }
+        mod mariadb { $( #[tokio::test] async fn $scenario() { super::$scenario(super::Backend::MariaDb).await } )* }
+        mod sqlite { $( #[tokio::test] async fn $scenario() { super::$scenario(super::Backend::Sqlite).await } )* }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use on_every_backend;
