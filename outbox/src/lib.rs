@@ -37,14 +37,35 @@
 //! # let _ = order; Ok(()) }
 //! ```
 //!
-//! Rows are written into the `published` table (see [`migration`]), with the `dop-*` headers that
-//! django-outbox-pattern services read.
+//! Rows are written into the `published` table (see the `migration` module), with the `dop-*`
+//! headers that django-outbox-pattern services read.
+//!
+//! ## Features
+//!
+//! | feature | default | what it adds |
+//! | --- | --- | --- |
+//! | `postgres` | yes | PostgreSQL through sqlx: `FOR UPDATE SKIP LOCKED` claims, LISTEN/NOTIFY wake-up |
+//! | `mysql` | no | MySQL and MariaDB 10.6+ through sqlx |
+//! | `sqlite` | no | SQLite through sqlx (builds SQLite's C sources) |
+//! | `migration` | no | `outbox::migration`: the tables' migrations, for a crate that runs sea-orm-migration |
+//! | `metrics` | yes | `outbox::metrics`: counters, gauges and histograms through the `metrics` facade |
+//!
+//! SeaORM's runtime is tokio (the relay and the consumer run on it); the database TLS stack
+//! (`sea-orm/runtime-tokio-rustls` or `-native-tls`) stays the service's choice.
+
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod config;
 mod consumer;
 mod error;
 pub mod headers;
+#[cfg(feature = "metrics")]
+#[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
 pub mod metrics;
+#[cfg(not(feature = "metrics"))]
+mod metrics;
+#[cfg(feature = "migration")]
+#[cfg_attr(docsrs, doc(cfg(feature = "migration")))]
 pub mod migration;
 pub mod ops;
 mod payload;

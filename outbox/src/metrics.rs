@@ -32,13 +32,18 @@
 //! // After installing the recorder:
 //! outbox::metrics::describe();
 //! ```
+//!
+//! This module needs the `metrics` feature (on by default); without it nothing is recorded.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+#[cfg(feature = "metrics")]
 use ::metrics::{
     Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
 };
+#[cfg(not(feature = "metrics"))]
+use noop::{counter, gauge, histogram};
 use sea_orm::DatabaseConnection;
 
 use crate::published::Model as Row;
@@ -71,8 +76,31 @@ pub const CONSUMER_CALLBACK_DURATION: &str = "outbox_consumer_callback_duration_
 /// How often a relay samples the pending gauges.
 const PENDING_SAMPLE_EVERY: Duration = Duration::from_secs(10);
 
+/// Recording that compiles to nothing, for a build without the `metrics` feature.
+#[cfg(not(feature = "metrics"))]
+mod noop {
+    /// Takes the place of a counter, gauge or histogram handle.
+    pub(super) struct Noop;
+
+    impl Noop {
+        pub(super) fn increment(&self, _: u64) {}
+        pub(super) fn record(&self, _: f64) {}
+        pub(super) fn set(&self, _: f64) {}
+    }
+
+    macro_rules! counter {
+        ($($any:tt)*) => {
+            $crate::metrics::noop::Noop
+        };
+    }
+    pub(super) use counter;
+    pub(super) use counter as gauge;
+    pub(super) use counter as histogram;
+}
+
 /// Gives the installed recorder the help text and unit of every outbox metric. Call it once,
 /// after installing the recorder; recording works without it.
+#[cfg(feature = "metrics")]
 pub fn describe() {
     describe_counter!(
         MESSAGES_SENT,
@@ -185,6 +213,9 @@ impl PendingSampler {
     /// Runs the sampling query if the last sample is 10 s old. A failure is logged: the gauges
     /// keep their last values.
     pub(crate) async fn sample_if_due(&mut self, db: &DatabaseConnection) {
+        if cfg!(not(feature = "metrics")) {
+            return;
+        }
         if self
             .last
             .is_some_and(|at| at.elapsed() < PENDING_SAMPLE_EVERY)

@@ -436,6 +436,7 @@ impl Producer {
     }
 
     /// On PostgreSQL, a task that LISTENs for commits of outbox rows and wakes the relay.
+    #[cfg(feature = "postgres")]
     fn listen_postgres(&self) -> Option<tokio::task::JoinHandle<()>> {
         if self.db.get_database_backend() != DbBackend::Postgres {
             return None;
@@ -453,9 +454,16 @@ impl Producer {
             }
         }))
     }
+
+    /// Without the PostgreSQL driver there is nothing to listen to: rows wake the relay by polling.
+    #[cfg(not(feature = "postgres"))]
+    fn listen_postgres(&self) -> Option<tokio::task::JoinHandle<()>> {
+        None
+    }
 }
 
 /// Forwards notifications to `wake` until the listener fails.
+#[cfg(feature = "postgres")]
 async fn listen(pool: &sea_orm::sqlx::PgPool, wake: &Notify) -> Result<(), sea_orm::sqlx::Error> {
     let mut listener = sea_orm::sqlx::postgres::PgListener::connect_with(pool).await?;
     listener.listen(NOTIFY_CHANNEL).await?;

@@ -14,8 +14,7 @@ use outbox::published::{Column, Model as Row};
 use outbox::transport::MemoryTransport;
 use outbox::{OutboxConfig, Producer, Published, Status};
 use sea_orm::{
-    ActiveEnum, ColumnTrait, DatabaseConnection, EntityTrait, PaginatorTrait, QueryFilter,
-    TransactionTrait,
+    ActiveEnum, ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, TransactionTrait,
 };
 use serde_json::json;
 
@@ -550,49 +549,6 @@ async fn on_postgres_a_commit_wakes_the_relay_in_milliseconds() {
     let latency = committed.elapsed();
     relay.stop().await.unwrap();
     assert!(latency < Duration::from_secs(2), "took {latency:?}");
-    test.drop_database().await;
-}
-
-#[tokio::test]
-async fn the_outbox_binary_relays_and_exits_zero_on_sigterm_with_no_row_left_claimed() {
-    let test = TestDb::new(Backend::Postgres).await;
-    let key = unique("relay_binary");
-    let (mut reader, _cleanup) = topic_reader(&key).await;
-    enqueue_many(&test.db, &format!("/topic/{key}"), 50).await;
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_outbox"))
-        .arg("publish")
-        .env("DATABASE_URL", &test.url)
-        .env("OUTBOX_STOMP_HOST_AND_PORTS", RABBITMQ_STOMP)
-        .env("OUTBOX_PRODUCER_WAITING_TIME", "0.1")
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start outbox publish");
-    let mut ids = HashSet::new();
-    while ids.len() < 50 {
-        let frame = reader
-            .next_message(Duration::from_secs(20))
-            .await
-            .expect("the binary relays");
-        ids.insert(frame.header("dop-msg-id").unwrap().to_owned());
-    }
-    enqueue_many(&test.db, &format!("/topic/{key}"), 50).await;
-    let pid = child.id().expect("running");
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
-        .await
-        .expect("exits after SIGTERM")
-        .unwrap();
-    assert_eq!(status.code(), Some(0));
-    let claimed = Published::find()
-        .filter(Column::ClaimToken.is_not_null())
-        .count(&test.db)
-        .await
-        .unwrap();
-    assert_eq!(claimed, 0, "no row left claimed");
     test.drop_database().await;
 }
 

@@ -7,8 +7,10 @@
 
 use std::any::Any;
 use std::fmt;
+#[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
 use std::ops::Deref;
 
+#[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
 use sea_orm::sqlx;
 use sea_orm::{DbErr, RuntimeErr};
 
@@ -89,10 +91,8 @@ fn error_is_transient(error: &(dyn std::error::Error + 'static)) -> bool {
             db_err_is_transient(err)
         } else if let Some(err) = error.downcast_ref::<RuntimeErr>() {
             runtime_err_is_transient(err)
-        } else if let Some(err) = error.downcast_ref::<sqlx::Error>() {
-            sqlx_is_transient(err)
         } else {
-            false
+            sqlx_error_is_transient(error)
         };
         if transient {
             return true;
@@ -112,11 +112,23 @@ pub(crate) fn db_err_is_transient(err: &DbErr) -> bool {
 
 fn runtime_err_is_transient(err: &RuntimeErr) -> bool {
     match err {
+        #[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
         RuntimeErr::SqlxError(err) => sqlx_is_transient(err),
         _ => false,
     }
 }
 
+/// Whether `error` is a transient sqlx error (never, in a build without a database driver).
+fn sqlx_error_is_transient(error: &(dyn std::error::Error + 'static)) -> bool {
+    #[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
+    if let Some(err) = error.downcast_ref::<sqlx::Error>() {
+        return sqlx_is_transient(err);
+    }
+    let _ = error;
+    false
+}
+
+#[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
 fn sqlx_is_transient(err: &sqlx::Error) -> bool {
     match err {
         sqlx::Error::Io(_)
@@ -129,7 +141,9 @@ fn sqlx_is_transient(err: &sqlx::Error) -> bool {
 }
 
 /// PostgreSQL SQLSTATE classes and codes, MySQL/MariaDB error numbers, SQLite result codes.
+#[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
 fn database_error_is_transient(err: &dyn sqlx::error::DatabaseError) -> bool {
+    #[cfg(feature = "mysql")]
     if let Some(mysql) = err.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
         // Deadlock, lock wait timeout, too many connections, server shutdown, connection killed,
         // server gone, connection lost.
@@ -139,6 +153,7 @@ fn database_error_is_transient(err: &dyn sqlx::error::DatabaseError) -> bool {
         );
     }
     let code = err.code().unwrap_or_default();
+    #[cfg(feature = "sqlite")]
     if err
         .try_downcast_ref::<sqlx::sqlite::SqliteError>()
         .is_some()

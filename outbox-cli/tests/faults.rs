@@ -14,6 +14,7 @@
 //! the same time on the one shared RabbitMQ; the proxy's cut/refuse stands in for it. TLS to an
 //! untrusted server is covered by `tests/tls.rs`.
 
+#[path = "../../outbox/tests/common/mod.rs"]
 mod common;
 
 use std::collections::{HashMap, HashSet};

@@ -2,6 +2,7 @@
 //! `OUTBOX_*` in its environment) against real databases and the real RabbitMQ: what each
 //! command reports, changes and leaves alone, and its exit codes.
 
+#[path = "../../outbox/tests/common/mod.rs"]
 mod common;
 
 use std::collections::BTreeMap;
@@ -728,4 +729,47 @@ async fn usage_and_configuration_errors_exit_2_and_operational_failures_exit_1()
     }
     let help = outbox(None, &["--help"]).await.ok();
     assert!(help.stdout.contains("Exit codes"), "{}", help.stdout);
+}
+
+#[tokio::test]
+async fn the_outbox_binary_relays_and_exits_zero_on_sigterm_with_no_row_left_claimed() {
+    let test = TestDb::new(Backend::Postgres).await;
+    let key = unique("relay_binary");
+    let (mut reader, _cleanup) = topic_reader(&key).await;
+    enqueue(&test.db, &format!("/topic/{key}"), 50).await;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_outbox"))
+        .arg("publish")
+        .env("DATABASE_URL", &test.url)
+        .env("OUTBOX_STOMP_HOST_AND_PORTS", RABBITMQ_STOMP)
+        .env("OUTBOX_PRODUCER_WAITING_TIME", "0.1")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start outbox publish");
+    let mut ids = std::collections::HashSet::new();
+    while ids.len() < 50 {
+        let frame = reader
+            .next_message(Duration::from_secs(20))
+            .await
+            .expect("the binary relays");
+        ids.insert(frame.header("dop-msg-id").unwrap().to_owned());
+    }
+    enqueue(&test.db, &format!("/topic/{key}"), 50).await;
+    let pid = child.id().expect("running");
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("exits after SIGTERM")
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    let claimed = Published::find()
+        .filter(Column::ClaimToken.is_not_null())
+        .all(&test.db)
+        .await
+        .unwrap();
+    assert!(claimed.is_empty(), "no row left claimed");
+    test.drop_database().await;
 }
