@@ -35,6 +35,9 @@
 //!
 //! This module needs the `metrics` feature (on by default); without it nothing is recorded.
 
+// Without the feature the recording functions still take their arguments, and ignore them.
+#![cfg_attr(not(feature = "metrics"), allow(unused_variables, dead_code))]
+
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
