@@ -18,25 +18,20 @@
 mod common;
 mod harness;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::io::Write;
-use std::net::SocketAddr;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use common::proxy::FaultProxy;
-use common::stomp_peer::{QueueCleanup, RABBITMQ_STOMP, StompPeer, queue_message_count, unique};
+use common::stomp_peer::{RABBITMQ_STOMP, StompPeer, queue_message_count, unique};
 use common::{Backend, TestDb, count_with_status, eventually};
 use harness::*;
-use outbox::published::Column;
 use outbox::transport::{StompTransport, Transport, TransportError};
-use outbox::{Consumer, OutboxConfig, Payload, Producer, Published, Secret, Status};
-use sea_orm::{
-    ColumnTrait, ConnectOptions, ConnectionTrait, Database, DatabaseConnection, EntityTrait,
-    PaginatorTrait, QueryFilter, Statement, TransactionTrait,
-};
+use outbox::{Consumer, OutboxConfig, Payload, Producer, Secret, Status};
+use sea_orm::{ConnectionTrait, EntityTrait, Statement, TransactionTrait};
 use serde_json::json;
 
 // ---------------------------------------------------------------------------------------------

@@ -13,6 +13,8 @@ use crate::common::stomp_peer::{
     QueueCleanup, RABBITMQ_STOMP, StompPeer, queue_message_count, unique,
 };
 use crate::common::{count_with_status, eventually};
+use outbox::published::Column;
+use outbox::transport::StompTransport;
 use outbox::{OutboxConfig, Payload, Published, Status};
 use sea_orm::{
     ColumnTrait, ConnectOptions, ConnectionTrait, Database, DatabaseConnection, EntityTrait,
