@@ -16,7 +16,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sea_orm::{DatabaseConnection, DbBackend};
+use sea_orm::DatabaseConnection;
 use tokio::sync::Notify;
 use tracing::Instrument;
 use uuid::Uuid;
@@ -438,7 +438,7 @@ impl Producer {
     /// On PostgreSQL, a task that LISTENs for commits of outbox rows and wakes the relay.
     #[cfg(feature = "postgres")]
     fn listen_postgres(&self) -> Option<tokio::task::JoinHandle<()>> {
-        if self.db.get_database_backend() != DbBackend::Postgres {
+        if self.db.get_database_backend() != sea_orm::DbBackend::Postgres {
             return None;
         }
         let pool = self.db.get_postgres_connection_pool().clone();
