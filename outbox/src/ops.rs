@@ -7,16 +7,23 @@
 //! - [`Purge`]: deletes sent or failed rows (unsent rows only when forced), in bounded batches.
 //! - [`dlq_list`] and [`dlq_replay`]: look into a consumer's dead-letter queue without losing
 //!   anything, and move its messages back to the queue they came from.
+//! - [`FindRows`], [`show`] and [`FindReceived`]: find messages in the outbox and the inbox by
+//!   status, destination, correlation id, message id or time.
+//! - [`HealthCheck`]: thresholds on the oldest unsent row and the FAILED rows, for monitors.
 //!
 //! Row filters take an age (`older_than`): a row qualifies when it was written (`added`) longer
 //! ago than that.
 
+mod browse;
 mod dlq;
+mod health;
 mod purge;
 mod retry;
 mod status;
 
+pub use browse::{DEFAULT_LIMIT, FindReceived, FindRows, show};
 pub use dlq::{DeadLetter, ReplayReport, dlq_list, dlq_replay};
+pub use health::{Health, HealthCheck};
 pub use purge::{Purge, PurgeStatus};
 pub use retry::Retry;
 pub use status::{
