@@ -173,13 +173,14 @@ impl ConsumerBuilder {
         self
     }
 
-    /// The consumer; checks the settings and reads the TLS files they name.
+    /// The consumer; checks the settings, makes them the process's ([`OutboxConfig::install`])
+    /// and reads the TLS files they name.
     pub fn build(self) -> Result<Consumer, Error> {
         let config = match self.config {
             Some(config) => config,
             None => OutboxConfig::from_env()?,
         };
-        config.validate()?;
+        config.install()?;
         if self.in_flight == 0 {
             return Err(Error::Config {
                 variable: "in_flight".into(),
