@@ -49,7 +49,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the relay: send scheduled outbox rows to the broker until SIGTERM or SIGINT.
+    /// Run the relay: send scheduled outbox rows to the broker until SIGTERM, SIGINT or SIGQUIT.
     Publish,
     /// Show what the outbox holds: rows per status and destination, failures, inbox rows.
     ///

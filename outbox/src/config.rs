@@ -321,10 +321,26 @@ impl OutboxConfig {
         const CENTISECOND: Duration = Duration::from_millis(10);
         let within = |min, max| Range { min, max };
         [
-            ("OUTBOX_MAXIMUM_BACKOFF", self.maximum_backoff, within(CENTISECOND, DAY)),
-            ("OUTBOX_RECEIPT_TIMEOUT", self.receipt_timeout, within(CENTISECOND, HOUR)),
-            ("OUTBOX_PAUSE_FOR_RETRY", self.pause_for_retry, within(Duration::ZERO, 30 * DAY)),
-            ("OUTBOX_WAIT_RETRY", self.wait_retry, within(Duration::ZERO, 30 * DAY)),
+            (
+                "OUTBOX_MAXIMUM_BACKOFF",
+                self.maximum_backoff,
+                within(CENTISECOND, DAY),
+            ),
+            (
+                "OUTBOX_RECEIPT_TIMEOUT",
+                self.receipt_timeout,
+                within(CENTISECOND, HOUR),
+            ),
+            (
+                "OUTBOX_PAUSE_FOR_RETRY",
+                self.pause_for_retry,
+                within(Duration::ZERO, 30 * DAY),
+            ),
+            (
+                "OUTBOX_WAIT_RETRY",
+                self.wait_retry,
+                within(Duration::ZERO, 30 * DAY),
+            ),
             (
                 "OUTBOX_PRODUCER_WAITING_TIME",
                 self.producer_waiting_time,
@@ -728,24 +744,88 @@ mod tests {
     #[test]
     fn every_duration_and_count_outside_its_range_is_refused_naming_the_variable_and_range() {
         for (name, value, range) in [
-            ("OUTBOX_DAYS_TO_KEEP_DATA", "99999999", "between 1 and 36500"),
+            (
+                "OUTBOX_DAYS_TO_KEEP_DATA",
+                "99999999",
+                "between 1 and 36500",
+            ),
             ("OUTBOX_DAYS_TO_KEEP_DATA", "0", "between 1 and 36500"),
-            ("OUTBOX_PRODUCER_LEASE", "99999999999999", "between 1 and 86400 seconds"),
-            ("OUTBOX_REMOVE_DATA_CACHE_TTL", "99999999999999", "between 0 and 2592000 seconds"),
-            ("OUTBOX_PUBLISHED_CHUNK_SIZE", "100000", "between 1 and 32761"),
+            (
+                "OUTBOX_PRODUCER_LEASE",
+                "99999999999999",
+                "between 1 and 86400 seconds",
+            ),
+            (
+                "OUTBOX_REMOVE_DATA_CACHE_TTL",
+                "99999999999999",
+                "between 0 and 2592000 seconds",
+            ),
+            (
+                "OUTBOX_PUBLISHED_CHUNK_SIZE",
+                "100000",
+                "between 1 and 32761",
+            ),
             ("OUTBOX_PUBLISHED_CHUNK_SIZE", "0", "between 1 and 32761"),
-            ("OUTBOX_PAUSE_FOR_RETRY", "99999999999999", "between 0 and 2592000 seconds"),
-            ("OUTBOX_WAIT_RETRY", "2592001", "between 0 and 2592000 seconds"),
-            ("OUTBOX_CONSUMER_RETRY_WAIT", "99999999999999", "between 0 and 3600 seconds"),
-            ("OUTBOX_CONSUMER_CALLBACK_TIMEOUT", "0", "between 0.01 and 86400 seconds"),
-            ("OUTBOX_CONSUMER_SHUTDOWN_TIMEOUT", "1e12", "between 0 and 86400 seconds"),
-            ("OUTBOX_CONSUMER_MAX_RETRY_ATTEMPTS", "101", "between 0 and 100"),
-            ("OUTBOX_MAXIMUM_BACKOFF", "0", "between 0.01 and 86400 seconds"),
-            ("OUTBOX_RECEIPT_TIMEOUT", "1e15", "between 0.01 and 3600 seconds"),
-            ("OUTBOX_PRODUCER_WAITING_TIME", "0", "between 0.01 and 3600 seconds"),
-            ("OUTBOX_MAXIMUM_RETRY_ATTEMPTS", "0", "between 1 and 1000000"),
-            ("OUTBOX_STOMP_MAX_FRAME_SIZE", "100", "between 4096 and 1073741824"),
-            ("OUTBOX_STOMP_HEARTBEATS", "5000000000,0", "between 0 and 3600000 milliseconds"),
+            (
+                "OUTBOX_PAUSE_FOR_RETRY",
+                "99999999999999",
+                "between 0 and 2592000 seconds",
+            ),
+            (
+                "OUTBOX_WAIT_RETRY",
+                "2592001",
+                "between 0 and 2592000 seconds",
+            ),
+            (
+                "OUTBOX_CONSUMER_RETRY_WAIT",
+                "99999999999999",
+                "between 0 and 3600 seconds",
+            ),
+            (
+                "OUTBOX_CONSUMER_CALLBACK_TIMEOUT",
+                "0",
+                "between 0.01 and 86400 seconds",
+            ),
+            (
+                "OUTBOX_CONSUMER_SHUTDOWN_TIMEOUT",
+                "1e12",
+                "between 0 and 86400 seconds",
+            ),
+            (
+                "OUTBOX_CONSUMER_MAX_RETRY_ATTEMPTS",
+                "101",
+                "between 0 and 100",
+            ),
+            (
+                "OUTBOX_MAXIMUM_BACKOFF",
+                "0",
+                "between 0.01 and 86400 seconds",
+            ),
+            (
+                "OUTBOX_RECEIPT_TIMEOUT",
+                "1e15",
+                "between 0.01 and 3600 seconds",
+            ),
+            (
+                "OUTBOX_PRODUCER_WAITING_TIME",
+                "0",
+                "between 0.01 and 3600 seconds",
+            ),
+            (
+                "OUTBOX_MAXIMUM_RETRY_ATTEMPTS",
+                "0",
+                "between 1 and 1000000",
+            ),
+            (
+                "OUTBOX_STOMP_MAX_FRAME_SIZE",
+                "100",
+                "between 4096 and 1073741824",
+            ),
+            (
+                "OUTBOX_STOMP_HEARTBEATS",
+                "5000000000,0",
+                "between 0 and 3600000 milliseconds",
+            ),
         ] {
             let err = OutboxConfig::from_vars(vars(&[(name, value)]))
                 .expect_err(&format!("{name}={value} accepted"))
@@ -785,7 +865,10 @@ mod tests {
         c.consumer_retry_wait = Duration::MAX;
         assert!(c.validate().is_err());
         let mut c = OutboxConfig::default();
-        c.stomp_heartbeats = (Duration::ZERO, Duration::from_millis(u64::from(u32::MAX) + 1));
+        c.stomp_heartbeats = (
+            Duration::ZERO,
+            Duration::from_millis(u64::from(u32::MAX) + 1),
+        );
         assert!(c.install().is_err());
     }
 
@@ -813,9 +896,18 @@ mod tests {
                 "url \"mysql://root:p%40ss%25w0rd%23@h/db\" refused",
                 "url \"mysql://root:***@h/db\" refused",
             ),
-            ("amqps://u:a@b@c/d@host:5671/vh", "amqps://u:***@host:5671/vh"),
-            ("two: a://x:1@h and b://y:2@k", "two: a://x:***@h and b://y:***@k"),
-            ("no password: postgres://postgres@127.0.0.1/test", "no password: postgres://postgres@127.0.0.1/test"),
+            (
+                "amqps://u:a@b@c/d@host:5671/vh",
+                "amqps://u:***@host:5671/vh",
+            ),
+            (
+                "two: a://x:1@h and b://y:2@k",
+                "two: a://x:***@h and b://y:***@k",
+            ),
+            (
+                "no password: postgres://postgres@127.0.0.1/test",
+                "no password: postgres://postgres@127.0.0.1/test",
+            ),
             ("nothing here", "nothing here"),
             ("sqlite://db.sqlite?mode=rwc", "sqlite://db.sqlite?mode=rwc"),
         ] {
