@@ -544,8 +544,14 @@ fn parse_seconds(value: &str) -> Result<Duration, String> {
     let seconds: f64 = value
         .parse()
         .map_err(|_| "expected a number of seconds (fractions allowed)".to_owned())?;
-    Duration::try_from_secs_f64(seconds)
-        .map_err(|_| "expected a non-negative number of seconds".into())
+    if seconds.is_finite() && seconds > 0.0 {
+        // Beyond what a Duration holds: far beyond any setting's range.
+        Duration::try_from_secs_f64(seconds)
+            .map_err(|_| format!("{seconds} seconds is far beyond the setting's range"))
+    } else {
+        Duration::try_from_secs_f64(seconds)
+            .map_err(|_| "expected a non-negative number of seconds".into())
+    }
 }
 
 fn parse_heartbeats(value: &str) -> Result<(Duration, Duration), String> {
