@@ -1421,3 +1421,162 @@ async fn a_panic_in_the_consumer_s_own_code_still_settles_the_message() {
     assert!(!keys.contains(&"before-commit".to_owned()), "{keys:?}");
     test.drop_database().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Signals: Consumer::run in a process of its own
+
+const SIGNAL_CHILD_DB: &str = "OUTBOX_TEST_SIGNAL_CHILD_DATABASE_URL";
+const SIGNAL_CHILD_DESTINATION: &str = "OUTBOX_TEST_SIGNAL_CHILD_DESTINATION";
+
+/// The child process of the signal tests: this test binary run again with this test alone. It
+/// runs `Consumer::run` (stopped by signals only) and says on stdout what it is doing; without
+/// its variables it does nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the consumer child process of the signal tests; runs only as a child"]
+async fn signal_child_consumer() {
+    let (Ok(url), Ok(destination)) = (
+        std::env::var(SIGNAL_CHILD_DB),
+        std::env::var(SIGNAL_CHILD_DESTINATION),
+    ) else {
+        return;
+    };
+    let db = sea_orm::Database::connect(url)
+        .await
+        .expect("child: database");
+    let mut settings = config(RABBITMQ_STOMP);
+    settings.consumer_shutdown_timeout = Duration::from_secs(60);
+    let built = consumer(&db, settings, &destination)
+        .build()
+        .expect("child: consumer");
+    built
+        .run(|payload: Payload| async move {
+            let key = payload.message_id().unwrap_or_default().to_owned();
+            if payload.body()["do"] == "hang" {
+                println!("child: callback started {key}");
+                std::future::pending::<()>().await;
+            }
+            payload.save();
+            println!("child: processed {key}");
+            Ok::<_, BoxError>(())
+        })
+        .await
+        .expect("child: consumer ran");
+    println!("child: stopped");
+}
+
+/// Starts the signal child on `destination`; returns it and its stdout lines.
+fn spawn_signal_child(
+    test: &TestDb,
+    destination: &str,
+) -> (
+    tokio::process::Child,
+    tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+) {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(std::env::current_exe().expect("this binary"))
+        .args([
+            "signal_child_consumer",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(SIGNAL_CHILD_DB, &test.url)
+        .env(SIGNAL_CHILD_DESTINATION, destination)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the consumer child");
+    let lines = tokio::io::BufReader::new(child.stdout.take().expect("piped")).lines();
+    (child, lines)
+}
+
+/// Reads the child's stdout up to a line with `expected`.
+async fn wait_for_line(
+    lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    expected: &str,
+) {
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = lines.next_line().await.expect("read the child") {
+            // libtest may print its own words before ours on the line.
+            if line.contains(expected) {
+                return;
+            }
+        }
+        panic!("the child ended before `{expected}`");
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no `{expected}` from the child within 20 s"));
+}
+
+fn send_signal(child: &tokio::process::Child, signal: &str) {
+    let pid = child.id().expect("running").to_string();
+    let sent = std::process::Command::new("kill")
+        .args([signal, &pid])
+        .status()
+        .expect("run kill");
+    assert!(sent.success());
+}
+
+#[tokio::test]
+async fn a_second_signal_during_the_graceful_stop_of_consumer_run_exits_at_once() {
+    let test = TestDb::new(Backend::Postgres).await;
+    let (destination, queue, _cleanup) = fresh_destination("c_second_signal");
+    declare_on_rabbitmq(&destination).await;
+    send_raw(&destination, "stuck", json!({"do": "hang"}), &[]).await;
+    let (mut child, mut lines) = spawn_signal_child(&test, &destination);
+    wait_for_line(&mut lines, "child: callback started stuck").await;
+    send_signal(&child, "-TERM");
+    // The first signal starts the graceful stop, which waits (up to 60 s) for the callback.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "still waiting for its callback"
+    );
+    let asked = Instant::now();
+    send_signal(&child, "-TERM");
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("the second signal ends the process")
+        .unwrap();
+    assert_eq!(status.code(), Some(1));
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        asked.elapsed()
+    );
+    // Unacknowledged, the message is the broker's again.
+    eventually(
+        Duration::from_secs(10),
+        "the message back in its queue",
+        || {
+            let count = queue_message_count(&queue);
+            async move { count == Some(1) }
+        },
+    )
+    .await;
+    assert!(inbox(&test.db).await.is_empty());
+    test.drop_database().await;
+}
+
+#[tokio::test]
+async fn consumer_run_stops_gracefully_on_sigquit_as_on_sigterm() {
+    let test = TestDb::new(Backend::Postgres).await;
+    let (destination, queue, _cleanup) = fresh_destination("c_sigquit");
+    declare_on_rabbitmq(&destination).await;
+    send_raw(&destination, "first", json!({"do": "ok"}), &[]).await;
+    let (mut child, mut lines) = spawn_signal_child(&test, &destination);
+    wait_for_line(&mut lines, "child: processed first").await;
+    send_signal(&child, "-QUIT");
+    wait_for_line(&mut lines, "child: stopped").await;
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("SIGQUIT stops the consumer")
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "a graceful stop, not a core dump");
+    assert_eq!(inbox(&test.db).await.len(), 1);
+    assert_eq!(queue_message_count(&queue), Some(0));
+    test.drop_database().await;
+}
