@@ -996,7 +996,9 @@ async fn secrets_never_show_in_any_error_or_log_line() {
     let (mut reader, _cleanup) = topic_reader(&key).await;
     enqueue(&test.db, &format!("/topic/{key}"), 3).await;
 
-    let runs: Vec<(String, String, Vec<(&str, String)>, Vec<&str>)> = vec![
+    // What the run is, its DATABASE_URL, more variables, its arguments.
+    type SecretRun<'a> = (String, String, Vec<(&'a str, String)>, Vec<&'a str>);
+    let runs: Vec<SecretRun> = vec![
         // Malformed: the password unencoded, as copied from a secret store.
         (
             "malformed URL".into(),

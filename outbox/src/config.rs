@@ -863,18 +863,24 @@ mod tests {
 
     #[test]
     fn settings_built_in_code_are_checked_too() {
-        let mut c = OutboxConfig::default();
-        c.days_to_keep_data = 0;
+        let c = OutboxConfig {
+            days_to_keep_data: 0,
+            ..OutboxConfig::default()
+        };
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("OUTBOX_DAYS_TO_KEEP_DATA"), "{err}");
-        let mut c = OutboxConfig::default();
-        c.consumer_retry_wait = Duration::MAX;
+        let c = OutboxConfig {
+            consumer_retry_wait: Duration::MAX,
+            ..OutboxConfig::default()
+        };
         assert!(c.validate().is_err());
-        let mut c = OutboxConfig::default();
-        c.stomp_heartbeats = (
-            Duration::ZERO,
-            Duration::from_millis(u64::from(u32::MAX) + 1),
-        );
+        let c = OutboxConfig {
+            stomp_heartbeats: (
+                Duration::ZERO,
+                Duration::from_millis(u64::from(u32::MAX) + 1),
+            ),
+            ..OutboxConfig::default()
+        };
         assert!(c.install().is_err());
     }
 
