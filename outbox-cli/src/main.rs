@@ -3,7 +3,9 @@
 //! Reads `DATABASE_URL` and the `OUTBOX_*` settings. Logs go to stderr; `RUST_LOG` sets the level
 //! (default `info` for `publish`, `warn` for the other commands, whose output is on stdout).
 
+use std::io::Write;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::SecondsFormat;
@@ -49,7 +51,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the relay: send scheduled outbox rows to the broker until SIGTERM or SIGINT.
+    /// Run the relay: send scheduled outbox rows to the broker until SIGTERM, SIGINT or SIGQUIT.
     Publish,
     /// Show what the outbox holds: rows per status and destination, failures, inbox rows.
     ///
@@ -67,8 +69,9 @@ enum Command {
     /// Delete sent or failed rows, in batches.
     ///
     /// Deletes the rows of one status (sent rows by default), optionally only those written
-    /// longer ago than --older-than, a thousand rows per statement. Rows waiting to be sent are
-    /// never deleted, unless `--status scheduled --force`. Prints how many rows were deleted.
+    /// longer ago than --older-than, a thousand rows per statement. Rows whose messages were never
+    /// delivered (failed, or waiting to be sent) are deleted only with --force. Prints how many
+    /// rows were deleted.
     Purge(PurgeArgs),
     /// Inspect and replay a consumer's dead-letter queue (DLQ.<queue>).
     #[command(subcommand)]
@@ -112,9 +115,9 @@ struct RetryArgs {
 enum PurgeStatusArg {
     /// Sent rows (SUCCEEDED).
     Sent,
-    /// Given-up rows (FAILED).
+    /// Given-up rows (FAILED): their messages were never delivered. Needs --force.
     Failed,
-    /// Sent and failed rows.
+    /// Sent and failed rows. Needs --force.
     AllSentAndFailed,
     /// Rows waiting to be sent (SCHEDULE): their messages are lost. Needs --force.
     Scheduled,
@@ -142,7 +145,8 @@ struct PurgeArgs {
     /// Count the rows that would be deleted; delete nothing.
     #[arg(long)]
     dry_run: bool,
-    /// Required by --status scheduled: deleting unsent rows loses their messages.
+    /// Required by --status failed, all-sent-and-failed and scheduled (dry run or not):
+    /// deleting rows never delivered loses their messages.
     #[arg(long)]
     force: bool,
 }
@@ -161,7 +165,9 @@ enum DlqCommand {
     /// removed) and removed from the dead-letter queue only once the broker confirmed the copy:
     /// an interruption leaves a message in both queues at worst, and the consumer's inbox
     /// recognises the second copy. Fails before moving anything if <queue> does not exist.
-    /// Stops at a message dead-lettered again during the replay. Prints how many were moved.
+    /// Each copy carries the run's id in an x-outbox-replay-run header: the replay stops at a
+    /// copy of its own dead-lettered again during the run (so it ends even without --limit,
+    /// for messages without an id too). Prints how many were moved.
     Replay(DlqReplayArgs),
 }
 
@@ -232,23 +238,139 @@ async fn main() -> ExitCode {
         Command::Publish => "info",
         _ => "warn",
     };
+    let redactor = Arc::new(Redactor::new(cli.database_url.as_deref()));
+    let log_redactor = redactor.clone();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(move || RedactingStderr(log_redactor.clone()))
         .init();
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Usage(message)) => {
-            eprintln!("outbox: {message}");
+            eprintln!("outbox: {}", redactor.redact(&message));
             ExitCode::from(EXIT_USAGE)
         }
         Err(Failure::Operation(message)) => {
-            eprintln!("outbox: {message}");
+            eprintln!("outbox: {}", redactor.redact(&message));
             ExitCode::from(EXIT_FAILURE)
         }
+    }
+}
+
+/// Takes the secrets of this run out of every error and log line: the credentials of any URL
+/// ([`outbox::redact_credentials`]), and, wherever they appear, the database password and the
+/// broker passcode this run was given, as written, percent-decoded and percent-encoded (a driver
+/// may quote any of these, and an unparsable URL is quoted whole).
+struct Redactor {
+    secrets: Vec<String>,
+}
+
+/// Shorter secrets are not searched for in the text (they would blank out ordinary words);
+/// the URL redaction still covers them.
+const SHORTEST_SECRET: usize = 4;
+
+impl Redactor {
+    fn new(database_url: Option<&str>) -> Redactor {
+        let mut secrets = Vec::new();
+        if let Some(password) = database_url.and_then(url_password) {
+            secrets.push(password.to_owned());
+        }
+        if let Ok(passcode) = std::env::var("OUTBOX_STOMP_PASSCODE") {
+            let username =
+                std::env::var("OUTBOX_STOMP_USERNAME").unwrap_or_else(|_| "guest".into());
+            // The default guest/guest: the passcode is the user name, which is no secret.
+            if passcode != username {
+                secrets.push(passcode);
+            }
+        }
+        let mut forms = Vec::new();
+        for secret in secrets {
+            forms.push(percent_decoded(&secret));
+            forms.push(percent_encoded(&secret, true));
+            forms.push(percent_encoded(&secret, false));
+            forms.push(secret);
+        }
+        forms.retain(|form| form.chars().count() >= SHORTEST_SECRET);
+        // Longest first: a form that contains another is replaced whole.
+        forms.sort_by_key(|form| std::cmp::Reverse(form.len()));
+        forms.dedup();
+        Redactor { secrets: forms }
+    }
+
+    fn redact(&self, text: &str) -> String {
+        let mut text = text.to_owned();
+        for secret in &self.secrets {
+            if text.contains(secret.as_str()) {
+                text = text.replace(secret.as_str(), "***");
+            }
+        }
+        outbox::redact_credentials(&text)
+    }
+}
+
+/// The password of `scheme://user:password@host...`, as written, when the URL has one (the
+/// part between the first `:` after `://` and the last `@` of the address, which holds even
+/// when the password has unencoded `@`, `#`, `?` or `/`).
+fn url_password(url: &str) -> Option<&str> {
+    let (_, rest) = url.split_once("://")?;
+    let address = rest.split(char::is_whitespace).next()?;
+    let userinfo = &address[..address.rfind('@')?];
+    let (_, password) = userinfo.split_once(':')?;
+    (!password.is_empty()).then_some(password)
+}
+
+fn percent_decoded(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%'
+            && let (Some(high), Some(low)) = (
+                bytes.get(i + 1).copied().and_then(hex),
+                bytes.get(i + 2).copied().and_then(hex),
+            )
+        {
+            out.push((high * 16 + low) as u8);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Every byte but RFC 3986's unreserved characters as `%XX`, in upper or lower case hex.
+fn percent_encoded(text: &str, upper: bool) -> String {
+    let mut out = String::with_capacity(text.len() * 3);
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+            out.push(byte as char);
+        } else if upper {
+            out.push_str(&format!("%{byte:02X}"));
+        } else {
+            out.push_str(&format!("%{byte:02x}"));
+        }
+    }
+    out
+}
+
+/// Standard error through a [`Redactor`]: the log formatter writes each event in one piece.
+struct RedactingStderr(Arc<Redactor>);
+
+impl Write for RedactingStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let text = String::from_utf8_lossy(buf);
+        std::io::stderr().write_all(self.0.redact(&text).as_bytes())?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
     }
 }
 
@@ -293,14 +415,15 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Purge(args) => {
             let status = PurgeStatus::from(args.status);
-            if args.status == PurgeStatusArg::Scheduled && !args.force {
-                return Err(Failure::Usage(
-                    "--status scheduled deletes rows whose messages were never sent: add --force to mean it".into(),
-                ));
+            if status.needs_force() && !args.force {
+                return Err(Failure::Usage(format!(
+                    "--status {status} deletes rows whose messages were never delivered (`outbox retry` could still send them): add --force to mean it"
+                )));
             }
-            if args.force && args.status != PurgeStatusArg::Scheduled {
+            if args.force && !status.needs_force() {
                 return Err(Failure::Usage(
-                    "--force only applies to --status scheduled".into(),
+                    "--force only applies to --status failed, all-sent-and-failed and scheduled"
+                        .into(),
                 ));
             }
             let db = connect(url, Some(OPERATION_POOL)).await?;
@@ -630,6 +753,28 @@ mod tests {
         assert_eq!(format_age(725), "12m 5s");
         assert_eq!(format_age(3600), "1h");
         assert_eq!(format_age(3 * 86_400 + 4 * 3600 + 5), "3d 4h");
+    }
+
+    #[test]
+    fn the_run_s_secrets_are_redacted_in_every_form() {
+        let url = "postgres://app:Qx7#pw?z@%41@127.0.0.1:5432/test";
+        assert_eq!(url_password(url), Some("Qx7#pw?z@%41"));
+        assert_eq!(url_password("postgres://app@h/db"), None);
+        assert_eq!(url_password("not a url"), None);
+        let redactor = Redactor::new(Some(url));
+        for leak in [
+            "Qx7#pw?z@%41",
+            "Qx7#pw?z@A",
+            "Qx7%23pw%3Fz%40%2541",
+            "qx7: Qx7%23pw%3fz%40%2541",
+        ] {
+            let shown = redactor.redact(&format!("error near {leak} end"));
+            assert!(!shown.contains("pw"), "{leak}: {shown}");
+        }
+        assert_eq!(
+            redactor.redact("invalid URL postgresql+psycopg://u:Dj4ngo!@h/db"),
+            "invalid URL postgresql+psycopg://u:***@h/db"
+        );
     }
 
     #[test]

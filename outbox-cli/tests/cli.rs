@@ -441,9 +441,11 @@ async fn purge_dry_run_deletes_nothing_and_purge_deletes_only_what_it_should(bac
     };
 
     for (status, expected) in [("sent", 3), ("failed", 3), ("all-sent-and-failed", 6)] {
-        let run = outbox(Some(url), &["purge", "--status", status, "--dry-run"])
-            .await
-            .ok();
+        let mut args = vec!["purge", "--status", status, "--dry-run"];
+        if status != "sent" {
+            args.push("--force");
+        }
+        let run = outbox(Some(url), &args).await.ok();
         assert_eq!(
             first_number(&run.stdout),
             expected,
@@ -457,14 +459,26 @@ async fn purge_dry_run_deletes_nothing_and_purge_deletes_only_what_it_should(bac
     assert_eq!(first_number(&run.stdout), 2, "{}", run.stdout);
     assert_eq!(remaining(test.db.clone()).await, without(&[]));
 
-    // Unsent rows: refused without --force, dry run or not.
+    // Rows never delivered (unsent or failed): refused without --force, dry run or not.
     for args in [
         &["purge", "--status", "scheduled"][..],
         &["purge", "--status", "scheduled", "--dry-run"][..],
+        &["purge", "--status", "failed"][..],
+        &["purge", "--status", "failed", "--dry-run"][..],
+        &["purge", "--status", "all-sent-and-failed"][..],
+        &[
+            "purge",
+            "--status",
+            "all-sent-and-failed",
+            "--older-than",
+            "1d",
+        ][..],
         &["purge", "--force"][..],
+        &["purge", "--status", "sent", "--force"][..],
     ] {
         let run = outbox(Some(url), args).await;
         assert_eq!(run.code, 2, "{args:?}: {}", run.stderr);
+        assert!(run.stderr.contains("--force"), "{args:?}: {}", run.stderr);
     }
     assert_eq!(remaining(test.db.clone()).await, without(&[]));
 
@@ -477,9 +491,12 @@ async fn purge_dry_run_deletes_nothing_and_purge_deletes_only_what_it_should(bac
     assert_eq!(first_number(&run.stdout), 2, "{}", run.stdout);
     assert_eq!(remaining(test.db.clone()).await, without(&[old_sent]));
 
-    let run = outbox(Some(url), &["purge", "--status", "all-sent-and-failed"])
-        .await
-        .ok();
+    let run = outbox(
+        Some(url),
+        &["purge", "--status", "all-sent-and-failed", "--force"],
+    )
+    .await
+    .ok();
     assert_eq!(first_number(&run.stdout), 4, "{}", run.stdout);
     assert_eq!(
         remaining(test.db.clone()).await,
@@ -772,4 +789,376 @@ async fn the_outbox_binary_relays_and_exits_zero_on_sigterm_with_no_row_left_cla
         .unwrap();
     assert!(claimed.is_empty(), "no row left claimed");
     test.drop_database().await;
+}
+
+#[tokio::test]
+async fn the_relay_stops_on_sigquit_as_on_sigterm() {
+    let test = TestDb::new(Backend::Postgres).await;
+    let key = unique("relay_sigquit");
+    let (mut reader, _cleanup) = topic_reader(&key).await;
+    enqueue(&test.db, &format!("/topic/{key}"), 1).await;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_outbox"))
+        .arg("publish")
+        .env("DATABASE_URL", &test.url)
+        .env("OUTBOX_STOMP_HOST_AND_PORTS", RABBITMQ_STOMP)
+        .env("OUTBOX_PRODUCER_WAITING_TIME", "0.1")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start outbox publish");
+    // Relaying shows the relay runs, its signal handlers installed.
+    reader
+        .next_message(Duration::from_secs(20))
+        .await
+        .expect("the binary relays");
+    let pid = child.id().expect("running");
+    let sent = std::process::Command::new("kill")
+        .args(["-QUIT", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("exits after SIGQUIT")
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "a clean stop, not a core dump");
+    test.drop_database().await;
+}
+
+// ------------------------------------------------------------------ settings out of range
+
+#[tokio::test]
+async fn settings_that_once_panicked_or_looped_now_fail_at_start_naming_the_variable() {
+    let test = TestDb::new(Backend::Postgres).await;
+    for (variable, value) in [
+        ("OUTBOX_DAYS_TO_KEEP_DATA", "99999999"),
+        ("OUTBOX_DAYS_TO_KEEP_DATA", "0"),
+        ("OUTBOX_PRODUCER_LEASE", "99999999999999"),
+        ("OUTBOX_REMOVE_DATA_CACHE_TTL", "99999999999999"),
+        ("OUTBOX_PUBLISHED_CHUNK_SIZE", "100000"),
+        ("OUTBOX_PAUSE_FOR_RETRY", "99999999999999"),
+        ("OUTBOX_CONSUMER_RETRY_WAIT", "99999999999999"),
+        ("OUTBOX_CONSUMER_CALLBACK_TIMEOUT", "0"),
+        ("OUTBOX_RECEIPT_TIMEOUT", "1e15"),
+        ("OUTBOX_STOMP_HEARTBEATS", "4294967296,0"),
+    ] {
+        for args in [&["publish"][..], &["status"][..]] {
+            let run = tokio::time::timeout(
+                Duration::from_secs(30),
+                command(Some(&test.url), args).env(variable, value).output(),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("{variable}={value} {args:?}: still running after 30 s"))
+            .unwrap();
+            let stderr = String::from_utf8_lossy(&run.stderr);
+            assert_eq!(
+                run.status.code(),
+                Some(2),
+                "{variable}={value} {args:?}: {stderr}"
+            );
+            assert!(stderr.contains(variable), "{variable}={value}: {stderr}");
+            assert!(
+                stderr.contains("must be between"),
+                "{variable}={value}: {stderr}"
+            );
+            assert!(!stderr.contains("panicked"), "{variable}={value}: {stderr}");
+        }
+    }
+    assert!(rows(&test.db).await.is_empty());
+    test.drop_database().await;
+}
+
+// ---------------------------------------------------------------------- dlq replay, looping
+
+#[tokio::test]
+async fn replay_without_a_limit_ends_on_a_message_without_an_id_that_keeps_failing() {
+    let test = TestDb::new(Backend::Postgres).await;
+    let queue = unique("cli_dlq_loop");
+    let dead_letters = format!("DLQ.{queue}");
+    let _cleanup = QueueCleanup(vec![queue.clone(), dead_letters.clone()]);
+    let destination = format!("/topic/{queue}");
+    outbox(None, &["declare", &destination]).await.ok();
+    // Every attempt fails: each copy the replay sends is dead-lettered again at once.
+    let calls = Arc::new(AtomicUsize::new(0));
+    let consumer = Consumer::builder(test.db.clone())
+        .config(consumer_config())
+        .destination(&destination)
+        .start({
+            let calls = calls.clone();
+            move |_payload: Payload| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                async { Err::<(), _>("this message always fails") }
+            }
+        })
+        .unwrap();
+    // No dop-msg-id, no cap-msg-id: nothing in the message tells one copy from the next.
+    let mut peer = StompPeer::connect(RABBITMQ_STOMP).await.unwrap();
+    peer.send(&destination, &[("persistent", "true")], br#"{"n": 1}"#)
+        .await
+        .unwrap();
+    peer.disconnect().await.unwrap();
+    eventually(Duration::from_secs(15), "the message dead-lettered", || {
+        let dead_letters = dead_letters.clone();
+        async move { ready_messages(&dead_letters) == Some(1) }
+    })
+    .await;
+
+    let run = outbox(None, &["dlq", "replay", &queue]).await.ok();
+    assert!(
+        run.stdout
+            .contains("stopped at a message replayed earlier in this run"),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(first_number(&run.stdout), 1, "{}", run.stdout);
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "once, and once more after the replay"
+    );
+    eventually(Duration::from_secs(15), "the copy back in the DLQ", || {
+        let dead_letters = dead_letters.clone();
+        async move { ready_messages(&dead_letters) == Some(1) }
+    })
+    .await;
+    // A later run is a new run: it replays the copy once, and stops again.
+    let run = outbox(None, &["dlq", "replay", &queue]).await.ok();
+    assert_eq!(first_number(&run.stdout), 1, "{}", run.stdout);
+    consumer.stop().await.unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+    test.drop_database().await;
+}
+
+// ---------------------------------------------------------------------------------- secrets
+
+/// A RabbitMQ user of its own, deleted when dropped.
+struct BrokerUser(String);
+
+impl BrokerUser {
+    fn create(passcode: &str) -> BrokerUser {
+        let name = unique("outbox_secret_user");
+        for args in [
+            vec!["--quiet", "add_user", name.as_str(), passcode],
+            vec![
+                "--quiet",
+                "set_permissions",
+                "-p",
+                "/",
+                name.as_str(),
+                ".*",
+                ".*",
+                ".*",
+            ],
+        ] {
+            let status = std::process::Command::new("rabbitmqctl")
+                .args(&args)
+                .status()
+                .expect("run rabbitmqctl");
+            assert!(status.success(), "rabbitmqctl {args:?}");
+        }
+        BrokerUser(name)
+    }
+}
+
+impl Drop for BrokerUser {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["--quiet", "delete_user", &self.0])
+            .status();
+    }
+}
+
+/// Fragments of the password and passcode of [`secrets_never_show`]: none of their forms
+/// (plain, percent-encoded, percent-decoded) can show without one of these.
+const SECRET_MARKERS: &[&str] = &["Qx7", "Dj4ngo", "Pk9"];
+
+#[track_caller]
+fn assert_no_secret(what: &str, output: &str) {
+    for marker in SECRET_MARKERS {
+        assert!(
+            !output.contains(marker),
+            "{what} shows a secret ({marker}):\n{output}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn secrets_never_show_in_any_error_or_log_line() {
+    // `#`, `?`, `@` and `%` in both: percent-encoded they are %23, %3F, %40 and %25.
+    const PASSWORD: &str = "Qx7#pw?z@%41";
+    const PASSWORD_ENCODED: &str = "Qx7%23pw%3Fz%40%2541";
+    const PASSCODE: &str = "Pk9#v?q@%41";
+    let test = TestDb::new(Backend::Postgres).await;
+    let database = test.url.rsplit('/').next().unwrap().to_owned();
+    // The server trusts local connections: the password is carried, not checked.
+    let encoded_url = format!("postgres://postgres:{PASSWORD_ENCODED}@127.0.0.1:5432/{database}");
+    let user = BrokerUser::create(PASSCODE);
+    let key = unique("secrets");
+    let (mut reader, _cleanup) = topic_reader(&key).await;
+    enqueue(&test.db, &format!("/topic/{key}"), 3).await;
+
+    // What the run is, its DATABASE_URL, more variables, its arguments.
+    type SecretRun<'a> = (String, String, Vec<(&'a str, String)>, Vec<&'a str>);
+    let runs: Vec<SecretRun> = vec![
+        // Malformed: the password unencoded, as copied from a secret store.
+        (
+            "malformed URL".into(),
+            format!("postgres://postgres:{PASSWORD}@127.0.0.1:5432/{database}"),
+            vec![],
+            vec!["status"],
+        ),
+        // A scheme copied from a Django setting.
+        (
+            "unknown scheme".into(),
+            "postgresql+psycopg://app:Dj4ngo!Qx7@127.0.0.1:5432/app".into(),
+            vec![],
+            vec!["status"],
+        ),
+        (
+            "unreachable server".into(),
+            format!("postgres://postgres:{PASSWORD_ENCODED}@127.0.0.1:1/{database}"),
+            vec![],
+            vec!["status"],
+        ),
+        (
+            "a URL where a setting goes".into(),
+            encoded_url.clone(),
+            vec![("OUTBOX_DATABASE_URL", encoded_url.clone())],
+            vec!["status"],
+        ),
+        (
+            "refused passcode".into(),
+            encoded_url.clone(),
+            vec![("OUTBOX_STOMP_PASSCODE", PASSCODE.into())],
+            vec!["dlq", "list", "nothing"],
+        ),
+        ("status".into(), encoded_url.clone(), vec![], vec!["status"]),
+    ];
+    for (what, url, env, args) in runs {
+        let mut command = command(Some(&url), &args);
+        command.env("RUST_LOG", "trace");
+        for (name, value) in &env {
+            command.env(name, value);
+        }
+        let run = tokio::time::timeout(Duration::from_secs(60), command.output())
+            .await
+            .unwrap_or_else(|_| panic!("{what}: still running"))
+            .unwrap();
+        let output = format!(
+            "{}{}",
+            String::from_utf8_lossy(&run.stdout),
+            String::from_utf8_lossy(&run.stderr)
+        );
+        assert_no_secret(&what, &output);
+        if what != "status" {
+            assert_ne!(run.status.code(), Some(0), "{what} failed:\n{output}");
+        }
+    }
+
+    // The relay, at the most verbose level, with the password and the passcode it uses.
+    let mut relay = command(Some(&encoded_url), &["publish"])
+        .env("RUST_LOG", "trace")
+        .env("OUTBOX_STOMP_USERNAME", &user.0)
+        .env("OUTBOX_STOMP_PASSCODE", PASSCODE)
+        .env("OUTBOX_PRODUCER_WAITING_TIME", "0.1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the relay");
+    // Read as it comes: a full pipe would stop the relay.
+    let mut stderr = relay.stderr.take().expect("piped");
+    let collected = tokio::spawn(async move {
+        let mut logs = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut stderr, &mut logs)
+            .await
+            .unwrap();
+        logs
+    });
+    for _ in 0..3 {
+        reader
+            .next_message(Duration::from_secs(20))
+            .await
+            .expect("the relay sends with the user's passcode");
+    }
+    let pid = relay.id().expect("running");
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(20), relay.wait())
+        .await
+        .expect("the relay stops")
+        .unwrap();
+    let output = collected.await.unwrap();
+    let logs = String::from_utf8_lossy(&output);
+    assert!(logs.contains("relay started"), "{logs}");
+    assert_no_secret("the relay's logs", &logs);
+
+    // A consumer in this process, every log line captured: its passcode, and a callback
+    // failing with a database error that quotes a URL.
+    let captured = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let writer = {
+        let captured = captured.clone();
+        move || CapturedLog(captured.clone())
+    };
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(writer)
+        .finish();
+    let _default = tracing::subscriber::set_default(subscriber);
+    let queue = unique("secrets_consumer");
+    let _queues = QueueCleanup(vec![queue.clone(), format!("DLQ.{queue}")]);
+    let destination = format!("/topic/{queue}");
+    let mut config = consumer_config();
+    config.stomp_username = user.0.clone();
+    config.stomp_passcode = outbox::Secret::new(PASSCODE);
+    config.consumer_max_retry_attempts = 0;
+    let consumer = Consumer::builder(test.db.clone())
+        .config(config)
+        .destination(&destination)
+        .start({
+            let url = format!("postgres://postgres:{PASSWORD}@127.0.0.1:5432/x");
+            move |_payload: Payload| {
+                let url = url.clone();
+                async move {
+                    let err = sea_orm::Database::connect(url).await.err();
+                    Err::<(), _>(format!("no database: {err:?}"))
+                }
+            }
+        })
+        .unwrap();
+    outbox(None, &["declare", &destination]).await.ok();
+    let mut peer = StompPeer::connect(RABBITMQ_STOMP).await.unwrap();
+    peer.send(&destination, &[("dop-msg-id", "s-1")], b"{}")
+        .await
+        .unwrap();
+    peer.disconnect().await.unwrap();
+    let dead = format!("DLQ.{queue}");
+    eventually(Duration::from_secs(20), "the message dead-lettered", || {
+        let dead = dead.clone();
+        async move { ready_messages(&dead) == Some(1) }
+    })
+    .await;
+    consumer.stop().await.unwrap();
+    let logs = String::from_utf8_lossy(&captured.lock().unwrap()).into_owned();
+    assert!(logs.contains("dead-lettering"), "{logs}");
+    assert!(
+        logs.contains("postgres:***@"),
+        "the URL is shown, its password not: {logs}"
+    );
+    assert_no_secret("the consumer's logs", &logs);
+    test.drop_database().await;
+}
+
+/// A log writer into a shared buffer.
+struct CapturedLog(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for CapturedLog {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }

@@ -1,11 +1,16 @@
 //! Settings: [`OutboxConfig`], with the defaults of django-outbox-pattern, read from
-//! `OUTBOX_<NAME>` environment variables. A malformed value, or an unknown `OUTBOX_` variable, is
-//! an error that names the variable, at start rather than at first use.
+//! `OUTBOX_<NAME>` environment variables. A malformed value, an unknown `OUTBOX_` variable, or a
+//! value outside its range ([`OutboxConfig::validate`]) is an error that names the variable, at
+//! start rather than at first use. Every duration and count is bounded, so no setting can reach an
+//! arithmetic overflow of dates or clocks, nor a statement with more bind parameters than a
+//! database accepts.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use crate::Error;
@@ -58,32 +63,38 @@ pub struct OutboxConfig {
     /// Check that the server certificate names the server. Default true.
     pub stomp_tls_verify_hostname: bool,
     /// Heartbeats `(outgoing, incoming)`; zero turns one direction off. Default 10 s each
-    /// (`OUTBOX_STOMP_HEARTBEATS=10000,10000`, in milliseconds).
+    /// (`OUTBOX_STOMP_HEARTBEATS=10000,10000`, in milliseconds; each 0 to 3,600,000).
     pub stomp_heartbeats: (Duration, Duration),
-    /// The longest pause between reconnection attempts. Default 3600 s.
+    /// The longest pause between reconnection attempts. Default 3600 s (0.01 s to 86,400 s).
     pub maximum_backoff: Duration,
-    /// How long to wait for the receipts of a batch. Default 10 s.
+    /// How long to wait for the receipts of a batch. Default 10 s (0.01 s to 3600 s).
     pub receipt_timeout: Duration,
-    /// Largest frame accepted from the broker, in bytes. Default 64 MiB.
+    /// Largest frame accepted from the broker, in bytes. Default 64 MiB (4 KiB to 1 GiB).
     pub stomp_max_frame_size: usize,
 
-    /// Send attempts per message before it is marked FAILED. Default 50.
+    /// Send attempts per message before it is marked FAILED. Default 50 (1 to 1,000,000).
     pub maximum_retry_attempts: u32,
-    /// Pause after the third failed attempt. Default 240 s.
+    /// Pause after the third failed attempt. Default 240 s (0 to 30 days).
     pub pause_for_retry: Duration,
-    /// Pause after each later failed attempt. Default 60 s.
+    /// Pause after each later failed attempt. Default 60 s (0 to 30 days).
     pub wait_retry: Duration,
-    /// Rows per relay batch. Default 200.
+    /// Rows per relay batch. Default 200 (1 to [`MAX_PUBLISHED_CHUNK_SIZE`]: a batch is marked
+    /// sent in one statement with a bind parameter per row).
     pub published_chunk_size: u32,
-    /// The relay's polling interval when nothing wakes it. Default 1 s (fractions allowed).
+    /// The relay's polling interval when nothing wakes it. Default 1 s (fractions allowed;
+    /// 0.01 s to 3600 s).
     pub producer_waiting_time: Duration,
     /// How long a relay holds the rows it claimed; another relay takes them over after that.
-    /// Default 60 s; always longer than `receipt_timeout`.
+    /// Default 60 s (1 s to 86,400 s); always longer than `receipt_timeout`.
     pub producer_lease: Duration,
     /// Days a row is kept: sent rows are deleted after this, unsent rows expire (FAILED).
-    /// Default 30.
+    /// Default 30 (1 to 36,500; 0 is refused: every row would expire before it could be sent).
+    /// The write path, which has no `OutboxConfig` in hand, takes it from the settings a
+    /// [`crate::Producer`] or [`crate::Consumer`] was last built with in this process
+    /// ([`OutboxConfig::install`]), else from `OUTBOX_DAYS_TO_KEEP_DATA`.
     pub days_to_keep_data: u32,
-    /// At most one cleanup of old rows per this period, across all relays. Default 86400 s.
+    /// At most one cleanup of old rows per this period, across all relays. Default 86400 s
+    /// (0 to 30 days).
     pub remove_data_cache_ttl: Duration,
 
     /// SUBSCRIBE headers that declare a consumer's queues. Default
@@ -92,12 +103,18 @@ pub struct OutboxConfig {
     pub stomp_queue_headers: BTreeMap<String, String>,
     /// Declare consumer queues exclusive. Default false.
     pub exclusive_queue: bool,
-    /// How long a stopping consumer waits for callbacks in flight. Default 90 s.
+    /// How long a stopping consumer waits for callbacks in flight. Default 90 s (0 to 86,400 s).
     pub consumer_shutdown_timeout: Duration,
-    /// Attempts of a callback that failed on a transient database error. Default 3.
+    /// Further attempts of a callback that failed transiently. Default 3 (0 to 100).
     pub consumer_max_retry_attempts: u32,
-    /// Base wait between those attempts (2, 4, 6 s with the default 2 s).
+    /// Base wait between those attempts (2, 4, 6 s with the default 2 s; 0 to 3600 s).
     pub consumer_retry_wait: Duration,
+    /// How long one attempt of a callback may run. Past it the callback is abandoned, its
+    /// transaction rolled back, and the message handled as a transient failure: tried again,
+    /// then dead-lettered. Default 300 s (0.01 s to 86,400 s): with the default retries, every
+    /// attempt of a message that hangs (4 × 300 s, plus 12 s of waits) ends before RabbitMQ's
+    /// default `consumer_timeout` of 30 minutes, which would otherwise close the channel.
+    pub consumer_callback_timeout: Duration,
 }
 
 impl Default for OutboxConfig {
@@ -137,6 +154,7 @@ impl Default for OutboxConfig {
             consumer_shutdown_timeout: Duration::from_secs(90),
             consumer_max_retry_attempts: 3,
             consumer_retry_wait: Duration::from_secs(2),
+            consumer_callback_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -170,11 +188,7 @@ impl OutboxConfig {
     fn set(&mut self, name: &str, raw: &str) -> Result<(), Error> {
         let bad = |reason: String| Error::Config {
             variable: name.to_owned(),
-            value: if name.ends_with("PASSCODE") {
-                "***".into()
-            } else {
-                raw.to_owned()
-            },
+            value: shown_value(name, raw),
             reason,
         };
         let value = raw.trim();
@@ -234,6 +248,9 @@ impl OutboxConfig {
             "OUTBOX_CONSUMER_RETRY_WAIT" => {
                 self.consumer_retry_wait = parse_seconds(value).map_err(bad)?
             }
+            "OUTBOX_CONSUMER_CALLBACK_TIMEOUT" => {
+                self.consumer_callback_timeout = parse_seconds(value).map_err(bad)?
+            }
             _ => {
                 return Err(bad(format!(
                     "not an outbox setting (variables starting with {NOT_SETTINGS_PREFIX} are ignored)"
@@ -243,49 +260,234 @@ impl OutboxConfig {
         Ok(())
     }
 
-    /// Checks the settings together: the relations between them that no single value shows.
+    /// Checks every setting: each duration and count against its range (so that none can
+    /// overflow a date, a clock or a statement's bind parameters), and the relations between
+    /// them that no single value shows. The error names the variable and the range. The
+    /// builders of [`crate::Producer`] and [`crate::Consumer`] call it, so settings built in code
+    /// are checked as those read from the environment are.
     pub fn validate(&self) -> Result<(), Error> {
-        let bad = |variable: &str, value: String, reason: &str| Error::Config {
+        let bad = |variable: &str, value: String, reason: String| Error::Config {
             variable: variable.to_owned(),
             value,
-            reason: reason.to_owned(),
+            reason,
         };
         if self.stomp_host_and_ports.is_empty() {
             return Err(bad(
                 "OUTBOX_STOMP_HOST_AND_PORTS",
                 String::new(),
-                "no broker address",
+                "no broker address".into(),
             ));
         }
-        if self.published_chunk_size == 0 {
-            return Err(bad(
-                "OUTBOX_PUBLISHED_CHUNK_SIZE",
-                "0".into(),
-                "must be at least 1",
-            ));
+        for (variable, value, range) in self.duration_settings() {
+            range.check(variable, value)?;
         }
-        if self.maximum_retry_attempts == 0 {
-            return Err(bad(
-                "OUTBOX_MAXIMUM_RETRY_ATTEMPTS",
-                "0".into(),
-                "must be at least 1",
-            ));
+        for (variable, value, range) in self.count_settings() {
+            range.check(variable, value)?;
+        }
+        let (outgoing, incoming) = self.stomp_heartbeats;
+        for beat in [outgoing, incoming] {
+            if beat > MAX_HEARTBEAT {
+                return Err(bad(
+                    "OUTBOX_STOMP_HEARTBEATS",
+                    format!("{},{}", outgoing.as_millis(), incoming.as_millis()),
+                    format!(
+                        "each must be between 0 and {} milliseconds",
+                        MAX_HEARTBEAT.as_millis()
+                    ),
+                ));
+            }
         }
         if self.producer_lease <= self.receipt_timeout {
             return Err(bad(
                 "OUTBOX_PRODUCER_LEASE",
-                format!("{:?}", self.producer_lease),
-                "must be longer than OUTBOX_RECEIPT_TIMEOUT, or another relay could take over rows still awaiting their receipts",
+                seconds_text(self.producer_lease),
+                "must be longer than OUTBOX_RECEIPT_TIMEOUT, or another relay could take over rows still awaiting their receipts".into(),
             ));
         }
         if self.stomp_key_file.is_some() != self.stomp_cert_file.is_some() {
             return Err(bad(
                 "OUTBOX_STOMP_KEY_FILE",
                 String::new(),
-                "a client key needs OUTBOX_STOMP_CERT_FILE, and a certificate needs its key",
+                "a client key needs OUTBOX_STOMP_CERT_FILE, and a certificate needs its key".into(),
             ));
         }
         Ok(())
+    }
+
+    /// The durations, with their variables and ranges.
+    fn duration_settings(&self) -> [(&'static str, Duration, Range<Duration>); 10] {
+        const DAY: Duration = Duration::from_secs(86_400);
+        const HOUR: Duration = Duration::from_secs(3600);
+        const CENTISECOND: Duration = Duration::from_millis(10);
+        let within = |min, max| Range { min, max };
+        [
+            (
+                "OUTBOX_MAXIMUM_BACKOFF",
+                self.maximum_backoff,
+                within(CENTISECOND, DAY),
+            ),
+            (
+                "OUTBOX_RECEIPT_TIMEOUT",
+                self.receipt_timeout,
+                within(CENTISECOND, HOUR),
+            ),
+            (
+                "OUTBOX_PAUSE_FOR_RETRY",
+                self.pause_for_retry,
+                within(Duration::ZERO, 30 * DAY),
+            ),
+            (
+                "OUTBOX_WAIT_RETRY",
+                self.wait_retry,
+                within(Duration::ZERO, 30 * DAY),
+            ),
+            (
+                "OUTBOX_PRODUCER_WAITING_TIME",
+                self.producer_waiting_time,
+                within(CENTISECOND, HOUR),
+            ),
+            (
+                "OUTBOX_PRODUCER_LEASE",
+                self.producer_lease,
+                within(Duration::from_secs(1), DAY),
+            ),
+            (
+                "OUTBOX_REMOVE_DATA_CACHE_TTL",
+                self.remove_data_cache_ttl,
+                within(Duration::ZERO, 30 * DAY),
+            ),
+            (
+                "OUTBOX_CONSUMER_SHUTDOWN_TIMEOUT",
+                self.consumer_shutdown_timeout,
+                within(Duration::ZERO, DAY),
+            ),
+            (
+                "OUTBOX_CONSUMER_RETRY_WAIT",
+                self.consumer_retry_wait,
+                within(Duration::ZERO, HOUR),
+            ),
+            (
+                "OUTBOX_CONSUMER_CALLBACK_TIMEOUT",
+                self.consumer_callback_timeout,
+                within(CENTISECOND, DAY),
+            ),
+        ]
+    }
+
+    /// The counts, with their variables and ranges.
+    fn count_settings(&self) -> [(&'static str, u64, Range<u64>); 5] {
+        let within = |min, max| Range { min, max };
+        [
+            (
+                "OUTBOX_STOMP_MAX_FRAME_SIZE",
+                self.stomp_max_frame_size as u64,
+                within(4096, 1 << 30),
+            ),
+            (
+                "OUTBOX_MAXIMUM_RETRY_ATTEMPTS",
+                u64::from(self.maximum_retry_attempts),
+                within(1, 1_000_000),
+            ),
+            (
+                "OUTBOX_PUBLISHED_CHUNK_SIZE",
+                u64::from(self.published_chunk_size),
+                within(1, u64::from(MAX_PUBLISHED_CHUNK_SIZE)),
+            ),
+            (
+                "OUTBOX_DAYS_TO_KEEP_DATA",
+                u64::from(self.days_to_keep_data),
+                within(1, u64::from(MAX_DAYS_TO_KEEP_DATA)),
+            ),
+            (
+                "OUTBOX_CONSUMER_MAX_RETRY_ATTEMPTS",
+                u64::from(self.consumer_max_retry_attempts),
+                within(0, 100),
+            ),
+        ]
+    }
+
+    /// Makes these settings the process's for the paths that have no `OutboxConfig` in hand:
+    /// today the lifetime of the rows the write path inserts (`expires_at`, from
+    /// `days_to_keep_data`). The builders of [`crate::Producer`] and [`crate::Consumer`] call
+    /// it; a service that only writes (its relay runs elsewhere) and builds its settings in code
+    /// calls it once at start. Without it the write path reads `OUTBOX_DAYS_TO_KEEP_DATA` (once).
+    /// With several settings in one process, the last installed wins.
+    pub fn install(&self) -> Result<(), Error> {
+        self.validate()?;
+        INSTALLED_DAYS_TO_KEEP_DATA.store(self.days_to_keep_data, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// The largest `published_chunk_size`. A batch is marked sent (and released) in one UPDATE with
+/// one bind parameter per row and five more (the claim token, the status and the three cleared
+/// columns); SQLite accepts at most 32,766 parameters per statement (PostgreSQL and MariaDB
+/// 65,535), so the tightest backend sets the bound for all.
+pub const MAX_PUBLISHED_CHUNK_SIZE: u32 = 32_766 - 5;
+
+/// The largest `days_to_keep_data`: a century, far from chrono's limits whatever the date.
+const MAX_DAYS_TO_KEEP_DATA: u32 = 36_500;
+
+/// The longest heartbeat: an hour (STOMP carries heartbeats as milliseconds, sent as `u32`).
+const MAX_HEARTBEAT: Duration = Duration::from_secs(3600);
+
+/// The inclusive range of a setting.
+struct Range<T> {
+    min: T,
+    max: T,
+}
+
+impl Range<Duration> {
+    fn check(&self, variable: &str, value: Duration) -> Result<(), Error> {
+        if value < self.min || value > self.max {
+            return Err(Error::Config {
+                variable: variable.to_owned(),
+                value: seconds_text(value),
+                reason: format!(
+                    "must be between {} and {} seconds",
+                    seconds_text(self.min),
+                    seconds_text(self.max)
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Range<u64> {
+    fn check(&self, variable: &str, value: u64) -> Result<(), Error> {
+        if value < self.min || value > self.max {
+            return Err(Error::Config {
+                variable: variable.to_owned(),
+                value: value.to_string(),
+                reason: format!("must be between {} and {}", self.min, self.max),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A duration as the variables give it: seconds, with a fraction only when there is one.
+fn seconds_text(duration: Duration) -> String {
+    if duration.subsec_nanos() == 0 {
+        duration.as_secs().to_string()
+    } else {
+        format!("{}", duration.as_secs_f64())
+    }
+}
+
+/// The value of `name` as an error may show it: never a passcode, and a URL without its
+/// credentials (an `OUTBOX_DATABASE_URL`, which is not a setting, would otherwise be printed
+/// whole).
+fn shown_value(name: &str, raw: &str) -> String {
+    let upper = name.to_ascii_uppercase();
+    if ["PASSCODE", "PASSWORD", "SECRET", "TOKEN"]
+        .iter()
+        .any(|word| upper.contains(word))
+    {
+        "***".into()
+    } else {
+        redact_credentials(raw)
     }
 }
 
@@ -342,8 +544,14 @@ fn parse_seconds(value: &str) -> Result<Duration, String> {
     let seconds: f64 = value
         .parse()
         .map_err(|_| "expected a number of seconds (fractions allowed)".to_owned())?;
-    Duration::try_from_secs_f64(seconds)
-        .map_err(|_| "expected a non-negative number of seconds".into())
+    if seconds.is_finite() && seconds > 0.0 {
+        // Beyond what a Duration holds: far beyond any setting's range.
+        Duration::try_from_secs_f64(seconds)
+            .map_err(|_| format!("{seconds} seconds is far beyond the setting's range"))
+    } else {
+        Duration::try_from_secs_f64(seconds)
+            .map_err(|_| "expected a non-negative number of seconds".into())
+    }
 }
 
 fn parse_heartbeats(value: &str) -> Result<(Duration, Duration), String> {
@@ -371,18 +579,89 @@ fn parse_headers(value: &str) -> Result<BTreeMap<String, String>, String> {
         .collect())
 }
 
+/// `days_to_keep_data` of the settings last [installed](OutboxConfig::install); 0: none yet.
+static INSTALLED_DAYS_TO_KEEP_DATA: AtomicU32 = AtomicU32::new(0);
+
+/// `OUTBOX_DAYS_TO_KEEP_DATA` as read (once) from the environment, checked as `from_env` would.
+static ENV_DAYS_TO_KEEP_DATA: OnceLock<Result<u32, (String, String)>> = OnceLock::new();
+
 /// How long a newly written outbox row may wait to be sent (`added` to `expires_at`):
-/// `OUTBOX_DAYS_TO_KEEP_DATA` days.
+/// `days_to_keep_data` of the installed settings, else of `OUTBOX_DAYS_TO_KEEP_DATA`, else the
+/// default.
 pub(crate) fn row_lifetime() -> Result<chrono::Duration, Error> {
-    let days = match std::env::var("OUTBOX_DAYS_TO_KEEP_DATA") {
-        Ok(raw) => {
-            let mut config = OutboxConfig::default();
-            config.set("OUTBOX_DAYS_TO_KEEP_DATA", &raw)?;
-            config.days_to_keep_data
-        }
-        Err(_) => OutboxConfig::default().days_to_keep_data,
+    let installed = INSTALLED_DAYS_TO_KEEP_DATA.load(Ordering::Relaxed);
+    let days = if installed > 0 {
+        installed
+    } else {
+        ENV_DAYS_TO_KEEP_DATA
+            .get_or_init(days_to_keep_data_from_env)
+            .clone()
+            .map_err(|(value, reason)| Error::Config {
+                variable: "OUTBOX_DAYS_TO_KEEP_DATA".into(),
+                value,
+                reason,
+            })?
     };
     Ok(chrono::Duration::days(i64::from(days)))
+}
+
+fn days_to_keep_data_from_env() -> Result<u32, (String, String)> {
+    let Ok(raw) = std::env::var("OUTBOX_DAYS_TO_KEEP_DATA") else {
+        return Ok(OutboxConfig::default().days_to_keep_data);
+    };
+    let mut config = OutboxConfig::default();
+    let checked = config
+        .set("OUTBOX_DAYS_TO_KEEP_DATA", &raw)
+        .and_then(|()| config.validate());
+    match checked {
+        Ok(()) => Ok(config.days_to_keep_data),
+        Err(Error::Config { value, reason, .. }) => Err((value, reason)),
+        Err(other) => Err((raw, other.to_string())),
+    }
+}
+
+/// `text` with the credentials of every URL in it replaced by `***`: the password of
+/// `scheme://user:password@host` (the user name is kept), whatever the scheme, and whether or not
+/// the URL parses: a password holding `#`, `?`, `/` or `@` unencoded, as copied from a setting,
+/// is cut at the last `@` of the address. Errors of database drivers quote the URL they were
+/// given; every output that may carry one goes through this (the command line's errors and
+/// logs, the consumer's failure reports, the values of refused settings).
+///
+/// ```
+/// assert_eq!(
+///     outbox::redact_credentials("cannot parse postgresql+psycopg://app:Dj4ngo!@db:5432/app"),
+///     "cannot parse postgresql+psycopg://app:***@db:5432/app",
+/// );
+/// ```
+pub fn redact_credentials(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        let (before, after) = rest.split_at(at + 3);
+        out.push_str(before);
+        // The address runs to the next blank or quote: a password may hold anything else.
+        let end = after
+            .find(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '`' | '<' | '>'))
+            .unwrap_or(after.len());
+        let address = &after[..end];
+        match address.rfind('@') {
+            Some(last_at) => {
+                let userinfo = &address[..last_at];
+                match userinfo.find(':') {
+                    Some(colon) => {
+                        out.push_str(&userinfo[..colon]);
+                        out.push_str(":***");
+                    }
+                    None => out.push_str(userinfo),
+                }
+                out.push_str(&address[last_at..]);
+            }
+            None => out.push_str(address),
+        }
+        rest = &after[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 #[cfg(test)]
@@ -466,5 +745,201 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("OUTBOX_PRODUCER_LEASE"), "{err}");
+    }
+
+    #[test]
+    fn every_duration_and_count_outside_its_range_is_refused_naming_the_variable_and_range() {
+        for (name, value, range) in [
+            (
+                "OUTBOX_DAYS_TO_KEEP_DATA",
+                "99999999",
+                "between 1 and 36500",
+            ),
+            ("OUTBOX_DAYS_TO_KEEP_DATA", "0", "between 1 and 36500"),
+            (
+                "OUTBOX_PRODUCER_LEASE",
+                "99999999999999",
+                "between 1 and 86400 seconds",
+            ),
+            (
+                "OUTBOX_REMOVE_DATA_CACHE_TTL",
+                "99999999999999",
+                "between 0 and 2592000 seconds",
+            ),
+            (
+                "OUTBOX_PUBLISHED_CHUNK_SIZE",
+                "100000",
+                "between 1 and 32761",
+            ),
+            ("OUTBOX_PUBLISHED_CHUNK_SIZE", "0", "between 1 and 32761"),
+            (
+                "OUTBOX_PAUSE_FOR_RETRY",
+                "99999999999999",
+                "between 0 and 2592000 seconds",
+            ),
+            (
+                "OUTBOX_WAIT_RETRY",
+                "2592001",
+                "between 0 and 2592000 seconds",
+            ),
+            (
+                "OUTBOX_CONSUMER_RETRY_WAIT",
+                "99999999999999",
+                "between 0 and 3600 seconds",
+            ),
+            (
+                "OUTBOX_CONSUMER_CALLBACK_TIMEOUT",
+                "0",
+                "between 0.01 and 86400 seconds",
+            ),
+            (
+                "OUTBOX_CONSUMER_SHUTDOWN_TIMEOUT",
+                "1e12",
+                "between 0 and 86400 seconds",
+            ),
+            (
+                "OUTBOX_CONSUMER_MAX_RETRY_ATTEMPTS",
+                "101",
+                "between 0 and 100",
+            ),
+            (
+                "OUTBOX_MAXIMUM_BACKOFF",
+                "0",
+                "between 0.01 and 86400 seconds",
+            ),
+            (
+                "OUTBOX_RECEIPT_TIMEOUT",
+                "1e15",
+                "between 0.01 and 3600 seconds",
+            ),
+            (
+                "OUTBOX_PRODUCER_WAITING_TIME",
+                "0",
+                "between 0.01 and 3600 seconds",
+            ),
+            (
+                "OUTBOX_MAXIMUM_RETRY_ATTEMPTS",
+                "0",
+                "between 1 and 1000000",
+            ),
+            (
+                "OUTBOX_STOMP_MAX_FRAME_SIZE",
+                "100",
+                "between 4096 and 1073741824",
+            ),
+            (
+                "OUTBOX_STOMP_HEARTBEATS",
+                "5000000000,0",
+                "between 0 and 3600000 milliseconds",
+            ),
+        ] {
+            let err = OutboxConfig::from_vars(vars(&[(name, value)]))
+                .expect_err(&format!("{name}={value} accepted"))
+                .to_string();
+            assert!(err.contains(name), "{err}");
+            assert!(err.contains(range), "{name}={value}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_bounds_themselves_are_accepted() {
+        let c = OutboxConfig::from_vars(vars(&[
+            ("OUTBOX_DAYS_TO_KEEP_DATA", "36500"),
+            ("OUTBOX_PUBLISHED_CHUNK_SIZE", "32761"),
+            ("OUTBOX_STOMP_HEARTBEATS", "3600000,0"),
+            ("OUTBOX_CONSUMER_CALLBACK_TIMEOUT", "0.01"),
+            ("OUTBOX_CONSUMER_MAX_RETRY_ATTEMPTS", "0"),
+            ("OUTBOX_PAUSE_FOR_RETRY", "0"),
+            ("OUTBOX_PRODUCER_LEASE", "86400"),
+            ("OUTBOX_RECEIPT_TIMEOUT", "3600"),
+        ]))
+        .unwrap();
+        assert_eq!(c.consumer_callback_timeout, Duration::from_millis(10));
+        // The extremes reach no overflow of the dates they are added to.
+        let now = chrono::Utc::now();
+        let _ = now + chrono::Duration::days(i64::from(c.days_to_keep_data));
+        let _ = std::time::Instant::now() + c.receipt_timeout + c.producer_lease;
+    }
+
+    #[test]
+    fn settings_built_in_code_are_checked_too() {
+        let c = OutboxConfig {
+            days_to_keep_data: 0,
+            ..OutboxConfig::default()
+        };
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("OUTBOX_DAYS_TO_KEEP_DATA"), "{err}");
+        let c = OutboxConfig {
+            consumer_retry_wait: Duration::MAX,
+            ..OutboxConfig::default()
+        };
+        assert!(c.validate().is_err());
+        let c = OutboxConfig {
+            stomp_heartbeats: (
+                Duration::ZERO,
+                Duration::from_millis(u64::from(u32::MAX) + 1),
+            ),
+            ..OutboxConfig::default()
+        };
+        assert!(c.install().is_err());
+    }
+
+    #[test]
+    fn the_default_callback_timeout_lets_every_attempt_end_before_rabbitmq_s_consumer_timeout() {
+        let c = OutboxConfig::default();
+        let attempts = c.consumer_max_retry_attempts + 1;
+        let waits: u32 = (1..=c.consumer_max_retry_attempts).sum();
+        let worst = c.consumer_callback_timeout * attempts + c.consumer_retry_wait * waits;
+        assert!(worst < Duration::from_secs(30 * 60), "{worst:?}");
+    }
+
+    #[test]
+    fn credentials_are_redacted_from_any_url_even_malformed() {
+        for (text, shown) in [
+            (
+                "cannot connect: postgres://postgres:Qx7#pw?z@127.0.0.1:5432/test failed",
+                "cannot connect: postgres://postgres:***@127.0.0.1:5432/test failed",
+            ),
+            (
+                "postgresql+psycopg://app:Dj4ngo!@db.internal:5432/app",
+                "postgresql+psycopg://app:***@db.internal:5432/app",
+            ),
+            (
+                "url \"mysql://root:p%40ss%25w0rd%23@h/db\" refused",
+                "url \"mysql://root:***@h/db\" refused",
+            ),
+            (
+                "amqps://u:a@b@c/d@host:5671/vh",
+                "amqps://u:***@host:5671/vh",
+            ),
+            (
+                "two: a://x:1@h and b://y:2@k",
+                "two: a://x:***@h and b://y:***@k",
+            ),
+            (
+                "no password: postgres://postgres@127.0.0.1/test",
+                "no password: postgres://postgres@127.0.0.1/test",
+            ),
+            ("nothing here", "nothing here"),
+            ("sqlite://db.sqlite?mode=rwc", "sqlite://db.sqlite?mode=rwc"),
+        ] {
+            assert_eq!(redact_credentials(text), shown);
+        }
+    }
+
+    #[test]
+    fn a_refused_value_shows_no_credentials() {
+        let err = OutboxConfig::from_vars(vars(&[(
+            "OUTBOX_DATABASE_URL",
+            "postgres://app:hunter2@db/app",
+        )]))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("OUTBOX_DATABASE_URL"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+        let err = OutboxConfig::from_vars(vars(&[("OUTBOX_BROKER_PASSWORD", "hunter2")]))
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("hunter2"), "{err}");
     }
 }

@@ -41,7 +41,7 @@ use dispatch::{Callback, Dispatcher};
 const STABLE_SUBSCRIPTION: Duration = Duration::from_secs(30);
 
 /// Consumes `destination` with settings from the environment ([`OutboxConfig::from_env`]) and
-/// the STOMP broker they name, until SIGTERM or SIGINT; then it stops taking messages, waits for
+/// the STOMP broker they name, until SIGTERM, SIGINT or SIGQUIT; then it stops taking messages, waits for
 /// those in flight (up to `OUTBOX_CONSUMER_SHUTDOWN_TIMEOUT`), acknowledges them, unsubscribes
 /// and returns `Ok`. A second signal during that wait ends the process at once (exit code 1);
 /// its unacknowledged messages are delivered again later.
@@ -75,16 +75,7 @@ where
         .destination(destination)
         .config(OutboxConfig::from_env()?)
         .build()?;
-    consumer
-        .run_until(callback, async {
-            crate::shutdown::signal().await;
-            tokio::spawn(async {
-                crate::shutdown::signal().await;
-                tracing::warn!("second signal during shutdown; exiting at once");
-                std::process::exit(1);
-            });
-        })
-        .await
+    consumer.run(callback).await
 }
 
 /// Configures a [`Consumer`].
@@ -173,13 +164,14 @@ impl ConsumerBuilder {
         self
     }
 
-    /// The consumer; checks the settings and reads the TLS files they name.
+    /// The consumer; checks the settings, makes them the process's ([`OutboxConfig::install`])
+    /// and reads the TLS files they name.
     pub fn build(self) -> Result<Consumer, Error> {
         let config = match self.config {
             Some(config) => config,
             None => OutboxConfig::from_env()?,
         };
-        config.validate()?;
+        config.install()?;
         if self.in_flight == 0 {
             return Err(Error::Config {
                 variable: "in_flight".into(),
@@ -207,6 +199,7 @@ impl ConsumerBuilder {
         if let Some(prefetch) = prefetch {
             headers.insert("prefetch-count".into(), prefetch.to_string());
         }
+        warn_if_attempts_outlast_the_broker(&config);
         let destination = self.destination.unwrap_or_default();
         let topology = Topology::with_headers(
             &destination,
@@ -305,14 +298,17 @@ impl Consumer {
         self.topology.declare(self.transport.as_ref()).await
     }
 
-    /// Runs until SIGTERM or SIGINT (see [`Consumer::run_until`]).
+    /// Runs until SIGTERM, SIGINT or SIGQUIT (see [`Consumer::run_until`]). A second signal
+    /// during the graceful stop ends the process at once (exit code 1); its unacknowledged
+    /// messages are delivered again later.
     pub async fn run<F, Fut, E>(&self, callback: F) -> Result<(), Error>
     where
         F: Fn(Payload) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<(), E>> + Send + 'static,
         E: Into<BoxError> + 'static,
     {
-        self.run_until(callback, crate::shutdown::signal()).await
+        self.run_until(callback, crate::shutdown::signal_then_exit_on_second())
+            .await
     }
 
     /// Runs until `shutdown` completes: then stops taking messages, waits up to the shutdown
@@ -341,6 +337,7 @@ impl Consumer {
             keep_for: chrono::Duration::days(i64::from(self.config.days_to_keep_data)),
             max_retries: self.config.consumer_max_retry_attempts,
             retry_wait: self.config.consumer_retry_wait,
+            callback_timeout: self.config.consumer_callback_timeout,
         });
         let housekeeping = tokio::spawn(inbox::keep_tidy(self.db.clone(), self.config.clone()));
         tokio::pin!(shutdown);
@@ -462,6 +459,30 @@ impl Consumer {
         if let Err(err) = self.transport.disconnect().await {
             tracing::debug!(error = %err, "disconnect failed");
         }
+    }
+}
+
+/// RabbitMQ's default `consumer_timeout`: a delivery unacknowledged for longer closes the channel.
+const RABBITMQ_CONSUMER_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+/// Warns when every attempt of a message whose callback hangs (each ended by the callback
+/// timeout, with the waits between them) would outlast RabbitMQ's default `consumer_timeout`:
+/// the broker would then close the channel first, and deliver the message again.
+fn warn_if_attempts_outlast_the_broker(config: &OutboxConfig) {
+    let attempts = config.consumer_max_retry_attempts + 1;
+    let waits: u32 = (1..=config.consumer_max_retry_attempts).sum();
+    // Bounded settings: at most 101 attempts of a day, 5,050 waits of an hour; no overflow.
+    let worst = config.consumer_callback_timeout * attempts + config.consumer_retry_wait * waits;
+    if worst >= RABBITMQ_CONSUMER_TIMEOUT {
+        tracing::warn!(
+            worst_case = ?worst,
+            callback_timeout = ?config.consumer_callback_timeout,
+            attempts,
+            "a message whose callback hangs would be held longer than RabbitMQ's default \
+             consumer_timeout (30 min), which closes the channel; lower \
+             OUTBOX_CONSUMER_CALLBACK_TIMEOUT or OUTBOX_CONSUMER_MAX_RETRY_ATTEMPTS, or raise the \
+             broker's consumer_timeout"
+        );
     }
 }
 

@@ -80,13 +80,14 @@ impl ProducerBuilder {
         self
     }
 
-    /// The producer; checks the settings and reads the TLS files they name.
+    /// The producer; checks the settings, makes them the process's ([`OutboxConfig::install`])
+    /// and reads the TLS files they name.
     pub fn build(self) -> Result<Producer, Error> {
         let config = match self.config {
             Some(config) => config,
             None => OutboxConfig::from_env()?,
         };
-        config.validate()?;
+        config.install()?;
         let transport = match self.transport {
             Some(transport) => transport,
             None => Arc::new(StompTransport::new(&config)?),

@@ -1,5 +1,6 @@
-//! Stopping: on SIGTERM (what container runtimes and systemd send) or SIGINT (Ctrl-C), or through
-//! the handle of a relay or consumer started on a task of its own.
+//! Stopping: on SIGTERM (what container runtimes and systemd send), SIGINT (Ctrl-C) or SIGQUIT
+//! (which django-outbox-pattern's consumer handles as SIGTERM; it replaces the default core dump),
+//! or through the handle of a relay or consumer started on a task of its own.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -50,8 +51,8 @@ impl Stoppable {
     }
 }
 
-/// Completes when the process receives SIGTERM or SIGINT. If the signal handlers cannot be
-/// installed, it never completes (and says so), rather than stopping at once.
+/// Completes when the process receives SIGTERM, SIGINT or SIGQUIT. If the signal handlers cannot
+/// be installed, it never completes (and says so), rather than stopping at once.
 pub async fn signal() {
     #[cfg(unix)]
     {
@@ -59,15 +60,17 @@ pub async fn signal() {
         match (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
+            signal(SignalKind::quit()),
         ) {
-            (Ok(mut term), Ok(mut int)) => {
+            (Ok(mut term), Ok(mut int), Ok(mut quit)) => {
                 tokio::select! {
                     _ = term.recv() => tracing::info!("SIGTERM received; stopping"),
                     _ = int.recv() => tracing::info!("SIGINT received; stopping"),
+                    _ = quit.recv() => tracing::info!("SIGQUIT received; stopping"),
                 }
             }
-            (Err(err), _) | (_, Err(err)) => {
-                tracing::error!(error = %err, "cannot listen for SIGTERM/SIGINT");
+            (Err(err), _, _) | (_, Err(err), _) | (_, _, Err(err)) => {
+                tracing::error!(error = %err, "cannot listen for SIGTERM/SIGINT/SIGQUIT");
                 std::future::pending::<()>().await;
             }
         }
@@ -80,4 +83,17 @@ pub async fn signal() {
             std::future::pending::<()>().await;
         }
     }
+}
+
+/// Completes at the first [`signal`], after arranging that a second one, while the caller
+/// stops gracefully, ends the process at once (exit code 1): an operator who signals twice means
+/// it, and whatever was not acknowledged is delivered again later.
+pub(crate) async fn signal_then_exit_on_second() {
+    signal().await;
+    // Listening again at once: the handlers stay installed, so no second signal is missed.
+    tokio::spawn(async {
+        signal().await;
+        tracing::warn!("second signal during shutdown; exiting at once");
+        std::process::exit(1);
+    });
 }

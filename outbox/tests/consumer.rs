@@ -7,6 +7,7 @@ mod common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -200,6 +201,14 @@ impl Probe {
             }
             "gate" => {
                 self.gate.acquire().await?.forget();
+                payload.save();
+            }
+            // A remote call that never answers, after the effect was written.
+            "hang" => std::future::pending::<()>().await,
+            "hang-once" => {
+                if attempt == 1 {
+                    std::future::pending::<()>().await;
+                }
                 payload.save();
             }
             "flaky" => {
@@ -1187,5 +1196,387 @@ async fn queues_are_shared_with_python_consumers_either_way_without_precondition
             || e.to_string().contains("inequivalent")),
         "RabbitMQ compares the arguments"
     );
+    test.drop_database().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Callbacks that hang, and panics outside the callback
+
+#[tokio::test]
+async fn a_hung_callback_is_abandoned_at_its_deadline_retried_then_dead_lettered_and_the_queue_moves_on()
+ {
+    let test = TestDb::new(Backend::Postgres).await;
+    create_effects_table(&test.db).await;
+    let (destination, queue, _cleanup) = fresh_destination("c_hung");
+    declare_on_rabbitmq(&destination).await;
+    send_raw(&destination, "hang", json!({"do": "hang"}), &[]).await;
+    send_raw(&destination, "hang-once", json!({"do": "hang-once"}), &[]).await;
+    for id in ["ok-1", "ok-2", "ok-3"] {
+        send_raw(&destination, id, json!({"do": "ok"}), &[]).await;
+    }
+    let mut settings = config(RABBITMQ_STOMP);
+    settings.consumer_callback_timeout = Duration::from_millis(400);
+    settings.consumer_max_retry_attempts = 2;
+    let probe = Probe::new();
+    let started = Instant::now();
+    let handle = consumer(&test.db, settings, &destination)
+        .start(probe.callback())
+        .unwrap();
+    let db = test.db.clone();
+    eventually(
+        Duration::from_secs(20),
+        "the messages behind the hung ones",
+        || {
+            let db = db.clone();
+            async move { effect_count(&db, "ok-3").await == 1 }
+        },
+    )
+    .await;
+    // One message at a time: the hung one held the queue for its three attempts only.
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    let dead_letters = format!("DLQ.{queue}");
+    eventually(
+        Duration::from_secs(10),
+        "the hung message dead-lettered",
+        || {
+            let count = queue_message_count(&dead_letters);
+            async move { count == Some(1) }
+        },
+    )
+    .await;
+    handle.stop().await.unwrap();
+    assert_eq!(probe.calls("hang"), 3, "one call and two retries");
+    assert_eq!(
+        effect_count(&test.db, "hang").await,
+        0,
+        "every attempt rolled back"
+    );
+    assert_eq!(probe.calls("hang-once"), 2);
+    assert_eq!(
+        effect_count(&test.db, "hang-once").await,
+        1,
+        "the retry's work only"
+    );
+    let keys: Vec<_> = inbox(&test.db)
+        .await
+        .into_iter()
+        .filter_map(|row| row.msg_id)
+        .collect();
+    assert!(!keys.contains(&"hang".to_owned()), "{keys:?}");
+    assert_eq!(keys.len(), 4, "{keys:?}");
+    assert_eq!(queue_message_count(&queue), Some(0));
+    test.drop_database().await;
+}
+
+/// A metrics recorder (installed for this thread only) that panics at chosen points of the
+/// consumer's own per-message code: when the callback's duration is recorded (after the
+/// callback, before the commit) and when an acknowledged message is counted (after the commit).
+/// A recorder is code the consumer calls outside the callback, as its logging is: a panic there
+/// is a panic in the library's handling of the message.
+#[derive(Default)]
+struct PanickingRecorder {
+    /// Panics left at the callback-duration histogram.
+    before_commit: AtomicUsize,
+    /// Panics left at the counter of acknowledged messages.
+    after_commit: AtomicUsize,
+}
+
+impl PanickingRecorder {
+    fn take(left: &AtomicUsize) -> bool {
+        left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    }
+}
+
+impl metrics::Recorder for PanickingRecorder {
+    fn describe_counter(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_gauge(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_histogram(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+
+    fn register_counter(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
+        let acked = key.name() == outbox::metrics::CONSUMER_MESSAGES
+            && key
+                .labels()
+                .any(|l| l.key() == "outcome" && l.value() == "acked");
+        if acked && Self::take(&self.after_commit) {
+            panic!("the recorder panicked after the commit");
+        }
+        metrics::Counter::noop()
+    }
+
+    fn register_gauge(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+        metrics::Gauge::noop()
+    }
+
+    fn register_histogram(
+        &self,
+        key: &metrics::Key,
+        _: &metrics::Metadata<'_>,
+    ) -> metrics::Histogram {
+        if key.name() == outbox::metrics::CONSUMER_CALLBACK_DURATION
+            && Self::take(&self.before_commit)
+        {
+            panic!("the recorder panicked before the commit");
+        }
+        metrics::Histogram::noop()
+    }
+}
+
+/// The runtime of this test is one thread: the consumer's tasks run where the recorder is set.
+#[tokio::test(flavor = "current_thread")]
+async fn a_panic_in_the_consumer_s_own_code_still_settles_the_message() {
+    let recorder = PanickingRecorder {
+        before_commit: AtomicUsize::new(1),
+        after_commit: AtomicUsize::new(1),
+    };
+    let _local = metrics::set_default_local_recorder(&recorder);
+    let test = TestDb::new(Backend::Postgres).await;
+    create_effects_table(&test.db).await;
+    let (destination, queue, _cleanup) = fresh_destination("c_lib_panic");
+    declare_on_rabbitmq(&destination).await;
+    // In order, one at a time: the first panics before its commit, the second after it.
+    for id in ["before-commit", "after-commit", "after-panics"] {
+        send_raw(&destination, id, json!({"do": "ok"}), &[]).await;
+    }
+    let probe = Probe::new();
+    let handle = consumer(&test.db, config(RABBITMQ_STOMP), &destination)
+        .start(probe.callback())
+        .unwrap();
+    let db = test.db.clone();
+    eventually(
+        Duration::from_secs(20),
+        "the message after the panics",
+        || {
+            let db = db.clone();
+            async move { effect_count(&db, "after-panics").await == 1 }
+        },
+    )
+    .await;
+    let dead_letters = format!("DLQ.{queue}");
+    eventually(
+        Duration::from_secs(10),
+        "the rolled-back message dead-lettered",
+        || {
+            let count = queue_message_count(&dead_letters);
+            async move { count == Some(1) }
+        },
+    )
+    .await;
+    // Nothing held: every message settled while the consumer still runs.
+    eventually(Duration::from_secs(10), "the queue empty", || {
+        let count = queue_message_count(&queue);
+        async move { count == Some(0) }
+    })
+    .await;
+    handle.stop().await.unwrap();
+    assert_eq!(
+        recorder.before_commit.load(Ordering::SeqCst),
+        0,
+        "the first panic happened"
+    );
+    assert_eq!(
+        recorder.after_commit.load(Ordering::SeqCst),
+        0,
+        "the second panic happened"
+    );
+    assert_eq!(
+        effect_count(&test.db, "before-commit").await,
+        0,
+        "rolled back"
+    );
+    assert_eq!(
+        effect_count(&test.db, "after-commit").await,
+        1,
+        "committed, and acknowledged"
+    );
+    assert_eq!(probe.calls("after-commit"), 1, "not delivered again");
+    let keys: Vec<_> = inbox(&test.db)
+        .await
+        .into_iter()
+        .filter_map(|row| row.msg_id)
+        .collect();
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    assert!(!keys.contains(&"before-commit".to_owned()), "{keys:?}");
+    test.drop_database().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Signals: Consumer::run in a process of its own
+
+const SIGNAL_CHILD_DB: &str = "OUTBOX_TEST_SIGNAL_CHILD_DATABASE_URL";
+const SIGNAL_CHILD_DESTINATION: &str = "OUTBOX_TEST_SIGNAL_CHILD_DESTINATION";
+
+/// The child process of the signal tests: this test binary run again with this test alone. It
+/// runs `Consumer::run` (stopped by signals only) and says on stdout what it is doing; without
+/// its variables it does nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the consumer child process of the signal tests; runs only as a child"]
+async fn signal_child_consumer() {
+    let (Ok(url), Ok(destination)) = (
+        std::env::var(SIGNAL_CHILD_DB),
+        std::env::var(SIGNAL_CHILD_DESTINATION),
+    ) else {
+        return;
+    };
+    let db = sea_orm::Database::connect(url)
+        .await
+        .expect("child: database");
+    let mut settings = config(RABBITMQ_STOMP);
+    settings.consumer_shutdown_timeout = Duration::from_secs(60);
+    let built = consumer(&db, settings, &destination)
+        .build()
+        .expect("child: consumer");
+    built
+        .run(|payload: Payload| async move {
+            let key = payload.message_id().unwrap_or_default().to_owned();
+            if payload.body()["do"] == "hang" {
+                println!("child: callback started {key}");
+                std::future::pending::<()>().await;
+            }
+            payload.save();
+            println!("child: processed {key}");
+            Ok::<_, BoxError>(())
+        })
+        .await
+        .expect("child: consumer ran");
+    println!("child: stopped");
+}
+
+/// Starts the signal child on `destination`; returns it and its stdout lines.
+fn spawn_signal_child(
+    test: &TestDb,
+    destination: &str,
+) -> (
+    tokio::process::Child,
+    tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+) {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(std::env::current_exe().expect("this binary"))
+        .args([
+            "signal_child_consumer",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(SIGNAL_CHILD_DB, &test.url)
+        .env(SIGNAL_CHILD_DESTINATION, destination)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the consumer child");
+    let lines = tokio::io::BufReader::new(child.stdout.take().expect("piped")).lines();
+    (child, lines)
+}
+
+/// Reads the child's stdout up to a line with `expected`.
+async fn wait_for_line(
+    lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    expected: &str,
+) {
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = lines.next_line().await.expect("read the child") {
+            // libtest may print its own words before ours on the line.
+            if line.contains(expected) {
+                return;
+            }
+        }
+        panic!("the child ended before `{expected}`");
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no `{expected}` from the child within 20 s"));
+}
+
+fn send_signal(child: &tokio::process::Child, signal: &str) {
+    let pid = child.id().expect("running").to_string();
+    let sent = std::process::Command::new("kill")
+        .args([signal, &pid])
+        .status()
+        .expect("run kill");
+    assert!(sent.success());
+}
+
+#[tokio::test]
+async fn a_second_signal_during_the_graceful_stop_of_consumer_run_exits_at_once() {
+    let test = TestDb::new(Backend::Postgres).await;
+    let (destination, queue, _cleanup) = fresh_destination("c_second_signal");
+    declare_on_rabbitmq(&destination).await;
+    send_raw(&destination, "stuck", json!({"do": "hang"}), &[]).await;
+    let (mut child, mut lines) = spawn_signal_child(&test, &destination);
+    wait_for_line(&mut lines, "child: callback started stuck").await;
+    send_signal(&child, "-TERM");
+    // The first signal starts the graceful stop, which waits (up to 60 s) for the callback.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "still waiting for its callback"
+    );
+    let asked = Instant::now();
+    send_signal(&child, "-TERM");
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("the second signal ends the process")
+        .unwrap();
+    assert_eq!(status.code(), Some(1));
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        asked.elapsed()
+    );
+    // Unacknowledged, the message is the broker's again.
+    eventually(
+        Duration::from_secs(10),
+        "the message back in its queue",
+        || {
+            let count = queue_message_count(&queue);
+            async move { count == Some(1) }
+        },
+    )
+    .await;
+    assert!(inbox(&test.db).await.is_empty());
+    test.drop_database().await;
+}
+
+#[tokio::test]
+async fn consumer_run_stops_gracefully_on_sigquit_as_on_sigterm() {
+    let test = TestDb::new(Backend::Postgres).await;
+    let (destination, queue, _cleanup) = fresh_destination("c_sigquit");
+    declare_on_rabbitmq(&destination).await;
+    send_raw(&destination, "first", json!({"do": "ok"}), &[]).await;
+    let (mut child, mut lines) = spawn_signal_child(&test, &destination);
+    wait_for_line(&mut lines, "child: processed first").await;
+    send_signal(&child, "-QUIT");
+    wait_for_line(&mut lines, "child: stopped").await;
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("SIGQUIT stops the consumer")
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "a graceful stop, not a core dump");
+    assert_eq!(inbox(&test.db).await.len(), 1);
+    assert_eq!(queue_message_count(&queue), Some(0));
     test.drop_database().await;
 }

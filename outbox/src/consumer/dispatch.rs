@@ -1,9 +1,13 @@
 //! What happens to one message: a transaction that inserts the inbox row first, then runs the
-//! callback, then commits; then the ACK (or, on failure, the rollback and the NACK that
-//! dead-letters the message). Nothing is acknowledged before its effects are committed.
+//! callback (for at most the callback timeout), then commits; then the ACK (or, on failure, the
+//! rollback and the NACK that dead-letters the message). Nothing is acknowledged before its
+//! effects are committed, and every message ends acknowledged or rejected: the whole handling
+//! runs under `catch_unwind`, so a panic anywhere in it (in the callback or in the outbox's own
+//! code, or in a metrics recorder or log layer it calls) still settles the message.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::FutureExt;
@@ -33,7 +37,14 @@ pub(crate) struct Dispatcher {
     pub(crate) max_retries: u32,
     /// The wait before retry n is n times this.
     pub(crate) retry_wait: Duration,
+    /// How long one attempt of the callback may run.
+    pub(crate) callback_timeout: Duration,
 }
+
+/// How long a rollback may take before the transaction is abandoned to the connection pool (a
+/// callback stopped in the middle of a statement leaves the connection busy until the database
+/// ends that statement).
+const ROLLBACK_WAIT: Duration = Duration::from_secs(10);
 
 /// What the broker is told.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,27 +66,68 @@ enum Attempt {
 }
 
 impl Dispatcher {
-    /// Processes a delivery and settles it with the broker.
+    /// Processes a delivery and settles it with the broker. A panic while processing ends with
+    /// the message acknowledged if its transaction had committed, else rejected (dead-lettered);
+    /// a panic while settling, with a plain NACK as the last resort.
     pub(crate) async fn handle(self: Arc<Self>, delivery: Delivery) {
-        let message = Arc::new(Incoming::new(&delivery, &self.queue));
+        let committed = AtomicBool::new(false);
+        let processed = AssertUnwindSafe(self.process_delivery(&delivery, &committed))
+            .catch_unwind()
+            .await;
+        let verdict = match processed {
+            Ok(verdict) => verdict,
+            Err(panic) => {
+                let committed = committed.load(Ordering::SeqCst);
+                let verdict = if committed {
+                    Verdict::Ack
+                } else {
+                    Verdict::Nack
+                };
+                tracing::error!(
+                    queue = %self.queue,
+                    panic = %panic_message(panic),
+                    committed,
+                    ?verdict,
+                    "handling a message panicked outside the callback; its effects are {}",
+                    if committed { "committed: acknowledging it" } else { "rolled back: dead-lettering it" }
+                );
+                verdict
+            }
+        };
+        let settled = AssertUnwindSafe(self.settle(&delivery, verdict))
+            .catch_unwind()
+            .await;
+        if let Err(panic) = settled {
+            tracing::error!(
+                queue = %self.queue,
+                panic = %panic_message(panic),
+                "settling a message panicked; rejecting it"
+            );
+            if let Ok(Err(err)) = AssertUnwindSafe(self.transport.nack(&delivery))
+                .catch_unwind()
+                .await
+            {
+                tracing::warn!(error = %err, "could not reject the message; the broker will deliver it again");
+            }
+        }
+    }
+
+    /// Reads the delivery and processes it, in the message's span.
+    async fn process_delivery(&self, delivery: &Delivery, committed: &AtomicBool) -> Verdict {
+        let message = Arc::new(Incoming::new(delivery, &self.queue));
         let span = tracing::info_span!(
             "outbox.message",
             queue = %self.queue,
             message_id = message.key.as_deref().unwrap_or(""),
             correlation_id = message.correlation_id.as_deref().unwrap_or(""),
         );
-        async {
-            let verdict = self.process(&message).await;
-            self.settle(&delivery, verdict).await;
-        }
-        .instrument(span)
-        .await
+        self.process(&message, committed).instrument(span).await
     }
 
-    async fn process(&self, message: &Arc<Incoming>) -> Verdict {
+    async fn process(&self, message: &Arc<Incoming>, committed: &AtomicBool) -> Verdict {
         let mut retries = 0;
         loop {
-            let failure = match self.attempt(message).await {
+            let failure = match self.attempt(message, committed).await {
                 Attempt::Committed => {
                     crate::metrics::consumed(&self.queue, crate::metrics::Outcome::Acked);
                     return Verdict::Ack;
@@ -125,7 +177,7 @@ impl Dispatcher {
     }
 
     /// One transaction: inbox row, callback, commit.
-    async fn attempt(&self, message: &Arc<Incoming>) -> Attempt {
+    async fn attempt(&self, message: &Arc<Incoming>, committed: &AtomicBool) -> Attempt {
         let txn = match self.db.begin().await {
             Ok(txn) => txn,
             Err(err) => return Attempt::Failed(Failure::Database(err)),
@@ -166,6 +218,7 @@ impl Dispatcher {
                 }
                 match txn.commit().await {
                     Ok(()) => {
+                        committed.store(true, Ordering::SeqCst);
                         // Outbox rows the callback wrote are committed: wake this process's relays.
                         wake::committed();
                         Attempt::Committed
@@ -176,7 +229,9 @@ impl Dispatcher {
         }
     }
 
-    /// Runs the callback with the message's correlation id ambient, catching panics.
+    /// Runs the callback with the message's correlation id ambient, catching panics, for at
+    /// most the callback timeout (past it the callback's future is dropped, with its
+    /// [`Payload`]: the transaction can then be rolled back).
     async fn call(&self, payload: Payload, message: &Incoming) -> Result<(), Failure> {
         let correlation_id = message
             .correlation_id
@@ -193,7 +248,12 @@ impl Dispatcher {
                 .map_err(|panic| Failure::Panic(panic_message(panic)))?
                 .map_err(Failure::Callback)
         };
-        crate::with_correlation_id(correlation_id, run).await
+        tokio::time::timeout(
+            self.callback_timeout,
+            crate::with_correlation_id(correlation_id, run),
+        )
+        .await
+        .unwrap_or(Err(Failure::TimedOut(self.callback_timeout)))
     }
 
     async fn settle(&self, delivery: &Delivery, verdict: Verdict) {
@@ -217,7 +277,13 @@ impl Dispatcher {
 
 async fn rollback(txn: DatabaseTransaction) {
     // A failed rollback means the connection is gone, which rolls back too.
-    if let Err(err) = txn.rollback().await {
-        tracing::debug!(error = %err, "rollback failed");
+    match tokio::time::timeout(ROLLBACK_WAIT, txn.rollback()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => tracing::debug!(error = %err, "rollback failed"),
+        Err(_) => tracing::warn!(
+            wait = ?ROLLBACK_WAIT,
+            "the rollback did not complete (a statement of the callback still runs?); the \
+             transaction is left to the connection pool, which rolls it back or closes it"
+        ),
     }
 }

@@ -28,6 +28,9 @@ pub(crate) enum Failure {
     /// The callback's future ended while something still held its [`crate::Payload`], so the
     /// transaction could not be committed.
     PayloadKept,
+    /// The callback ran past the callback timeout and was abandoned: transient, since a hang
+    /// is more often a moment's (a remote service, a lock) than the message's.
+    TimedOut(std::time::Duration),
 }
 
 impl Failure {
@@ -35,6 +38,7 @@ impl Failure {
         match self {
             Failure::Database(err) => db_err_is_transient(err),
             Failure::Callback(err) => error_is_transient(err.as_ref()),
+            Failure::TimedOut(_) => true,
             Failure::Panic(_) | Failure::PayloadKept => false,
         }
     }
@@ -43,7 +47,12 @@ impl Failure {
 impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Failure::Database(err) => write!(f, "database: {err}"),
+            // Errors of database drivers may quote a connection URL.
+            Failure::Database(err) => write!(
+                f,
+                "database: {}",
+                crate::redact_credentials(&err.to_string())
+            ),
             Failure::Callback(err) => {
                 // The causes too (the top error alone may say only "query failed"), less those
                 // that an error's own message already repeats.
@@ -56,9 +65,14 @@ impl fmt::Display for Failure {
                     }
                     source = cause.source();
                 }
-                write!(f, "callback error: {text}")
+                write!(f, "callback error: {}", crate::redact_credentials(&text))
             }
             Failure::Panic(message) => write!(f, "callback panicked: {message}"),
+            Failure::TimedOut(timeout) => write!(
+                f,
+                "the callback ran longer than the callback timeout ({timeout:?}, \
+                 OUTBOX_CONSUMER_CALLBACK_TIMEOUT) and was abandoned"
+            ),
             Failure::PayloadKept => f.write_str(
                 "the callback's Payload outlived its future (moved into another task?), so its \
                  transaction could not be committed",

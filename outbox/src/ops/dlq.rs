@@ -7,9 +7,11 @@
 //! `/amq/queue/<queue>` (a SEND to `/queue/<queue>` would redeclare the queue without its
 //! dead-letter arguments, which RabbitMQ refuses) and acknowledges it in the dead-letter queue
 //! only after the broker receipted the copy: a crash in between leaves the message in both
-//! queues, and the consumer's inbox recognises the second delivery.
+//! queues, and the consumer's inbox recognises the second delivery. Each copy carries the
+//! replay's run id (`x-outbox-replay-run`), so a replay stops at a copy of its own that came back
+//! (dead-lettered again while it ran) instead of replaying it forever: a message without an id
+//! cannot be recognised otherwise, since the broker's `message-id` changes on every delivery.
 
-use std::collections::HashSet;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -23,6 +25,10 @@ const IDLE: Duration = Duration::from_secs(2);
 
 /// Dead letters replayed per pipelined batch of SENDs.
 const REPLAY_BATCH: usize = 100;
+
+/// The header a replay sets on the copies it sends: the run's id (a UUID), replacing that of an
+/// earlier run.
+pub(crate) const REPLAY_RUN_HEADER: &str = "x-outbox-replay-run";
 
 /// RabbitMQ's largest prefetch count.
 const MAX_PREFETCH: usize = 65_535;
@@ -103,8 +109,9 @@ impl DeadLetter {
 pub struct ReplayReport {
     /// Messages sent back to the queue and removed from the dead-letter queue.
     pub replayed: usize,
-    /// Whether it stopped at a message it had already replayed (dead-lettered again while the
-    /// replay ran): that one, and those behind it, stay in the dead-letter queue.
+    /// Whether it stopped at a copy it had sent itself (dead-lettered again while the replay
+    /// ran, recognised by its `x-outbox-replay-run` header): that one, and those behind it, stay in the
+    /// dead-letter queue.
     pub stopped_at_repeat: bool,
 }
 
@@ -204,8 +211,9 @@ pub async fn dlq_list(
 /// sent to `/amq/queue/<queue>` with its original headers (the broker's removed, `persistent`
 /// kept), and acknowledged in the dead-letter queue only once the broker receipted the copy.
 /// Fails before moving anything if `queue` does not exist (a SEND to a missing queue is
-/// receipted and dropped). Stops at a message it already replayed in this run (dead-lettered
-/// again meanwhile) rather than loop.
+/// receipted and dropped). Every copy carries this run's id in the `x-outbox-replay-run` header; the replay
+/// stops at a copy of its own that came back (dead-lettered again meanwhile) rather than loop,
+/// with a limit or without.
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), outbox::Error> {
@@ -249,7 +257,7 @@ async fn replay(
     deliveries: &mut mpsc::Receiver<Delivery>,
 ) -> Result<ReplayReport, Error> {
     let mut report = ReplayReport::default();
-    let mut seen: HashSet<String> = HashSet::new();
+    let run = Uuid::new_v4().to_string();
     let remaining = |report: &ReplayReport| limit.map_or(usize::MAX, |l| l - report.replayed);
     'batches: while remaining(&report) > 0 {
         let Some(first) = next(deliveries).await else {
@@ -266,15 +274,13 @@ async fn replay(
         let mut taken = Vec::with_capacity(batch.len());
         for delivery in batch {
             let dead = DeadLetter::from_delivery(delivery.clone());
-            if let Some(key) = dead.message_key()
-                && !seen.insert(key.to_owned())
-            {
-                // Dead-lettered again since this run replayed it: leave it (unacknowledged,
-                // so it goes back to the dead-letter queue) and stop.
+            if dead.header(REPLAY_RUN_HEADER) == Some(run.as_str()) {
+                // A copy this run sent, dead-lettered again: leave it (unacknowledged, so it
+                // goes back to the dead-letter queue) and stop.
                 report.stopped_at_repeat = true;
                 break;
             }
-            outgoing.push(replayed(&dead, queue));
+            outgoing.push(replayed(&dead, queue, &run));
             taken.push(delivery);
         }
         if !outgoing.is_empty() {
@@ -302,9 +308,11 @@ async fn replay(
     Ok(report)
 }
 
-/// The copy of a dead letter that goes back to `queue`.
-fn replayed(dead: &DeadLetter, queue: &str) -> Outgoing {
+/// The copy of a dead letter that goes back to `queue`, marked with the replay's `run`.
+fn replayed(dead: &DeadLetter, queue: &str, run: &str) -> Outgoing {
     let mut headers = dead.original_headers();
+    headers.retain(|(name, _)| name != REPLAY_RUN_HEADER);
+    headers.push((REPLAY_RUN_HEADER.into(), run.into()));
     if !headers.iter().any(|(name, _)| name == "persistent") {
         headers.push(("persistent".into(), "true".into()));
     }
@@ -361,16 +369,29 @@ mod tests {
         };
         assert_eq!(dead.reason(), Some("rejected"));
         assert_eq!(dead.message_key(), Some("m1"));
-        let out = replayed(&dead, "q");
+        let out = replayed(&dead, "q", "run-1");
         assert_eq!(out.destination, "/amq/queue/q");
         assert_eq!(
             out.headers,
             header_pairs(&[
                 ("dop-msg-id", "m1"),
                 ("x-custom", "a:b"),
-                ("persistent", "true")
+                ("persistent", "true"),
+                (REPLAY_RUN_HEADER, "run-1"),
             ])
         );
+        let mut again = dead.clone();
+        again
+            .headers
+            .push((REPLAY_RUN_HEADER.into(), "run-0".into()));
+        let out = replayed(&again, "q", "run-1");
+        let runs: Vec<_> = out
+            .headers
+            .iter()
+            .filter(|(name, _)| name == REPLAY_RUN_HEADER)
+            .map(|(_, run)| run.as_str())
+            .collect();
+        assert_eq!(runs, ["run-1"], "an earlier run's mark is replaced");
     }
 
     /// A topology on the in-memory broker with one dead letter per body.

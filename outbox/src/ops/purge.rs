@@ -1,5 +1,5 @@
-//! `outbox purge`: deletes old rows by status, in bounded batches. Rows not yet sent are kept
-//! unless the caller insists.
+//! `outbox purge`: deletes old rows by status, in bounded batches. Rows whose messages were
+//! never delivered (waiting to be sent, or given up) are deleted only when the caller insists.
 
 use std::fmt;
 use std::time::Duration;
@@ -17,15 +17,22 @@ use crate::{Error, Status};
 pub enum PurgeStatus {
     /// Sent rows (SUCCEEDED).
     Sent,
-    /// Given-up rows (FAILED): their messages were never sent.
+    /// Given-up rows (FAILED): their messages were never sent. Needs [`Purge::force`].
     Failed,
-    /// Both.
+    /// Both. Needs [`Purge::force`].
     SentAndFailed,
     /// Rows waiting to be sent (SCHEDULE): their messages are lost. Needs [`Purge::force`].
     Scheduled,
 }
 
 impl PurgeStatus {
+    /// Whether the rows it deletes include messages never delivered (FAILED or waiting to be
+    /// sent): those are deleted only by a forced purge, since `outbox retry` could still send
+    /// them.
+    pub fn needs_force(self) -> bool {
+        !matches!(self, PurgeStatus::Sent)
+    }
+
     fn statuses(self) -> &'static [Status] {
         match self {
             PurgeStatus::Sent => &[Status::Succeeded],
@@ -48,8 +55,9 @@ impl fmt::Display for PurgeStatus {
 }
 
 /// Deletes outbox rows of one status (or sent and failed together), optionally only those
-/// written longer ago than an age, a bounded batch per statement. Rows waiting to be sent are
-/// deleted only by a forced purge of [`PurgeStatus::Scheduled`].
+/// written longer ago than an age, a bounded batch per statement. Rows whose messages were never
+/// delivered (FAILED, or waiting to be sent) are deleted only by a forced purge
+/// ([`PurgeStatus::needs_force`]).
 ///
 /// ```no_run
 /// # async fn demo(db: &sea_orm::DatabaseConnection) -> Result<(), outbox::Error> {
@@ -84,7 +92,7 @@ impl Purge {
         self
     }
 
-    /// Allows deleting rows that are waiting to be sent ([`PurgeStatus::Scheduled`]).
+    /// Allows deleting rows whose messages were never delivered ([`PurgeStatus::needs_force`]).
     pub fn force(mut self) -> Self {
         self.force = true;
         self
@@ -101,14 +109,15 @@ impl Purge {
         Ok(count_rows(db, self.condition()).await?)
     }
 
-    /// Deletes the rows; returns how many. Refuses [`PurgeStatus::Scheduled`] unless forced.
+    /// Deletes the rows; returns how many. Refuses, unless forced, the statuses whose messages
+    /// were never delivered ([`PurgeStatus::needs_force`]).
     pub async fn run(&self, db: &DatabaseConnection) -> Result<u64, Error> {
-        if self.status == PurgeStatus::Scheduled && !self.force {
+        if self.status.needs_force() && !self.force {
             return Err(Error::Config {
                 variable: "status".into(),
                 value: self.status.to_string(),
-                reason: "rows waiting to be sent are deleted only when forced: their messages \
-                         would never be sent"
+                reason: "rows whose messages were never delivered (FAILED, or waiting to be \
+                         sent) are deleted only when forced: they could still be retried"
                     .into(),
             });
         }

@@ -1,0 +1,112 @@
+//! Fault scenarios of the consumer under callbacks that hang: a known set of messages relayed,
+//! a callback that hangs (after writing its effect) on the first attempts of some of them, and
+//! the count at the business table: every message's effect exactly once, the queue moving on
+//! past each hung attempt at the callback deadline. Prints
+//!
+//! `fault.hung_callback sent=N effects=N lost=0 duplicate_effects=0 wire_duplicates=K ...`
+
+#[path = "../../outbox/tests/common/mod.rs"]
+mod common;
+mod harness;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::stomp_peer::{RABBITMQ_STOMP, queue_message_count};
+use common::{Backend, TestDb};
+use harness::*;
+use outbox::{Consumer, Payload, Producer};
+
+/// How many of its first attempts hang, for the message with this key: one in eight hangs once,
+/// one in twenty-five twice (the consumer retries three times: all of them get through).
+fn hung_attempts(key: &str) -> usize {
+    let digest = key
+        .bytes()
+        .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
+    if digest % 25 == 0 {
+        2
+    } else if digest % 8 == 0 {
+        1
+    } else {
+        0
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_callbacks_are_abandoned_at_the_deadline_and_nothing_is_lost_or_doubled() {
+    let started = Instant::now();
+    let n = counts(200, 2000);
+    let test = TestDb::new(Backend::Postgres).await;
+    create_effects_table(&test.db).await;
+    let (destination, queue, wire_queue, _cleanup) = fresh_destination("fault_hung_callback");
+    declare_consumer_queues(&destination).await;
+    let mut wire = WireCounter::start(&destination, &wire_queue).await;
+    enqueue_many(&test.db, &destination, n, 0).await;
+    let relay = Producer::builder(pool(&test.url, 3).await)
+        .config(config(RABBITMQ_STOMP))
+        .start()
+        .unwrap();
+
+    let attempts: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+    let mut settings = config(RABBITMQ_STOMP);
+    settings.consumer_callback_timeout = Duration::from_millis(300);
+    settings.consumer_max_retry_attempts = 3;
+    settings.consumer_retry_wait = Duration::from_millis(50);
+    let consumer = Consumer::builder(pool(&test.url, 6).await)
+        .config(settings)
+        .destination(&destination)
+        .in_flight(4)
+        .start({
+            let attempts = attempts.clone();
+            move |payload: Payload| {
+                let attempts = attempts.clone();
+                async move {
+                    let key = payload.message_id().unwrap_or_default().to_owned();
+                    let attempt = {
+                        let mut attempts = attempts.lock().unwrap();
+                        let seen = attempts.entry(key.clone()).or_default();
+                        *seen += 1;
+                        *seen
+                    };
+                    insert_effect(payload.db(), &key, "ok").await?;
+                    if attempt <= hung_attempts(&key) {
+                        // A remote call that never answers: its effect must be rolled back.
+                        std::future::pending::<()>().await;
+                    }
+                    payload.save();
+                    Ok::<_, BoxError>(())
+                }
+            }
+        })
+        .unwrap();
+
+    wait_until_all_sent(&test.db, n, Duration::from_secs(60)).await;
+    wait_until_consumed(&test.db, &queue, n, Duration::from_secs(120)).await;
+    relay.stop().await.unwrap();
+    consumer.stop().await.unwrap();
+
+    let expected = outbox_ids(&test.db).await;
+    let hung: usize = expected.iter().map(|key| hung_attempts(key)).sum();
+    let counted = count(&expected, &effect_counts(&test.db).await);
+    let wire_duplicates = wire.duplicates(&expected).await;
+    let dead_lettered = queue_message_count(&format!("DLQ.{queue}"));
+    summary(
+        "hung_callback",
+        &counted,
+        wire_duplicates,
+        &format!(
+            "hung_attempts={hung} dead_lettered={} secs={:.1}",
+            dead_lettered.unwrap_or(0),
+            started.elapsed().as_secs_f64()
+        ),
+    );
+    assert_eq!(counted.sent, n);
+    assert_eq!(counted.lost, 0, "messages lost");
+    assert_eq!(counted.duplicate_effects, 0, "effects done twice");
+    assert!(hung > 0, "no callback hung");
+    let calls: usize = attempts.lock().unwrap().values().sum();
+    assert_eq!(calls, n + hung, "one more call per hung attempt, no other");
+    assert_eq!(dead_lettered, Some(0), "nothing dead-lettered");
+    test.drop_database().await;
+}
