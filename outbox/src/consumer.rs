@@ -40,6 +40,10 @@ use dispatch::{Callback, Dispatcher};
 /// A subscription that lived this long was healthy: after it drops, reconnect at once.
 const STABLE_SUBSCRIPTION: Duration = Duration::from_secs(30);
 
+/// The largest `prefetch-count` a consumer subscribes with (also when none is configured, which
+/// RabbitMQ reads as no limit): the transport buffers that many deliveries.
+const MAX_PREFETCH: u32 = 10_000;
+
 /// Consumes `destination` with settings from the environment ([`OutboxConfig::from_env`]) and
 /// the STOMP broker they name, until SIGTERM, SIGINT or SIGQUIT; then it stops taking messages, waits for
 /// those in flight (up to `OUTBOX_CONSUMER_SHUTDOWN_TIMEOUT`), acknowledges them, unsubscribes
@@ -196,9 +200,15 @@ impl ConsumerBuilder {
                 .and_then(|p| p.trim().parse::<u32>().ok())
                 .map(|p| p.max(u32::try_from(self.in_flight).unwrap_or(u32::MAX))),
         };
-        if let Some(prefetch) = prefetch {
-            headers.insert("prefetch-count".into(), prefetch.to_string());
-        }
+        // No prefetch-count is no limit to RabbitMQ: the broker would push the whole queue.
+        let prefetch = match prefetch {
+            Some(prefetch) if (1..=MAX_PREFETCH).contains(&prefetch) => prefetch,
+            other => {
+                tracing::warn!(prefetch = ?other, cap = MAX_PREFETCH, "prefetch-count missing or above the cap; using the cap");
+                MAX_PREFETCH
+            }
+        };
+        headers.insert("prefetch-count".into(), prefetch.to_string());
         warn_if_attempts_outlast_the_broker(&config);
         let destination = self.destination.unwrap_or_default();
         let topology = Topology::with_headers(

@@ -18,7 +18,7 @@
 //! | `outbox_relay_batch_duration_seconds` | histogram | | time to claim, send and settle one batch |
 //! | `outbox_pending_messages` | gauge | | rows waiting to be sent (status SCHEDULE), sampled by each relay every 10 s |
 //! | `outbox_oldest_pending_age_seconds` | gauge | | age of the oldest row waiting to be sent (0 when none), sampled with the above |
-//! | `outbox_consumer_messages_total` | counter | `queue`, `outcome` | consumed messages by outcome: `acked`, `duplicate` (already in the inbox: acked without running the callback), `nacked` (the callback called `nack()`), `dead_lettered` (the callback failed or panicked, or its transient failures outlasted the retries), and `retried` (not a final outcome: one per further attempt after a transient failure) |
+//! | `outbox_consumer_messages_total` | counter | `queue`, `outcome` | consumed messages by outcome: `acked`, `duplicate` (already in the inbox: acked without running the callback), `nacked` (the callback called `nack()`), `dead_lettered` (the callback failed or panicked, or its transient failures outlasted the retries), `undecodable` (the frame did not decode, or exceeded `OUTBOX_STOMP_MAX_FRAME_SIZE`: rejected to the dead-letter queue without running the callback), and `retried` (not a final outcome: one per further attempt after a transient failure) |
 //! | `outbox_consumer_callback_duration_seconds` | histogram | `queue` | time the callback took, per attempt |
 //!
 //! The pending gauges describe the whole table, not one relay: with several relays, aggregate
@@ -158,7 +158,7 @@ pub fn describe() {
     describe_counter!(
         CONSUMER_MESSAGES,
         Unit::Count,
-        "Consumed messages by queue and outcome (acked, duplicate, nacked, dead_lettered, retried)"
+        "Consumed messages by queue and outcome (acked, duplicate, nacked, dead_lettered, undecodable, retried)"
     );
     describe_histogram!(
         CONSUMER_CALLBACK_DURATION,
@@ -254,6 +254,8 @@ pub(crate) enum Outcome {
     DeadLettered,
     /// A transient failure: the callback runs again.
     Retried,
+    /// The frame did not decode or was too large: dead-lettered without running the callback.
+    Undecodable,
 }
 
 impl Outcome {
@@ -264,6 +266,7 @@ impl Outcome {
             Outcome::Nacked => "nacked",
             Outcome::DeadLettered => "dead_lettered",
             Outcome::Retried => "retried",
+            Outcome::Undecodable => "undecodable",
         }
     }
 }

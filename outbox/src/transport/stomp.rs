@@ -8,6 +8,13 @@
 //! declares the connection dead when the broker goes quiet for longer than its heartbeats allow.
 //! When the connection dies, every caller still waiting learns why, and the next call connects
 //! again.
+//!
+//! Nothing the task waits for holds up the rest: a write the broker does not read (RabbitMQ stops
+//! reading publishing connections during a memory or disk alarm) goes on beside the reading and
+//! the heartbeats, and ends the connection when no byte has left for the receipt timeout;
+//! deliveries beyond a subscription's buffer wait in the task's backlog, not in the socket. A
+//! frame that does not decode, or exceeds the maximum frame size, is rejected to its dead-letter
+//! queue and the connection goes on ([`framing`]).
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -16,23 +23,34 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use async_stomp::client::{ClientCodec, Heartbeat};
+use std::collections::VecDeque;
+
+use async_stomp::client::ClientCodec;
 use async_stomp::{AckMode as StompAck, FromServer, Message, ToServer};
-use futures::{SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use futures::StreamExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
-use tokio_util::codec::Framed;
+use tokio_util::bytes::{BufMut, BytesMut};
+use tokio_util::codec::{Encoder, FramedRead};
 
 use super::{AckMode, Delivery, Outgoing, SendReport, Subscription, Transport, TransportError};
 use crate::OutboxConfig;
+use framing::{FrameDecoder, Inbound, Undecodable};
 
+mod framing;
 mod tls;
 
 /// Frames a caller may queue before the writer catches up: plenty for a pipelined batch.
 const WRITE_QUEUE: usize = 4096;
-/// Deliveries buffered per subscription (the prefetch count bounds them in practice).
+/// Encoded bytes waiting for the socket past which the task stops taking queued frames: callers
+/// then wait on the queue (with a deadline) instead of the task's memory growing.
+const WRITE_HIGH_WATER: usize = 4 * 1024 * 1024;
+/// Deliveries buffered per subscription without a `prefetch-count` (RabbitMQ: no limit).
 const DELIVERY_QUEUE: usize = 1024;
+/// The most deliveries buffered per subscription, whatever its `prefetch-count`; more wait in
+/// the task's backlog.
+const MAX_DELIVERY_QUEUE: usize = 10_000;
 
 /// A STOMP 1.2 broker connection with failover, heartbeats and receipts.
 ///
@@ -202,6 +220,13 @@ impl Transport for StompTransport {
             return Ok(());
         }
         connection.shared.closing.store(true, Ordering::Relaxed);
+        if connection.shared.unanswered.load(Ordering::Relaxed) {
+            // A broker that let a receipt time out on this connection (blocked by an alarm,
+            // say) would let the DISCONNECT's time out too: do not make a stopping process wait.
+            tracing::debug!("closing without DISCONNECT: the broker left a receipt unanswered");
+            connection.close();
+            return Ok(());
+        }
         let result = connection
             .request(
                 ToServer::Disconnect { receipt: None }.into(),
@@ -278,11 +303,22 @@ type Waiter = oneshot::Sender<Result<(), TransportError>>;
 #[derive(Default)]
 struct Shared {
     receipts: Mutex<HashMap<String, Waiter>>,
-    subscriptions: Mutex<HashMap<String, mpsc::Sender<Delivery>>>,
+    subscriptions: Mutex<HashMap<String, Route>>,
     /// Why the connection ended; set once.
     ended: Mutex<Option<TransportError>>,
     /// A DISCONNECT was sent: the end of the connection is expected, not a failure.
     closing: std::sync::atomic::AtomicBool,
+    /// A receipt (or room in the write queue) did not come in time on this connection.
+    unanswered: std::sync::atomic::AtomicBool,
+}
+
+/// Where a subscription's deliveries go.
+struct Route {
+    sender: mpsc::Sender<Delivery>,
+    /// The queue it reads (`x-queue-name`, else the destination's last `/` segment): the label
+    /// of what it counts.
+    queue: String,
+    ack: AckMode,
 }
 
 /// One open STOMP connection and the task that drives it.
@@ -374,49 +410,57 @@ impl Connection {
             last_read: last_read.clone(),
             epoch,
         };
-        let mut framed = Framed::new(
-            watched,
-            ClientCodec::with_max_frame_size(settings.max_frame_size),
-        );
+        let (read_half, write_half) = tokio::io::split(watched);
+        let mut reader = FramedRead::new(read_half, FrameDecoder::new(settings.max_frame_size));
+        let mut writer = Writer::new(write_half);
 
         let (out_ms, in_ms) = (
             settings.heartbeats.0.as_millis() as u32,
             settings.heartbeats.1.as_millis() as u32,
         );
-        SinkExt::<Message<ToServer>>::send(
-            &mut framed,
-            ToServer::Connect {
-                accept_version: "1.2".into(),
-                host: settings.vhost.clone(),
-                login: Some(settings.login.clone()),
-                passcode: Some(settings.passcode.expose().to_owned()),
-                heartbeat: Some((out_ms, in_ms)),
-            }
-            .into(),
-        )
-        .await
-        .map_err(|e| connect_failed(e.to_string()))?;
-        let reply = tokio::time::timeout(timeout, framed.next())
+        writer
+            .queue(
+                ToServer::Connect {
+                    accept_version: "1.2".into(),
+                    host: settings.vhost.clone(),
+                    login: Some(settings.login.clone()),
+                    passcode: Some(settings.passcode.expose().to_owned()),
+                    heartbeat: Some((out_ms, in_ms)),
+                }
+                .into(),
+            )
+            .map_err(|e| connect_failed(e.to_string()))?;
+        tokio::time::timeout(timeout, writer.write_all())
+            .await
+            .map_err(|_| connect_failed(format!("could not send CONNECT within {timeout:?}")))?
+            .map_err(|e| connect_failed(e.to_string()))?;
+        let reply = tokio::time::timeout(timeout, reader.next())
             .await
             .map_err(|_| connect_failed(format!("no CONNECTED within {timeout:?}")))?;
         let server_heartbeat = match reply {
-            Some(Ok(Message {
+            Some(Ok(Inbound::Frame(Message {
                 content: FromServer::Connected { heartbeat, .. },
                 ..
-            })) => heartbeat,
-            Some(Ok(Message {
+            }))) => heartbeat,
+            Some(Ok(Inbound::Frame(Message {
                 content: FromServer::Error { message, body },
                 ..
-            })) => {
+            }))) => {
                 return Err(TransportError::Refused {
                     address,
                     message: describe_error(message, body),
                 });
             }
-            Some(Ok(other)) => {
+            Some(Ok(Inbound::Frame(other))) => {
                 return Err(connect_failed(format!(
                     "unexpected answer to CONNECT: {:?}",
                     other.content
+                )));
+            }
+            Some(Ok(Inbound::Undecodable(frame))) => {
+                return Err(connect_failed(format!(
+                    "the answer to CONNECT ({}) does not decode: {}",
+                    frame.command, frame.reason
                 )));
             }
             Some(Err(e)) => return Err(connect_failed(e.to_string())),
@@ -435,14 +479,17 @@ impl Connection {
         let (outbound, rx) = mpsc::channel(WRITE_QUEUE);
         let shared = Arc::new(Shared::default());
         let driver = Driver {
-            framed,
+            reader,
+            writer,
             outbound: rx,
             shared: shared.clone(),
             last_read,
             epoch,
             send_every,
             expect_every,
+            write_deadline: timeout,
             generation,
+            backlog: Backlog::default(),
         };
         let task = tokio::spawn(driver.run());
         tracing::info!(broker = %address, ?send_every, ?expect_every, "connected to the broker");
@@ -472,8 +519,15 @@ impl Connection {
             .unwrap_or_else(|| TransportError::ConnectionLost("the connection closed".into()))
     }
 
-    fn subscriptions(&self) -> std::sync::MutexGuard<'_, HashMap<String, mpsc::Sender<Delivery>>> {
+    fn subscriptions(&self) -> std::sync::MutexGuard<'_, HashMap<String, Route>> {
         lock(&self.shared.subscriptions)
+    }
+
+    /// The error of a receipt that did not come in time, noting that the broker left one
+    /// unanswered on this connection.
+    fn unanswered(&self, timeout: Duration) -> TransportError {
+        self.shared.unanswered.store(true, Ordering::Relaxed);
+        TransportError::ReceiptTimeout(timeout)
     }
 
     /// Queues a frame for writing.
@@ -504,18 +558,24 @@ impl Connection {
         mut frame: Message<ToServer>,
         timeout: Duration,
     ) -> Result<(), TransportError> {
+        let deadline = tokio::time::Instant::now() + timeout;
         let receipt = self.with_receipt(&mut frame);
-        self.outbound.send(frame).await.map_err(|_| self.lost())?;
-        match tokio::time::timeout(timeout, receipt).await {
+        match tokio::time::timeout_at(deadline, self.outbound.send(frame)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err(self.lost()),
+            Err(_) => return Err(self.unanswered(timeout)),
+        }
+        match tokio::time::timeout_at(deadline, receipt).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(self.lost()),
-            Err(_) => Err(TransportError::ReceiptTimeout(timeout)),
+            Err(_) => Err(self.unanswered(timeout)),
         }
     }
 
     async fn send(&self, messages: &[Outgoing], timeout: Duration) -> SendReport {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut waiters = Vec::with_capacity(messages.len());
+        let mut failure = None;
         for message in messages {
             let mut headers = Vec::with_capacity(message.headers.len() + 3);
             headers.extend(message.headers.iter().cloned());
@@ -528,13 +588,18 @@ impl Connection {
             }
             .into();
             let receipt = self.with_receipt(&mut frame);
-            if self.outbound.send(frame).await.is_err() {
-                break;
+            // A broker that stops reading fills the queue: wait for room only until the deadline.
+            match tokio::time::timeout_at(deadline, self.outbound.send(frame)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => break,
+                Err(_) => {
+                    failure = Some(self.unanswered(timeout));
+                    break;
+                }
             }
             waiters.push(receipt);
         }
         let mut receipted = vec![false; messages.len()];
-        let mut failure = None;
         for (index, waiter) in waiters.into_iter().enumerate() {
             match tokio::time::timeout_at(deadline, waiter).await {
                 Ok(Ok(Ok(()))) => receipted[index] = true,
@@ -545,7 +610,7 @@ impl Connection {
                     failure.get_or_insert_with(|| self.lost());
                 }
                 Err(_) => {
-                    failure.get_or_insert(TransportError::ReceiptTimeout(timeout));
+                    failure.get_or_insert_with(|| self.unanswered(timeout));
                 }
             }
         }
@@ -560,8 +625,13 @@ impl Connection {
         subscription: Subscription,
         timeout: Duration,
     ) -> Result<mpsc::Receiver<Delivery>, TransportError> {
-        let (tx, rx) = mpsc::channel(DELIVERY_QUEUE);
-        self.subscriptions().insert(subscription.id.clone(), tx);
+        let (tx, rx) = mpsc::channel(delivery_queue(&subscription.headers));
+        let route = Route {
+            sender: tx,
+            queue: queue_of(&subscription),
+            ack: subscription.ack,
+        };
+        self.subscriptions().insert(subscription.id.clone(), route);
         let mut frame: Message<ToServer> = ToServer::Subscribe {
             destination: subscription.destination,
             id: subscription.id.clone(),
@@ -585,17 +655,150 @@ impl Connection {
     }
 }
 
+/// The socket's write side: frames are encoded into a buffer that the task writes out as fast
+/// as the broker reads, beside its other work (never awaited to the end inside one step).
+struct Writer {
+    half: WriteHalf<Watched>,
+    buffer: BytesMut,
+    codec: ClientCodec,
+    /// Bytes went out since the last flush (TLS holds records until flushed).
+    unflushed: bool,
+    /// Since when bytes have waited without one leaving; `None` when nothing waits.
+    waiting_since: Option<Instant>,
+    /// When a byte last left, for the outgoing heartbeats.
+    last_write: Instant,
+}
+
+impl Writer {
+    fn new(half: WriteHalf<Watched>) -> Self {
+        Self {
+            half,
+            buffer: BytesMut::with_capacity(64 * 1024),
+            codec: ClientCodec::new(),
+            unflushed: false,
+            waiting_since: None,
+            last_write: Instant::now(),
+        }
+    }
+
+    /// Encodes a frame into the buffer.
+    fn queue(&mut self, frame: Message<ToServer>) -> Result<(), TransportError> {
+        self.mark_waiting();
+        self.codec
+            .encode(frame, &mut self.buffer)
+            .map_err(|e| TransportError::ConnectionLost(format!("encoding a frame: {e}")))
+    }
+
+    fn queue_heartbeat(&mut self) {
+        self.mark_waiting();
+        self.buffer.put_u8(b'\n');
+    }
+
+    fn mark_waiting(&mut self) {
+        if self.buffer.is_empty() {
+            self.waiting_since = Some(Instant::now());
+        }
+    }
+
+    /// Whether anything waits to be written or flushed.
+    fn busy(&self) -> bool {
+        !self.buffer.is_empty() || self.unflushed
+    }
+
+    /// Writes what the socket takes now, or flushes. Cancel-safe: dropped while waiting, it
+    /// has written nothing.
+    async fn progress(&mut self) -> std::io::Result<()> {
+        if self.buffer.is_empty() {
+            self.half.flush().await?;
+            self.unflushed = false;
+            return Ok(());
+        }
+        let written = self.half.write_buf(&mut self.buffer).await?;
+        if written == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        let now = Instant::now();
+        self.unflushed = true;
+        self.last_write = now;
+        self.waiting_since = (!self.buffer.is_empty()).then_some(now);
+        Ok(())
+    }
+
+    /// Writes and flushes everything (the login, before the task starts).
+    async fn write_all(&mut self) -> std::io::Result<()> {
+        while self.busy() {
+            self.progress().await?;
+        }
+        Ok(())
+    }
+}
+
+/// Deliveries that found their subscription's buffer full, in arrival order: the task keeps
+/// reading (heartbeats, receipts) and hands these over as room appears.
+#[derive(Default)]
+struct Backlog {
+    waiting: VecDeque<(mpsc::Sender<Delivery>, Delivery)>,
+    /// Warned about on this connection already.
+    warned: bool,
+}
+
+impl Backlog {
+    /// Hands the delivery over now if its buffer has room and nothing waits before it.
+    fn deliver(&mut self, sender: mpsc::Sender<Delivery>, delivery: Delivery) {
+        if self.waiting.is_empty() {
+            match sender.try_send(delivery) {
+                Ok(()) => {}
+                // The subscriber went away: the broker redelivers what it did not settle.
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+                Err(mpsc::error::TrySendError::Full(delivery)) => {
+                    if !self.warned {
+                        self.warned = true;
+                        tracing::warn!(
+                            subscription = %delivery.subscription,
+                            "the broker delivers more than the subscription's buffer holds (no or a huge prefetch-count); the rest wait in memory"
+                        );
+                    }
+                    self.waiting.push_back((sender, delivery));
+                }
+            }
+        } else {
+            self.waiting.push_back((sender, delivery));
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.waiting.is_empty()
+    }
+
+    /// Waits for room for the oldest waiting delivery and hands it over. Cancel-safe.
+    async fn forward(&mut self) {
+        let Some((sender, _)) = self.waiting.front() else {
+            return std::future::pending().await;
+        };
+        let permit = sender.clone().reserve_owned().await;
+        if let Some((_, delivery)) = self.waiting.pop_front()
+            && let Ok(permit) = permit
+        {
+            permit.send(delivery);
+        }
+    }
+}
+
 /// The task that owns the socket.
 struct Driver {
-    framed: Framed<Watched, ClientCodec>,
+    reader: FramedRead<ReadHalf<Watched>, FrameDecoder>,
+    writer: Writer,
     outbound: mpsc::Receiver<Message<ToServer>>,
     shared: Arc<Shared>,
     last_read: Arc<AtomicU64>,
     epoch: Instant,
     send_every: Option<Duration>,
     expect_every: Option<Duration>,
+    /// How long bytes may wait for the broker to read them before the connection is given up.
+    write_deadline: Duration,
     /// Stamped on every delivery ([`Delivery::connection`]).
     generation: u64,
+    backlog: Backlog,
 }
 
 impl Driver {
@@ -616,73 +819,96 @@ impl Driver {
 
     /// Runs until the connection ends, and says why.
     async fn drive(&mut self) -> TransportError {
-        // Checked often enough to notice a silent broker soon after its allowance runs out.
-        let tick = [self.send_every, self.expect_every]
-            .into_iter()
-            .flatten()
-            .min()
-            .map(|d| (d / 2).max(Duration::from_millis(50)))
-            .unwrap_or(Duration::from_secs(3600));
+        // Checked often enough to notice a silent broker, or one that stopped reading, soon
+        // after its allowance runs out.
+        let tick = [
+            self.send_every,
+            self.expect_every,
+            Some(self.write_deadline / 2),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .map(|d| (d / 2).max(Duration::from_millis(50)))
+        .unwrap_or(Duration::from_secs(1));
         let mut ticker = tokio::time::interval(tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_write = Instant::now();
         loop {
             tokio::select! {
-                frame = self.outbound.recv() => {
+                frame = self.outbound.recv(), if self.writer.buffer.len() < WRITE_HIGH_WATER => {
                     let Some(frame) = frame else {
                         return TransportError::Closed;
                     };
-                    if let Err(e) = self.framed.feed(frame).await {
-                        return TransportError::ConnectionLost(e.to_string());
+                    if let Err(err) = self.writer.queue(frame) {
+                        return err;
                     }
-                    // Write everything queued behind it in the same flush.
-                    while let Ok(frame) = self.outbound.try_recv() {
-                        if let Err(e) = self.framed.feed(frame).await {
-                            return TransportError::ConnectionLost(e.to_string());
-                        }
-                    }
-                    if let Err(e) = SinkExt::<Message<ToServer>>::flush(&mut self.framed).await {
-                        return TransportError::ConnectionLost(e.to_string());
-                    }
-                    last_write = Instant::now();
-                }
-                incoming = self.framed.next() => {
-                    match incoming {
-                        Some(Ok(message)) => {
-                            if let Some(reason) = self.dispatch(message).await {
-                                return reason;
-                            }
-                        }
-                        Some(Err(e)) => return TransportError::ConnectionLost(e.to_string()),
-                        None => return TransportError::ConnectionLost("the broker closed the connection".into()),
-                    }
-                }
-                _ = ticker.tick() => {
-                    if let Some(every) = self.send_every
-                        && last_write.elapsed() >= every
+                    // Everything queued behind it leaves in the same writes.
+                    while self.writer.buffer.len() < WRITE_HIGH_WATER
+                        && let Ok(frame) = self.outbound.try_recv()
                     {
-                        if let Err(e) = SinkExt::<Heartbeat>::send(&mut self.framed, Heartbeat).await {
-                            return TransportError::ConnectionLost(e.to_string());
+                        if let Err(err) = self.writer.queue(frame) {
+                            return err;
                         }
-                        last_write = Instant::now();
                     }
-                    if let Some(every) = self.expect_every {
-                        let last = Duration::from_millis(self.last_read.load(Ordering::Relaxed));
-                        let silent = self.epoch.elapsed().saturating_sub(last);
-                        // Twice the interval: the spec's allowance for network delay.
-                        if silent > every * 2 {
-                            return TransportError::ConnectionLost(format!(
-                                "no heartbeat from the broker for {silent:?}"
-                            ));
-                        }
+                }
+                written = self.writer.progress(), if self.writer.busy() => {
+                    if let Err(e) = written {
+                        return TransportError::ConnectionLost(e.to_string());
+                    }
+                }
+                incoming = self.reader.next() => {
+                    let reason = match incoming {
+                        Some(Ok(Inbound::Frame(message))) => self.dispatch(message),
+                        Some(Ok(Inbound::Undecodable(frame))) => self.set_aside(frame),
+                        Some(Err(e)) => Some(TransportError::ConnectionLost(e.to_string())),
+                        None => Some(TransportError::ConnectionLost("the broker closed the connection".into())),
+                    };
+                    if let Some(reason) = reason {
+                        return reason;
+                    }
+                }
+                () = self.backlog.forward(), if !self.backlog.is_empty() => {}
+                _ = ticker.tick() => {
+                    if let Some(reason) = self.check_liveness() {
+                        return reason;
                     }
                 }
             }
         }
     }
 
+    /// Sends a heartbeat when one is due, and ends the connection when the broker has been
+    /// silent, or has read nothing, for longer than allowed.
+    fn check_liveness(&mut self) -> Option<TransportError> {
+        if let Some(every) = self.send_every
+            && self.writer.last_write.elapsed() >= every
+            && !self.writer.busy()
+        {
+            self.writer.queue_heartbeat();
+        }
+        if let Some(since) = self.writer.waiting_since
+            && since.elapsed() > self.write_deadline
+        {
+            return Some(TransportError::ConnectionLost(format!(
+                "the broker read nothing from this connection for {:?} (RabbitMQ blocks publishing connections during a memory or disk alarm)",
+                since.elapsed()
+            )));
+        }
+        if let Some(every) = self.expect_every {
+            let last = Duration::from_millis(self.last_read.load(Ordering::Relaxed));
+            let silent = self.epoch.elapsed().saturating_sub(last);
+            // Twice the interval: the spec's allowance for network delay.
+            if silent > every * 2 {
+                return Some(TransportError::ConnectionLost(format!(
+                    "no heartbeat from the broker for {silent:?}"
+                )));
+            }
+        }
+        None
+    }
+
     /// Handles one frame from the broker; `Some(reason)` ends the connection.
-    async fn dispatch(&mut self, message: Message<FromServer>) -> Option<TransportError> {
+    fn dispatch(&mut self, message: Message<FromServer>) -> Option<TransportError> {
         match message.content {
             FromServer::Receipt { receipt_id } => {
                 if let Some(waiter) = lock(&self.shared.receipts).remove(&receipt_id) {
@@ -698,7 +924,9 @@ impl Driver {
                 headers,
                 body,
             } => {
-                let sender = lock(&self.shared.subscriptions).get(&subscription).cloned();
+                let sender = lock(&self.shared.subscriptions)
+                    .get(&subscription)
+                    .map(|route| route.sender.clone());
                 if let Some(sender) = sender {
                     let delivery = Delivery {
                         ack_id: ack.unwrap_or_else(|| message_id.clone()),
@@ -709,8 +937,7 @@ impl Driver {
                         body: body.unwrap_or_default(),
                         connection: self.generation,
                     };
-                    // A full queue waits here: the broker's prefetch keeps this short.
-                    let _ = sender.send(delivery).await;
+                    self.backlog.deliver(sender, delivery);
                 }
                 None
             }
@@ -725,6 +952,105 @@ impl Driver {
             FromServer::Connected { .. } => None,
         }
     }
+
+    /// A complete frame that did not decode, or exceeded the maximum size. A MESSAGE is
+    /// rejected to its dead-letter queue (NACK, `requeue:false`) and counted; the connection
+    /// goes on. Anything else ends the connection.
+    fn set_aside(&mut self, frame: Undecodable) -> Option<TransportError> {
+        match frame.command.as_str() {
+            "MESSAGE" => {}
+            "ERROR" => {
+                return Some(TransportError::Broker {
+                    message: "ERROR (not decodable)".into(),
+                    detail: frame.reason,
+                });
+            }
+            other => {
+                return Some(TransportError::ConnectionLost(format!(
+                    "the broker sent a {other} frame that does not decode: {}",
+                    frame.reason
+                )));
+            }
+        }
+        let route = frame.subscription.as_ref().and_then(|id| {
+            lock(&self.shared.subscriptions)
+                .get(id)
+                .map(|route| (route.queue.clone(), route.ack))
+        });
+        let Some((queue, ack)) = route else {
+            tracing::debug!(subscription = ?frame.subscription, "an undecodable message for no current subscription; ignored");
+            return None;
+        };
+        crate::metrics::consumed(&queue, crate::metrics::Outcome::Undecodable);
+        let message_id = frame.message_id.as_deref().unwrap_or("");
+        let destination = frame.destination.as_deref().unwrap_or("");
+        let ack_id = frame.ack.clone().or_else(|| frame.message_id.clone());
+        match (ack, ack_id) {
+            (AckMode::ClientIndividual, Some(id)) => {
+                let mut nack: Message<ToServer> = ToServer::Nack {
+                    id,
+                    transaction: None,
+                }
+                .into();
+                nack.extra_headers
+                    .push((b"requeue".to_vec(), b"false".to_vec()));
+                if let Err(err) = self.writer.queue(nack) {
+                    return Some(err);
+                }
+                tracing::error!(
+                    queue = %queue,
+                    message_id,
+                    destination,
+                    size = frame.size,
+                    reason = %frame.reason,
+                    "a message that cannot be decoded was rejected to the dead-letter queue without running the callback"
+                );
+            }
+            (AckMode::ClientIndividual, None) => tracing::error!(
+                queue = %queue,
+                destination,
+                reason = %frame.reason,
+                "a message that cannot be decoded carries no ack id; it stays unacknowledged until the connection closes"
+            ),
+            (AckMode::Auto, _) => tracing::error!(
+                queue = %queue,
+                message_id,
+                destination,
+                reason = %frame.reason,
+                "a message that cannot be decoded was dropped (the subscription acknowledges automatically)"
+            ),
+        }
+        None
+    }
+}
+
+/// The buffer of a subscription's deliveries: its prefetch count, so that every message the
+/// broker may hand over unacknowledged has room and the task never waits for the subscriber.
+fn delivery_queue(headers: &[(String, String)]) -> usize {
+    headers
+        .iter()
+        .find(|(name, _)| name == "prefetch-count")
+        .and_then(|(_, value)| value.trim().parse::<usize>().ok())
+        .filter(|&prefetch| prefetch > 0)
+        .map_or(DELIVERY_QUEUE, |prefetch| prefetch.min(MAX_DELIVERY_QUEUE))
+}
+
+/// The queue a subscription reads, as the consumer names it: `x-queue-name`, else the
+/// destination's last `/` segment.
+fn queue_of(subscription: &Subscription) -> String {
+    subscription
+        .headers
+        .iter()
+        .find(|(name, _)| name == "x-queue-name")
+        .map(|(_, value)| value.clone())
+        .unwrap_or_else(|| {
+            subscription
+                .destination
+                .rsplit('/')
+                .next()
+                .unwrap_or_default()
+                .to_owned()
+        })
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
