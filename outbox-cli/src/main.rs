@@ -3,6 +3,8 @@
 //! Reads `DATABASE_URL` and the `OUTBOX_*` settings. Logs go to stderr; `RUST_LOG` sets the level
 //! (default `info` for `publish`, `warn` for the other commands, whose output is on stdout).
 
+mod browse;
+
 use std::io::Write;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -31,7 +33,8 @@ Exit codes:
   0  success (including a dry run, or nothing to do)
   1  operational failure: the database or the broker failed or refused an operation
   2  usage or configuration error: a bad argument, a missing or malformed DATABASE_URL, an
-     invalid OUTBOX_* setting, unreadable TLS files, a login or vhost the broker refuses";
+     invalid OUTBOX_* setting, unreadable TLS files, a login or vhost the broker refuses
+  3  status --check: a threshold was crossed (the reason is printed on one line)";
 
 #[derive(Parser)]
 #[command(
@@ -58,6 +61,18 @@ enum Command {
     /// Rows per status and destination, the age of the oldest unsent row (how far behind the
     /// relay is), the latest FAILED rows with their last_error, and the inbox rows per queue.
     Status(StatusArgs),
+    /// List outbox rows, newest first, by status, destination, correlation id, id or time.
+    ///
+    /// One row per message: its id (dop-msg-id), status, when it was written, its attempts and
+    /// destination, then its correlation id, its body (cut to fit a line; --full shows it whole)
+    /// and its last error. The filters combine: every one given must hold.
+    List(browse::ListArgs),
+    /// Show one outbox row whole: its status and timestamps, attempts, last error, headers and
+    /// body.
+    Show(browse::ShowArgs),
+    /// Inspect the inbox (the received table): the messages consumers processed.
+    #[command(subcommand)]
+    Received(browse::ReceivedCommand),
     /// Put FAILED rows back to be sent.
     ///
     /// Each matching FAILED row gets status SCHEDULE, its attempts reset to 0, no retry pause,
@@ -93,6 +108,19 @@ struct StatusArgs {
     /// How many of the latest FAILED rows to show.
     #[arg(long, default_value_t = 10, value_name = "N")]
     failed: u64,
+    /// Check thresholds instead of reporting: print one line and exit 0 when healthy, 3 with the
+    /// first threshold crossed otherwise (for cron jobs and container health checks).
+    #[arg(long)]
+    check: bool,
+    /// With --check: unhealthy when an unsent row has waited longer than this (60s, 5m).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, requires = "check")]
+    max_pending_age: Option<Duration>,
+    /// With --check: unhealthy when more than this many rows are FAILED.
+    #[arg(long, value_name = "N", requires = "check")]
+    max_failed: Option<u64>,
+    /// With --check and --max-failed: count only the FAILED rows written within this (1h, 1d).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, requires = "max_failed")]
+    failed_since: Option<Duration>,
 }
 
 #[derive(Args)]
@@ -204,11 +232,15 @@ struct DeclareArgs {
 const EXIT_FAILURE: u8 = 1;
 /// Exit code of a run that could not start: bad arguments or settings.
 const EXIT_USAGE: u8 = 2;
+/// Exit code of `status --check` when a threshold is crossed.
+const EXIT_UNHEALTHY: u8 = 3;
 
 /// How a command failed, and so the exit code.
 enum Failure {
     Usage(String),
     Operation(String),
+    /// `status --check` found a threshold crossed (the reason).
+    Unhealthy(String),
 }
 
 impl From<Error> for Failure {
@@ -256,6 +288,10 @@ async fn main() -> ExitCode {
         Err(Failure::Operation(message)) => {
             eprintln!("outbox: {}", redactor.redact(&message));
             ExitCode::from(EXIT_FAILURE)
+        }
+        Err(Failure::Unhealthy(reason)) => {
+            println!("unhealthy: {reason}");
+            ExitCode::from(EXIT_UNHEALTHY)
         }
     }
 }
@@ -382,6 +418,56 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let db = connect(url, None).await?;
             let producer = outbox::Producer::builder(db).config(config).build()?;
             Ok(producer.run_until(outbox::shutdown_signal()).await?)
+        }
+        Command::Status(args) if args.check => {
+            let db = connect(url, Some(OPERATION_POOL)).await?;
+            if args.max_pending_age.is_none() && args.max_failed.is_none() {
+                return Err(Failure::Usage(
+                    "--check needs a threshold: --max-pending-age and/or --max-failed".into(),
+                ));
+            }
+            let mut check = ops::HealthCheck::new();
+            if let Some(age) = args.max_pending_age {
+                check = check.max_pending_age(age);
+            }
+            if let Some(count) = args.max_failed {
+                check = check.max_failed(count);
+            }
+            if let Some(window) = args.failed_since {
+                check = check.failed_since(window);
+            }
+            let health = check.run(&db).await?;
+            match health.crossed {
+                Some(reason) => Err(Failure::Unhealthy(reason)),
+                None => {
+                    let waiting = match health.oldest_pending_age_seconds {
+                        Some(age) => format!("the oldest unsent row has waited {age} s"),
+                        None => "no row waiting".to_owned(),
+                    };
+                    println!("healthy: {waiting}; {} FAILED rows counted", health.failed);
+                    Ok(())
+                }
+            }
+        }
+        Command::List(args) => {
+            let db = connect(url, Some(OPERATION_POOL)).await?;
+            let rows = args.search().run(&db).await?;
+            args.print(&rows).map_err(Failure::Operation)
+        }
+        Command::Show(args) => {
+            let db = connect(url, Some(OPERATION_POOL)).await?;
+            match ops::show(&db, args.id()).await? {
+                Some(row) => args.print(&row).map_err(Failure::Operation),
+                None => Err(Failure::Operation(format!(
+                    "no outbox row has id {} (it may have been sent and cleaned up)",
+                    args.id()
+                ))),
+            }
+        }
+        Command::Received(browse::ReceivedCommand::List(args)) => {
+            let db = connect(url, Some(OPERATION_POOL)).await?;
+            let rows = args.search().run(&db).await?;
+            args.print(&rows).map_err(Failure::Operation)
         }
         Command::Status(args) => {
             let db = connect(url, Some(OPERATION_POOL)).await?;
@@ -532,7 +618,7 @@ fn is_configuration(err: &sea_orm::DbErr) -> bool {
 }
 
 /// Parses `90s`, `15m`, `12h`, `30d`, `2w`, or several at once (`1d12h`).
-fn parse_duration(text: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     if text.is_empty() {
         return Err("empty duration: give a number and a unit, like 30d, 12h, 15m or 90s".into());

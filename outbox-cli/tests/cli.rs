@@ -1162,3 +1162,208 @@ impl std::io::Write for CapturedLog {
         Ok(())
     }
 }
+
+// ---------------------------------------------------------------------- list, show, check
+
+#[tokio::test]
+async fn list_show_and_received_list_find_one_message_by_its_filters() {
+    let test = TestDb::new(Backend::Postgres).await;
+    let url = test.url.as_str();
+    let orders = enqueue(&test.db, "/topic/orders.v1", 3).await;
+    let prices = enqueue(&test.db, "/topic/prices", 2).await;
+    set(&test.db, &orders[..1], Status::Failed, 2).await;
+    let correlation = row(&test.db, prices[1]).await.headers["dop-correlation-id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let failed = outbox(Some(url), &["list", "--status", "failed"])
+        .await
+        .ok();
+    assert!(
+        failed.stdout.contains(&orders[0].to_string()),
+        "{}",
+        failed.stdout
+    );
+    assert_eq!(
+        failed.stdout.matches("/topic/").count(),
+        1,
+        "{}",
+        failed.stdout
+    );
+    assert!(failed.stdout.contains("last error:"), "{}", failed.stdout);
+
+    let json = outbox(
+        Some(url),
+        &["list", "--destination", "/topic/prices", "--json"],
+    )
+    .await
+    .ok();
+    let listed: Vec<Value> = serde_json::from_str(&json.stdout).unwrap();
+    let ids: Vec<&str> = listed.iter().map(|r| r["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), 2);
+    assert!(ids.contains(&prices[0].to_string().as_str()));
+
+    let by_correlation = outbox(
+        Some(url),
+        &["list", "--correlation-id", &correlation, "--json"],
+    )
+    .await
+    .ok();
+    // One enqueue_all is one correlation: both price rows, and no order row.
+    let found: Vec<Value> = serde_json::from_str(&by_correlation.stdout).unwrap();
+    let mut found: Vec<&str> = found.iter().map(|r| r["id"].as_str().unwrap()).collect();
+    found.sort_unstable();
+    let mut expected = vec![prices[0].to_string(), prices[1].to_string()];
+    expected.sort_unstable();
+    assert_eq!(found, expected);
+
+    let old = outbox(Some(url), &["list", "--until", "1d", "--json"])
+        .await
+        .ok();
+    let old: Vec<Value> = serde_json::from_str(&old.stdout).unwrap();
+    assert_eq!(old.len(), 1, "only the row backdated two days");
+    let limited = outbox(Some(url), &["list", "--limit", "2"]).await.ok();
+    assert!(limited.stdout.contains("the limit"), "{}", limited.stdout);
+
+    let shown = outbox(Some(url), &["show", &prices[1].to_string()])
+        .await
+        .ok();
+    assert!(
+        shown.stdout.contains("destination  /topic/prices"),
+        "{}",
+        shown.stdout
+    );
+    assert!(
+        shown
+            .stdout
+            .contains(&format!("dop-correlation-id: {correlation}"))
+    );
+    assert!(shown.stdout.contains("\"n\": 1"), "{}", shown.stdout);
+    let missing = outbox(Some(url), &["show", &Uuid::new_v4().to_string()]).await;
+    assert_eq!(missing.code, 1, "{}", missing.stderr);
+    assert!(missing.stderr.contains("no outbox row has id"));
+
+    let queue = unique("cli_received");
+    let inbox = Received::find().all(&test.db).await.unwrap();
+    assert!(inbox.is_empty());
+    let consumed = outbox::received::ActiveModel {
+        id: Set(Uuid::new_v4()),
+        queue: Set(queue.clone()),
+        msg_id: Set(Some(prices[0].to_string())),
+        headers: Set(Some(json!({ "dop-correlation-id": "c-1" }))),
+        body: Set(Some(json!({ "text": "y".repeat(500) }))),
+        added: Set(Utc::now()),
+        expires_at: Set(Utc::now() + chrono::Duration::days(1)),
+        retry: Set(0),
+        status: Set(Status::Succeeded),
+    };
+    sea_orm::ActiveModelTrait::insert(consumed, &test.db)
+        .await
+        .unwrap();
+    let received = outbox(Some(url), &["received", "list", "--queue", &queue])
+        .await
+        .ok();
+    assert!(
+        received.stdout.contains(&prices[0].to_string()),
+        "{}",
+        received.stdout
+    );
+    assert!(
+        received.stdout.contains("--full shows it"),
+        "the body is cut to a line"
+    );
+    let whole = outbox(
+        Some(url),
+        &[
+            "received",
+            "list",
+            "--msg-id",
+            &prices[0].to_string(),
+            "--full",
+        ],
+    )
+    .await
+    .ok();
+    assert!(whole.stdout.contains(&"y".repeat(500)));
+    let none = outbox(Some(url), &["received", "list", "--queue", "nobody"])
+        .await
+        .ok();
+    assert!(none.stdout.contains("no inbox rows match"));
+    test.drop_database().await;
+}
+
+#[tokio::test]
+async fn status_check_exits_3_with_the_threshold_crossed_and_0_when_healthy() {
+    let test = TestDb::new(Backend::Postgres).await;
+    let url = test.url.as_str();
+    let healthy = outbox(
+        Some(url),
+        &[
+            "status",
+            "--check",
+            "--max-pending-age",
+            "60s",
+            "--max-failed",
+            "0",
+        ],
+    )
+    .await
+    .ok();
+    assert!(
+        healthy.stdout.starts_with("healthy: no row waiting"),
+        "{}",
+        healthy.stdout
+    );
+
+    let written = enqueue(&test.db, "/topic/orders.v1", 2).await;
+    set(&test.db, &written[..1], Status::Schedule, 1).await;
+    let late = outbox(
+        Some(url),
+        &["status", "--check", "--max-pending-age", "60s"],
+    )
+    .await;
+    assert_eq!(late.code, 3, "{} {}", late.stdout, late.stderr);
+    assert_eq!(late.stdout.lines().count(), 1);
+    assert!(
+        late.stdout
+            .starts_with("unhealthy: the oldest unsent row has waited")
+    );
+
+    set(&test.db, &written[..1], Status::Failed, 1).await;
+    set(&test.db, &written[1..], Status::Succeeded, 0).await;
+    let failing = outbox(Some(url), &["status", "--check", "--max-failed", "0"]).await;
+    assert_eq!(failing.code, 3);
+    assert_eq!(
+        failing.stdout.trim(),
+        "unhealthy: 1 FAILED rows, more than 0"
+    );
+    let recent = outbox(
+        Some(url),
+        &[
+            "status",
+            "--check",
+            "--max-failed",
+            "0",
+            "--failed-since",
+            "1h",
+        ],
+    )
+    .await
+    .ok();
+    assert!(
+        recent.stdout.contains("0 FAILED rows counted"),
+        "{}",
+        recent.stdout
+    );
+
+    let no_threshold = outbox(Some(url), &["status", "--check"]).await;
+    assert_eq!(no_threshold.code, 2, "{}", no_threshold.stderr);
+    let database_down = outbox(
+        Some("postgres://postgres@127.0.0.1:1/none"),
+        &["status", "--check", "--max-failed", "0"],
+    )
+    .await;
+    assert_eq!(database_down.code, 1, "{}", database_down.stderr);
+    test.drop_database().await;
+}
