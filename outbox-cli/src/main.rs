@@ -3,6 +3,10 @@
 //! Reads `DATABASE_URL` and the `OUTBOX_*` settings. Logs go to stderr; `RUST_LOG` sets the level
 //! (default `info` for `publish`, `warn` for the other commands, whose output is on stdout).
 
+// The doc comments below are clap's help text, plain text for a terminal: `<queue>` there is an
+// argument's name, not an HTML tag.
+#![allow(rustdoc::invalid_html_tags)]
+
 mod browse;
 
 use std::io::Write;

@@ -205,6 +205,14 @@ impl Probe {
             }
             // A remote call that never answers, after the effect was written.
             "hang" => std::future::pending::<()>().await,
+            "sleep-in-database" => {
+                let seconds = payload.body()["seconds"].as_u64().unwrap_or(5);
+                payload
+                    .db()
+                    .execute_unprepared(&format!("SELECT pg_sleep({seconds})"))
+                    .await?;
+                payload.save();
+            }
             "hang-once" => {
                 if attempt == 1 {
                     std::future::pending::<()>().await;
@@ -1269,6 +1277,57 @@ async fn a_hung_callback_is_abandoned_at_its_deadline_retried_then_dead_lettered
     assert!(!keys.contains(&"hang".to_owned()), "{keys:?}");
     assert_eq!(keys.len(), 4, "{keys:?}");
     assert_eq!(queue_message_count(&queue), Some(0));
+    test.drop_database().await;
+}
+
+#[tokio::test]
+async fn a_callback_stuck_in_a_database_statement_is_abandoned_too_and_the_queue_moves_on() {
+    let test = TestDb::new(Backend::Postgres).await;
+    create_effects_table(&test.db).await;
+    let (destination, queue, _cleanup) = fresh_destination("c_hung_sql");
+    declare_on_rabbitmq(&destination).await;
+    send_raw(
+        &destination,
+        "stuck",
+        json!({"do": "sleep-in-database", "seconds": 20}),
+        &[],
+    )
+    .await;
+    send_raw(&destination, "next", json!({"do": "ok"}), &[]).await;
+    let mut settings = config(RABBITMQ_STOMP);
+    settings.consumer_callback_timeout = Duration::from_millis(300);
+    settings.consumer_max_retry_attempts = 0;
+    let probe = Probe::new();
+    let started = Instant::now();
+    let handle = consumer(&test.db, settings, &destination)
+        .start(probe.callback())
+        .unwrap();
+    let db = test.db.clone();
+    eventually(Duration::from_secs(20), "the next message", || {
+        let db = db.clone();
+        async move { effect_count(&db, "next").await == 1 }
+    })
+    .await;
+    let waited = started.elapsed();
+    let dead_letters = format!("DLQ.{queue}");
+    eventually(
+        Duration::from_secs(10),
+        "the stuck message dead-lettered",
+        || {
+            let count = queue_message_count(&dead_letters);
+            async move { count == Some(1) }
+        },
+    )
+    .await;
+    handle.stop().await.unwrap();
+    // The rollback waits behind the statement, for 10 s at most: then the connection is left to
+    // the pool, and the message settled.
+    assert!(
+        waited < Duration::from_secs(17),
+        "the message behind a callback stuck in SQL waited {waited:?}"
+    );
+    assert_eq!(probe.calls("stuck"), 1);
+    assert_eq!(effect_count(&test.db, "stuck").await, 0, "rolled back");
     test.drop_database().await;
 }
 
