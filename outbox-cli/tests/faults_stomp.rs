@@ -243,6 +243,24 @@ async fn a_prefetch_flood_keeps_heartbeats_and_acknowledgements_flowing() {
     let mut settings = config(RABBITMQ_STOMP);
     settings.stomp_queue_headers.remove("prefetch-count");
     settings.stomp_heartbeats = (Duration::from_secs(1), Duration::from_secs(1));
+    // What the consumer subscribes with: the cap stands in for no limit and for a huge one.
+    let prefetch_of = |prefetch: Option<u32>| {
+        let mut builder = Consumer::builder(test.db.clone())
+            .config(settings.clone())
+            .destination(&destination);
+        if let Some(prefetch) = prefetch {
+            builder = builder.prefetch(prefetch);
+        }
+        let subscription = builder.build().unwrap().topology().subscription("probe");
+        subscription
+            .headers
+            .iter()
+            .find(|(name, _)| name == "prefetch-count")
+            .map(|(_, value)| value.clone())
+    };
+    assert_eq!(prefetch_of(None).as_deref(), Some("10000"));
+    assert_eq!(prefetch_of(Some(50_000)).as_deref(), Some("10000"));
+    assert_eq!(prefetch_of(Some(5_000)).as_deref(), Some("5000"));
     let redelivered = Arc::new(AtomicUsize::new(0));
     let consumer = {
         let redelivered = redelivered.clone();

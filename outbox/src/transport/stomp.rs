@@ -46,6 +46,8 @@ const WRITE_QUEUE: usize = 4096;
 /// Encoded bytes waiting for the socket past which the task stops taking queued frames: callers
 /// then wait on the queue (with a deadline) instead of the task's memory growing.
 const WRITE_HIGH_WATER: usize = 4 * 1024 * 1024;
+/// How long a DISCONNECT waits for its receipt on a connection where one already timed out.
+const UNANSWERED_DISCONNECT_WAIT: Duration = Duration::from_secs(1);
 /// Deliveries buffered per subscription without a `prefetch-count` (RabbitMQ: no limit).
 const DELIVERY_QUEUE: usize = 1024;
 /// The most deliveries buffered per subscription, whatever its `prefetch-count`; more wait in
@@ -220,18 +222,18 @@ impl Transport for StompTransport {
             return Ok(());
         }
         connection.shared.closing.store(true, Ordering::Relaxed);
-        if connection.shared.unanswered.load(Ordering::Relaxed) {
-            // A broker that let a receipt time out on this connection (blocked by an alarm,
-            // say) would let the DISCONNECT's time out too: do not make a stopping process wait.
-            tracing::debug!("closing without DISCONNECT: the broker left a receipt unanswered");
-            connection.close();
-            return Ok(());
-        }
+        // A broker that let a receipt time out on this connection (blocked by an alarm, say)
+        // would most likely let the DISCONNECT's time out too: a stopping process then waits
+        // only briefly, long enough for frames queued before it (acknowledgements) to leave.
+        let wait = if connection.shared.unanswered.load(Ordering::Relaxed) {
+            self.settings
+                .receipt_timeout
+                .min(UNANSWERED_DISCONNECT_WAIT)
+        } else {
+            self.settings.receipt_timeout
+        };
         let result = connection
-            .request(
-                ToServer::Disconnect { receipt: None }.into(),
-                self.settings.receipt_timeout,
-            )
+            .request(ToServer::Disconnect { receipt: None }.into(), wait)
             .await;
         connection.close();
         result
