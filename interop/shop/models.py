@@ -31,9 +31,12 @@ class Sample(models.Model):
     # Named otherwise than `id`: the body carries it under "id" alone.
     sample_id = models.BigIntegerField(primary_key=True)
     created = models.DateTimeField(null=True)
+    # A date-time given with an offset (converted to UTC, as the database gives it back).
+    shifted = models.DateTimeField(null=True)
+    # A date-time without a zone (a `timestamp without time zone` column).
+    naive = models.DateTimeField(null=True)
     day = models.DateField(null=True)
     at = models.TimeField(null=True)
-    amount = models.DecimalField(max_digits=12, decimal_places=2, null=True)
     ref = models.UUIDField(null=True)
     doc = models.JSONField(null=True)
     note = models.CharField(max_length=100, null=True)
