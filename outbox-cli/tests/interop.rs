@@ -826,3 +826,125 @@ async fn the_same_row_sent_by_both_relays() {
     django.db.drop_database().await;
     ours.drop_database().await;
 }
+
+// ----------------------------------------------------------------- an existing Django database
+
+/// The adopt step's own migrator, as a service runs it once.
+struct Adopt;
+
+impl sea_orm_migration::MigratorTrait for Adopt {
+    fn migrations() -> Vec<Box<dyn sea_orm_migration::MigrationTrait>> {
+        outbox::migration::adopt_django()
+    }
+}
+
+/// A database django-outbox-pattern created, adopted: Django goes on writing, unchanged, our
+/// relay sends its rows, and `manage.py subscribe` (on the same database, its `received` now
+/// adopted as well) processes each once.
+#[tokio::test]
+async fn our_relay_on_an_adopted_django_database() {
+    use sea_orm_migration::MigratorTrait;
+
+    let key = unique("interop_adopted");
+    let destination = format!("/topic/{key}");
+    let _queues = QueueCleanup(vec![key.clone(), format!("DLQ.{key}")]);
+    let django = Django::new(&destination).await;
+    // Rows written before the adoption are relayed too.
+    let mut ids: Vec<String> = serde_json::from_str(
+        django
+            .manage(
+                &["write_orders", "--decorated", "1", "--explicit", "1"],
+                None,
+            )
+            .await
+            .trim(),
+    )
+    .expect("write_orders prints the ids");
+
+    Adopt::up(&django.db.db, None).await.expect("adopt");
+    let pending = common::Migrator::get_pending_migrations(&django.db.db)
+        .await
+        .expect("pending migrations");
+    assert!(
+        pending.is_empty(),
+        "after adopting, the outbox's list has nothing left to apply: {:?}",
+        pending
+            .iter()
+            .map(|m| m.name().to_owned())
+            .collect::<Vec<_>>()
+    );
+    common::Migrator::up(&django.db.db, None)
+        .await
+        .expect("migrate up after adopting");
+
+    let mut subscriber = django.spawn(&["subscribe", "shop.callbacks.record", &destination]);
+    wait_consumers(&key, 1).await;
+    let later: Vec<String> = serde_json::from_str(
+        django
+            .manage(
+                &["write_orders", "--decorated", "2", "--explicit", "2"],
+                None,
+            )
+            .await
+            .trim(),
+    )
+    .expect("write_orders prints the ids");
+    ids.extend(later);
+
+    let mut relay = our_relay(&django.db.url, RABBITMQ_STOMP);
+    eventually(
+        DELIVERY_LIMIT,
+        "manage.py subscribe processed every Django row our relay sent",
+        || {
+            let ids = ids.clone();
+            let django = &django;
+            async move {
+                let effects = django.effects().await;
+                ids.iter().all(|id| effects.contains(id))
+            }
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    subscriber.assert_running();
+    let _ = relay.kill().await;
+    let log = subscriber.stop().await;
+
+    let counts = tally(django.effects().await.iter());
+    let expected: BTreeMap<String, usize> = ids.iter().map(|id| (id.clone(), 1)).collect();
+    assert_eq!(counts, expected, "effects per dop-msg-id; log:\n{log}");
+    let rows = outbox::Published::find()
+        .all(&django.db.db)
+        .await
+        .expect("Django's rows read through our entity");
+    assert_eq!(rows.len(), ids.len());
+    assert!(
+        rows.iter()
+            .all(|row| row.status == outbox::Status::Succeeded),
+        "our relay marked Django's rows sent"
+    );
+    let received = outbox::Received::find()
+        .all(&django.db.db)
+        .await
+        .expect("Django's inbox read through our entity");
+    assert_eq!(received.len(), ids.len(), "Django's inbox rows, queue ''");
+    django.db.drop_database().await;
+}
+
+/// Elsewhere than on PostgreSQL the adopt step refuses, saying why.
+#[tokio::test]
+async fn adopting_is_refused_outside_postgres() {
+    use sea_orm_migration::MigratorTrait;
+
+    for backend in [Backend::MariaDb, Backend::Sqlite] {
+        let t = TestDb::bare(backend).await;
+        let error = Adopt::up(&t.db, None)
+            .await
+            .expect_err("adopting is refused");
+        assert!(
+            error.to_string().contains("PostgreSQL only"),
+            "{backend:?}: {error}"
+        );
+        t.drop_database().await;
+    }
+}
