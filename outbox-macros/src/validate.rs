@@ -241,11 +241,12 @@ fn check_fields(model: &Model, fields: &attr::FieldList, errors: &mut Errors) ->
             errors.spanned(name, unknown_field(model, name));
             continue;
         };
+        if single_key.as_ref() == Some(name) {
+            // The key is already the body's "id"; Django's body never repeats it under its own
+            // name either.
+            continue;
+        }
         if name.unraw() == "id" {
-            if single_key.as_ref() == Some(name) {
-                // The key is already the body's "id".
-                continue;
-            }
             errors.spanned(
                 name,
                 "field `id` is not the primary key, but a message's \"id\" is always the \
@@ -279,12 +280,21 @@ fn unknown_field(model: &Model, name: &Ident) -> String {
 }
 
 /// The body without `fields` or `serializer`: every column after the key, except an `id` field
-/// (the body's "id" is the key) and `#[sea_orm(ignore)]` fields, which are no columns.
+/// (the body's "id" is the key), a single-column key of another name (already the body's "id", as
+/// in Django's body, which never holds both) and `#[sea_orm(ignore)]` fields, which are no columns.
 fn every_column(model: &Model) -> Vec<Member> {
+    let single_key = match model.primary_key().as_slice() {
+        [key] => Some(key.ident.clone()),
+        _ => None,
+    };
     model
         .columns
         .iter()
-        .filter(|column| !column.ignored && column.ident.unraw() != "id")
+        .filter(|column| {
+            !column.ignored
+                && column.ident.unraw() != "id"
+                && single_key.as_ref() != Some(&column.ident)
+        })
         .map(|column| member(column, column.ty.span()))
         .collect()
 }

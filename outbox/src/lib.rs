@@ -57,6 +57,7 @@
 
 mod config;
 mod consumer;
+mod django_json;
 mod error;
 pub mod headers;
 #[cfg(feature = "metrics")]

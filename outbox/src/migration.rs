@@ -65,7 +65,158 @@ use sea_orm_migration::sea_orm::DbBackend;
 /// # assert_eq!(Migrator::migrations()[0].name(), "outbox_m20261126_000001_create_outbox_tables");
 /// ```
 pub fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-    vec![Box::new(CreateOutboxTables)]
+    // `AdoptDjangoTables` does nothing after `CreateOutboxTables`; it is listed so that a database
+    // adopted with `adopt_django()` knows it, and later migrations go after it.
+    vec![Box::new(CreateOutboxTables), Box::new(AdoptDjangoTables)]
+}
+
+/// The migrations that adopt a PostgreSQL database whose `published` and `received` tables
+/// django-outbox-pattern created, so that the outbox's relay and consumer work on it while the
+/// Django application goes on writing, unchanged.
+///
+/// Run them once, with a `Migrator` of their own, before the service's usual one:
+///
+/// ```ignore
+/// struct Adopt;
+/// impl MigratorTrait for Adopt {
+///     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+///         outbox::migration::adopt_django()
+///     }
+/// }
+/// Adopt::up(&db, None).await?;    // adds the outbox's columns, indexes and tables
+/// Migrator::up(&db, None).await?; // the usual list: applies only what is newer
+/// ```
+///
+/// A list of its own, because SeaORM decides which migrations are pending before it runs the
+/// first: in [`migrations()`], where it is listed too (doing nothing there, after the tables are
+/// created), it could not keep the table-creating migration from running on Django's tables.
+/// See [`AdoptDjangoTables`] for what it changes.
+pub fn adopt_django() -> Vec<Box<dyn MigrationTrait>> {
+    vec![Box::new(AdoptDjangoTables)]
+}
+
+/// Adopts django-outbox-pattern's tables on PostgreSQL. Recorded as
+/// `outbox_m20261201_000001_adopt_django_tables`.
+///
+/// Adds to `published` the relay's nullable columns (`claim_token`, `locked_until`,
+/// `next_attempt_at`, `last_error`: NULL is what a fresh row has, so Django's inserts leave them
+/// valid) and its indexes; to `received` a `queue` column (`DEFAULT ''` for Django's inserts) and
+/// the outbox's `UNIQUE(queue, msg_id)`; creates `outbox_housekeeping` and the
+/// `outbox_published` notification trigger. Django's columns, constraints and indexes stay as they
+/// are, Django's `UNIQUE(msg_id)` included: on an adopted database a message id is processed once
+/// per database, as Django does it, not once per queue. It then records
+/// `outbox_m20261126_000001_create_outbox_tables` as applied in `seaql_migrations` (SeaORM's
+/// default migration table), so that [`migrations()`] applies only what came after it. A database
+/// with the outbox's own tables is left as it is.
+///
+/// Refused, with an error saying why: on MariaDB, MySQL and SQLite (Django stores UUIDs there as
+/// 32 hexadecimal characters, which the outbox's entities do not read); on a database without
+/// Django's tables; on tables that already have the outbox's columns.
+pub struct AdoptDjangoTables;
+
+impl MigrationName for AdoptDjangoTables {
+    fn name(&self) -> &str {
+        "outbox_m20261201_000001_adopt_django_tables"
+    }
+}
+
+const ADOPT_PUBLISHED: &str = "ALTER TABLE published \
+    ADD COLUMN claim_token uuid NULL, \
+    ADD COLUMN locked_until timestamp with time zone NULL, \
+    ADD COLUMN next_attempt_at timestamp with time zone NULL, \
+    ADD COLUMN last_error text NULL";
+const ADOPT_PUBLISHED_INDEXES: [&str; 2] = [
+    "CREATE INDEX published_status_added_idx ON published (status, added)",
+    "CREATE INDEX published_added_idx ON published (added)",
+];
+const ADOPT_RECEIVED: [&str; 3] = [
+    "ALTER TABLE received ADD COLUMN queue varchar(255) NOT NULL DEFAULT ''",
+    "CREATE UNIQUE INDEX received_queue_msg_id_key ON received (queue, msg_id)",
+    "CREATE INDEX received_added_idx ON received (added)",
+];
+const RECORD_CREATE: &str = "INSERT INTO seaql_migrations (version, applied_at) \
+    VALUES ('outbox_m20261126_000001_create_outbox_tables', CAST(EXTRACT(EPOCH FROM now()) AS bigint)) \
+    ON CONFLICT (version) DO NOTHING";
+
+#[async_trait::async_trait]
+impl MigrationTrait for AdoptDjangoTables {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        let backend = manager.get_database_backend();
+        // The outbox's own tables (in `migrations()`, after the migration that created them):
+        // nothing to adopt.
+        if manager.has_table("published").await?
+            && manager.has_column("published", "claim_token").await?
+        {
+            return Ok(());
+        }
+        let django_tables =
+            manager.has_table("published").await? && manager.has_table("received").await?;
+        if backend != DbBackend::Postgres {
+            return Err(DbErr::Migration(format!(
+                "{}: adopting django-outbox-pattern's tables is supported on PostgreSQL only: \
+                 on MariaDB, MySQL and SQLite Django stores UUIDs as 32 hexadecimal characters, \
+                 which the outbox's entities do not read",
+                self.name()
+            )));
+        }
+        if !django_tables {
+            return Err(DbErr::Migration(format!(
+                "{}: no `published` and `received` tables to adopt; a database without \
+                 django-outbox-pattern's tables needs only outbox::migration::migrations()",
+                self.name()
+            )));
+        }
+        if manager.has_column("received", "queue").await? {
+            return Err(DbErr::Migration(format!(
+                "{}: `received` already has the outbox's `queue` column: these are not \
+                 django-outbox-pattern's tables as it leaves them",
+                self.name()
+            )));
+        }
+        let db = manager.get_connection();
+        db.execute_unprepared(ADOPT_PUBLISHED).await?;
+        for statement in ADOPT_PUBLISHED_INDEXES.into_iter().chain(ADOPT_RECEIVED) {
+            db.execute_unprepared(statement).await?;
+        }
+        let types = ColumnTypes::for_backend(backend);
+        manager.create_table(housekeeping_table(&types)).await?;
+        db.execute_unprepared(CREATE_NOTIFY_FUNCTION).await?;
+        db.execute_unprepared(CREATE_NOTIFY_TRIGGER).await?;
+        db.execute_unprepared(RECORD_CREATE).await?;
+        Ok(())
+    }
+
+    /// On an adopted database, takes back exactly what `up` added, Django's tables as they were
+    /// before it; on the outbox's own tables, nothing (`up` did nothing there either).
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        if manager.get_database_backend() != DbBackend::Postgres
+            || !manager.has_table("django_migrations").await?
+        {
+            return Ok(());
+        }
+        let db = manager.get_connection();
+        for statement in [
+            "DELETE FROM seaql_migrations WHERE version = 'outbox_m20261126_000001_create_outbox_tables'",
+            DROP_NOTIFY_TRIGGER,
+            DROP_NOTIFY_FUNCTION,
+            "DROP TABLE IF EXISTS outbox_housekeeping",
+            "DROP INDEX IF EXISTS received_added_idx",
+            "DROP INDEX IF EXISTS received_queue_msg_id_key",
+            "ALTER TABLE received DROP COLUMN IF EXISTS queue",
+            "DROP INDEX IF EXISTS published_added_idx",
+            "DROP INDEX IF EXISTS published_status_added_idx",
+            "ALTER TABLE published DROP COLUMN IF EXISTS claim_token, \
+             DROP COLUMN IF EXISTS locked_until, DROP COLUMN IF EXISTS next_attempt_at, \
+             DROP COLUMN IF EXISTS last_error",
+        ] {
+            db.execute_unprepared(statement).await?;
+        }
+        Ok(())
+    }
+
+    fn use_transaction(&self) -> Option<bool> {
+        Some(true)
+    }
 }
 
 /// Creates `published`, `received` and `outbox_housekeeping` (and, on PostgreSQL, the

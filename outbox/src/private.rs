@@ -17,13 +17,14 @@ use serde_json::{Map, Value};
     note = "implement or derive `serde::Serialize` for the field's type, or leave the field out of `fields(...)`"
 )]
 pub trait PublishField {
-    /// The value as JSON.
+    /// The value as JSON, as Django's serializer encodes a column of its type (see
+    /// `django_json`): date-times and times to milliseconds, UTC as `Z`.
     fn to_json(&self) -> Result<Value, serde_json::Error>;
 }
 
 impl<T: Serialize + ?Sized> PublishField for T {
     fn to_json(&self) -> Result<Value, serde_json::Error> {
-        serde_json::to_value(self)
+        crate::django_json::to_value(self)
     }
 }
 
