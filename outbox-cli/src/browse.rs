@@ -323,7 +323,7 @@ mod tests {
         let body = serde_json::json!({ "text": "x".repeat(200) });
         let cut = body_text(&body, false);
         assert!(cut.starts_with("{\"text\":\"xxx"));
-        assert!(cut.ends_with("(213 bytes; --full shows it)"), "{cut}");
+        assert!(cut.ends_with("(211 bytes; --full shows it)"), "{cut}");
         assert_eq!(body_text(&body, true), body.to_string());
         assert_eq!(
             body_text(&serde_json::json!({"id": 1}), false),

@@ -621,51 +621,14 @@ fn is_configuration(err: &sea_orm::DbErr) -> bool {
     }
 }
 
-/// Parses `90s`, `15m`, `12h`, `30d`, `2w`, or several at once (`1d12h`).
+/// Parses `90s`, `15m`, `12h`, `30d`, `2w`, or several at once (`1d12h`, `1h 30m`), with
+/// humantime (which also takes `ms`, `min`, `days`, ...).
 pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    if text.is_empty() {
-        return Err("empty duration: give a number and a unit, like 30d, 12h, 15m or 90s".into());
-    }
-    let mut total: u64 = 0;
-    let mut rest = text;
-    while !rest.is_empty() {
-        let digits = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len();
-        if digits == 0 {
-            return Err(format!("`{text}`: expected a number before `{rest}`"));
-        }
-        let number: u64 = rest[..digits]
-            .parse()
-            .map_err(|_| format!("`{text}`: the number is too large"))?;
-        rest = &rest[digits..];
-        let unit_len = rest.len()
-            - rest
-                .trim_start_matches(|c: char| c.is_ascii_alphabetic())
-                .len();
-        let seconds_per = match &rest[..unit_len] {
-            "s" => 1,
-            "m" => 60,
-            "h" => 3600,
-            "d" => 86_400,
-            "w" => 7 * 86_400,
-            "" => {
-                return Err(format!(
-                    "`{text}`: missing unit after {number} (s, m, h, d or w)"
-                ));
-            }
-            other => {
-                return Err(format!(
-                    "`{text}`: unknown unit `{other}` (s, m, h, d or w)"
-                ));
-            }
-        };
-        rest = &rest[unit_len..];
-        total = number
-            .checked_mul(seconds_per)
-            .and_then(|seconds| total.checked_add(seconds))
-            .ok_or_else(|| format!("`{text}` is too long"))?;
-    }
-    Ok(Duration::from_secs(total))
+    humantime::parse_duration(text.trim()).map_err(|err| {
+        format!(
+            "`{text}`: {err} (give a number and a unit: 90s, 15m, 12h, 30d, 2w, or several: 1d12h)"
+        )
+    })
 }
 
 /// `3d 4h`, `12m 5s`, `45s`: the largest unit, and the next one when it is not zero.
@@ -831,7 +794,9 @@ mod tests {
         assert_eq!(parse_duration("1w"), Ok(Duration::from_secs(604_800)));
         assert_eq!(parse_duration("1d12h"), Ok(Duration::from_secs(129_600)));
         assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
-        for bad in ["", "30", "d", "3x", "1.5h", "-1d", "99999999999999999999d"] {
+        assert_eq!(parse_duration("1h 30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("1.5h"), Ok(Duration::from_secs(5400)));
+        for bad in ["", "30", "d", "3x", "-1d", "99999999999999999999d"] {
             assert!(parse_duration(bad).is_err(), "{bad} accepted");
         }
     }
