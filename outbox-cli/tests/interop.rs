@@ -928,6 +928,17 @@ async fn our_relay_on_an_adopted_django_database() {
         .await
         .expect("Django's inbox read through our entity");
     assert_eq!(received.len(), ids.len(), "Django's inbox rows, queue ''");
+
+    // Migrating down would go on to drop Django's tables: refused, and nothing is dropped.
+    let error = common::Migrator::down(&django.db.db, None)
+        .await
+        .expect_err("migrating an adopted database down is refused");
+    assert!(error.to_string().contains("refusing"), "{error}");
+    let rows = outbox::Published::find()
+        .all(&django.db.db)
+        .await
+        .expect("Django's outbox is still there");
+    assert_eq!(rows.len(), ids.len());
     django.db.drop_database().await;
 }
 
