@@ -928,6 +928,58 @@ async fn our_relay_on_an_adopted_django_database() {
         .await
         .expect("Django's inbox read through our entity");
     assert_eq!(received.len(), ids.len(), "Django's inbox rows, queue ''");
+
+    // Our consumer on the same, adopted inbox: a message Django's consumer processed is a
+    // duplicate for it too (Django's UNIQUE(msg_id) stays), a new one is processed.
+    let ours_key = format!("{key}_rs");
+    let ours_destination = format!("/topic/{ours_key}");
+    let _our_queues = QueueCleanup(vec![ours_key.clone(), format!("DLQ.{ours_key}")]);
+    let (consumer, effects) = our_consumer(&django.db.db, &ours_destination, &ours_key);
+    wait_consumers(&ours_key, 1).await;
+    let fresh = unique("fresh");
+    let mut peer = StompPeer::connect(RABBITMQ_STOMP)
+        .await
+        .expect("connect to RabbitMQ");
+    for id in [ids[0].as_str(), fresh.as_str()] {
+        peer.send(
+            &ours_destination,
+            &[("dop-msg-id", id)],
+            br#"{"again": true}"#,
+        )
+        .await
+        .expect("send");
+    }
+    let _ = peer.disconnect().await;
+    {
+        let effects = effects.clone();
+        let fresh = fresh.clone();
+        eventually(
+            DELIVERY_LIMIT,
+            "our consumer processed the new message",
+            || {
+                let done = effects.lock().unwrap().contains(&fresh);
+                async move { done }
+            },
+        )
+        .await;
+    }
+    consumer.stop().await.expect("stop our consumer");
+    assert_eq!(
+        *effects.lock().unwrap(),
+        vec![fresh],
+        "the message Django's consumer processed is not processed again"
+    );
+
+    // Migrating down would go on to drop Django's tables: refused, and nothing is dropped.
+    let error = common::Migrator::down(&django.db.db, None)
+        .await
+        .expect_err("migrating an adopted database down is refused");
+    assert!(error.to_string().contains("refusing"), "{error}");
+    let rows = outbox::Published::find()
+        .all(&django.db.db)
+        .await
+        .expect("Django's outbox is still there");
+    assert_eq!(rows.len(), ids.len());
     django.db.drop_database().await;
 }
 

@@ -320,18 +320,9 @@ fn behavior_impl(publish: &Publish) -> TokenStream {
             where
                 C: ::outbox::__private::sea_orm::ConnectionTrait,
             {
-                ::outbox::hooks::before_delete::<#model, C>(db)?;
-                ::core::result::Result::Ok(self)
-            }
-
-            async fn after_delete<C>(
-                self,
-                db: &C,
-            ) -> ::core::result::Result<Self, ::outbox::__private::sea_orm::DbErr>
-            where
-                C: ::outbox::__private::sea_orm::ConnectionTrait,
-            {
-                ::outbox::hooks::after_delete::<#model, C>(&self, db).await?;
+                // Publishes here, only if the row exists: SeaORM's `after_delete` runs whether
+                // or not the delete removed anything.
+                ::outbox::hooks::before_delete_existing::<#model, C>(&self, db).await?;
                 ::core::result::Result::Ok(self)
             }
         }

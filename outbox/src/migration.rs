@@ -134,6 +134,20 @@ const ADOPT_RECEIVED: [&str; 3] = [
     "CREATE UNIQUE INDEX received_queue_msg_id_key ON received (queue, msg_id)",
     "CREATE INDEX received_added_idx ON received (added)",
 ];
+/// What `up` added, taken back (see `down`).
+const UNDO_ADOPTION: [&str; 10] = [
+    "DELETE FROM seaql_migrations WHERE version LIKE 'outbox\\_%'",
+    DROP_NOTIFY_TRIGGER,
+    DROP_NOTIFY_FUNCTION,
+    "DROP TABLE IF EXISTS outbox_housekeeping",
+    "DROP INDEX IF EXISTS received_added_idx",
+    "DROP INDEX IF EXISTS received_queue_msg_id_key",
+    "ALTER TABLE received DROP COLUMN IF EXISTS queue",
+    "DROP INDEX IF EXISTS published_added_idx",
+    "DROP INDEX IF EXISTS published_status_added_idx",
+    "ALTER TABLE published DROP COLUMN claim_token, DROP COLUMN locked_until, \
+     DROP COLUMN next_attempt_at, DROP COLUMN last_error",
+];
 const RECORD_CREATE: &str = "INSERT INTO seaql_migrations (version, applied_at) \
     VALUES ('outbox_m20261126_000001_create_outbox_tables', CAST(EXTRACT(EPOCH FROM now()) AS bigint)) \
     ON CONFLICT (version) DO NOTHING";
@@ -186,32 +200,23 @@ impl MigrationTrait for AdoptDjangoTables {
         Ok(())
     }
 
-    /// On an adopted database, takes back exactly what `up` added, Django's tables as they were
-    /// before it; on the outbox's own tables, nothing (`up` did nothing there either).
+    /// On the outbox's own tables, nothing (`up` did nothing there either). On an adopted
+    /// database, refuses: SeaORM would go on to the table-creating migration's `down`, which drops
+    /// `published` and `received`, and those are Django's tables. The error says how to take the
+    /// adoption back by hand.
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         if manager.get_database_backend() != DbBackend::Postgres
             || !manager.has_table("django_migrations").await?
         {
             return Ok(());
         }
-        let db = manager.get_connection();
-        for statement in [
-            "DELETE FROM seaql_migrations WHERE version = 'outbox_m20261126_000001_create_outbox_tables'",
-            DROP_NOTIFY_TRIGGER,
-            DROP_NOTIFY_FUNCTION,
-            "DROP TABLE IF EXISTS outbox_housekeeping",
-            "DROP INDEX IF EXISTS received_added_idx",
-            "DROP INDEX IF EXISTS received_queue_msg_id_key",
-            "ALTER TABLE received DROP COLUMN IF EXISTS queue",
-            "DROP INDEX IF EXISTS published_added_idx",
-            "DROP INDEX IF EXISTS published_status_added_idx",
-            "ALTER TABLE published DROP COLUMN IF EXISTS claim_token, \
-             DROP COLUMN IF EXISTS locked_until, DROP COLUMN IF EXISTS next_attempt_at, \
-             DROP COLUMN IF EXISTS last_error",
-        ] {
-            db.execute_unprepared(statement).await?;
-        }
-        Ok(())
+        Err(DbErr::Migration(format!(
+            "{}: refusing to migrate an adopted django-outbox-pattern database down: the next \
+             migration down would drop Django's `published` and `received` tables. To take the \
+             adoption back by hand: {}",
+            self.name(),
+            UNDO_ADOPTION.join("; ")
+        )))
     }
 
     fn use_transaction(&self) -> Option<bool> {

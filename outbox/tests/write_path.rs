@@ -196,6 +196,22 @@ async fn update_publishes_and_delete_publishes_the_key(backend: Backend) {
             .any(|r| r.destination == "/topic/audit" && r.body == json!({"id": saved.id}))
     );
     assert_eq!(order_count(&test.db).await, 0);
+
+    // The same row again, and a row that never was: nothing deleted, nothing published.
+    let txn = test.db.begin().await.unwrap();
+    saved.clone().delete(&txn).await.expect("delete again");
+    let mut never = saved.clone();
+    never.id += 1000;
+    never
+        .delete(&txn)
+        .await
+        .expect("delete a row that does not exist");
+    txn.commit().await.unwrap();
+    assert_eq!(
+        outbox_rows(&test.db).await.len(),
+        5,
+        "deleting no row publishes nothing"
+    );
     test.drop_database().await;
 }
 
