@@ -90,7 +90,8 @@ pub async fn signal() {
 /// it, and whatever was not acknowledged is delivered again later.
 pub(crate) async fn signal_then_exit_on_second() {
     signal().await;
-    // Listening again at once: the handlers stay installed, so no second signal is missed.
+    // Listening again at once. tokio keeps a signal's handler installed once set, so a second
+    // signal in the instant before this listens is never the default kill (nor a core dump).
     tokio::spawn(async {
         signal().await;
         tracing::warn!("second signal during shutdown; exiting at once");
