@@ -219,6 +219,13 @@ impl Dispatcher {
                 match txn.commit().await {
                     Ok(()) => {
                         committed.store(true, Ordering::SeqCst);
+                        crate::metrics::consumer_committed(
+                            &self.queue,
+                            message
+                                .headers
+                                .get(crate::headers::MSG_SENT_TIME)
+                                .map(String::as_str),
+                        );
                         // Outbox rows the callback wrote are committed: wake this process's relays.
                         wake::committed();
                         Attempt::Committed
