@@ -282,7 +282,8 @@ pub(crate) enum Outcome {
 }
 
 impl Outcome {
-    fn label(self) -> &'static str {
+    /// The label value, also the `outcome` field of the consumer's message span.
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Outcome::Acked => "acked",
             Outcome::Duplicate => "duplicate",

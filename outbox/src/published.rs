@@ -77,6 +77,16 @@ pub enum Relation {}
 
 impl ActiveModelBehavior for ActiveModel {}
 
+impl Model {
+    /// The row's `dop-correlation-id` header, for logs; `""` when it has none.
+    pub(crate) fn correlation_id(&self) -> &str {
+        self.headers
+            .get(crate::headers::CORRELATION_ID)
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("")
+    }
+}
+
 /// A message to write into the outbox: built by `#[publish]` for an entity, or by hand for
 /// [`Message::enqueue`].
 ///
