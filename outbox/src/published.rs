@@ -219,6 +219,13 @@ impl Message {
         for (name, value) in headers::hook_headers(&context) {
             custom.entry(name).or_insert(Value::String(value));
         }
+        // The writer's trace, unless the message or the hook set one.
+        #[cfg(feature = "opentelemetry")]
+        if !custom.contains_key(crate::trace_context::TRACEPARENT) {
+            for (name, value) in crate::trace_context::current_headers() {
+                custom.insert(name, Value::String(value));
+            }
+        }
         let headers = headers::build(id, &destination, added, correlation, custom);
         Ok(Model {
             id,

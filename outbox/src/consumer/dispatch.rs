@@ -126,6 +126,8 @@ impl Dispatcher {
             attempt = tracing::field::Empty,
             outcome = tracing::field::Empty,
         );
+        #[cfg(feature = "opentelemetry")]
+        crate::trace_context::continue_trace(&span, &message.headers);
         self.process(&message, committed).instrument(span).await
     }
 
