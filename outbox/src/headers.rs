@@ -96,6 +96,15 @@ pub fn format_sent_time(time: DateTime<Utc>) -> String {
     time.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
 }
 
+/// Reads a `dop-msg-sent-time` value as [`format_sent_time`] writes it (and django-outbox-pattern,
+/// through `DjangoJSONEncoder`): UTC with a `Z` suffix, any number of fractional digits (none
+/// when Python's microseconds are 0). `None` for anything else.
+pub fn parse_sent_time(value: &str) -> Option<DateTime<Utc>> {
+    chrono::NaiveDateTime::parse_from_str(value, "%Y-%m-%dT%H:%M:%S%.fZ")
+        .ok()
+        .map(|naive| naive.and_utc())
+}
+
 /// The correlation id of rows written now: the ambient one, or a fresh UUID shared by the rows
 /// of one write.
 pub(crate) fn current_or_new_correlation_id() -> String {
@@ -146,6 +155,28 @@ mod tests {
             .unwrap()
             .with_timezone(&Utc);
         assert_eq!(format_sent_time(t), "2026-11-26T18:03:13.484Z");
+    }
+
+    #[test]
+    fn sent_time_reads_back_what_is_written_and_nothing_else() {
+        let t = DateTime::parse_from_rfc3339("2026-11-26T18:03:13.484+00:00")
+            .unwrap()
+            .with_timezone(&Utc);
+        assert_eq!(parse_sent_time(&format_sent_time(t)), Some(t));
+        let whole = DateTime::parse_from_rfc3339("2026-11-26T18:03:13+00:00")
+            .unwrap()
+            .with_timezone(&Utc);
+        assert_eq!(parse_sent_time("2026-11-26T18:03:13Z"), Some(whole));
+        for bad in [
+            "",
+            "yesterday",
+            "2026-11-26T18:03:13.484",
+            "2026-11-26T18:03:13.484+01:00",
+            "2026-11-26 18:03:13.484Z",
+            "2026-13-26T18:03:13.484Z",
+        ] {
+            assert_eq!(parse_sent_time(bad), None, "{bad}");
+        }
     }
 
     #[test]

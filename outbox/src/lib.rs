@@ -78,6 +78,8 @@ pub mod received;
 mod send;
 mod shutdown;
 pub mod testing;
+#[cfg(feature = "opentelemetry")]
+mod trace_context;
 pub mod transport;
 mod wake;
 mod write;

@@ -20,9 +20,14 @@
 //! | `outbox_oldest_pending_age_seconds` | gauge | | age of the oldest row waiting to be sent (0 when none), sampled with the above |
 //! | `outbox_consumer_messages_total` | counter | `queue`, `outcome` | consumed messages by outcome: `acked`, `duplicate` (already in the inbox: acked without running the callback), `nacked` (the callback called `nack()`), `dead_lettered` (the callback failed or panicked, or its transient failures outlasted the retries), `undecodable` (the frame did not decode, or exceeded `OUTBOX_STOMP_MAX_FRAME_SIZE`: rejected to the dead-letter queue without running the callback), and `retried` (not a final outcome: one per further attempt after a transient failure) |
 //! | `outbox_consumer_callback_duration_seconds` | histogram | `queue` | time the callback took, per attempt |
+//! | `outbox_relay_lag_seconds` | histogram | | per receipted message: from its row's `added` (set when the row was saved, on the writer's clock) to the broker's receipt (on the relay's clock) |
+//! | `outbox_consumer_lag_seconds` | histogram | `queue` | per committed message, end to end: from its `dop-msg-sent-time` header (the save time, on the writer's clock) to the commit of the callback's transaction (on the consumer's clock); messages without a parsable header are not recorded |
 //!
 //! The pending gauges describe the whole table, not one relay: with several relays, aggregate
 //! them with `max`, not `sum`.
+//!
+//! The lag histograms compare two hosts' clocks, so clock skew between the writer and the relay
+//! or consumer enters them; a negative difference (a clock behind the writer's) is recorded as 0.
 //!
 //! Install a recorder at the start of the service (with metrics-exporter-prometheus:
 //! `PrometheusBuilder::new().install()?`), then let [`describe`] give it each metric's help text
@@ -75,6 +80,10 @@ pub const OLDEST_PENDING_AGE: &str = "outbox_oldest_pending_age_seconds";
 pub const CONSUMER_MESSAGES: &str = "outbox_consumer_messages_total";
 /// Seconds per callback attempt.
 pub const CONSUMER_CALLBACK_DURATION: &str = "outbox_consumer_callback_duration_seconds";
+/// Seconds from a row's save to the broker's receipt of its message.
+pub const RELAY_LAG: &str = "outbox_relay_lag_seconds";
+/// Seconds from a message's save (`dop-msg-sent-time`) to the commit of its callback.
+pub const CONSUMER_LAG: &str = "outbox_consumer_lag_seconds";
 
 /// How often a relay samples the pending gauges.
 const PENDING_SAMPLE_EVERY: Duration = Duration::from_secs(10);
@@ -165,13 +174,27 @@ pub fn describe() {
         Unit::Seconds,
         "Time the consumer callback took, per attempt"
     );
+    describe_histogram!(
+        RELAY_LAG,
+        Unit::Seconds,
+        "Time from a row's save (its added column, writer's clock) to the broker's receipt of its message (relay's clock)"
+    );
+    describe_histogram!(
+        CONSUMER_LAG,
+        Unit::Seconds,
+        "Time from a message's save (its dop-msg-sent-time header, writer's clock) to the commit of the callback's transaction (consumer's clock), by queue"
+    );
 }
 
-/// Counts receipted rows, one increment per destination.
+/// Counts receipted rows, one increment per destination, and records each row's relay lag
+/// (its receipt is now).
 pub(crate) fn sent(rows: &[Row]) {
+    let now = chrono::Utc::now();
+    let lag = histogram!(RELAY_LAG);
     let mut per_destination: BTreeMap<&str, u64> = BTreeMap::new();
     for row in rows {
         *per_destination.entry(row.destination.as_str()).or_default() += 1;
+        lag.record(seconds_between(row.added, now));
     }
     for (destination, count) in per_destination {
         counter!(MESSAGES_SENT, "destination" => destination.to_owned()).increment(count);
@@ -259,7 +282,8 @@ pub(crate) enum Outcome {
 }
 
 impl Outcome {
-    fn label(self) -> &'static str {
+    /// The label value, also the `outcome` field of the consumer's message span.
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Outcome::Acked => "acked",
             Outcome::Duplicate => "duplicate",
@@ -275,6 +299,26 @@ impl Outcome {
 pub(crate) fn consumed(queue: &str, outcome: Outcome) {
     counter!(CONSUMER_MESSAGES, "queue" => queue.to_owned(), "outcome" => outcome.label())
         .increment(1);
+}
+
+/// Records the end-to-end lag of a message whose callback committed just now on `queue`, from
+/// its `dop-msg-sent-time` header; a missing or unparsable header records nothing.
+pub(crate) fn consumer_committed(queue: &str, sent_time: Option<&str>) {
+    if cfg!(not(feature = "metrics")) {
+        return;
+    }
+    let Some(saved) = sent_time.and_then(crate::headers::parse_sent_time) else {
+        return;
+    };
+    histogram!(CONSUMER_LAG, "queue" => queue.to_owned())
+        .record(seconds_between(saved, chrono::Utc::now()));
+}
+
+/// Seconds from `from` to `to`, 0 when `to` is earlier (another host's clock ahead).
+fn seconds_between(from: chrono::DateTime<chrono::Utc>, to: chrono::DateTime<chrono::Utc>) -> f64 {
+    (to - from)
+        .to_std()
+        .map_or(0.0, |elapsed| elapsed.as_secs_f64())
 }
 
 /// Records how long one callback attempt took on `queue`.

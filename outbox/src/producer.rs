@@ -348,7 +348,7 @@ impl Producer {
             return Ok(0);
         }
         for row in rows {
-            tracing::debug!(message_id = %row.id, destination = %row.destination, "message receipted");
+            tracing::debug!(message_id = %row.id, destination = %row.destination, correlation_id = row.correlation_id(), outcome = "sent", "message receipted");
         }
         crate::metrics::sent(rows);
         let ids: Vec<Uuid> = rows.iter().map(|row| row.id).collect();
@@ -390,6 +390,8 @@ impl Producer {
             store::Refusal::Failed => tracing::error!(
                 message_id = %row.id,
                 destination = %row.destination,
+                correlation_id = row.correlation_id(),
+                outcome = "failed",
                 attempts = failures,
                 error = %reason,
                 "the broker refused the message on every attempt; marked FAILED"
@@ -397,6 +399,8 @@ impl Producer {
             store::Refusal::RetryAt(at) => tracing::warn!(
                 message_id = %row.id,
                 destination = %row.destination,
+                correlation_id = row.correlation_id(),
+                outcome = "retried",
                 attempt = failures,
                 next_attempt_at = %at,
                 error = %reason,

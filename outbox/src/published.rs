@@ -77,6 +77,16 @@ pub enum Relation {}
 
 impl ActiveModelBehavior for ActiveModel {}
 
+impl Model {
+    /// The row's `dop-correlation-id` header, for logs; `""` when it has none.
+    pub(crate) fn correlation_id(&self) -> &str {
+        self.headers
+            .get(crate::headers::CORRELATION_ID)
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("")
+    }
+}
+
 /// A message to write into the outbox: built by `#[publish]` for an entity, or by hand for
 /// [`Message::enqueue`].
 ///
@@ -208,6 +218,13 @@ impl Message {
         };
         for (name, value) in headers::hook_headers(&context) {
             custom.entry(name).or_insert(Value::String(value));
+        }
+        // The writer's trace, unless the message or the hook set one.
+        #[cfg(feature = "opentelemetry")]
+        if !custom.contains_key(crate::trace_context::TRACEPARENT) {
+            for (name, value) in crate::trace_context::current_headers() {
+                custom.insert(name, Value::String(value));
+            }
         }
         let headers = headers::build(id, &destination, added, correlation, custom);
         Ok(Model {

@@ -19,7 +19,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use outbox::transport::MemoryTransport;
 use outbox::{OutboxConfig, Producer, Published, Status, published};
 use outbox_examples::orders::{self, order, shipment, shipping};
@@ -33,6 +33,14 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The database when `DATABASE_URL` is not set: a SQLite file, created on first use.
 const EMBEDDED_DATABASE_URL: &str = "sqlite://orders.db?mode=rwc";
+
+/// Bucket bounds of every `*_seconds` histogram, from a fast batch to an hour's lag: buckets
+/// (rather than the exporter's default summaries) let Prometheus aggregate over instances, as
+/// the dashboard and alerts in `examples/monitoring/` do.
+const SECONDS_BUCKETS: [f64; 18] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+    1800.0, 3600.0,
+];
 
 /// The Prometheus endpoint's port when `METRICS_PORT` is not set.
 const DEFAULT_METRICS_PORT: u16 = 9898;
@@ -151,6 +159,8 @@ fn serve_metrics() -> Result<PrometheusHandle, BoxError> {
     let address = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
     let (recorder, exporter) = PrometheusBuilder::new()
         .with_http_listener(address)
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &SECONDS_BUCKETS)
+        .map_err(|err| format!("histogram buckets: {err}"))?
         .build()
         .map_err(|err| format!("serving metrics on {address} (METRICS_PORT): {err}"))?;
     let handle = recorder.handle();

@@ -17,6 +17,7 @@ use tracing::Instrument;
 
 use super::failure::{Failure, panic_message};
 use super::inbox;
+use crate::metrics::Outcome;
 use crate::payload::{BoxError, Decision, Incoming};
 use crate::transport::{Delivery, Transport};
 use crate::{Payload, wake};
@@ -120,27 +121,34 @@ impl Dispatcher {
             queue = %self.queue,
             message_id = message.key.as_deref().unwrap_or(""),
             correlation_id = message.correlation_id.as_deref().unwrap_or(""),
+            // Filled in as the handling goes: the attempt under way (1 for the first), then
+            // what became of the message.
+            attempt = tracing::field::Empty,
+            outcome = tracing::field::Empty,
         );
+        #[cfg(feature = "opentelemetry")]
+        crate::trace_context::continue_trace(&span, &message.headers);
         self.process(&message, committed).instrument(span).await
     }
 
     async fn process(&self, message: &Arc<Incoming>, committed: &AtomicBool) -> Verdict {
         let mut retries = 0;
         loop {
+            tracing::Span::current().record("attempt", retries + 1);
             let failure = match self.attempt(message, committed).await {
                 Attempt::Committed => {
-                    crate::metrics::consumed(&self.queue, crate::metrics::Outcome::Acked);
+                    self.concluded(Outcome::Acked);
                     return Verdict::Ack;
                 }
                 Attempt::Duplicate => {
-                    crate::metrics::consumed(&self.queue, crate::metrics::Outcome::Duplicate);
+                    self.concluded(Outcome::Duplicate);
                     tracing::info!(
                         "message already processed on this queue; acknowledged without calling the callback"
                     );
                     return Verdict::Ack;
                 }
                 Attempt::Nacked => {
-                    crate::metrics::consumed(&self.queue, crate::metrics::Outcome::Nacked);
+                    self.concluded(Outcome::Nacked);
                     tracing::info!(
                         "the callback nacked the message; rolled back, dead-lettering it"
                     );
@@ -149,12 +157,12 @@ impl Dispatcher {
                 Attempt::Failed(failure) => failure,
             };
             if !failure.is_transient() {
-                crate::metrics::consumed(&self.queue, crate::metrics::Outcome::DeadLettered);
+                self.concluded(Outcome::DeadLettered);
                 tracing::error!(error = %failure, "processing failed; rolled back, dead-lettering the message");
                 return Verdict::Nack;
             }
             if retries >= self.max_retries {
-                crate::metrics::consumed(&self.queue, crate::metrics::Outcome::DeadLettered);
+                self.concluded(Outcome::DeadLettered);
                 tracing::error!(
                     error = %failure,
                     retries,
@@ -163,7 +171,7 @@ impl Dispatcher {
                 return Verdict::Nack;
             }
             retries += 1;
-            crate::metrics::consumed(&self.queue, crate::metrics::Outcome::Retried);
+            crate::metrics::consumed(&self.queue, Outcome::Retried);
             let wait = self.retry_wait * retries;
             tracing::warn!(
                 error = %failure,
@@ -174,6 +182,13 @@ impl Dispatcher {
             );
             tokio::time::sleep(wait).await;
         }
+    }
+
+    /// Counts what became of the message and records it on the message's span (the current
+    /// one).
+    fn concluded(&self, outcome: Outcome) {
+        crate::metrics::consumed(&self.queue, outcome);
+        tracing::Span::current().record("outcome", outcome.label());
     }
 
     /// One transaction: inbox row, callback, commit.
@@ -219,6 +234,13 @@ impl Dispatcher {
                 match txn.commit().await {
                     Ok(()) => {
                         committed.store(true, Ordering::SeqCst);
+                        crate::metrics::consumer_committed(
+                            &self.queue,
+                            message
+                                .headers
+                                .get(crate::headers::MSG_SENT_TIME)
+                                .map(String::as_str),
+                        );
                         // Outbox rows the callback wrote are committed: wake this process's relays.
                         wake::committed();
                         Attempt::Committed
