@@ -49,6 +49,7 @@
 //! | `sqlite` | no | SQLite through sqlx (builds SQLite's C sources) |
 //! | `migration` | no | `outbox::migration`: the tables' migrations, for a crate that runs sea-orm-migration |
 //! | `metrics` | yes | `outbox::metrics`: counters, gauges and histograms through the `metrics` facade |
+//! | `opentelemetry` | no | W3C trace context from the writer's span to the consumer's, through the row's headers |
 //!
 //! SeaORM's runtime is tokio (the relay and the consumer run on it); the database TLS stack
 //! (`sea-orm/runtime-tokio-rustls` or `-native-tls`) stays the service's choice.
