@@ -267,15 +267,18 @@ async fn a_prefetch_flood_keeps_heartbeats_and_acknowledgements_flowing() {
         Consumer::builder(pool(&test.url, 5).await)
             .config(settings)
             .destination(&destination)
-            .in_flight(4)
             .start(move |payload: Payload| {
                 let redelivered = redelivered.clone();
                 async move {
                     if payload.header("redelivered") == Some("true") {
                         redelivered.fetch_add(1, Ordering::Relaxed);
                     }
-                    // A slow callback: the broker's deliveries pile up far beyond 1,024.
-                    tokio::time::sleep(Duration::from_millis(3)).await;
+                    // Now and then a callback slower than several heartbeats, while the
+                    // broker's deliveries pile up far beyond 1,024: the connection's task must
+                    // go on writing heartbeats (and reading) meanwhile.
+                    if payload.body()["n"].as_u64().is_some_and(|n| n % 2500 == 1) {
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                    }
                     record_effect(payload).await
                 }
             })
