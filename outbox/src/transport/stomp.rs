@@ -16,14 +16,12 @@
 //! frame that does not decode, or exceeds the maximum frame size, is rejected to its dead-letter
 //! queue and the connection goes on ([`framing`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-
-use std::collections::VecDeque;
 
 use async_stomp::client::ClientCodec;
 use async_stomp::{AckMode as StompAck, FromServer, Message, ToServer};
