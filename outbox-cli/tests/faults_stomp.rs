@@ -111,7 +111,7 @@ async fn bad_message_at_the_head(
     settings.stomp_max_frame_size = max_frame_size;
     let started = Instant::now();
     let consumer = Consumer::builder(pool(&test.url, 3).await)
-        .config(settings)
+        .config(settings.clone())
         .destination(&destination)
         .start(record_effect)
         .unwrap();
@@ -142,6 +142,20 @@ async fn bad_message_at_the_head(
     })
     .await;
     consumer.stop().await.unwrap();
+    // A consumer starting again declares the dead-letter queue with a subscription of its own,
+    // to which the broker may hand the dead letter: it must stay where it is.
+    let consumer = Consumer::builder(pool(&test.url, 3).await)
+        .config(settings)
+        .destination(&destination)
+        .start(record_effect)
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    consumer.stop().await.unwrap();
+    assert_eq!(
+        queue_message_count(&dlq),
+        Some(1),
+        "{case}: the dead letter stayed in {dlq} when a consumer started again"
+    );
     let effects = effect_counts(&test.db).await;
     let counted = count(&good, &effects);
     assert_eq!(
@@ -267,15 +281,18 @@ async fn a_prefetch_flood_keeps_heartbeats_and_acknowledgements_flowing() {
         Consumer::builder(pool(&test.url, 5).await)
             .config(settings)
             .destination(&destination)
-            .in_flight(4)
             .start(move |payload: Payload| {
                 let redelivered = redelivered.clone();
                 async move {
                     if payload.header("redelivered") == Some("true") {
                         redelivered.fetch_add(1, Ordering::Relaxed);
                     }
-                    // A slow callback: the broker's deliveries pile up far beyond 1,024.
-                    tokio::time::sleep(Duration::from_millis(3)).await;
+                    // Now and then a callback slower than several heartbeats, while the
+                    // broker's deliveries pile up far beyond 1,024: the connection's task must
+                    // go on writing heartbeats (and reading) meanwhile.
+                    if payload.body()["n"].as_u64().is_some_and(|n| n % 2500 == 1) {
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                    }
                     record_effect(payload).await
                 }
             })

@@ -94,16 +94,22 @@ async fn undecodable_and_oversized_messages_are_nacked_counted_and_the_next_one_
         for piece in script.chunks(100) {
             stream.write_all(piece).await.unwrap();
         }
+        // The good message's ACK, and the two NACKs (which come a moment after the frames).
         let mut nacks = Vec::new();
-        for _ in 0..2 {
+        let mut acks = Vec::new();
+        for _ in 0..3 {
             let (command, headers) = read_frame(&mut stream, &mut buffer).await;
-            assert_eq!(command, "NACK");
-            assert_eq!(header(&headers, "requeue"), Some("false"));
-            nacks.push(header(&headers, "id").unwrap_or_default().to_owned());
+            let id = header(&headers, "id").unwrap_or_default().to_owned();
+            match command.as_str() {
+                "NACK" => {
+                    assert_eq!(header(&headers, "requeue"), Some("false"));
+                    nacks.push(id);
+                }
+                "ACK" => acks.push(id),
+                other => panic!("unexpected {other}"),
+            }
         }
-        let (command, headers) = read_frame(&mut stream, &mut buffer).await;
-        assert_eq!(command, "ACK");
-        assert_eq!(header(&headers, "id"), Some("good"));
+        assert_eq!(acks, ["good"]);
         nacks
     });
 
@@ -120,6 +126,7 @@ async fn undecodable_and_oversized_messages_are_nacked_counted_and_the_next_one_
             ack: AckMode::ClientIndividual,
             headers: vec![
                 ("x-queue-name".into(), "framing_q".into()),
+                ("x-dead-letter-routing-key".into(), "DLQ.framing_q".into()),
                 ("prefetch-count".into(), "5".into()),
             ],
         })
@@ -151,4 +158,56 @@ async fn undecodable_and_oversized_messages_are_nacked_counted_and_the_next_one_
         })
         .map(|(_, _, _, value)| value);
     assert_eq!(undecodable, Some(DebugValue::Counter(2)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_message_to_a_reader_without_a_dead_letter_route_is_left_alone() {
+    // A reader of a dead-letter queue (`outbox dlq`) declares no dead-letter route: a NACK
+    // would send the message on to a queue that may not exist. It stays unacknowledged.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let broker = tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut buffer = Vec::new();
+        read_frame(&mut stream, &mut buffer).await;
+        stream
+            .write_all(b"CONNECTED\nversion:1.2\nheart-beat:0,0\n\n\0")
+            .await
+            .unwrap();
+        let (_, headers) = read_frame(&mut stream, &mut buffer).await;
+        let receipt = header(&headers, "receipt").unwrap().to_owned();
+        let mut script = format!("RECEIPT\nreceipt-id:{receipt}\n\n\0").into_bytes();
+        script.extend(message("bad", b"x-bad:\xff\xfe\n", b"{}"));
+        script.extend(message("good", b"", b"{}"));
+        stream.write_all(&script).await.unwrap();
+        // The next frame the client writes is the good message's ACK: no NACK before it.
+        read_frame(&mut stream, &mut buffer).await
+    });
+    let mut config = OutboxConfig::default();
+    config.stomp_host_and_ports = vec![("127.0.0.1".into(), port)];
+    config.stomp_heartbeats = (Duration::ZERO, Duration::ZERO);
+    let transport = StompTransport::new(&config).unwrap();
+    let mut deliveries = transport
+        .subscribe(Subscription {
+            destination: "/amq/queue/DLQ.x".into(),
+            id: "s1".into(),
+            ack: AckMode::ClientIndividual,
+            headers: vec![("prefetch-count".into(), "5".into())],
+        })
+        .await
+        .unwrap();
+    let delivery = tokio::time::timeout(Duration::from_secs(10), deliveries.recv())
+        .await
+        .expect("the good message in time")
+        .expect("a delivery");
+    assert_eq!(delivery.ack_id, "good");
+    // Past the moment an undecodable message would be rejected.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    transport.ack(&delivery).await.unwrap();
+    let (command, headers) = tokio::time::timeout(Duration::from_secs(10), broker)
+        .await
+        .expect("the scripted broker finished")
+        .unwrap();
+    assert_eq!(command, "ACK");
+    assert_eq!(header(&headers, "id"), Some("good"));
 }

@@ -16,14 +16,12 @@
 //! frame that does not decode, or exceeds the maximum frame size, is rejected to its dead-letter
 //! queue and the connection goes on ([`framing`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-
-use std::collections::VecDeque;
 
 use async_stomp::client::ClientCodec;
 use async_stomp::{AckMode as StompAck, FromServer, Message, ToServer};
@@ -46,6 +44,8 @@ const WRITE_QUEUE: usize = 4096;
 /// Encoded bytes waiting for the socket past which the task stops taking queued frames: callers
 /// then wait on the queue (with a deadline) instead of the task's memory growing.
 const WRITE_HIGH_WATER: usize = 4 * 1024 * 1024;
+/// How long a message that did not decode waits before it is rejected (see `Driver::set_aside`).
+const REJECT_AFTER: Duration = Duration::from_millis(100);
 /// How long a DISCONNECT waits for its receipt on a connection where one already timed out.
 const UNANSWERED_DISCONNECT_WAIT: Duration = Duration::from_secs(1);
 /// Deliveries buffered per subscription without a `prefetch-count` (RabbitMQ: no limit).
@@ -321,6 +321,10 @@ struct Route {
     /// of what it counts.
     queue: String,
     ack: AckMode,
+    /// It declares a dead-letter route (`x-dead-letter-*`), as a consumer's subscription does:
+    /// only then is a message that does not decode rejected (a reader of a dead-letter queue
+    /// would send it on to a queue that may not exist).
+    dead_letters: bool,
 }
 
 /// One open STOMP connection and the task that drives it.
@@ -492,6 +496,8 @@ impl Connection {
             write_deadline: timeout,
             generation,
             backlog: Backlog::default(),
+            rejections: Vec::new(),
+            reject_at: tokio::time::Instant::now(),
         };
         let task = tokio::spawn(driver.run());
         tracing::info!(broker = %address, ?send_every, ?expect_every, "connected to the broker");
@@ -632,6 +638,10 @@ impl Connection {
             sender: tx,
             queue: queue_of(&subscription),
             ack: subscription.ack,
+            dead_letters: subscription
+                .headers
+                .iter()
+                .any(|(name, _)| name.starts_with("x-dead-letter-")),
         };
         self.subscriptions().insert(subscription.id.clone(), route);
         let mut frame: Message<ToServer> = ToServer::Subscribe {
@@ -801,6 +811,9 @@ struct Driver {
     /// Stamped on every delivery ([`Delivery::connection`]).
     generation: u64,
     backlog: Backlog,
+    /// Messages that did not decode, to reject at `reject_at`.
+    rejections: Vec<Undecodable>,
+    reject_at: tokio::time::Instant,
 }
 
 impl Driver {
@@ -870,6 +883,13 @@ impl Driver {
                     }
                 }
                 () = self.backlog.forward(), if !self.backlog.is_empty() => {}
+                () = tokio::time::sleep_until(self.reject_at), if !self.rejections.is_empty() => {
+                    for frame in std::mem::take(&mut self.rejections) {
+                        if let Some(reason) = self.reject(frame) {
+                            return reason;
+                        }
+                    }
+                }
                 _ = ticker.tick() => {
                     if let Some(reason) = self.check_liveness() {
                         return reason;
@@ -955,9 +975,9 @@ impl Driver {
         }
     }
 
-    /// A complete frame that did not decode, or exceeded the maximum size. A MESSAGE is
-    /// rejected to its dead-letter queue (NACK, `requeue:false`) and counted; the connection
-    /// goes on. Anything else ends the connection.
+    /// A complete frame that did not decode, or exceeded the maximum size. A MESSAGE waits
+    /// [`REJECT_AFTER`] to be rejected ([`Driver::reject`]); the connection goes on. Anything
+    /// else ends the connection.
     fn set_aside(&mut self, frame: Undecodable) -> Option<TransportError> {
         match frame.command.as_str() {
             "MESSAGE" => {}
@@ -974,18 +994,42 @@ impl Driver {
                 )));
             }
         }
+        // A subscription that only declares a queue is closed right after its receipt, and
+        // the broker may hand it a message first: deciding a moment later leaves that message
+        // alone instead of moving it on (from a dead-letter queue, to one that may not exist).
+        if self.rejections.is_empty() {
+            self.reject_at = tokio::time::Instant::now() + REJECT_AFTER;
+        }
+        self.rejections.push(frame);
+        None
+    }
+
+    /// Rejects a MESSAGE that did not decode: to a consumer's subscription (one that reads its
+    /// deliveries and declares a dead-letter route) a NACK with `requeue:false`, logged and
+    /// counted; to any other it is left unacknowledged, and goes back to its queue when the
+    /// connection closes, as a message that decodes does.
+    fn reject(&mut self, frame: Undecodable) -> Option<TransportError> {
         let route = frame.subscription.as_ref().and_then(|id| {
-            lock(&self.shared.subscriptions)
-                .get(id)
-                .map(|route| (route.queue.clone(), route.ack))
+            lock(&self.shared.subscriptions).get(id).map(|route| {
+                // A subscription nobody reads (one that only declares a queue) leaves it
+                // unacknowledged, as it does a message that decodes: it goes back to its queue.
+                let consumed = route.dead_letters && !route.sender.is_closed();
+                (route.queue.clone(), route.ack, consumed)
+            })
         });
-        let Some((queue, ack)) = route else {
-            tracing::debug!(subscription = ?frame.subscription, "an undecodable message for no current subscription; ignored");
+        let message_id = frame.message_id.as_deref().unwrap_or("");
+        let destination = frame.destination.as_deref().unwrap_or("");
+        let Some((queue, ack, true)) = route else {
+            tracing::warn!(
+                subscription = ?frame.subscription,
+                message_id,
+                destination,
+                reason = %frame.reason,
+                "a message that cannot be decoded came to a subscription that neither consumes it nor dead-letters; left unacknowledged"
+            );
             return None;
         };
         crate::metrics::consumed(&queue, crate::metrics::Outcome::Undecodable);
-        let message_id = frame.message_id.as_deref().unwrap_or("");
-        let destination = frame.destination.as_deref().unwrap_or("");
         let ack_id = frame.ack.clone().or_else(|| frame.message_id.clone());
         match (ack, ack_id) {
             (AckMode::ClientIndividual, Some(id)) => {
