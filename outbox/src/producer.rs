@@ -404,6 +404,7 @@ impl Producer {
             shared.into_iter().partition(|row| self.is_suspect(row));
 
         let mut isolate = lone;
+        let mut proven = HashSet::new();
         if !batch.is_empty() || !solo.is_empty() {
             let _sending = self.sending.read().await;
             let (batch, solo) = {
@@ -423,11 +424,12 @@ impl Producer {
                 let settled = settled?;
                 report += settled.report;
                 isolate.extend(settled.suspects);
+                proven.extend(settled.proven);
             }
         }
         if !isolate.is_empty() {
             isolate.sort_by_key(|row| row.added);
-            report += self.isolate(isolate, &mut lease).await?;
+            report += self.isolate(isolate, &mut lease, proven).await?;
         }
         Ok(report)
     }
@@ -478,6 +480,7 @@ impl Producer {
         }
         for row in &sent {
             self.clear_suspect(row);
+            settled.proven.insert(row.destination.clone());
         }
         settled.report.sent += self.mark_sent(&sent, token).await?;
         if let Some(why) = release_reason {
@@ -486,10 +489,19 @@ impl Producer {
         Ok(settled)
     }
 
-    /// Sends each row alone on the isolation lane, oldest first: a refusal there is the row's
-    /// own. Stops at the first failure that is not (the broker is unreachable or slow), giving
-    /// back the rest without a charge.
-    async fn isolate(&self, rows: Vec<Row>, lease: &mut Lease) -> Result<RoundReport, Error> {
+    /// Sends the rows on the isolation lane, oldest first, where nothing else is in flight: a
+    /// refusal there is the row's own (or, for a group, one of the group's). A row to a
+    /// destination not yet known to take messages goes alone; once one is receipted, the rows
+    /// to its destination (a refusal of RabbitMQ's is the destination's: missing exchange,
+    /// access refused) go together, pipelined, and alone again if that group is refused. A row
+    /// refused before always goes alone. Stops at the first failure that is not a refusal (the
+    /// broker is unreachable or slow), giving back the rest without a charge.
+    async fn isolate(
+        &self,
+        rows: Vec<Row>,
+        lease: &mut Lease,
+        mut proven: HashSet<String>,
+    ) -> Result<RoundReport, Error> {
         let mut report = RoundReport::default();
         let _lane = self.lane.lock().await;
         // Without a connection of its own, the lane stops every other send.
@@ -498,57 +510,85 @@ impl Producer {
             None => Some(self.sending.write().await),
         };
         let transport = self.isolation.as_ref().unwrap_or(&self.transport);
+        let mut alone_only: HashSet<Uuid> = rows
+            .iter()
+            .filter(|row| refused_before(row))
+            .map(|row| row.id)
+            .collect();
         let mut sent = Vec::new();
-        let mut rest = self.hold(lease, rows).await?.into_iter();
-        while let Some(mut row) = rest.next() {
+        let mut rest: Vec<Row> = self.hold(lease, rows).await?;
+        while !rest.is_empty() {
             if lease.expiring(&self.config) {
                 // Keep what was sent on record before extending, so that a lost lease costs
                 // nothing already receipted.
                 report.sent += self
                     .mark_sent(&std::mem::take(&mut sent), lease.token)
                     .await?;
-                let left: Vec<Row> = std::iter::once(row).chain(rest).collect();
-                let mut held = self.hold(lease, left).await?.into_iter();
-                let Some(first) = held.next() else { break };
-                row = first;
-                rest = held;
-            }
-            let outcome = transport
-                .send(std::slice::from_ref(&outgoing(&row)))
-                .await
-                .outcomes
-                .into_iter()
-                .next()
-                .unwrap_or_else(|| Outcome::unknown(TransportError::Closed));
-            match outcome {
-                Outcome::Receipted => {
-                    self.clear_suspect(&row);
-                    sent.push(row);
-                }
-                Outcome::Refused(why) => {
-                    self.refuse(&row, lease.token, &why.to_string()).await?;
-                    report.refused += 1;
-                }
-                Outcome::Unknown(unknown) if unknown.reason.is_broker_refusal() => {
-                    // Alone on its connection: the refusal was for this row.
-                    self.refuse(&row, lease.token, &unknown.reason.to_string())
-                        .await?;
-                    report.refused += 1;
-                }
-                Outcome::Unknown(Unknown {
-                    reason,
-                    overtaken: true,
-                }) => {
-                    self.refuse(&row, lease.token, &passed_over(&reason))
-                        .await?;
-                    report.refused += 1;
-                }
-                Outcome::Unknown(Unknown { reason, .. }) => {
-                    let back: Vec<Row> = std::iter::once(row).chain(rest).collect();
-                    report.released += self.release(&back, lease.token, &reason).await?;
+                rest = self.hold(lease, rest).await?;
+                if rest.is_empty() {
                     break;
                 }
             }
+            let head = &rest[0];
+            let group: Vec<Row> =
+                if proven.contains(&head.destination) && !alone_only.contains(&head.id) {
+                    let destination = head.destination.clone();
+                    rest.extract_if(.., |row| {
+                        row.destination == destination && !alone_only.contains(&row.id)
+                    })
+                    .collect()
+                } else {
+                    vec![rest.remove(0)]
+                };
+            let together = group.len() > 1;
+            let frames: Vec<Outgoing> = group.iter().map(outgoing).collect();
+            let outcomes = transport.send(&frames).await.outcomes;
+            let mut back = Vec::new();
+            let mut back_reason = None;
+            for (row, outcome) in group.into_iter().zip(outcomes) {
+                match outcome {
+                    Outcome::Receipted => {
+                        self.clear_suspect(&row);
+                        proven.insert(row.destination.clone());
+                        sent.push(row);
+                    }
+                    Outcome::Unknown(unknown) if together && unknown.reason.is_broker_refusal() => {
+                        // One of the group is at fault: each goes alone now.
+                        alone_only.insert(row.id);
+                        back.push(row);
+                    }
+                    Outcome::Refused(why) => {
+                        self.refuse(&row, lease.token, &why.to_string()).await?;
+                        report.refused += 1;
+                    }
+                    Outcome::Unknown(unknown) if unknown.reason.is_broker_refusal() => {
+                        // Alone on its connection: the refusal was for this row.
+                        self.refuse(&row, lease.token, &unknown.reason.to_string())
+                            .await?;
+                        report.refused += 1;
+                    }
+                    Outcome::Unknown(Unknown {
+                        reason,
+                        overtaken: true,
+                    }) => {
+                        self.refuse(&row, lease.token, &passed_over(&reason))
+                            .await?;
+                        report.refused += 1;
+                    }
+                    Outcome::Unknown(Unknown { reason, .. }) => {
+                        back_reason.get_or_insert(reason);
+                        back.push(row);
+                    }
+                }
+            }
+            if let Some(reason) = back_reason {
+                back.append(&mut rest);
+                report.released += self.release(&back, lease.token, &reason).await?;
+                break;
+            }
+            back.append(&mut rest);
+            back.sort_by_key(|row| row.added);
+            rest = back;
         }
         report.sent += self.mark_sent(&sent, lease.token).await?;
         Ok(report)
@@ -714,6 +754,8 @@ impl Lease {
 struct Settled {
     report: RoundReport,
     suspects: Vec<Row>,
+    /// Destinations of the rows receipted.
+    proven: HashSet<String>,
 }
 
 /// The start of `last_error` for a row charged for being passed over (see [`passed_over`]).
