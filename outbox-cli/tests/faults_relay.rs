@@ -86,11 +86,13 @@ async fn poison_destination(backend: Backend, name: &str) {
     let started = Instant::now();
     let per_run = 3000;
     let test = TestDb::new(backend).await;
-    create_effects_table(&test.db).await;
+    // The consuming service has a PostgreSQL database of its own, whatever the relay's is.
+    let sink = TestDb::new(Backend::Postgres).await;
+    create_effects_table(&sink.db).await;
     let (destination, queue, wire_queue, _cleanup) = fresh_destination("fault_poison_dest");
     declare_consumer_queues(&destination).await;
     let mut wire = WireCounter::start(&destination, &wire_queue).await;
-    let consumer = Consumer::builder(pool(&test.url, 4).await)
+    let consumer = Consumer::builder(pool(&sink.url, 4).await)
         .config(config(RABBITMQ_STOMP))
         .destination(&destination)
         .in_flight(8)
@@ -210,9 +212,9 @@ async fn poison_destination(backend: Backend, name: &str) {
         .filter(|row| row.destination == destination)
         .map(|row| row.id.to_string())
         .collect();
-    wait_until_consumed(&test.db, &queue, expected.len(), Duration::from_secs(120)).await;
+    wait_until_consumed(&sink.db, &queue, expected.len(), Duration::from_secs(120)).await;
     consumer.stop().await.unwrap();
-    let counted = count(&expected, &effect_counts(&test.db).await);
+    let counted = count(&expected, &effect_counts(&sink.db).await);
     let wire_duplicates = wire.duplicates(&expected).await;
     let clean_rate = per_run as f64 / clean.as_secs_f64();
     let poisoned_rate = per_run as f64 / poisoned.as_secs_f64();
@@ -231,6 +233,7 @@ async fn poison_destination(backend: Backend, name: &str) {
     assert_eq!(counted.lost, 0, "messages lost");
     assert_eq!(counted.duplicate_effects, 0, "effects done twice");
     test.drop_database().await;
+    sink.drop_database().await;
 }
 
 // ---------------------------------------------------------------------------------------------
