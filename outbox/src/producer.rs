@@ -419,7 +419,9 @@ impl Producer {
                 solo.into_iter()
                     .map(|row| self.send_shared(vec![row], lease.token)),
             );
-            let (together, alone) = tokio::join!(together, alone);
+            // The suspects first: the batch's frames then follow theirs on the connection, and
+            // their receipts show whether the broker passed a suspect over.
+            let (alone, together) = tokio::join!(alone, together);
             for settled in std::iter::once(together).chain(alone) {
                 let settled = settled?;
                 report += settled.report;
