@@ -267,10 +267,7 @@ impl Swallower {
                     });
                     let mut pending: Vec<u8> = Vec::new();
                     let mut buffer = vec![0u8; 64 * 1024];
-                    loop {
-                        let Ok(read) = client_read.read(&mut buffer).await else {
-                            break;
-                        };
+                    while let Ok(read) = client_read.read(&mut buffer).await {
                         if read == 0 {
                             break;
                         }
