@@ -625,3 +625,167 @@ async fn lease_overrun() {
     assert_eq!(counted.duplicate_effects, 0);
     test.drop_database().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Run alone (`.ci/run`, under `flock -x /tmp/outbox-broker.lock`): the broker and the database
+// restarted under a relay and a consumer. Each puts the service back on every exit path.
+
+/// Runs a shell command, saying what failed.
+fn shell(command: &str) -> bool {
+    match std::process::Command::new("sh")
+        .args(["-c", command])
+        .status()
+    {
+        Ok(status) if status.success() => true,
+        Ok(status) => {
+            eprintln!("`{command}` exited with {status}");
+            false
+        }
+        Err(err) => {
+            eprintln!("`{command}` could not run: {err}");
+            false
+        }
+    }
+}
+
+/// Runs `restore` when dropped, also when the test panics: the shared service comes back.
+struct Restore(&'static str);
+
+impl Drop for Restore {
+    fn drop(&mut self) {
+        shell(self.0);
+    }
+}
+
+const RABBITMQ_START: &str = "rabbitmqctl start_app";
+const POSTGRES_START: &str = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start 2>/dev/null; \
+     pg_isready -q -h 127.0.0.1 -p 5432 -t 60";
+
+/// Rows written by SQL, without the generated `dop-*` headers (`dop-msg-id` is filled in by the
+/// relay from the row's id, the consumer's only stable key across a broker restart).
+async fn bare_rows(db: &DatabaseConnection, destination: &str, count: usize, from: usize) {
+    db.execute_raw(Statement::from_string(
+        db.get_database_backend(),
+        format!(
+            "INSERT INTO published (id, destination, body, headers, added, expires_at, retry, status) \
+             SELECT gen_random_uuid(), '{destination}', \
+                    jsonb_build_object('do', 'ok', 'tag', 'ok', 'n', g), '{{}}'::jsonb, \
+                    clock_timestamp(), now() + interval '1 day', 0, 1 \
+             FROM generate_series({from}, {}) AS g",
+            from + count - 1
+        ),
+    ))
+    .await
+    .expect("insert rows by SQL");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "stops the shared RabbitMQ: run alone by .ci/run under flock -x"]
+async fn broker_restart() {
+    let started = Instant::now();
+    let n = counts(2_000, 20_000);
+    let test = TestDb::new(Backend::Postgres).await;
+    create_effects_table(&test.db).await;
+    let (destination, queue, _wire_queue, _cleanup) = fresh_destination("fault_broker_restart");
+    declare_consumer_queues(&destination).await;
+    let relay = Producer::builder(pool(&test.url, 4).await)
+        .config(config(RABBITMQ_STOMP))
+        .start()
+        .unwrap();
+    let consumer = Consumer::builder(pool(&test.url, 4).await)
+        .config(config(RABBITMQ_STOMP))
+        .destination(&destination)
+        .in_flight(8)
+        .start(record_effect)
+        .unwrap();
+    bare_rows(&test.db, &destination, n / 2, 0).await;
+    {
+        let _restore = Restore(RABBITMQ_START);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(shell("rabbitmqctl stop_app"), "rabbitmqctl stop_app");
+        bare_rows(&test.db, &destination, n / 2, n / 2).await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(shell(RABBITMQ_START), "rabbitmqctl start_app");
+    }
+    wait_until_all_sent(&test.db, n, Duration::from_secs(180)).await;
+    wait_until_consumed(&test.db, &queue, n, Duration::from_secs(180)).await;
+    relay.stop().await.unwrap();
+    consumer.stop().await.unwrap();
+    let charged = rows(&test.db)
+        .await
+        .iter()
+        .filter(|row| row.retry > 0)
+        .count();
+    let expected = outbox_ids(&test.db).await;
+    let counted = count(&expected, &effect_counts(&test.db).await);
+    summary(
+        "broker_restart",
+        &counted,
+        0,
+        &format!(
+            "wire=not_counted rows_without_headers={n} charged={charged} secs={:.1}",
+            started.elapsed().as_secs_f64()
+        ),
+    );
+    assert_eq!(counted.lost, 0, "messages lost");
+    assert_eq!(counted.duplicate_effects, 0, "effects done twice");
+    assert_eq!(charged, 0, "rows charged for a broker restart");
+    test.drop_database().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "restarts the shared PostgreSQL: run alone by .ci/run under flock -x"]
+async fn database_restart() {
+    let started = Instant::now();
+    let waves = counts(6, 20);
+    let per_wave = 200;
+    let n = waves * per_wave;
+    let test = TestDb::new(Backend::Postgres).await;
+    create_effects_table(&test.db).await;
+    let (destination, queue, _wire_queue, _cleanup) = fresh_destination("fault_db_restart");
+    declare_consumer_queues(&destination).await;
+    let relay = Producer::builder(pool(&test.url, 4).await)
+        .config(config(RABBITMQ_STOMP))
+        .start()
+        .unwrap();
+    let consumer = Consumer::builder(pool(&test.url, 4).await)
+        .config(config(RABBITMQ_STOMP))
+        .destination(&destination)
+        .in_flight(8)
+        .start(record_effect)
+        .unwrap();
+    {
+        let _restore = Restore(POSTGRES_START);
+        for wave in 0..waves {
+            enqueue_many(&test.db, &destination, per_wave, wave * per_wave).await;
+            if wave == waves / 2 {
+                assert!(
+                    shell(
+                        "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main restart"
+                    ),
+                    "restarting PostgreSQL"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    wait_until_all_sent(&test.db, n, Duration::from_secs(180)).await;
+    wait_until_consumed(&test.db, &queue, n, Duration::from_secs(180)).await;
+    relay.stop().await.unwrap();
+    consumer.stop().await.unwrap();
+    let expected = outbox_ids(&test.db).await;
+    let counted = count(&expected, &effect_counts(&test.db).await);
+    summary(
+        "database_restart",
+        &counted,
+        0,
+        &format!(
+            "wire=not_counted secs={:.1}",
+            started.elapsed().as_secs_f64()
+        ),
+    );
+    assert_eq!(counted.sent, n);
+    assert_eq!(counted.lost, 0, "messages lost");
+    assert_eq!(counted.duplicate_effects, 0, "effects done twice");
+    test.drop_database().await;
+}
