@@ -975,4 +975,44 @@ mod tests {
         );
         assert!(!out.headers.iter().any(|(n, _)| n == "destination"));
     }
+
+    #[test]
+    fn a_row_written_without_generated_headers_goes_out_with_them() {
+        let added = chrono::DateTime::parse_from_rfc3339("2026-11-26T18:03:13.484512+00:00")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        let row = Row {
+            id: Uuid::new_v4(),
+            version: None,
+            destination: "/topic/x".into(),
+            body: serde_json::json!({}),
+            headers: serde_json::json!({"x": "kept", "dop-msg-id": ""}),
+            added,
+            expires_at: added,
+            retry: 0,
+            status: crate::Status::Schedule,
+            claim_token: None,
+            locked_until: None,
+            next_attempt_at: None,
+            last_error: None,
+        };
+        let out = outgoing(&row);
+        let id = row.id.to_string();
+        assert_eq!(out.header("dop-msg-id"), Some(id.as_str()));
+        assert_eq!(out.header("dop-correlation-id"), Some(id.as_str()));
+        assert_eq!(out.header("dop-msg-destination"), Some("/topic/x"));
+        assert_eq!(out.header("dop-msg-type"), Some("Published"));
+        assert_eq!(
+            out.header("dop-msg-sent-time"),
+            Some("2026-11-26T18:03:13.484Z")
+        );
+        assert_eq!(out.header("x"), Some("kept"));
+        assert_eq!(
+            out.headers
+                .iter()
+                .filter(|(n, _)| n == "dop-msg-id")
+                .count(),
+            1
+        );
+    }
 }
