@@ -411,7 +411,7 @@ pub async fn limit(settings: &Settings, n: usize) -> Result<(), BoxError> {
     let started = Instant::now();
     for chunk in messages.chunks(batch) {
         let report = transport.send(chunk).await;
-        if let Some(err) = report.failure {
+        if let Some(err) = report.failure().cloned() {
             return Err(err.into());
         }
     }
@@ -589,7 +589,7 @@ async fn fill_queue(settings: &Settings, n: usize) -> Result<(String, String), B
     outbox::declare(&transport, &settings.config, &destination, Some(&key)).await?;
     let messages: Vec<Outgoing> = (0..n).map(|i| bench_message(&destination, i)).collect();
     for chunk in messages.chunks(settings.config.published_chunk_size as usize) {
-        if let Some(err) = transport.send(chunk).await.failure {
+        if let Some(err) = transport.send(chunk).await.failure().cloned() {
             return Err(err.into());
         }
     }

@@ -76,6 +76,7 @@ mod producer;
 mod publish;
 pub mod published;
 pub mod received;
+mod retention;
 mod send;
 mod shutdown;
 pub mod testing;

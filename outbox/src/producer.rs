@@ -5,26 +5,44 @@
 //! with a receipt per message, marks the receipted rows SUCCEEDED in one statement and gives the
 //! others back. A connection problem costs a row nothing; a row the broker refuses spends a retry
 //! and, after the last one, is marked FAILED with the broker's reason. Several relays may share a
-//! database: the lease and the token keep each row with one of them at a time.
+//! database: the lease and the token keep each row with one of them at a time, and a relay extends
+//! its lease (token-checked) before every send that could outlast it, so that it never sends a row
+//! another relay has taken over.
+//!
+//! Only a poison row pays for itself. RabbitMQ answers a SEND it refuses with an ERROR that names
+//! no receipt and closes the connection, failing every batch pending on it: the rows that were not
+//! receipted are then suspects, and each is sent alone on an isolation lane (a connection of its
+//! own when the relay made its transport from the settings, else the shared one with every other
+//! send stopped), where a refusal can only be its own. A row once refused is always sent alone
+//! there, so that it never again takes a connection full of good rows down with it. A row the
+//! broker passes over silently (no receipt while later messages on the connection were receipted)
+//! is charged too; a row whose connection dropped is suspected, and sent alone but alongside the
+//! others, until it is receipted or overtaken. When every batch times out (a slow or blocked
+//! broker) nobody is charged.
+//!
+//! Retention (old sent rows deleted, unsent rows past `expires_at` failed) runs on a task of its
+//! own, in bounded batches with pauses (see `retention`), never in the way of a round.
 //!
 //! The relay sleeps when nothing is due and wakes on the first of: a commit made by this process
 //! through the library, a PostgreSQL notification (any process's commit), or its polling interval.
 
 pub(crate) mod store;
 
+use std::collections::HashSet;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sea_orm::DatabaseConnection;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, RwLock};
 use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::published::Model as Row;
 use crate::shutdown::Stoppable;
-use crate::transport::{Outgoing, StompTransport, Transport, TransportError};
-use crate::{Error, OutboxConfig, wake};
+use crate::transport::{Outcome, Outgoing, StompTransport, Transport, TransportError, Unknown};
+use crate::{Error, OutboxConfig, headers, retention, wake};
 
 /// The PostgreSQL channel the outbox table's trigger notifies at every commit that inserted rows.
 pub const NOTIFY_CHANNEL: &str = "outbox_published";
@@ -33,8 +51,19 @@ pub const NOTIFY_CHANNEL: &str = "outbox_published";
 /// on another.
 const BATCHES_IN_FLIGHT: usize = 3;
 
-/// How often the relay looks for expired rows.
+/// How often the relay looks for expired rows (and whether retention is its turn).
 const EXPIRY_CHECK_EVERY: Duration = Duration::from_secs(60);
+
+/// The housekeeping task that deletes old sent rows (a row of `outbox_housekeeping`).
+const CLEANUP_TASK: &str = "published_cleanup";
+
+/// Rows remembered as suspects of dropping their connection; beyond it the memory starts over
+/// (a suspect forgotten is only sent in a batch again).
+const SUSPECTS_REMEMBERED: usize = 10_000;
+
+/// Time kept in hand on a lease: a send starts only when the lease outlasts the receipt timeout
+/// by this much, else the lease is extended first.
+const LEASE_MARGIN: Duration = Duration::from_secs(2);
 
 /// Runs the relay with settings from the environment ([`OutboxConfig::from_env`]) and the STOMP
 /// broker they name, until SIGTERM or SIGINT; then it finishes the batch in flight and returns.
@@ -58,6 +87,7 @@ pub struct ProducerBuilder {
     db: DatabaseConnection,
     config: Option<OutboxConfig>,
     transport: Option<Arc<dyn Transport>>,
+    isolation: Option<Arc<dyn Transport>>,
 }
 
 impl ProducerBuilder {
@@ -80,6 +110,16 @@ impl ProducerBuilder {
         self
     }
 
+    /// Sends suspected and once-refused rows, one at a time, through this transport: a
+    /// connection of its own to the same broker (for a [`crate::transport::MemoryTransport`],
+    /// [`crate::transport::MemoryTransport::new_connection`]). Without one, a relay given its
+    /// transport stops its other sends while it sends such a row; a relay that makes its STOMP
+    /// transport from the settings makes a second one for this.
+    pub fn isolation_transport(mut self, transport: impl Transport + 'static) -> Self {
+        self.isolation = Some(Arc::new(transport));
+        self
+    }
+
     /// The producer; checks the settings, makes them the process's ([`OutboxConfig::install`])
     /// and reads the TLS files they name.
     pub fn build(self) -> Result<Producer, Error> {
@@ -88,15 +128,24 @@ impl ProducerBuilder {
             None => OutboxConfig::from_env()?,
         };
         config.install()?;
-        let transport = match self.transport {
-            Some(transport) => transport,
-            None => Arc::new(StompTransport::new(&config)?),
+        let (transport, isolation) = match self.transport {
+            Some(transport) => (transport, self.isolation),
+            None => {
+                let transport: Arc<dyn Transport> = Arc::new(StompTransport::new(&config)?);
+                let isolation: Arc<dyn Transport> = Arc::new(StompTransport::new(&config)?);
+                (transport, self.isolation.or(Some(isolation)))
+            }
         };
         Ok(Producer {
             db: self.db,
             transport,
+            isolation,
             config: Arc::new(config),
             wake_pg: Arc::new(Notify::new()),
+            sending: RwLock::new(()),
+            lane: tokio::sync::Mutex::new(()),
+            suspects: Mutex::new(HashSet::new()),
+            stopping: AtomicBool::new(false),
         })
     }
 
@@ -129,8 +178,20 @@ impl ProducerHandle {
 pub struct Producer {
     db: DatabaseConnection,
     transport: Arc<dyn Transport>,
+    /// The isolation lane's own connection, if there is one.
+    isolation: Option<Arc<dyn Transport>>,
     config: Arc<OutboxConfig>,
     wake_pg: Arc<Notify>,
+    /// Held shared by every send on `transport`, exclusively by a send on the isolation lane
+    /// when the lane has no connection of its own.
+    sending: RwLock<()>,
+    /// One send at a time on the isolation lane: there, a refusal is the message's own.
+    lane: tokio::sync::Mutex<()>,
+    /// Rows whose batch lost its connection with them first in line, unreceipted: sent alone
+    /// (alongside the batches) until they are receipted.
+    suspects: Mutex<HashSet<Uuid>>,
+    /// Set when the relay is asked to stop: no new claim is made.
+    stopping: AtomicBool,
 }
 
 /// What one round did.
@@ -162,28 +223,25 @@ impl Producer {
             db,
             config: None,
             transport: None,
+            isolation: None,
         }
     }
 
-    /// Runs until `shutdown` completes; then finishes the batch in flight, disconnects and
+    /// Runs until `shutdown` completes; then finishes the batches in flight, disconnects and
     /// returns. Database and broker errors do not end it: they are logged and retried with
-    /// backoff.
+    /// backoff. Retention runs meanwhile on a task of its own, stopped at once on shutdown.
     pub async fn run_until(&self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
         tokio::pin!(shutdown);
+        self.stopping.store(false, Ordering::Relaxed);
         let mut commits = wake::subscribe();
         let listener = self.listen_postgres();
+        let retention = tokio::spawn(keep_tidy(self.db.clone(), self.config.clone()));
         let mut backoff = Backoff::new(self.config.maximum_backoff);
-        let mut last_expiry_check: Option<Instant> = None;
         let mut pending_sampler = crate::metrics::PendingSampler::default();
         tracing::info!(batch = self.config.published_chunk_size, "relay started");
         loop {
             if futures::poll!(shutdown.as_mut()).is_ready() {
                 break;
-            }
-            // Database work only: it goes on while the broker is down.
-            if last_expiry_check.is_none_or(|at| at.elapsed() >= EXPIRY_CHECK_EVERY) {
-                last_expiry_check = Some(Instant::now());
-                self.housekeeping().await;
             }
             pending_sampler.sample_if_due(&self.db).await;
             if let Err(err) = self.transport.connect().await {
@@ -194,7 +252,18 @@ impl Producer {
                     _ = shutdown.as_mut() => break,
                 }
             }
-            match self.rounds().await {
+            let rounds = self.rounds();
+            tokio::pin!(rounds);
+            let result = tokio::select! {
+                result = rounds.as_mut() => result,
+                _ = shutdown.as_mut() => {
+                    // Finish what is claimed; claim nothing more.
+                    self.stopping.store(true, Ordering::Relaxed);
+                    let _ = rounds.await;
+                    break;
+                }
+            };
+            match result {
                 Ok(report) if report.claimed > 0 && report.released == 0 => {
                     backoff.reset();
                     continue;
@@ -225,10 +294,14 @@ impl Producer {
                 _ = shutdown.as_mut() => break,
             }
         }
+        retention.abort();
         if let Some(listener) = listener {
             listener.abort();
         }
         let _ = self.transport.disconnect().await;
+        if let Some(isolation) = &self.isolation {
+            let _ = isolation.disconnect().await;
+        }
         tracing::info!("relay stopped");
         Ok(())
     }
@@ -247,13 +320,35 @@ impl Producer {
         }
     }
 
-    /// [`BATCHES_IN_FLIGHT`] rounds at once, on the one broker connection: while one batch
-    /// waits for its receipts, the next is being claimed or marked.
+    /// Expires rows past their `expires_at`, and deletes old sent rows when it is this relay's
+    /// turn, as the relay's retention task does once a minute (for tests and scripts).
+    pub async fn tidy(&self) -> Result<(), Error> {
+        tidy_once(&self.db, &self.config, retention::Pace::default()).await?;
+        Ok(())
+    }
+
+    /// [`BATCHES_IN_FLIGHT`] workers at once, on the one broker connection, each claiming and
+    /// settling batch after batch until nothing is due (or a batch lost its connection, or the
+    /// relay stops): while one batch waits for its receipts, the next is being claimed or
+    /// marked, and a batch slowed by a suspect holds up no other.
     async fn rounds(&self) -> Result<RoundReport, Error> {
-        let reports = futures::future::join_all((0..BATCHES_IN_FLIGHT).map(|_| self.round())).await;
+        let reports =
+            futures::future::join_all((0..BATCHES_IN_FLIGHT).map(|_| self.worker())).await;
         let mut total = RoundReport::default();
         for report in reports {
             total += report?;
+        }
+        Ok(total)
+    }
+
+    async fn worker(&self) -> Result<RoundReport, Error> {
+        let mut total = RoundReport::default();
+        while !self.stopping.load(Ordering::Relaxed) {
+            let report = self.round().await?;
+            total += report;
+            if report.claimed == 0 || report.released > 0 {
+                break;
+            }
         }
         Ok(total)
     }
@@ -272,7 +367,14 @@ impl Producer {
         }
         let span =
             tracing::info_span!("outbox.batch", size = claim.rows.len(), token = %claim.token);
-        let report = self.settle(claim).instrument(span.clone()).await?;
+        let lease = Lease {
+            token: claim.token,
+            until: started + self.config.producer_lease,
+        };
+        let report = self
+            .settle(claim.rows, lease)
+            .instrument(span.clone())
+            .await?;
         crate::metrics::batch_relayed(report.claimed, started.elapsed());
         span.in_scope(|| {
             tracing::info!(
@@ -286,61 +388,257 @@ impl Producer {
         Ok(report)
     }
 
-    /// Sends the claimed rows and records what became of each. When the broker refuses a SEND
-    /// (RabbitMQ then closes the connection, so nothing behind it is receipted), the first
-    /// unreceipted row is sent alone: refused alone, it is the culprit and spends a retry;
-    /// the rest are sent again. So only a poison row pays.
-    async fn settle(&self, claim: store::Claim) -> Result<RoundReport, Error> {
-        let token = claim.token;
+    /// Sends the claimed rows and records what became of each.
+    ///
+    /// Rows refused before go to the isolation lane; rows suspected of dropping their
+    /// connection are sent alone, alongside the batch; the others in one pipelined batch. The
+    /// rows of a batch that a refusal failed (RabbitMQ's ERROR names no receipt) are suspects:
+    /// each is then sent alone on the isolation lane, where a refusal is its own.
+    async fn settle(&self, rows: Vec<Row>, lease: Lease) -> Result<RoundReport, Error> {
+        let mut lease = lease;
         let mut report = RoundReport {
-            claimed: claim.rows.len(),
+            claimed: rows.len(),
             ..RoundReport::default()
         };
-        let mut pending: Vec<Row> = claim.rows;
-        while !pending.is_empty() {
-            let frames: Vec<Outgoing> = pending.iter().map(outgoing).collect();
-            let result = self.transport.send(&frames).await;
-            let mut sent = Vec::new();
-            let mut unsent = Vec::new();
-            for (row, receipted) in pending.into_iter().zip(result.receipted) {
-                if receipted {
-                    sent.push(row);
-                } else {
-                    unsent.push(row);
-                }
-            }
-            report.sent += self.mark_sent(&sent, token).await?;
-            let Some(failure) = result.failure.filter(|_| !unsent.is_empty()) else {
-                break;
+        let (lone, shared): (Vec<Row>, Vec<Row>) = rows.into_iter().partition(refused_before);
+        let (solo, batch): (Vec<Row>, Vec<Row>) =
+            shared.into_iter().partition(|row| self.is_suspect(row));
+
+        let mut isolate = lone;
+        let mut proven = HashSet::new();
+        if !batch.is_empty() || !solo.is_empty() {
+            let _sending = self.sending.read().await;
+            let (batch, solo) = {
+                let mut held = self
+                    .hold(&mut lease, batch.into_iter().chain(solo).collect())
+                    .await?;
+                let solo: Vec<Row> = held.extract_if(.., |row| self.is_suspect(row)).collect();
+                (held, solo)
             };
-            if !failure.is_broker_refusal() {
-                report.released += self.release(&unsent, token, &failure).await?;
-                break;
+            let together = self.send_shared(batch, lease.token);
+            let alone = futures::future::join_all(
+                solo.into_iter()
+                    .map(|row| self.send_shared(vec![row], lease.token)),
+            );
+            // The suspects first: the batch's frames then follow theirs on the connection, and
+            // their receipts show whether the broker passed a suspect over.
+            let (alone, together) = tokio::join!(alone, together);
+            for settled in std::iter::once(together).chain(alone) {
+                let settled = settled?;
+                report += settled.report;
+                isolate.extend(settled.suspects);
+                proven.extend(settled.proven);
             }
-            let mut rest = unsent.into_iter();
-            let Some(suspect) = rest.next() else { break };
-            let alone = self.transport.send(&[outgoing(&suspect)]).await;
-            match alone.failure {
-                None if alone.all_receipted() => {
-                    report.sent += self
-                        .mark_sent(std::slice::from_ref(&suspect), token)
-                        .await?;
+        }
+        if !isolate.is_empty() {
+            isolate.sort_by_key(|row| row.added);
+            report += self.isolate(isolate, &mut lease, proven).await?;
+        }
+        Ok(report)
+    }
+
+    /// Sends `rows` pipelined on the shared connection and settles what it can: receipted rows
+    /// marked sent, rows at fault charged, the rest given back; returns the rows a refusal made
+    /// suspects.
+    async fn send_shared(&self, rows: Vec<Row>, token: Uuid) -> Result<Settled, Error> {
+        let mut settled = Settled::default();
+        if rows.is_empty() {
+            return Ok(settled);
+        }
+        let frames: Vec<Outgoing> = rows.iter().map(outgoing).collect();
+        let result = self.transport.send(&frames).await;
+        let alone = rows.len() == 1;
+        let mut sent = Vec::new();
+        let mut released = Vec::new();
+        let mut release_reason = None;
+        for (row, outcome) in rows.into_iter().zip(result.outcomes) {
+            match outcome {
+                Outcome::Receipted => sent.push(row),
+                Outcome::Refused(why) => {
+                    self.refuse(&row, token, &why.to_string()).await?;
+                    settled.report.refused += 1;
                 }
-                Some(err) if err.is_broker_refusal() => {
-                    self.refuse(&suspect, token, &err).await?;
-                    report.refused += 1;
+                Outcome::Unknown(unknown) if unknown.reason.is_broker_refusal() => {
+                    settled.suspects.push(row);
                 }
-                other => {
-                    let err = other.unwrap_or(TransportError::Closed);
-                    let mut back = vec![suspect];
-                    back.extend(rest);
-                    report.released += self.release(&back, token, &err).await?;
+                Outcome::Unknown(Unknown {
+                    reason,
+                    overtaken: true,
+                }) => {
+                    self.refuse(&row, token, &passed_over(&reason)).await?;
+                    settled.report.refused += 1;
+                }
+                Outcome::Unknown(Unknown { reason, .. }) => {
+                    // The first row of a batch left unreceipted may be what broke the
+                    // connection: it goes alone next time. A row already alone stays suspect.
+                    if released.is_empty()
+                        && (alone || matches!(reason, TransportError::ConnectionLost(_)))
+                    {
+                        self.suspect(&row);
+                    }
+                    release_reason.get_or_insert(reason);
+                    released.push(row);
+                }
+            }
+        }
+        for row in &sent {
+            self.clear_suspect(row);
+            settled.proven.insert(row.destination.clone());
+        }
+        settled.report.sent += self.mark_sent(&sent, token).await?;
+        if let Some(why) = release_reason {
+            settled.report.released += self.release(&released, token, &why).await?;
+        }
+        Ok(settled)
+    }
+
+    /// Sends the rows on the isolation lane, oldest first, where nothing else is in flight: a
+    /// refusal there is the row's own (or, for a group, one of the group's). A row to a
+    /// destination not yet known to take messages goes alone; once one is receipted, the rows
+    /// to its destination (a refusal of RabbitMQ's is the destination's: missing exchange,
+    /// access refused) go together, pipelined, and alone again if that group is refused. A row
+    /// refused before always goes alone. Stops at the first failure that is not a refusal (the
+    /// broker is unreachable or slow), giving back the rest without a charge.
+    async fn isolate(
+        &self,
+        rows: Vec<Row>,
+        lease: &mut Lease,
+        mut proven: HashSet<String>,
+    ) -> Result<RoundReport, Error> {
+        let mut report = RoundReport::default();
+        let _lane = self.lane.lock().await;
+        // Without a connection of its own, the lane stops every other send.
+        let _exclusive = match self.isolation {
+            Some(_) => None,
+            None => Some(self.sending.write().await),
+        };
+        let transport = self.isolation.as_ref().unwrap_or(&self.transport);
+        let mut alone_only: HashSet<Uuid> = rows
+            .iter()
+            .filter(|row| refused_before(row))
+            .map(|row| row.id)
+            .collect();
+        let mut sent = Vec::new();
+        let mut rest: Vec<Row> = self.hold(lease, rows).await?;
+        while !rest.is_empty() {
+            if lease.expiring(&self.config) {
+                // Keep what was sent on record before extending, so that a lost lease costs
+                // nothing already receipted.
+                report.sent += self
+                    .mark_sent(&std::mem::take(&mut sent), lease.token)
+                    .await?;
+                rest = self.hold(lease, rest).await?;
+                if rest.is_empty() {
                     break;
                 }
             }
-            pending = rest.collect();
+            let head = &rest[0];
+            let group: Vec<Row> =
+                if proven.contains(&head.destination) && !alone_only.contains(&head.id) {
+                    let destination = head.destination.clone();
+                    rest.extract_if(.., |row| {
+                        row.destination == destination && !alone_only.contains(&row.id)
+                    })
+                    .collect()
+                } else {
+                    vec![rest.remove(0)]
+                };
+            let together = group.len() > 1;
+            let frames: Vec<Outgoing> = group.iter().map(outgoing).collect();
+            let outcomes = transport.send(&frames).await.outcomes;
+            let mut back = Vec::new();
+            let mut back_reason = None;
+            for (row, outcome) in group.into_iter().zip(outcomes) {
+                match outcome {
+                    Outcome::Receipted => {
+                        self.clear_suspect(&row);
+                        proven.insert(row.destination.clone());
+                        sent.push(row);
+                    }
+                    Outcome::Unknown(unknown) if together && unknown.reason.is_broker_refusal() => {
+                        // One of the group is at fault: each goes alone now.
+                        alone_only.insert(row.id);
+                        back.push(row);
+                    }
+                    Outcome::Refused(why) => {
+                        self.refuse(&row, lease.token, &why.to_string()).await?;
+                        report.refused += 1;
+                    }
+                    Outcome::Unknown(unknown) if unknown.reason.is_broker_refusal() => {
+                        // Alone on its connection: the refusal was for this row.
+                        self.refuse(&row, lease.token, &unknown.reason.to_string())
+                            .await?;
+                        report.refused += 1;
+                    }
+                    Outcome::Unknown(Unknown {
+                        reason,
+                        overtaken: true,
+                    }) => {
+                        self.refuse(&row, lease.token, &passed_over(&reason))
+                            .await?;
+                        report.refused += 1;
+                    }
+                    Outcome::Unknown(Unknown { reason, .. }) => {
+                        back_reason.get_or_insert(reason);
+                        back.push(row);
+                    }
+                }
+            }
+            if let Some(reason) = back_reason {
+                back.append(&mut rest);
+                report.released += self.release(&back, lease.token, &reason).await?;
+                break;
+            }
+            back.append(&mut rest);
+            back.sort_by_key(|row| row.added);
+            rest = back;
         }
+        report.sent += self.mark_sent(&sent, lease.token).await?;
         Ok(report)
+    }
+
+    /// The rows of `rows` this relay still holds, its lease extended first if it could run out
+    /// before a send's receipts are due. Rows another relay took over are dropped (not sent).
+    async fn hold(&self, lease: &mut Lease, rows: Vec<Row>) -> Result<Vec<Row>, Error> {
+        if rows.is_empty() || !lease.expiring(&self.config) {
+            return Ok(rows);
+        }
+        let started = Instant::now();
+        let ids: Vec<Uuid> = rows.iter().map(|row| row.id).collect();
+        let held: HashSet<Uuid> =
+            store::extend_lease(&self.db, &ids, lease.token, self.config.producer_lease)
+                .await?
+                .into_iter()
+                .collect();
+        lease.until = started + self.config.producer_lease;
+        if held.len() < rows.len() {
+            tracing::warn!(
+                lost = rows.len() - held.len(),
+                "the lease ran out and another relay took over some rows; this relay leaves them"
+            );
+        } else {
+            tracing::debug!(rows = rows.len(), "lease extended");
+        }
+        Ok(rows
+            .into_iter()
+            .filter(|row| held.contains(&row.id))
+            .collect())
+    }
+
+    fn is_suspect(&self, row: &Row) -> bool {
+        silently_failed_before(row) || lock(&self.suspects).contains(&row.id)
+    }
+
+    fn suspect(&self, row: &Row) {
+        let mut suspects = lock(&self.suspects);
+        if suspects.len() >= SUSPECTS_REMEMBERED {
+            suspects.clear();
+        }
+        suspects.insert(row.id);
+    }
+
+    fn clear_suspect(&self, row: &Row) {
+        lock(&self.suspects).remove(&row.id);
     }
 
     async fn mark_sent(&self, rows: &[Row], token: Uuid) -> Result<usize, Error> {
@@ -369,6 +667,9 @@ impl Producer {
         token: Uuid,
         why: &TransportError,
     ) -> Result<usize, Error> {
+        if rows.is_empty() {
+            return Ok(0);
+        }
         tracing::warn!(rows = rows.len(), error = %why, "broker connection failed; rows given back without spending a retry");
         crate::metrics::released(rows.len());
         let ids: Vec<Uuid> = rows.iter().map(|row| row.id).collect();
@@ -376,16 +677,15 @@ impl Producer {
         Ok(rows.len())
     }
 
-    async fn refuse(&self, row: &Row, token: Uuid, why: &TransportError) -> Result<(), Error> {
+    async fn refuse(&self, row: &Row, token: Uuid, reason: &str) -> Result<(), Error> {
+        self.clear_suspect(row);
         let failures = u32::try_from(row.retry).unwrap_or(0).saturating_add(1);
         let decision = store::after_failure(
             failures,
             self.config.maximum_retry_attempts,
             self.config.pause_for_retry,
             self.config.wait_retry,
-            chrono::Utc::now(),
         );
-        let reason = why.to_string();
         match &decision {
             store::Refusal::Failed => tracing::error!(
                 message_id = %row.id,
@@ -396,48 +696,20 @@ impl Producer {
                 error = %reason,
                 "the broker refused the message on every attempt; marked FAILED"
             ),
-            store::Refusal::RetryAt(at) => tracing::warn!(
+            store::Refusal::RetryAfter(pause) => tracing::warn!(
                 message_id = %row.id,
                 destination = %row.destination,
                 correlation_id = row.correlation_id(),
                 outcome = "retried",
                 attempt = failures,
-                next_attempt_at = %at,
+                retry_in = ?pause,
                 error = %reason,
-                "the broker refused the message; it will be retried"
+                "the broker refused the message; it will be retried, alone"
             ),
         }
-        store::record_refusal(&self.db, row, token, &decision, &reason).await?;
+        store::record_refusal(&self.db, row, token, &decision, reason).await?;
         crate::metrics::refused(&row.destination, decision == store::Refusal::Failed);
         Ok(())
-    }
-
-    /// Expires rows past their `expires_at`, and deletes old sent rows when it is this relay's
-    /// turn. Failures are logged: they must not stop relaying.
-    async fn housekeeping(&self) {
-        match store::expire(&self.db).await {
-            Ok(0) => {}
-            Ok(expired) => {
-                crate::metrics::expired(expired);
-                tracing::error!(
-                    expired,
-                    "outbox rows expired before they could be sent; marked FAILED (see last_error)"
-                )
-            }
-            Err(err) => tracing::warn!(error = %err, "expiring old rows failed"),
-        }
-        match store::take_cleanup_turn(&self.db, self.config.remove_data_cache_ttl).await {
-            Ok(true) => {
-                let cutoff = chrono::Utc::now()
-                    - chrono::Duration::days(i64::from(self.config.days_to_keep_data));
-                match store::delete_sent_before(&self.db, cutoff).await {
-                    Ok(deleted) => tracing::info!(deleted, "old sent rows deleted"),
-                    Err(err) => tracing::warn!(error = %err, "deleting old sent rows failed"),
-                }
-            }
-            Ok(false) => {}
-            Err(err) => tracing::warn!(error = %err, "cleanup coordination failed"),
-        }
     }
 
     /// On PostgreSQL, a task that LISTENs for commits of outbox rows and wakes the relay.
@@ -467,6 +739,112 @@ impl Producer {
     }
 }
 
+/// A claim's lease as this relay counts it: from before the claim was made, so never later than
+/// the database's `locked_until`.
+struct Lease {
+    token: Uuid,
+    until: Instant,
+}
+
+impl Lease {
+    /// Whether a send started now could still be waiting for receipts when the lease ends (with
+    /// a margin of half the lease's excess over the receipt timeout, at most [`LEASE_MARGIN`]).
+    fn expiring(&self, config: &OutboxConfig) -> bool {
+        let margin =
+            (config.producer_lease.saturating_sub(config.receipt_timeout) / 2).min(LEASE_MARGIN);
+        Instant::now() + config.receipt_timeout + margin >= self.until
+    }
+}
+
+/// What a send on the shared connection settled, and the suspects it left for isolation.
+#[derive(Default)]
+struct Settled {
+    report: RoundReport,
+    suspects: Vec<Row>,
+    /// Destinations of the rows receipted.
+    proven: HashSet<String>,
+}
+
+/// The start of `last_error` for a row charged for being passed over (see [`passed_over`]).
+const PASSED_OVER: &str = "not receipted while later messages on the connection were: ";
+
+/// The `last_error` of a row the broker passed over silently.
+fn passed_over(reason: &TransportError) -> String {
+    format!("{PASSED_OVER}{reason}")
+}
+
+/// Whether the row was refused by the broker before: its later attempts go alone on the
+/// isolation lane.
+fn refused_before(row: &Row) -> bool {
+    row.retry > 0 && !silently_failed_before(row)
+}
+
+/// Whether the row was charged for being passed over: it goes alone, alongside the batches, so
+/// that later frames can show again whether the broker takes it.
+fn silently_failed_before(row: &Row) -> bool {
+    row.retry > 0
+        && row
+            .last_error
+            .as_deref()
+            .is_some_and(|error| error.starts_with(PASSED_OVER))
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A poisoned lock only means a panic elsewhere; a set of ids is still consistent.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The relay's retention task: every [`EXPIRY_CHECK_EVERY`], [`tidy_once`]. Runs until aborted;
+/// failures are logged, never fatal.
+async fn keep_tidy(db: DatabaseConnection, config: Arc<OutboxConfig>) {
+    let mut ticker = tokio::time::interval(EXPIRY_CHECK_EVERY);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        if let Err(err) = tidy_once(&db, &config, retention::Pace::default()).await {
+            tracing::warn!(error = %err, "outbox retention failed; trying again later");
+        }
+    }
+}
+
+/// Expires unsent rows past their `expires_at`, then, when it is this process's turn, deletes
+/// sent rows older than `days_to_keep_data`: both in bounded batches at `pace`.
+async fn tidy_once(
+    db: &DatabaseConnection,
+    config: &OutboxConfig,
+    pace: retention::Pace,
+) -> Result<(), sea_orm::DbErr> {
+    let expired = retention::in_batches(pace, |limit| store::expire_some(db, limit)).await?;
+    if expired > 0 {
+        crate::metrics::expired(expired);
+        tracing::error!(
+            expired,
+            "outbox rows expired before they could be sent; marked FAILED (see last_error)"
+        );
+    }
+    if retention::take_housekeeping_turn(db, CLEANUP_TASK, config.remove_data_cache_ttl).await? {
+        let keep = Duration::from_secs(u64::from(config.days_to_keep_data) * 86_400);
+        let old = store::sent_before(db.get_database_backend(), keep);
+        let started = Instant::now();
+        let deleted = retention::delete_paced(
+            db,
+            crate::published::Entity,
+            crate::published::Column::Id,
+            old,
+            pace,
+        )
+        .await?;
+        tracing::info!(
+            deleted,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "old sent rows deleted"
+        );
+    }
+    Ok(())
+}
+
 /// Forwards notifications to `wake` until the listener fails.
 #[cfg(feature = "postgres")]
 async fn listen(pool: &sea_orm::sqlx::PgPool, wake: &Notify) -> Result<(), sea_orm::sqlx::Error> {
@@ -480,7 +858,10 @@ async fn listen(pool: &sea_orm::sqlx::PgPool, wake: &Notify) -> Result<(), sea_o
     }
 }
 
-/// The frame of a row: its stored headers, plus `persistent` and `content-type`.
+/// The frame of a row: its stored headers, plus `persistent` and `content-type`, and the
+/// generated `dop-*` headers a row written without them (by SQL, a trigger, another tool) lacks:
+/// `dop-msg-id` is the row's id, so that consumers deduplicate it across resends and
+/// redeliveries; the correlation id defaults to it too.
 fn outgoing(row: &Row) -> Outgoing {
     let mut headers: Vec<(String, String)> = Vec::new();
     if let Some(stored) = row.headers.as_object() {
@@ -499,9 +880,23 @@ fn outgoing(row: &Row) -> Outgoing {
             headers.push((name.clone(), value));
         }
     }
-    for (name, value) in [("persistent", "true"), ("content-type", "application/json")] {
-        if !headers.iter().any(|(n, _)| n == name) {
-            headers.push((name.to_owned(), value.to_owned()));
+    let id = row.id.to_string();
+    let generated = [
+        (headers::MSG_ID, id.clone()),
+        (headers::MSG_DESTINATION, row.destination.clone()),
+        (headers::MSG_TYPE, headers::PUBLISHED_TYPE.to_owned()),
+        (headers::MSG_SENT_TIME, headers::format_sent_time(row.added)),
+        (headers::CORRELATION_ID, id),
+        ("persistent", "true".to_owned()),
+        ("content-type", "application/json".to_owned()),
+    ];
+    for (name, value) in generated {
+        let present = headers
+            .iter()
+            .any(|(n, v)| n == name && !(v.is_empty() && name.starts_with("dop-")));
+        if !present {
+            headers.retain(|(n, _)| n != name);
+            headers.push((name.to_owned(), value));
         }
     }
     Outgoing {
@@ -584,5 +979,45 @@ mod tests {
                 .contains(&("content-type".into(), "application/json".into()))
         );
         assert!(!out.headers.iter().any(|(n, _)| n == "destination"));
+    }
+
+    #[test]
+    fn a_row_written_without_generated_headers_goes_out_with_them() {
+        let added = chrono::DateTime::parse_from_rfc3339("2026-11-26T18:03:13.484512+00:00")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        let row = Row {
+            id: Uuid::new_v4(),
+            version: None,
+            destination: "/topic/x".into(),
+            body: serde_json::json!({}),
+            headers: serde_json::json!({"x": "kept", "dop-msg-id": ""}),
+            added,
+            expires_at: added,
+            retry: 0,
+            status: crate::Status::Schedule,
+            claim_token: None,
+            locked_until: None,
+            next_attempt_at: None,
+            last_error: None,
+        };
+        let out = outgoing(&row);
+        let id = row.id.to_string();
+        assert_eq!(out.header("dop-msg-id"), Some(id.as_str()));
+        assert_eq!(out.header("dop-correlation-id"), Some(id.as_str()));
+        assert_eq!(out.header("dop-msg-destination"), Some("/topic/x"));
+        assert_eq!(out.header("dop-msg-type"), Some("Published"));
+        assert_eq!(
+            out.header("dop-msg-sent-time"),
+            Some("2026-11-26T18:03:13.484Z")
+        );
+        assert_eq!(out.header("x"), Some("kept"));
+        assert_eq!(
+            out.headers
+                .iter()
+                .filter(|(n, _)| n == "dop-msg-id")
+                .count(),
+            1
+        );
     }
 }

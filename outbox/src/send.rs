@@ -59,9 +59,9 @@ pub async fn send_with<B: Serialize + ?Sized>(
         tracing::debug!(destination, "message sent directly");
         return Ok(());
     }
-    Err(Error::Transport(report.failure.unwrap_or_else(|| {
-        TransportError::ConnectionLost("no receipt".into())
-    })))
+    Err(Error::Transport(report.failure().cloned().unwrap_or_else(
+        || TransportError::ConnectionLost("no receipt".into()),
+    )))
 }
 
 fn direct_message<B: Serialize + ?Sized>(

@@ -443,9 +443,14 @@ fn new_error(config: &OutboxConfig) -> TransportError {
 /// Sends two messages and checks that both were receipted.
 async fn sends_two(transport: &StompTransport) {
     let report = transport.send(&[message(1), message(2)]).await;
-    assert_eq!(report.receipted, vec![true, true], "{:?}", report.failure);
+    assert_eq!(
+        report.receipted(),
+        vec![true, true],
+        "{:?}",
+        report.failure()
+    );
     assert!(report.all_receipted());
-    assert!(report.failure.is_none(), "{:?}", report.failure);
+    assert!(report.failure().is_none(), "{:?}", report.failure());
 }
 
 /// Connects, which must fail, and returns why.
@@ -570,8 +575,8 @@ async fn without_a_ca_bundle_a_private_ca_is_not_trusted() {
     );
     // A send reports the same failure, and nothing reached the stub.
     let report = transport.send(&[message(1)]).await;
-    assert_eq!(report.receipted, vec![false]);
-    assert_certificate_problem(report.failure.as_ref().expect("a failure"), "UnknownIssuer");
+    assert_eq!(report.receipted(), vec![false]);
+    assert_certificate_problem(report.failure().expect("a failure"), "UnknownIssuer");
     assert!(stub.frames().is_empty(), "{:?}", stub.frames());
 }
 
@@ -789,8 +794,8 @@ async fn a_refused_login_is_reported_with_the_brokers_message_and_never_the_pass
         "the broker's message should be kept: {refusal}"
     );
     let report = transport.send(&[message(1)]).await;
-    assert_eq!(report.receipted, vec![false]);
-    let failure = report.failure.expect("a failure");
+    assert_eq!(report.receipted(), vec![false]);
+    let failure = report.failure().cloned().expect("a failure");
     assert!(
         matches!(failure, TransportError::Refused { .. }),
         "{failure:?}"

@@ -12,8 +12,8 @@ use sea_orm::{DatabaseConnection, DatabaseTransaction, DbErr, EntityTrait, SqlEr
 use uuid::Uuid;
 
 use crate::payload::Incoming;
-use crate::producer::store;
 use crate::received::{ActiveModel, Column, Entity};
+use crate::retention;
 use crate::{OutboxConfig, Status};
 
 /// The housekeeping task that deletes old inbox rows (a row of `outbox_housekeeping`).
@@ -59,12 +59,22 @@ pub(crate) async fn keep_tidy(db: DatabaseConnection, config: Arc<OutboxConfig>)
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        match store::take_housekeeping_turn(&db, CLEANUP_TASK, config.remove_data_cache_ttl).await {
+        match retention::take_housekeeping_turn(&db, CLEANUP_TASK, config.remove_data_cache_ttl)
+            .await
+        {
             Ok(true) => {
                 let cutoff =
                     Utc::now() - chrono::Duration::days(i64::from(config.days_to_keep_data));
                 let old = Condition::all().add(Expr::col(Column::Added).lt(cutoff));
-                match store::delete_in_batches(&db, Entity, Column::Id, old).await {
+                match retention::delete_paced(
+                    &db,
+                    Entity,
+                    Column::Id,
+                    old,
+                    retention::Pace::default(),
+                )
+                .await
+                {
                     Ok(deleted) => tracing::info!(
                         deleted,
                         days = config.days_to_keep_data,

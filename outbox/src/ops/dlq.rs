@@ -285,13 +285,13 @@ async fn replay(
         }
         if !outgoing.is_empty() {
             let sent = transport.send(&outgoing).await;
-            for (delivery, receipted) in taken.iter().zip(&sent.receipted) {
+            for (delivery, receipted) in taken.iter().zip(&sent.receipted()) {
                 if *receipted {
                     transport.ack(delivery).await?;
                     report.replayed += 1;
                 }
             }
-            if let Some(failure) = sent.failure {
+            if let Some(failure) = sent.failure().cloned() {
                 tracing::warn!(
                     replayed = report.replayed,
                     error = %failure,

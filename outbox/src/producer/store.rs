@@ -3,13 +3,15 @@
 //! touches only rows that still hold the claim's token, so a relay that lost its lease (it was
 //! paused past it and another relay took the rows over) changes nothing.
 //!
-//! The retention helpers ([`take_housekeeping_turn`], [`delete_in_batches`]) serve the consumer's
-//! inbox cleanup as well.
+//! Times that other relays compare (`locked_until`, `next_attempt_at`, what is due) come from the
+//! database's clock, so that relays on hosts with skewed clocks agree on who holds a lease:
+//! `now()` on PostgreSQL, `UTC_TIMESTAMP(6)` on MariaDB. SQLite keeps its timestamps as text in
+//! the format sqlx writes and lives on one host anyway: there the process clock is used.
 
 use std::time::Duration;
 
 use chrono::{DateTime, SubsecRound, Utc};
-use sea_orm::sea_query::{Condition, Expr, ExprTrait, LockBehavior, LockType, OnConflict, Query};
+use sea_orm::sea_query::{Condition, Expr, ExprTrait, LockBehavior, LockType, Query, SimpleExpr};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend, DbErr, EntityTrait,
     FromQueryResult, IdenStatic, QueryFilter, SqliteTransactionMode, Statement, TransactionOptions,
@@ -20,9 +22,10 @@ use uuid::Uuid;
 use sea_orm::ActiveEnum;
 
 use crate::published::{Column, Entity, Model, Status};
+use crate::retention::Step;
 
-/// Rows deleted per statement by the retention cleanup.
-const DELETE_BATCH: u64 = 1000;
+/// Also used by the purge command.
+pub(crate) use crate::retention::delete_in_batches;
 
 fn now() -> DateTime<Utc> {
     Utc::now().trunc_subsecs(6)
@@ -32,27 +35,62 @@ fn to_chrono(duration: Duration) -> chrono::Duration {
     chrono::Duration::from_std(duration).unwrap_or(chrono::Duration::MAX)
 }
 
+/// Microseconds of `duration`, for SQL interval literals (saturating far beyond any setting).
+fn micros(duration: Duration) -> i64 {
+    i64::try_from(duration.as_micros()).unwrap_or(i64::MAX / 2)
+}
+
+/// The database's current time, `offset` later (earlier when `later` is false), as an SQL
+/// expression; on SQLite the process clock's value. The interval is a literal computed here,
+/// never input.
+pub(crate) fn db_time(backend: DbBackend, offset: Duration, later: bool) -> SimpleExpr {
+    let sign = if later { '+' } else { '-' };
+    let us = micros(offset);
+    match backend {
+        DbBackend::Postgres => Expr::cust(format!("(now() {sign} interval '{us} microseconds')")),
+        DbBackend::MySql => Expr::cust(format!(
+            "(UTC_TIMESTAMP(6) {sign} INTERVAL {us} MICROSECOND)"
+        )),
+        _ => {
+            let offset = to_chrono(offset);
+            let at = if later {
+                now() + offset
+            } else {
+                now() - offset
+            };
+            Expr::value(at)
+        }
+    }
+}
+
+/// The database's current time ([`db_time`] with no offset).
+pub(crate) fn db_now(backend: DbBackend) -> SimpleExpr {
+    db_time(backend, Duration::ZERO, true)
+}
+
 /// A claimed batch: the rows, oldest first, and the token they hold.
 pub(crate) struct Claim {
     pub token: Uuid,
     pub rows: Vec<Model>,
 }
 
-/// Due rows: waiting, not held by a live lease, past their retry pause, not expired.
-fn due(now: DateTime<Utc>) -> sea_orm::sea_query::Condition {
+/// Due rows: waiting, not held by a live lease, past their retry pause, not expired, by the
+/// database's clock.
+fn due(backend: DbBackend) -> sea_orm::sea_query::Condition {
+    let now = || db_now(backend);
     sea_orm::sea_query::Condition::all()
         .add(Expr::col(Column::Status).eq(Status::Schedule.to_value()))
         .add(
             sea_orm::sea_query::Condition::any()
                 .add(Expr::col(Column::LockedUntil).is_null())
-                .add(Expr::col(Column::LockedUntil).lt(now)),
+                .add(Expr::col(Column::LockedUntil).lt(now())),
         )
         .add(
             sea_orm::sea_query::Condition::any()
                 .add(Expr::col(Column::NextAttemptAt).is_null())
-                .add(Expr::col(Column::NextAttemptAt).lte(now)),
+                .add(Expr::col(Column::NextAttemptAt).lte(now())),
         )
-        .add(Expr::col(Column::ExpiresAt).gte(now))
+        .add(Expr::col(Column::ExpiresAt).gte(now()))
 }
 
 /// Claims up to `limit` due rows, oldest first, for `lease`. The claim is committed before this
@@ -63,15 +101,14 @@ pub(crate) async fn claim_batch(
     lease: Duration,
 ) -> Result<Claim, DbErr> {
     let token = Uuid::new_v4();
-    let now = now();
-    let locked_until = now + to_chrono(lease);
     let backend = db.get_database_backend();
+    let locked_until = db_time(backend, lease, true);
 
     let mut due_ids = Query::select();
     due_ids
         .column(Column::Id)
         .from(Entity)
-        .cond_where(due(now))
+        .cond_where(due(backend))
         .order_by(Column::Added, sea_orm::Order::Asc)
         .limit(u64::from(limit));
 
@@ -79,23 +116,24 @@ pub(crate) async fn claim_batch(
         DbBackend::Postgres => {
             // `= ANY(ARRAY(...))` rather than `IN (...)`: the planner then updates the claimed
             // rows by primary key instead of hashing the whole table on every claim.
+            // `now()` is the statement's transaction start: one instant for the whole claim.
             let claim = Statement::from_sql_and_values(
                 DbBackend::Postgres,
-                "UPDATE published SET claim_token = $1, locked_until = $2 \
+                "UPDATE published SET claim_token = $1, \
+                     locked_until = now() + $2 * interval '1 microsecond' \
                  WHERE id = ANY(ARRAY( \
                      SELECT id FROM published \
                      WHERE status = $3 \
-                       AND (locked_until IS NULL OR locked_until < $4) \
-                       AND (next_attempt_at IS NULL OR next_attempt_at <= $4) \
-                       AND expires_at >= $4 \
-                     ORDER BY added LIMIT $5 \
+                       AND (locked_until IS NULL OR locked_until < now()) \
+                       AND (next_attempt_at IS NULL OR next_attempt_at <= now()) \
+                       AND expires_at >= now() \
+                     ORDER BY added LIMIT $4 \
                      FOR UPDATE SKIP LOCKED)) \
                  RETURNING *",
                 [
                     token.into(),
-                    locked_until.into(),
+                    micros(lease).into(),
                     Status::Schedule.to_value().into(),
-                    now.into(),
                     i64::from(limit).into(),
                 ],
             );
@@ -130,7 +168,8 @@ pub(crate) async fn claim_batch(
         }
         _ => {
             // MariaDB refuses LIMIT inside IN (SELECT ...) and has no UPDATE ... RETURNING:
-            // lock the ids with SKIP LOCKED, update them by id, then read them by token.
+            // lock the ids with SKIP LOCKED, update them by id, then read them back by id (the
+            // primary key; no index covers the token).
             due_ids.lock_with_behavior(LockType::Update, LockBehavior::SkipLocked);
             let txn = db.begin().await?;
             let ids: Vec<Uuid> = txn
@@ -150,11 +189,12 @@ pub(crate) async fn claim_batch(
                 .table(Entity)
                 .value(Column::ClaimToken, token)
                 .value(Column::LockedUntil, locked_until)
-                .and_where(Expr::col(Column::Id).is_in(ids))
+                .and_where(Expr::col(Column::Id).is_in(ids.iter().copied()))
                 .to_owned();
             txn.execute(&claim).await?;
             txn.commit().await?;
             Entity::find()
+                .filter(Column::Id.is_in(ids))
                 .filter(Column::ClaimToken.eq(token))
                 .all(db)
                 .await?
@@ -206,11 +246,47 @@ pub(crate) async fn release(
         .rows_affected())
 }
 
+/// Extends the lease of the claimed rows `ids` that still hold `token` to `lease` from now (by
+/// the database's clock). Returns the ids that still hold it: the others were taken over by
+/// another relay after this one's lease ran out, and must not be sent by this one.
+pub(crate) async fn extend_lease(
+    db: &DatabaseConnection,
+    ids: &[Uuid],
+    token: Uuid,
+    lease: Duration,
+) -> Result<Vec<Uuid>, DbErr> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let backend = db.get_database_backend();
+    let extend = Query::update()
+        .table(Entity)
+        .value(Column::LockedUntil, db_time(backend, lease, true))
+        .and_where(Expr::col(Column::Id).is_in(ids.iter().copied()))
+        .and_where(Expr::col(Column::ClaimToken).eq(token))
+        .to_owned();
+    let extended = db.execute(&extend).await?.rows_affected();
+    if extended == ids.len() as u64 {
+        return Ok(ids.to_vec());
+    }
+    let held = Query::select()
+        .column(Column::Id)
+        .from(Entity)
+        .and_where(Expr::col(Column::Id).is_in(ids.iter().copied()))
+        .and_where(Expr::col(Column::ClaimToken).eq(token))
+        .to_owned();
+    db.query_all(&held)
+        .await?
+        .iter()
+        .map(|row| row.try_get::<Uuid>("", Column::Id.as_str()))
+        .collect()
+}
+
 /// What the retry policy decided for a refused row.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Refusal {
-    /// Try again at this time.
-    RetryAt(DateTime<Utc>),
+    /// Try again after this pause (from the database's clock at the time of recording).
+    RetryAfter(Duration),
     /// Attempts exhausted: the row is FAILED.
     Failed,
 }
@@ -222,7 +298,6 @@ pub(crate) fn after_failure(
     max_attempts: u32,
     pause_for_retry: Duration,
     wait_retry: Duration,
-    now: DateTime<Utc>,
 ) -> Refusal {
     if failures >= max_attempts {
         return Refusal::Failed;
@@ -232,7 +307,7 @@ pub(crate) fn after_failure(
         3 => pause_for_retry,
         _ => wait_retry,
     };
-    Refusal::RetryAt(now + to_chrono(pause))
+    Refusal::RetryAfter(pause)
 }
 
 /// Records a broker refusal of one row: a retry spent, and either a pause or FAILED.
@@ -248,15 +323,49 @@ pub(crate) async fn record_refusal(
         .value(Column::Retry, row.retry.saturating_add(1))
         .value(Column::LastError, error.to_owned());
     match decision {
-        Refusal::RetryAt(at) => update.value(Column::NextAttemptAt, *at),
+        Refusal::RetryAfter(pause) => update.value(
+            Column::NextAttemptAt,
+            db_time(db.get_database_backend(), *pause, true),
+        ),
         Refusal::Failed => update.value(Column::Status, Status::Failed.to_value()),
     };
     Ok(db.execute(&update).await?.rows_affected())
 }
 
-/// Marks unsent rows past `expires_at` FAILED, with the reason. Returns how many.
-pub(crate) async fn expire(db: &DatabaseConnection) -> Result<u64, DbErr> {
-    let now = now();
+/// Marks at most `limit` unsent rows past `expires_at` FAILED, with the reason (by the
+/// database's clock).
+pub(crate) async fn expire_some(db: &DatabaseConnection, limit: u64) -> Result<Step, DbErr> {
+    let backend = db.get_database_backend();
+    let now = || db_now(backend);
+    let expired = || {
+        Condition::all()
+            .add(Expr::col(Column::Status).eq(Status::Schedule.to_value()))
+            .add(Expr::col(Column::ExpiresAt).lt(now()))
+            .add(
+                Condition::any()
+                    .add(Expr::col(Column::LockedUntil).is_null())
+                    .add(Expr::col(Column::LockedUntil).lt(now())),
+            )
+    };
+    let select = Query::select()
+        .column(Column::Id)
+        .from(Entity)
+        .cond_where(expired())
+        .limit(limit)
+        .to_owned();
+    let ids: Vec<Uuid> = db
+        .query_all(&select)
+        .await?
+        .iter()
+        .map(|row| row.try_get::<Uuid>("", Column::Id.as_str()))
+        .collect::<Result<_, _>>()?;
+    if ids.is_empty() {
+        return Ok(Step {
+            done: 0,
+            more: false,
+        });
+    }
+    // The condition again: a row claimed or sent since the select is left alone.
     let update = Query::update()
         .table(Entity)
         .value(Column::Status, Status::Failed.to_value())
@@ -264,118 +373,20 @@ pub(crate) async fn expire(db: &DatabaseConnection) -> Result<u64, DbErr> {
             Column::LastError,
             "expired: not sent before expires_at".to_owned(),
         )
-        .and_where(Expr::col(Column::Status).eq(Status::Schedule.to_value()))
-        .and_where(Expr::col(Column::ExpiresAt).lt(now))
-        .cond_where(
-            sea_orm::sea_query::Condition::any()
-                .add(Expr::col(Column::LockedUntil).is_null())
-                .add(Expr::col(Column::LockedUntil).lt(now)),
-        )
+        .and_where(Expr::col(Column::Id).is_in(ids.iter().copied()))
+        .cond_where(expired())
         .to_owned();
-    Ok(db.execute(&update).await?.rows_affected())
+    Ok(Step {
+        done: db.execute(&update).await?.rows_affected(),
+        more: ids.len() as u64 >= limit,
+    })
 }
 
-/// The housekeeping task that deletes old sent rows.
-const CLEANUP_TASK: &str = "published_cleanup";
-
-/// Takes the relay's cleanup turn: [`take_housekeeping_turn`] for old sent rows.
-pub(crate) async fn take_cleanup_turn(
-    db: &DatabaseConnection,
-    every: Duration,
-) -> Result<bool, DbErr> {
-    take_housekeeping_turn(db, CLEANUP_TASK, every).await
-}
-
-/// Takes the turn of housekeeping `task` if nobody took it within `every`: one process among all
-/// those sharing the database wins it per period.
-pub(crate) async fn take_housekeeping_turn(
-    db: &DatabaseConnection,
-    task: &str,
-    every: Duration,
-) -> Result<bool, DbErr> {
-    let now = now();
-    let never = DateTime::<Utc>::UNIX_EPOCH;
-    let insert = Query::insert()
-        .into_table(housekeeping::Table)
-        .columns([housekeeping::Task, housekeeping::LastRunAt])
-        .values_panic([task.into(), never.into()])
-        .on_conflict(
-            OnConflict::column(housekeeping::Task)
-                .do_nothing_on([housekeeping::Task])
-                .to_owned(),
-        )
-        .to_owned();
-    db.execute(&insert).await?;
-    let take = Query::update()
-        .table(housekeeping::Table)
-        .value(housekeeping::LastRunAt, now)
-        .and_where(Expr::col(housekeeping::Task).eq(task))
-        .and_where(Expr::col(housekeeping::LastRunAt).lt(now - to_chrono(every)))
-        .to_owned();
-    Ok(db.execute(&take).await?.rows_affected() == 1)
-}
-
-/// Deletes SUCCEEDED rows written before `cutoff`, a bounded batch per statement. Never touches
-/// unsent rows. Returns how many rows it deleted.
-pub(crate) async fn delete_sent_before(
-    db: &DatabaseConnection,
-    cutoff: DateTime<Utc>,
-) -> Result<u64, DbErr> {
-    let old_and_sent = Condition::all()
+/// The condition for old sent rows: SUCCEEDED and written more than `keep` ago.
+pub(crate) fn sent_before(backend: DbBackend, keep: Duration) -> Condition {
+    Condition::all()
         .add(Expr::col(Column::Status).eq(Status::Succeeded.to_value()))
-        .add(Expr::col(Column::Added).lt(cutoff));
-    delete_in_batches(db, Entity, Column::Id, old_and_sent).await
-}
-
-/// Deletes the rows of `entity` (keyed by the UUID column `id`) that match `condition`, a bounded
-/// batch per statement, so that no statement holds locks on a large part of the table. Returns
-/// how many rows it deleted.
-pub(crate) async fn delete_in_batches<E: EntityTrait>(
-    db: &DatabaseConnection,
-    entity: E,
-    id: E::Column,
-    condition: Condition,
-) -> Result<u64, DbErr> {
-    let mut deleted = 0;
-    loop {
-        let select = Query::select()
-            .column(id)
-            .from(entity)
-            .cond_where(condition.clone())
-            .limit(DELETE_BATCH)
-            .to_owned();
-        let ids: Vec<Uuid> = db
-            .query_all(&select)
-            .await?
-            .iter()
-            .map(|row| row.try_get::<Uuid>("", id.as_str()))
-            .collect::<Result<_, _>>()?;
-        if ids.is_empty() {
-            return Ok(deleted);
-        }
-        // The condition again: a row changed since the select (a retried send) is kept.
-        let delete = Query::delete()
-            .from_table(entity)
-            .and_where(Expr::col(id).is_in(ids.iter().copied()))
-            .cond_where(condition.clone())
-            .to_owned();
-        deleted += db.execute(&delete).await?.rows_affected();
-        if (ids.len() as u64) < DELETE_BATCH {
-            return Ok(deleted);
-        }
-    }
-}
-
-/// The `outbox_housekeeping` table.
-mod housekeeping {
-    #[derive(sea_orm::DeriveIden, Clone, Copy)]
-    pub enum OutboxHousekeeping {
-        Table,
-        Task,
-        LastRunAt,
-    }
-
-    pub use OutboxHousekeeping::{LastRunAt, Table, Task};
+        .add(Expr::col(Column::Added).lt(db_time(backend, keep, false)))
 }
 
 #[cfg(test)]
@@ -384,20 +395,13 @@ mod tests {
 
     #[test]
     fn the_retry_schedule_is_the_seed_s() {
-        let now = Utc::now();
         let (pause, wait) = (Duration::from_secs(240), Duration::from_secs(60));
-        let at = |n| after_failure(n, 50, pause, wait, now);
-        assert_eq!(at(1), Refusal::RetryAt(now));
-        assert_eq!(at(2), Refusal::RetryAt(now));
-        assert_eq!(
-            at(3),
-            Refusal::RetryAt(now + chrono::Duration::seconds(240))
-        );
-        assert_eq!(at(4), Refusal::RetryAt(now + chrono::Duration::seconds(60)));
-        assert_eq!(
-            at(49),
-            Refusal::RetryAt(now + chrono::Duration::seconds(60))
-        );
+        let at = |n| after_failure(n, 50, pause, wait);
+        assert_eq!(at(1), Refusal::RetryAfter(Duration::ZERO));
+        assert_eq!(at(2), Refusal::RetryAfter(Duration::ZERO));
+        assert_eq!(at(3), Refusal::RetryAfter(pause));
+        assert_eq!(at(4), Refusal::RetryAfter(wait));
+        assert_eq!(at(49), Refusal::RetryAfter(wait));
         assert_eq!(at(50), Refusal::Failed);
     }
 }

@@ -23,6 +23,18 @@
 //!   `x-dead-letter-routing-key` (default: the message's routing key), adding the
 //!   `x-first-death-*` headers RabbitMQ adds; a queue without `x-dead-letter-exchange` drops it.
 //!
+//! - A connection is shared by every `send` in flight on it, as the relay's batches share one
+//!   STOMP connection: a refused SEND closes the connection and fails the receipt of every
+//!   message pending on it, in every batch, while the messages before it stay routed
+//!   ([`Outcome::Unknown`] with the broker's error: RabbitMQ's ERROR names no receipt).
+//!   Receipts can be made to arrive late ([`MemoryTransport::set_receipt_delay`]), a
+//!   destination can be silently discarded (never receipted, the connection stays up:
+//!   [`MemoryTransport::discard`]), and the broker can block publishers as under a memory alarm
+//!   (frames wait unread until it unblocks: [`MemoryTransport::set_blocked`]). A receipt not
+//!   come within the receipt timeout ([`MemoryTransport::set_receipt_timeout`]) is a
+//!   [`TransportError::ReceiptTimeout`], `overtaken` when a later message on the connection was
+//!   receipted.
+//!
 //! Clones share the broker and the connection; [`MemoryTransport::new_connection`] opens another
 //! client connection to the same broker, as a second process would.
 
@@ -30,10 +42,17 @@ use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::{AckMode, Delivery, Outgoing, SendReport, Subscription, Transport, TransportError};
+use super::{
+    AckMode, Delivery, Outcome, Outgoing, SendReport, Subscription, Transport, TransportError,
+    Unknown,
+};
+
+/// The receipt timeout of a new [`MemoryTransport`], as [`crate::OutboxConfig`]'s default.
+const RECEIPT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What [`TransportError::Connect`] names as the address.
 const ADDRESS: &str = "memory";
@@ -123,6 +142,14 @@ struct Broker {
     last_tag: u64,
     down: bool,
     refused: Vec<String>,
+    /// Destination prefixes whose SENDs are dropped without a receipt or an error.
+    discarded: Vec<String>,
+    /// Publishers are blocked: frames wait on their connection, unread.
+    blocked: bool,
+    /// How long after routing a message its receipt comes.
+    receipt_delay: Duration,
+    /// How long `send` waits for receipts; `None`: [`RECEIPT_TIMEOUT`].
+    receipt_timeout: Option<Duration>,
     sent: Vec<Outgoing>,
     send_calls: usize,
     connects: usize,
@@ -137,7 +164,17 @@ struct Connection {
     /// Client-acknowledged deliveries not yet acked or nacked, oldest first, including those of
     /// subscriptions closed since.
     unacked: Vec<Unacked>,
+    /// Numbers the SENDs of this connection, in the order they were written.
+    last_frame: u64,
+    /// SENDs awaiting their receipt, by number.
+    pending: BTreeMap<u64, Waiter>,
+    /// SENDs written while the broker blocked publishers, not yet read.
+    unread: VecDeque<(u64, Outgoing)>,
+    /// The highest number receipted.
+    last_receipted: u64,
 }
+
+type Waiter = oneshot::Sender<Result<(), TransportError>>;
 
 struct Consumer {
     queue: String,
@@ -326,6 +363,44 @@ impl MemoryTransport {
         }
     }
 
+    /// From now on a SEND to a destination starting with `destination_prefix` is dropped
+    /// silently: no receipt, no error, the connection stays open (a frame a broker discards, or
+    /// one lost on the way). Its sender learns of it only by a receipt timeout.
+    pub fn discard(&self, destination_prefix: &str) {
+        self.broker().discarded.push(destination_prefix.to_owned());
+    }
+
+    /// Undoes every [`MemoryTransport::discard`].
+    pub fn clear_discards(&self) {
+        self.broker().discarded.clear();
+    }
+
+    /// `true`: the broker stops reading publishers, as RabbitMQ does under a memory or disk
+    /// alarm: SENDs are neither routed nor receipted, and their senders time out. `false`: the
+    /// frames waiting are read, in order, and receipted.
+    pub fn set_blocked(&self, blocked: bool) {
+        let mut broker = self.broker();
+        broker.blocked = blocked;
+        if !blocked {
+            let open: Vec<u64> = broker.connections.keys().copied().collect();
+            for connection in open {
+                broker.read_unread(&self.broker, connection);
+            }
+        }
+    }
+
+    /// Receipts come `delay` after their message is routed (default: at once), as they do when
+    /// RabbitMQ waits for a disk write before confirming. A refusal in the meantime fails them.
+    pub fn set_receipt_delay(&self, delay: Duration) {
+        self.broker().receipt_delay = delay;
+    }
+
+    /// How long [`Transport::send`] waits for receipts (default 10 s, as
+    /// `OUTBOX_RECEIPT_TIMEOUT`).
+    pub fn set_receipt_timeout(&self, timeout: Duration) {
+        self.broker().receipt_timeout = Some(timeout);
+    }
+
     fn broker(&self) -> MutexGuard<'_, Broker> {
         // A test that panicked while holding the lock leaves consistent enough state to inspect.
         self.broker.lock().unwrap_or_else(PoisonError::into_inner)
@@ -339,34 +414,70 @@ impl Transport for MemoryTransport {
     }
 
     async fn send(&self, messages: &[Outgoing]) -> SendReport {
-        let mut broker = self.broker();
-        broker.send_calls += 1;
-        let mut receipted = Vec::with_capacity(messages.len());
-        if let Err(error) = broker.open_connection(self.connection) {
-            receipted.resize(messages.len(), false);
-            return SendReport {
-                receipted,
-                failure: Some(error),
-            };
-        }
-        for (index, message) in messages.iter().enumerate() {
-            if let Err(error) = broker.publish(message) {
-                // RabbitMQ closes the connection on this error: nothing pipelined behind the
-                // refused message is receipted.
-                broker.close_connection(self.connection);
-                receipted.resize(messages.len(), false);
-                tracing::debug!(index, destination = %message.destination, "memory broker refused a SEND");
-                return SendReport {
-                    receipted,
-                    failure: Some(error),
-                };
+        let (generation, timeout, waiters, closed_by) = {
+            let mut broker = self.broker();
+            broker.send_calls += 1;
+            if let Err(error) = broker.open_connection(self.connection) {
+                return SendReport::unsent(messages.len(), error);
             }
-            receipted.push(true);
+            let generation = broker.connections[&self.connection].generation;
+            let timeout = broker.receipt_timeout.unwrap_or(RECEIPT_TIMEOUT);
+            let mut waiters = Vec::with_capacity(messages.len());
+            let mut closed_by = None;
+            for message in messages {
+                // A refusal earlier in the batch closed the connection: the rest is not written.
+                let Some(open) = broker.connections.get_mut(&self.connection) else {
+                    break;
+                };
+                if open.generation != generation {
+                    break;
+                }
+                open.last_frame += 1;
+                let number = open.last_frame;
+                let (tx, rx) = oneshot::channel();
+                open.pending.insert(number, tx);
+                waiters.push((number, rx));
+                if broker.blocked {
+                    // Unread: frames behind it wait as well, in order.
+                    if let Some(open) = broker.connections.get_mut(&self.connection) {
+                        open.unread.push_back((number, message.clone()));
+                    }
+                } else if let Some(error) =
+                    broker.read(&self.broker, self.connection, number, message)
+                {
+                    closed_by = Some(error);
+                    break;
+                }
+            }
+            (generation, timeout, waiters, closed_by)
+        };
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut outcomes = Vec::with_capacity(messages.len());
+        for (number, mut waiter) in waiters {
+            let outcome = match tokio::time::timeout_at(deadline, &mut waiter).await {
+                Ok(Ok(Ok(()))) => Outcome::Receipted,
+                Ok(Ok(Err(error))) => Outcome::unknown(error),
+                Ok(Err(_)) => Outcome::unknown(lost()),
+                Err(_) => {
+                    let broker = self.broker();
+                    let overtaken = broker
+                        .connections
+                        .get(&self.connection)
+                        .is_some_and(|c| c.generation == generation && c.last_receipted > number);
+                    Outcome::Unknown(Unknown {
+                        reason: TransportError::ReceiptTimeout(timeout),
+                        overtaken,
+                    })
+                }
+            };
+            outcomes.push(outcome);
         }
-        SendReport {
-            receipted,
-            failure: None,
+        // Written after the refused one, on a connection RabbitMQ then closed: failed with it.
+        let rest = closed_by.unwrap_or_else(lost);
+        while outcomes.len() < messages.len() {
+            outcomes.push(Outcome::unknown(rest.clone()));
         }
+        SendReport { outcomes }
     }
 
     async fn subscribe(
@@ -496,12 +607,92 @@ impl Broker {
         }
     }
 
-    /// Closes a connection: its subscriptions end and its unacked deliveries go back to the
-    /// front of their queues, marked redelivered.
+    /// Reads SEND `number` of `connection`: routes it and receipts it (at once, or after the
+    /// receipt delay), drops it silently, or refuses it and closes the connection, failing
+    /// every receipt pending on it.
+    fn read(
+        &mut self,
+        handle: &Arc<Mutex<Broker>>,
+        connection: u64,
+        number: u64,
+        message: &Outgoing,
+    ) -> Option<TransportError> {
+        if self
+            .discarded
+            .iter()
+            .any(|prefix| message.destination.starts_with(prefix.as_str()))
+        {
+            return None;
+        }
+        if let Err(error) = self.publish(message) {
+            tracing::debug!(destination = %message.destination, "memory broker refused a SEND");
+            self.close_connection_for(connection, error.clone());
+            return Some(error);
+        }
+        if self.receipt_delay.is_zero() {
+            self.receipt(connection, number);
+            return None;
+        }
+        let generation = self.connections.get(&connection).map(|c| c.generation)?;
+        let (delay, broker) = (self.receipt_delay, handle.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let mut broker = broker.lock().unwrap_or_else(PoisonError::into_inner);
+            if broker
+                .connections
+                .get(&connection)
+                .is_some_and(|c| c.generation == generation)
+            {
+                broker.receipt(connection, number);
+            }
+        });
+        None
+    }
+
+    /// Sends the receipt of SEND `number`, if it is still pending.
+    fn receipt(&mut self, connection: u64, number: u64) {
+        if let Some(open) = self.connections.get_mut(&connection)
+            && let Some(waiter) = open.pending.remove(&number)
+        {
+            open.last_receipted = open.last_receipted.max(number);
+            let _ = waiter.send(Ok(()));
+        }
+    }
+
+    /// Reads the frames that waited while publishers were blocked.
+    fn read_unread(&mut self, handle: &Arc<Mutex<Broker>>, connection: u64) {
+        loop {
+            let Some(open) = self.connections.get_mut(&connection) else {
+                return;
+            };
+            let Some((number, message)) = open.unread.pop_front() else {
+                return;
+            };
+            if self.read(handle, connection, number, &message).is_some() {
+                return;
+            }
+        }
+    }
+
+    /// Closes a connection and fails every receipt pending on it with `why`.
+    fn close_connection_for(&mut self, connection: u64, why: TransportError) {
+        if let Some(open) = self.connections.get_mut(&connection) {
+            for (_, waiter) in std::mem::take(&mut open.pending) {
+                let _ = waiter.send(Err(why.clone()));
+            }
+        }
+        self.close_connection(connection);
+    }
+
+    /// Closes a connection: its subscriptions end, its unacked deliveries go back to the
+    /// front of their queues, marked redelivered, and its pending receipts fail.
     fn close_connection(&mut self, connection: u64) {
         let Some(closed) = self.connections.remove(&connection) else {
             return;
         };
+        for (_, waiter) in closed.pending {
+            let _ = waiter.send(Err(lost()));
+        }
         let mut touched: Vec<String> = Vec::new();
         for unacked in closed.unacked.into_iter().rev() {
             if let Some(queue) = self.queues.get_mut(&unacked.queue) {
@@ -964,6 +1155,10 @@ fn lookup<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
         .map(|(_, value)| value.as_str())
 }
 
+fn lost() -> TransportError {
+    TransportError::ConnectionLost("the in-memory broker closed the connection".to_owned())
+}
+
 fn down() -> TransportError {
     TransportError::Connect {
         addresses: ADDRESS.to_owned(),
@@ -1041,9 +1236,9 @@ mod tests {
         assert!(
             report.all_receipted(),
             "not receipted: {:?}",
-            report.failure
+            report.failure()
         );
-        assert!(report.failure.is_none());
+        assert!(report.failure().is_none());
     }
 
     async fn next(receiver: &mut mpsc::Receiver<Delivery>) -> Delivery {
@@ -1298,8 +1493,8 @@ mod tests {
         );
         // A SEND to /queue/ declares with no arguments: refused the same way.
         let report = broker.send(&[message("/queue/orders_q", "x")]).await;
-        assert_eq!(report.receipted, vec![false]);
-        assert!(detail(&report.failure.unwrap()).contains("PRECONDITION_FAILED"));
+        assert_eq!(report.receipted(), vec![false]);
+        assert!(detail(report.failure().unwrap()).contains("PRECONDITION_FAILED"));
         // /amq/queue/ reaches it without declaring.
         send_ok(&broker, &[message("/amq/queue/orders_q", "x")]).await;
         assert_eq!(broker.queue_len("orders_q"), 1);
@@ -1627,8 +1822,8 @@ mod tests {
             message("/topic/ok", "3"),
         ];
         let report = broker.send(&batch).await;
-        assert_eq!(report.receipted, vec![true, false, false]);
-        let failure = report.failure.unwrap();
+        assert_eq!(report.receipted(), vec![true, false, false]);
+        let failure = report.failure().cloned().unwrap();
         assert_eq!(
             failure,
             TransportError::Broker {
@@ -1654,9 +1849,9 @@ mod tests {
     async fn unknown_exchanges_and_destinations_are_refused() {
         let broker = MemoryTransport::new();
         let report = broker.send(&[message("/exchange/nope/k", "x")]).await;
-        assert!(detail(&report.failure.unwrap()).starts_with("NOT_FOUND - no exchange 'nope'"));
+        assert!(detail(report.failure().unwrap()).starts_with("NOT_FOUND - no exchange 'nope'"));
         let report = broker.send(&[message("/bogus/x", "x")]).await;
-        assert!(report.failure.unwrap().is_broker_refusal());
+        assert!(report.failure().unwrap().is_broker_refusal());
         let mut via_exchange = broker
             .subscribe(subscription(
                 "/exchange/amq.topic/k",
@@ -1688,8 +1883,8 @@ mod tests {
         let report = broker
             .send(&[message("/topic/t", "a"), message("/topic/t", "b")])
             .await;
-        assert_eq!(report.receipted, vec![false, false]);
-        assert!(refused(report.failure.as_ref().unwrap()));
+        assert_eq!(report.receipted(), vec![false, false]);
+        assert!(refused(report.failure().unwrap()));
         assert!(refused(
             &broker
                 .subscribe(subscription("/topic/t", "s", &[]))

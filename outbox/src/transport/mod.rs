@@ -40,20 +40,109 @@ impl Outgoing {
     }
 }
 
-/// What became of a batch handed to [`Transport::send`].
-#[derive(Debug)]
+/// What became of one message handed to [`Transport::send`].
+///
+/// Three answers, because a broker gives three: it took the message, it refused this very
+/// message, or the sender cannot tell. The relay marks a row sent only on [`Outcome::Receipted`],
+/// charges a retry only when the row itself is known to be at fault, and gives every other row
+/// back unchanged.
+///
+/// How the transports map onto it:
+///
+/// | what happened | STOMP ([`StompTransport`]) | AMQP 0-9-1 (publisher confirms) |
+/// |---|---|---|
+/// | the broker holds the message | RECEIPT | `basic.ack` |
+/// | the broker refused it, and the refusal names it | (never: an ERROR names no receipt) | a check made before publishing (a passive `exchange.declare` that fails) |
+/// | a refusal closed the connection while it was pending | `Unknown`, reason [`TransportError::Broker`], for every message pending on the connection | `channel.close` 404: the same, for every unconfirmed publish |
+/// | no answer in time, the connection lost | `Unknown`, reason `ReceiptTimeout` / `ConnectionLost` | the same |
+///
+/// The enum is `#[non_exhaustive]`: a transport with more to say (an AMQP `basic.nack`, which is
+/// back-pressure and nobody's fault; a `basic.return`, which means no queue is bound) adds a
+/// variant rather than bending one of these.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// The broker acknowledged the message: it is stored (a STOMP RECEIPT; with RabbitMQ, only
+    /// after its publisher confirm).
+    Receipted,
+    /// The broker refused this very message, and said why. The transport reports it only when
+    /// the refusal can be pinned on this message.
+    Refused(TransportError),
+    /// Whether the broker took the message is not known: it may have been routed (and will be
+    /// duplicated if sent again) or not.
+    Unknown(Unknown),
+}
+
+/// The detail of an [`Outcome::Unknown`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unknown {
+    /// Why no acknowledgement came. [`TransportError::Broker`]: the broker refused a frame and
+    /// closed the connection while this message was pending, so this message or another one
+    /// pending on the same connection is at fault. [`TransportError::ReceiptTimeout`] or
+    /// [`TransportError::ConnectionLost`]: the link or the broker, or a message the broker
+    /// silently discards. [`TransportError::Connect`]: the message was never written.
+    pub reason: TransportError,
+    /// Whether a message written after this one on the same connection was acknowledged while
+    /// this one was not. RabbitMQ handles a connection's frames in order, so then the broker
+    /// was alive and reading, and passed this message over: it, not the broker, is at fault.
+    /// `false` when the connection was slow, blocked or gone for everything after it.
+    pub overtaken: bool,
+}
+
+impl Outcome {
+    /// An unknown outcome for `reason`, not overtaken.
+    pub fn unknown(reason: TransportError) -> Outcome {
+        Outcome::Unknown(Unknown {
+            reason,
+            overtaken: false,
+        })
+    }
+
+    /// Whether the broker acknowledged the message.
+    pub fn is_receipted(&self) -> bool {
+        matches!(self, Outcome::Receipted)
+    }
+
+    /// Why the message was not acknowledged, if it was not.
+    pub fn error(&self) -> Option<&TransportError> {
+        match self {
+            Outcome::Receipted => None,
+            Outcome::Refused(reason) => Some(reason),
+            Outcome::Unknown(unknown) => Some(&unknown.reason),
+        }
+    }
+}
+
+/// What became of a batch handed to [`Transport::send`]: one [`Outcome`] per message, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SendReport {
-    /// One flag per message, in order: whether the broker receipted it. Only a receipted message
-    /// is known to be stored by the broker.
-    pub receipted: Vec<bool>,
-    /// Why the others were not receipted, if any was not.
-    pub failure: Option<TransportError>,
+    /// One outcome per message, in the order they were given.
+    pub outcomes: Vec<Outcome>,
 }
 
 impl SendReport {
+    /// A report where every one of `count` messages failed for the same `reason` before it was
+    /// written (no connection).
+    pub fn unsent(count: usize, reason: TransportError) -> SendReport {
+        SendReport {
+            outcomes: vec![Outcome::unknown(reason); count],
+        }
+    }
+
     /// Whether every message was receipted.
     pub fn all_receipted(&self) -> bool {
-        self.receipted.iter().all(|r| *r)
+        self.outcomes.iter().all(Outcome::is_receipted)
+    }
+
+    /// One flag per message, in order: whether the broker receipted it. Only a receipted
+    /// message is known to be stored by the broker.
+    pub fn receipted(&self) -> Vec<bool> {
+        self.outcomes.iter().map(Outcome::is_receipted).collect()
+    }
+
+    /// The first reason a message was not receipted, if one was not.
+    pub fn failure(&self) -> Option<&TransportError> {
+        self.outcomes.iter().find_map(Outcome::error)
     }
 }
 
@@ -177,7 +266,9 @@ pub trait Transport: Send + Sync {
     async fn connect(&self) -> Result<(), TransportError>;
 
     /// Sends the messages pipelined, each with a receipt request, and waits for the receipts
-    /// (bounded by the transport's receipt timeout). Connects first if needed.
+    /// (bounded by the transport's receipt timeout). Connects first if needed. Several calls
+    /// may be in flight at once on one connection; a refusal that closes the connection fails
+    /// the messages of every call pending on it ([`Outcome::Unknown`]).
     async fn send(&self, messages: &[Outgoing]) -> SendReport;
 
     /// Opens a subscription; its deliveries arrive on the receiver, which ends when the

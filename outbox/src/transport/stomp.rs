@@ -32,7 +32,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::bytes::{BufMut, BytesMut};
 use tokio_util::codec::{Encoder, FramedRead};
 
-use super::{AckMode, Delivery, Outgoing, SendReport, Subscription, Transport, TransportError};
+use super::{
+    AckMode, Delivery, Outcome, Outgoing, SendReport, Subscription, Transport, TransportError,
+};
 use crate::OutboxConfig;
 use framing::{FrameDecoder, Inbound, Undecodable};
 
@@ -157,12 +159,7 @@ impl Transport for StompTransport {
     async fn send(&self, messages: &[Outgoing]) -> SendReport {
         let connection = match self.connection().await {
             Ok(connection) => connection,
-            Err(err) => {
-                return SendReport {
-                    receipted: vec![false; messages.len()],
-                    failure: Some(err),
-                };
-            }
+            Err(err) => return SendReport::unsent(messages.len(), err),
         };
         connection
             .send(messages, self.settings.receipt_timeout)
@@ -548,12 +545,16 @@ impl Connection {
         &self,
         frame: &mut Message<ToServer>,
     ) -> oneshot::Receiver<Result<(), TransportError>> {
+        let (tx, rx) = oneshot::channel();
+        // Numbered and registered under one lock, so that every number below `next_receipt` is
+        // either pending in the map or answered ([`Connection::overtaken`]).
+        let mut receipts = lock(&self.shared.receipts);
         let id = self
             .next_receipt
             .fetch_add(1, Ordering::Relaxed)
             .to_string();
-        let (tx, rx) = oneshot::channel();
-        lock(&self.shared.receipts).insert(id.clone(), tx);
+        receipts.insert(id.clone(), tx);
+        drop(receipts);
         frame
             .extra_headers
             .push((b"receipt".to_vec(), id.into_bytes()));
@@ -583,7 +584,7 @@ impl Connection {
     async fn send(&self, messages: &[Outgoing], timeout: Duration) -> SendReport {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut waiters = Vec::with_capacity(messages.len());
-        let mut failure = None;
+        let mut unqueued = None;
         for message in messages {
             let mut headers = Vec::with_capacity(message.headers.len() + 3);
             headers.extend(message.headers.iter().cloned());
@@ -596,36 +597,61 @@ impl Connection {
             }
             .into();
             let receipt = self.with_receipt(&mut frame);
+            let number = frame
+                .extra_headers
+                .last()
+                .and_then(|(_, id)| std::str::from_utf8(id).ok()?.parse::<u64>().ok())
+                .unwrap_or(u64::MAX);
             // A broker that stops reading fills the queue: wait for room only until the deadline.
             match tokio::time::timeout_at(deadline, self.outbound.send(frame)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => break,
                 Err(_) => {
-                    failure = Some(self.unanswered(timeout));
+                    unqueued = Some(self.unanswered(timeout));
                     break;
                 }
             }
-            waiters.push(receipt);
+            waiters.push((number, receipt));
         }
-        let mut receipted = vec![false; messages.len()];
-        for (index, waiter) in waiters.into_iter().enumerate() {
-            match tokio::time::timeout_at(deadline, waiter).await {
-                Ok(Ok(Ok(()))) => receipted[index] = true,
-                Ok(Ok(Err(err))) => {
-                    failure.get_or_insert(err);
-                }
-                Ok(Err(_)) => {
-                    failure.get_or_insert_with(|| self.lost());
-                }
+        let mut outcomes = Vec::with_capacity(messages.len());
+        let mut timed_out = Vec::new();
+        for (number, mut waiter) in waiters {
+            let outcome = match tokio::time::timeout_at(deadline, &mut waiter).await {
+                Ok(Ok(Ok(()))) => Outcome::Receipted,
+                Ok(Ok(Err(err))) => Outcome::unknown(err),
+                Ok(Err(_)) => Outcome::unknown(self.lost()),
                 Err(_) => {
-                    failure.get_or_insert_with(|| self.unanswered(timeout));
+                    timed_out.push((outcomes.len(), number));
+                    Outcome::unknown(self.unanswered(timeout))
                 }
+            };
+            outcomes.push(outcome);
+        }
+        for (index, number) in timed_out {
+            if self.overtaken(number)
+                && let Outcome::Unknown(unknown) = &mut outcomes[index]
+            {
+                unknown.overtaken = true;
             }
         }
-        if failure.is_none() && receipted.iter().any(|r| !r) {
-            failure = Some(self.lost());
+        // Messages never queued: the connection had ended, or the broker stopped reading.
+        while outcomes.len() < messages.len() {
+            let reason = unqueued.clone().unwrap_or_else(|| self.lost());
+            outcomes.push(Outcome::unknown(reason));
         }
-        SendReport { receipted, failure }
+        SendReport { outcomes }
+    }
+
+    /// Whether a frame numbered after receipt `number` was receipted on this still-open
+    /// connection while `number` was not: the numbers below `next_receipt` that are no longer
+    /// in the map were answered, and the map is emptied only when the connection ends.
+    fn overtaken(&self, number: u64) -> bool {
+        let answered_later = {
+            let receipts = lock(&self.shared.receipts);
+            let next = self.next_receipt.load(Ordering::Relaxed);
+            (number + 1..next).any(|later| !receipts.contains_key(&later.to_string()))
+        };
+        answered_later && self.ended().is_none()
     }
 
     async fn subscribe(
