@@ -66,7 +66,8 @@ const SUSPECTS_REMEMBERED: usize = 10_000;
 const LEASE_MARGIN: Duration = Duration::from_secs(2);
 
 /// Runs the relay with settings from the environment ([`OutboxConfig::from_env`]) and the STOMP
-/// broker they name, until SIGTERM, SIGINT or SIGQUIT; then it finishes the batch in flight and returns.
+/// broker they name, until SIGTERM, SIGINT or SIGQUIT; then it finishes the batch in flight and
+/// returns.
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), outbox::Error> {
