@@ -1846,6 +1846,32 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_refusal_fails_the_pending_receipts_of_another_batch_on_the_connection() {
+        let broker = MemoryTransport::new();
+        broker.refuse("/exchange/missing");
+        // Receipts come late: the first batch is still waiting for them when the second batch,
+        // on the same connection, is refused.
+        broker.set_receipt_delay(Duration::from_millis(300));
+        let good = [message("/topic/ok", "1"), message("/topic/ok", "2")];
+        let poison = [message("/exchange/missing/x", "3")];
+        let (first, second) = tokio::join!(broker.send(&good), async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            broker.send(&poison).await
+        });
+        assert_eq!(first.receipted(), vec![false, false], "{first:?}");
+        assert!(
+            first
+                .outcomes
+                .iter()
+                .all(|o| matches!(o.error(), Some(TransportError::Broker { .. }))),
+            "the other batch's receipts fail with the refusal: {first:?}"
+        );
+        assert_eq!(second.receipted(), vec![false]);
+        // The good messages were routed all the same: sending them again duplicates them.
+        assert_eq!(broker.sent(), good.to_vec());
+    }
+
+    #[tokio::test]
     async fn unknown_exchanges_and_destinations_are_refused() {
         let broker = MemoryTransport::new();
         let report = broker.send(&[message("/exchange/nope/k", "x")]).await;
