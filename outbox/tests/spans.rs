@@ -201,7 +201,7 @@ async fn batch_and_message_spans_carry_what_an_operator_needs() {
         assert_eq!(span.fields["token"], batches[0].fields["token"]);
     }
     let refused: Vec<(String, String)> = [
-        "the broker refused the message; it will be retried",
+        "the broker refused the message; it will be retried, alone",
         "the broker refused the message on every attempt; marked FAILED",
     ]
     .iter()
