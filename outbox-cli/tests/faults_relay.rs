@@ -627,7 +627,7 @@ async fn lease_overrun() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Run alone (`.ci/run`, under `flock -x /tmp/outbox-broker.lock`): the broker and the database
+// Run alone (`.ci/run`, under `flock -x -o /tmp/outbox-broker.lock`, so that a restarted server does not inherit the lock): the broker and the database
 // restarted under a relay and a consumer. Each puts the service back on every exit path.
 
 /// Runs a shell command, saying what failed.
@@ -680,7 +680,7 @@ async fn bare_rows(db: &DatabaseConnection, destination: &str, count: usize, fro
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "stops the shared RabbitMQ: run alone by .ci/run under flock -x"]
+#[ignore = "stops the shared RabbitMQ: run alone by .ci/run under flock -x -o"]
 async fn broker_restart() {
     let started = Instant::now();
     let n = counts(2_000, 20_000);
@@ -734,7 +734,7 @@ async fn broker_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "restarts the shared PostgreSQL: run alone by .ci/run under flock -x"]
+#[ignore = "restarts the shared PostgreSQL: run alone by .ci/run under flock -x -o"]
 async fn database_restart() {
     let started = Instant::now();
     let waves = counts(6, 20);
