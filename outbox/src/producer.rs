@@ -51,6 +51,12 @@ pub const NOTIFY_CHANNEL: &str = "outbox_published";
 /// on another.
 const BATCHES_IN_FLIGHT: usize = 3;
 
+/// The longest pause after rows were given back by a broker that was reachable but did not
+/// keep up (receipts late, or a connection it stopped reading during a memory alarm): the
+/// receipt timeout already paced the attempt, and sending resumes this soon after the alarm
+/// clears, however many attempts it blocked.
+const SLOW_BROKER_PAUSE: Duration = Duration::from_secs(2);
+
 /// How often the relay looks for expired rows (and whether retention is its turn).
 const EXPIRY_CHECK_EVERY: Duration = Duration::from_secs(60);
 
@@ -147,6 +153,7 @@ impl ProducerBuilder {
             lane: tokio::sync::Mutex::new(()),
             suspects: Mutex::new(HashSet::new()),
             stopping: AtomicBool::new(false),
+            link_failed: AtomicBool::new(false),
         })
     }
 
@@ -193,6 +200,9 @@ pub struct Producer {
     suspects: Mutex<HashSet<Uuid>>,
     /// Set when the relay is asked to stop: no new claim is made.
     stopping: AtomicBool,
+    /// Set when rows were given back because the connection failed (as opposed to a broker
+    /// that was reachable but slow or blocked) since the rounds began.
+    link_failed: AtomicBool,
 }
 
 /// What one round did.
@@ -270,8 +280,12 @@ impl Producer {
                     continue;
                 }
                 Ok(report) if report.released > 0 => {
-                    // The broker connection failed mid-batch: pause before claiming again.
-                    let pause = backoff.next_pause();
+                    // The broker connection failed mid-batch, or the broker did not keep up:
+                    // pause before claiming again; briefly when the link itself was fine.
+                    let mut pause = backoff.next_pause();
+                    if !self.link_failed.load(Ordering::Relaxed) {
+                        pause = pause.min(SLOW_BROKER_PAUSE);
+                    }
                     tokio::select! {
                         _ = tokio::time::sleep(pause) => continue,
                         _ = shutdown.as_mut() => break,
@@ -333,6 +347,7 @@ impl Producer {
     /// relay stops): while one batch waits for its receipts, the next is being claimed or
     /// marked, and a batch slowed by a suspect holds up no other.
     async fn rounds(&self) -> Result<RoundReport, Error> {
+        self.link_failed.store(false, Ordering::Relaxed);
         let reports =
             futures::future::join_all((0..BATCHES_IN_FLIGHT).map(|_| self.worker())).await;
         let mut total = RoundReport::default();
@@ -671,7 +686,12 @@ impl Producer {
         if rows.is_empty() {
             return Ok(0);
         }
-        tracing::warn!(rows = rows.len(), error = %why, "broker connection failed; rows given back without spending a retry");
+        if why.is_slow_broker() {
+            tracing::warn!(rows = rows.len(), error = %why, "the broker did not keep up; rows given back without spending a retry");
+        } else {
+            self.link_failed.store(true, Ordering::Relaxed);
+            tracing::warn!(rows = rows.len(), error = %why, "broker connection failed; rows given back without spending a retry");
+        }
         crate::metrics::released(rows.len());
         let ids: Vec<Uuid> = rows.iter().map(|row| row.id).collect();
         store::release(&self.db, &ids, token).await?;

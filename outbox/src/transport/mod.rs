@@ -55,6 +55,7 @@ impl Outgoing {
 /// | the broker refused it, and the refusal names it | (never: an ERROR names no receipt) | a check made before publishing (a passive `exchange.declare` that fails) |
 /// | a refusal closed the connection while it was pending | `Unknown`, reason [`TransportError::Broker`], for every message pending on the connection | `channel.close` 404: the same, for every unconfirmed publish |
 /// | no answer in time, the connection lost | `Unknown`, reason `ReceiptTimeout` / `ConnectionLost` | the same |
+/// | the broker stopped reading (a memory or disk alarm) | `Unknown`, reason [`TransportError::Blocked`] once a write made no progress for the receipt timeout | the same, from `connection.blocked` |
 ///
 /// The enum is `#[non_exhaustive]`: a transport with more to say (an AMQP `basic.nack`, which is
 /// back-pressure and nobody's fault; a `basic.return`, which means no queue is bound) adds a
@@ -78,7 +79,8 @@ pub enum Outcome {
 pub struct Unknown {
     /// Why no acknowledgement came. [`TransportError::Broker`]: the broker refused a frame and
     /// closed the connection while this message was pending, so this message or another one
-    /// pending on the same connection is at fault. [`TransportError::ReceiptTimeout`] or
+    /// pending on the same connection is at fault. [`TransportError::ReceiptTimeout`],
+    /// [`TransportError::Blocked`] or
     /// [`TransportError::ConnectionLost`]: the link or the broker, or a message the broker
     /// silently discards. [`TransportError::Connect`]: the message was never written.
     pub reason: TransportError,
@@ -238,6 +240,13 @@ pub enum TransportError {
     /// Receipts did not come back in time.
     #[error("no receipt from the broker within {0:?}")]
     ReceiptTimeout(Duration),
+    /// The broker stopped reading the connection for this long, and the transport gave up on
+    /// it. RabbitMQ blocks publishing connections during a memory or disk alarm: nobody's
+    /// fault, and it passes when the alarm clears.
+    #[error(
+        "the broker read nothing from this connection for {0:?} (RabbitMQ blocks publishing connections during a memory or disk alarm)"
+    )]
+    Blocked(Duration),
     /// The transport was closed.
     #[error("the transport is closed")]
     Closed,
@@ -253,6 +262,16 @@ impl TransportError {
     /// a sign that a message, not the network, is at fault.
     pub fn is_broker_refusal(&self) -> bool {
         matches!(self, TransportError::Broker { .. })
+    }
+
+    /// Whether the broker was reachable but did not keep up (a receipt timeout, or a connection
+    /// it stopped reading): worth trying again soon, on a short pause rather than the
+    /// reconnection backoff, since nothing is wrong with the link.
+    pub fn is_slow_broker(&self) -> bool {
+        matches!(
+            self,
+            TransportError::ReceiptTimeout(_) | TransportError::Blocked(_)
+        )
     }
 }
 
