@@ -14,7 +14,7 @@
 //! then unsubscribes and disconnects.
 
 mod dispatch;
-mod failure;
+pub(crate) mod failure;
 mod inbox;
 mod topology;
 

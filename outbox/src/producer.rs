@@ -372,11 +372,13 @@ impl Producer {
     /// One round: claim a batch, send it, settle every row of it.
     pub async fn round(&self) -> Result<RoundReport, Error> {
         let started = Instant::now();
-        let claim = store::claim_batch(
-            &self.db,
-            self.config.published_chunk_size,
-            self.config.producer_lease,
-        )
+        let claim = store::again_on_conflict(|| {
+            store::claim_batch(
+                &self.db,
+                self.config.published_chunk_size,
+                self.config.producer_lease,
+            )
+        })
         .await?;
         if claim.rows.is_empty() {
             return Ok(RoundReport::default());
@@ -621,11 +623,12 @@ impl Producer {
         }
         let started = Instant::now();
         let ids: Vec<Uuid> = rows.iter().map(|row| row.id).collect();
-        let held: HashSet<Uuid> =
+        let held: HashSet<Uuid> = store::again_on_conflict(|| {
             store::extend_lease(&self.db, &ids, lease.token, self.config.producer_lease)
-                .await?
-                .into_iter()
-                .collect();
+        })
+        .await?
+        .into_iter()
+        .collect();
         lease.until = started + self.config.producer_lease;
         if held.len() < rows.len() {
             tracing::warn!(
@@ -666,7 +669,8 @@ impl Producer {
         }
         crate::metrics::sent(rows);
         let ids: Vec<Uuid> = rows.iter().map(|row| row.id).collect();
-        let marked = store::mark_sent(&self.db, &ids, token).await? as usize;
+        let marked =
+            store::again_on_conflict(|| store::mark_sent(&self.db, &ids, token)).await? as usize;
         if marked < rows.len() {
             tracing::warn!(
                 receipted = rows.len(),
@@ -694,7 +698,7 @@ impl Producer {
         }
         crate::metrics::released(rows.len());
         let ids: Vec<Uuid> = rows.iter().map(|row| row.id).collect();
-        store::release(&self.db, &ids, token).await?;
+        store::again_on_conflict(|| store::release(&self.db, &ids, token)).await?;
         Ok(rows.len())
     }
 
@@ -728,7 +732,8 @@ impl Producer {
                 "the broker refused the message; it will be retried, alone"
             ),
         }
-        store::record_refusal(&self.db, row, token, &decision, reason).await?;
+        store::again_on_conflict(|| store::record_refusal(&self.db, row, token, &decision, reason))
+            .await?;
         crate::metrics::refused(&row.destination, decision == store::Refusal::Failed);
         Ok(())
     }

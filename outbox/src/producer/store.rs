@@ -27,6 +27,36 @@ use crate::retention::Step;
 /// Also used by the purge command.
 pub(crate) use crate::retention::delete_in_batches;
 
+/// How many times a relay statement runs again after a conflict ([`again_on_conflict`]).
+const CONFLICT_RETRIES: u32 = 4;
+
+/// Runs a relay statement, and again (a few times, after a short pause) when the database undid
+/// it for a conflict with another transaction (a deadlock victim, a lock wait timeout; see
+/// `db_err_is_conflict`). Relays and writers share the table's indexes, so MariaDB can pick a
+/// relay's claim or settle as a deadlock victim; every such statement only touches rows that
+/// hold the claim's token, so running it again is safe.
+pub(crate) async fn again_on_conflict<T, F, Fut>(mut statement: F) -> Result<T, DbErr>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, DbErr>>,
+{
+    let mut conflicts = 0;
+    loop {
+        match statement().await {
+            Err(err)
+                if conflicts < CONFLICT_RETRIES
+                    && crate::consumer::failure::db_err_is_conflict(&err) =>
+            {
+                conflicts += 1;
+                let jitter = u64::from(Uuid::new_v4().as_u128() as u8 % 20);
+                tracing::debug!(error = %err, conflicts, "a relay statement met a conflict; running it again");
+                tokio::time::sleep(Duration::from_millis((10 << conflicts) + jitter)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 fn now() -> DateTime<Utc> {
     Utc::now().trunc_subsecs(6)
 }
