@@ -30,7 +30,7 @@ impl<T: Serialize + ?Sized> PublishField for T {
 
 /// A value a message's ordering key is made of.
 #[diagnostic::on_unimplemented(
-    message = "`{Self}` cannot be a message key: it does not implement `std::fmt::Display`",
+    message = "`{Self}` cannot be a message key: it does not implement `ToString` (`std::fmt::Display`)",
     label = "this key's type does not print",
     note = "a key is a field whose type implements `Display` (numbers, strings, UUIDs), or a function `fn(&Model) -> impl ToString`"
 )]
@@ -39,7 +39,7 @@ pub trait PublishKey {
     fn to_key(&self) -> String;
 }
 
-impl<T: std::fmt::Display + ?Sized> PublishKey for T {
+impl<T: ToString + ?Sized> PublishKey for T {
     fn to_key(&self) -> String {
         self.to_string()
     }
