@@ -242,9 +242,12 @@ impl MigrationTrait for AdoptDjangoTables {
 ///   `DEFAULT nextval('published_seq')`, which only new rows evaluate. Rows written before keep
 ///   `NULL`: they have no key, and `NULL` sorts before every number. The index is partial:
 ///   `(msg_key, seq) WHERE status <> 2 AND msg_key IS NOT NULL`, so sent rows cost it nothing.
-/// - MariaDB / MySQL: a `SEQUENCE published_seq`, the column added with `ALGORITHM=INSTANT`, then
-///   `DEFAULT NEXTVAL(published_seq)` set with `ALGORITHM=INSTANT` too. No partial indexes there:
-///   `(msg_key, status, seq)`, which a claim reads in two short ranges around `status = 2`.
+/// - MariaDB / MySQL: a `SEQUENCE published_seq` and the column, added with `ALGORITHM=INSTANT`
+///   (MariaDB refuses rather than copy the table). No column default: MariaDB 10.11 crashes
+///   evaluating a `DEFAULT NEXTVAL(..)` in concurrent prepared inserts, so the library's insert
+///   names `NEXTVAL(published_seq)` itself (rows written by other tools get `NULL`: give a keyed
+///   row its `seq` that way too). No partial indexes there: `(msg_key, status, seq)`, which a
+///   claim reads in two short ranges around `status = 2`.
 /// - SQLite: `rowid` already numbers the rows in insertion order, and the claim orders by it:
 ///   `seq` is added for the entity's sake and stays `NULL`. The index is partial, as on
 ///   PostgreSQL, over `msg_key` (every SQLite index ends in the `rowid`).
@@ -271,12 +274,11 @@ const KEYS_POSTGRES_DOWN: [&str; 2] = [
     // Drops the sequence too (OWNED BY).
     "ALTER TABLE published DROP COLUMN IF EXISTS msg_key, DROP COLUMN IF EXISTS seq",
 ];
-const KEYS_MYSQL_UP: [&str; 4] = [
+const KEYS_MYSQL_UP: [&str; 3] = [
     // `IF NOT EXISTS`: `migrate fresh` drops the tables, not necessarily the sequence.
     "CREATE SEQUENCE IF NOT EXISTS published_seq",
     "ALTER TABLE published ADD COLUMN msg_key varchar(255) CHARACTER SET utf8mb4 \
      COLLATE utf8mb4_bin NULL, ADD COLUMN seq bigint NULL, ALGORITHM=INSTANT",
-    "ALTER TABLE published ALTER COLUMN seq SET DEFAULT NEXTVAL(published_seq), ALGORITHM=INSTANT",
     "CREATE INDEX published_key_unsent_idx ON published (msg_key, status, seq)",
 ];
 const KEYS_MYSQL_DOWN: [&str; 3] = [

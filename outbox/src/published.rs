@@ -339,6 +339,12 @@ pub(crate) async fn insert_messages<C: ConnectionTrait>(
         .map(|message| message.into_row(added, lifetime, &correlation))
         .collect::<Result<Vec<_>, _>>()?;
     lock_keys(conn, &rows).await?;
+    if conn.get_database_backend() == sea_orm::DbBackend::MySql {
+        for chunk in rows.chunks(ROWS_PER_INSERT) {
+            conn.execute(&insert_with_sequence(chunk)?).await?;
+        }
+        return Ok(rows);
+    }
     for chunk in rows.chunks(ROWS_PER_INSERT) {
         let active = chunk.iter().cloned().map(|row| ActiveModel {
             id: Set(row.id),
@@ -363,6 +369,44 @@ pub(crate) async fn insert_messages<C: ConnectionTrait>(
             .await?;
     }
     Ok(rows)
+}
+
+/// The rows as one INSERT that draws each `seq` with `NEXTVAL(published_seq)` (MariaDB, MySQL:
+/// the column has no default there, see `AddMessageKeys`).
+fn insert_with_sequence(rows: &[Model]) -> Result<sea_orm::sea_query::InsertStatement, Error> {
+    use sea_orm::sea_query::{Expr, Query};
+    let mut insert = Query::insert();
+    insert.into_table(Entity).columns([
+        Column::Id,
+        Column::Version,
+        Column::Destination,
+        Column::Body,
+        Column::Headers,
+        Column::Added,
+        Column::ExpiresAt,
+        Column::Retry,
+        Column::Status,
+        Column::MsgKey,
+        Column::Seq,
+    ]);
+    for row in rows {
+        insert
+            .values([
+                Expr::val(row.id).into(),
+                Expr::val(row.version.clone()).into(),
+                Expr::val(row.destination.clone()).into(),
+                Expr::val(row.body.clone()).into(),
+                Expr::val(row.headers.clone()).into(),
+                Expr::val(row.added).into(),
+                Expr::val(row.expires_at).into(),
+                Expr::val(row.retry).into(),
+                Expr::val(sea_orm::ActiveEnum::to_value(&row.status)).into(),
+                Expr::val(row.msg_key.clone()).into(),
+                Expr::cust("NEXTVAL(published_seq)").into(),
+            ])
+            .map_err(|err| Error::Database(DbErr::Custom(err.to_string())))?;
+    }
+    Ok(insert)
 }
 
 /// On PostgreSQL, before keyed rows are inserted: takes a transaction-scoped advisory lock per
