@@ -110,9 +110,11 @@ pub fn adopt_django() -> Vec<Box<dyn MigrationTrait>> {
 /// are, Django's `UNIQUE(msg_id)` included: on an adopted database a message id is processed once
 /// per database, as Django does it, not once per queue. It then records
 /// `outbox_m20261126_000001_create_outbox_tables` as applied in `seaql_migrations` (SeaORM's
-/// default migration table), so that [`migrations()`] applies only what came after it
-/// ([`AddMessageKeys`] and any later one: an adopted table gets the ordering columns from the
-/// same migration as the outbox's own). A database with the outbox's own tables is left as it is.
+/// default migration table), so that [`migrations()`] applies only what came after it. It also
+/// adds per-key ordering's `msg_key`, `seq` and index as [`AddMessageKeys`] does (Django's inserts
+/// name their columns: `msg_key` stays NULL, `seq` takes its default) and records that migration
+/// too; a database adopted before it existed gets them from [`AddMessageKeys`] at its next
+/// `migrate up`. A database with the outbox's own tables is left as it is.
 ///
 /// Refused, with an error saying why: on MariaDB, MySQL and SQLite (Django stores UUIDs there as
 /// 32 hexadecimal characters, which the outbox's entities do not read); on a database without
@@ -160,6 +162,10 @@ const RECORD_CREATE: &str = "INSERT INTO seaql_migrations (version, applied_at) 
     VALUES ('outbox_m20261126_000001_create_outbox_tables', CAST(EXTRACT(EPOCH FROM now()) AS bigint)) \
     ON CONFLICT (version) DO NOTHING";
 
+const RECORD_KEYS: &str = "INSERT INTO seaql_migrations (version, applied_at) \
+    VALUES ('outbox_m20261201_000002_add_message_keys', CAST(EXTRACT(EPOCH FROM now()) AS bigint)) \
+    ON CONFLICT (version) DO NOTHING";
+
 #[async_trait::async_trait]
 impl MigrationTrait for AdoptDjangoTables {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
@@ -204,7 +210,12 @@ impl MigrationTrait for AdoptDjangoTables {
         manager.create_table(housekeeping_table(&types)).await?;
         db.execute_unprepared(CREATE_NOTIFY_FUNCTION).await?;
         db.execute_unprepared(CREATE_NOTIFY_TRIGGER).await?;
+        // Per-key ordering's columns and index, as `AddMessageKeys` adds them.
+        for statement in KEYS_POSTGRES_UP {
+            db.execute_unprepared(statement).await?;
+        }
         db.execute_unprepared(RECORD_CREATE).await?;
+        db.execute_unprepared(RECORD_KEYS).await?;
         Ok(())
     }
 

@@ -450,6 +450,56 @@ mod migration {
         test.drop_database().await;
     }
 
+    /// Tables as django-outbox-pattern creates them, adopted: the ordering columns are added and
+    /// recorded, so that the usual list has nothing left to apply; Django's inserts, which name
+    /// their columns, get a `seq`.
+    #[tokio::test]
+    async fn an_adopted_django_table_gets_the_key_columns() {
+        struct Adopt;
+        impl MigratorTrait for Adopt {
+            fn migrations() -> Vec<Box<dyn sea_orm_migration::MigrationTrait>> {
+                outbox::migration::adopt_django()
+            }
+        }
+        let test = TestDb::bare(Backend::Postgres).await;
+        for statement in [
+            "CREATE TABLE published (id uuid PRIMARY KEY, version varchar(100) NULL, \
+             destination varchar(255) NOT NULL, body jsonb NOT NULL, added timestamptz NOT NULL, \
+             expires_at timestamptz NOT NULL, retry integer NOT NULL, status integer NOT NULL, \
+             headers jsonb NOT NULL)",
+            "CREATE TABLE received (id uuid PRIMARY KEY, msg_id varchar(100) NULL UNIQUE, \
+             headers jsonb NULL, body jsonb NULL, added timestamptz NOT NULL, \
+             expires_at timestamptz NOT NULL, retry integer NOT NULL, status integer NOT NULL)",
+            "CREATE TABLE django_migrations (id serial PRIMARY KEY, app varchar(255) NOT NULL, \
+             name varchar(255) NOT NULL, applied timestamptz NOT NULL)",
+        ] {
+            test.db.execute_unprepared(statement).await.unwrap();
+        }
+        Adopt::up(&test.db, None).await.unwrap();
+        let pending = common::Migrator::get_pending_migrations(&test.db)
+            .await
+            .unwrap();
+        assert!(
+            pending.is_empty(),
+            "{:?}",
+            pending
+                .iter()
+                .map(|m| m.name().to_owned())
+                .collect::<Vec<_>>()
+        );
+        test.db
+            .execute_unprepared(
+                "INSERT INTO published (id, version, destination, body, added, expires_at, retry, status, headers) \
+                 VALUES (gen_random_uuid(), NULL, '/topic/django', '{}', now(), now() + interval '1 day', 0, 1, '{}')",
+            )
+            .await
+            .unwrap();
+        let row = Published::find().one(&test.db).await.unwrap().unwrap();
+        assert!(row.seq.is_some());
+        assert_eq!(row.msg_key, None);
+        test.drop_database().await;
+    }
+
     #[tokio::test]
     async fn sqlite_adds_the_key_columns_and_down_removes_them() {
         let test = TestDb::new(Backend::Sqlite).await;
