@@ -288,6 +288,31 @@ pub async fn relay_keyed(settings: &Settings, n: usize) -> Result<(), BoxError> 
     figure("relay_keyed.unkeyed_rate", unkeyed, "msgs/s");
     figure("relay_keyed.keyed_rate", keyed, "msgs/s");
     figure("relay_keyed.keyed_of_unkeyed", keyed / unkeyed * 100.0, "%");
+
+    // One hot key: a message per claim-send-mark round.
+    let hot = n.min(2_000);
+    let mut reader = Reader::deferred(&settings.config).await?;
+    enqueue_keyed(&scratch, &reader.destination, hot, Some(1)).await?;
+    progress(&format!("relay-keyed: {hot} rows pending, one key"));
+    let already = sent_count(&scratch).await?;
+    let started = Instant::now();
+    let relay = Producer::builder(scratch.connect(2).await?)
+        .config(settings.config.clone())
+        .start()?;
+    while sent_count(&scratch).await? < already + hot as u64 {
+        if started.elapsed() > Duration::from_secs(300) {
+            return Err("the relay did not finish one key within 300 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let elapsed = started.elapsed();
+    relay.stop().await?;
+    let arrived = reader.drain(hot, Duration::from_secs(120)).await;
+    if arrived != hot {
+        return Err(format!("{arrived} of {hot} messages of one key arrived").into());
+    }
+    reader.close().await;
+    figure("relay_keyed.one_key_rate", rate(hot, elapsed), "msgs/s");
     scratch.drop().await;
     Ok(())
 }
