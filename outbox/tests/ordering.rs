@@ -704,3 +704,66 @@ async fn ordered_consumer_processes_each_key_in_order_and_keys_in_parallel() {
         assert_eq!(*ns, (0..25).collect::<Vec<_>>(), "key {key}");
     }
 }
+
+/// A message dead-lettered by its callback does not hold its key up: the key's next messages are
+/// processed after it, in order.
+#[tokio::test]
+async fn a_dead_lettered_message_does_not_block_its_key() {
+    let test = TestDb::new(Backend::Postgres).await;
+    let queue = unique("ordered_dead_letter");
+    let _cleanup = QueueCleanup(vec![queue.clone(), format!("DLQ.{queue}")]);
+    let destination = format!("/topic/{queue}");
+    let builder = || {
+        Consumer::builder(test.db.clone())
+            .destination(&destination)
+            .config(config())
+            .in_flight(4)
+            .ordered_by_key()
+    };
+    builder().build().unwrap().declare().await.unwrap();
+    write(
+        &test.db,
+        (0..5)
+            .map(|n| Message::from_json(&destination, json!({ "n": n })).key("k"))
+            .collect(),
+    )
+    .await;
+    let producer = Producer::builder(test.db.clone())
+        .config(config())
+        .build()
+        .unwrap();
+    assert_eq!(producer.drain().await.unwrap().sent, 5);
+
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let recorder = seen.clone();
+    let handle = builder()
+        .start(move |payload: Payload| {
+            let seen = recorder.clone();
+            async move {
+                let n = payload.body()["n"].as_i64().unwrap_or(-1);
+                seen.lock().unwrap().push(n);
+                if n == 0 {
+                    return Err(outbox::Error::Config {
+                        variable: "test".into(),
+                        value: "0".into(),
+                        reason: "this message is refused by its callback".into(),
+                    });
+                }
+                payload.save();
+                Ok(())
+            }
+        })
+        .unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "the key's other messages processed",
+        || {
+            let seen = seen.clone();
+            async move { seen.lock().unwrap().len() >= 5 }
+        },
+    )
+    .await;
+    handle.stop().await.unwrap();
+    assert_eq!(*seen.lock().unwrap(), vec![0, 1, 2, 3, 4]);
+    test.drop_database().await;
+}
