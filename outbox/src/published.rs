@@ -392,17 +392,17 @@ fn insert_with_sequence(rows: &[Model]) -> Result<sea_orm::sea_query::InsertStat
     for row in rows {
         insert
             .values([
-                Expr::val(row.id).into(),
-                Expr::val(row.version.clone()).into(),
-                Expr::val(row.destination.clone()).into(),
-                Expr::val(row.body.clone()).into(),
-                Expr::val(row.headers.clone()).into(),
-                Expr::val(row.added).into(),
-                Expr::val(row.expires_at).into(),
-                Expr::val(row.retry).into(),
-                Expr::val(sea_orm::ActiveEnum::to_value(&row.status)).into(),
-                Expr::val(row.msg_key.clone()).into(),
-                Expr::cust("NEXTVAL(published_seq)").into(),
+                Expr::val(row.id),
+                Expr::val(row.version.clone()),
+                Expr::val(row.destination.clone()),
+                Expr::val(row.body.clone()),
+                Expr::val(row.headers.clone()),
+                Expr::val(row.added),
+                Expr::val(row.expires_at),
+                Expr::val(row.retry),
+                Expr::val(sea_orm::ActiveEnum::to_value(&row.status)),
+                Expr::val(row.msg_key.clone()),
+                Expr::cust("NEXTVAL(published_seq)"),
             ])
             .map_err(|err| Error::Database(DbErr::Custom(err.to_string())))?;
     }
