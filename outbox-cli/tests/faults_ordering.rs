@@ -1,4 +1,5 @@
-//! Per-key ordering under faults: 50 keys x 200 messages written by 4 concurrent writers, relayed
+//! Per-key ordering under faults: 50 keys x 200 messages (x 100 on MariaDB and SQLite unless
+//! `OUTBOX_TEST_FAULT_FULL=1`) written by 4 concurrent writers, relayed
 //! by 2 relays of which one (`outbox publish`, a child process) is killed and restarted 10 times,
 //! with a poison row (a missing exchange) at the head of one key; a consumer with `in_flight(8)`
 //! in keyed mode records, per key, the insertion order (`seq`, or SQLite's `rowid`) of each
@@ -56,7 +57,12 @@ struct Order {
 
 async fn ordered_relay_killed(backend: Backend, name: &str) {
     let started = Instant::now();
-    let per_key = PER_KEY;
+    // The three scenarios run side by side in CI: there MariaDB's and SQLite's take half the
+    // messages (`OUTBOX_TEST_FAULT_FULL=1`: all).
+    let per_key = match backend {
+        Backend::Postgres => PER_KEY,
+        _ => counts(PER_KEY / 2, PER_KEY),
+    };
     let n = KEYS * per_key;
     let test = TestDb::new(backend).await;
     let sink = TestDb::new(Backend::Postgres).await;
