@@ -436,10 +436,12 @@ async fn lock_keys<C: ConnectionTrait>(conn: &C, rows: &[Model]) -> Result<(), E
     hashes.dedup();
     // `unnest` yields the array in order: the locks are taken in ascending order, so two
     // writers that lock the same keys in one call never deadlock.
-    conn.execute_raw(sea_orm::Statement::from_sql_and_values(
-        sea_orm::DbBackend::Postgres,
-        "SELECT count(pg_advisory_xact_lock(k)) FROM unnest($1::bigint[]) AS k",
-        [hashes.into()],
+    // The ids are numbers this function computed: written into the statement, which then needs
+    // no array binding (a feature of the PostgreSQL driver alone).
+    let ids: Vec<String> = hashes.iter().map(i64::to_string).collect();
+    conn.execute_unprepared(&format!(
+        "SELECT count(pg_advisory_xact_lock(k)) FROM unnest(ARRAY[{}]::bigint[]) AS k",
+        ids.join(",")
     ))
     .await?;
     Ok(())
