@@ -916,6 +916,11 @@ fn outgoing(row: &Row) -> Outgoing {
         ("persistent", "true".to_owned()),
         ("content-type", "application/json".to_owned()),
     ];
+    // The ordering key is the column's: a stored header of that name never contradicts it.
+    headers.retain(|(name, _)| name != headers::ORDERING_KEY);
+    if let Some(key) = &row.msg_key {
+        headers.push((headers::ORDERING_KEY.to_owned(), key.clone()));
+    }
     for (name, value) in generated {
         let present = headers
             .iter()
@@ -993,6 +998,8 @@ mod tests {
             locked_until: None,
             next_attempt_at: None,
             last_error: None,
+            msg_key: None,
+            seq: None,
         };
         let out = outgoing(&row);
         assert_eq!(out.destination, "/topic/x");
@@ -1026,6 +1033,8 @@ mod tests {
             locked_until: None,
             next_attempt_at: None,
             last_error: None,
+            msg_key: None,
+            seq: None,
         };
         let out = outgoing(&row);
         let id = row.id.to_string();

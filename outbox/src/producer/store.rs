@@ -123,6 +123,27 @@ fn due(backend: DbBackend) -> sea_orm::sea_query::Condition {
         .add(Expr::col(Column::ExpiresAt).gte(now()))
 }
 
+/// The condition that keeps each key's order: a row without a key is always free; a keyed row
+/// only when no earlier row of its key (by `seq`; by `rowid` on SQLite) is unsent: waiting,
+/// claimed by a relay, in a retry pause, or FAILED. So at most one row of a key is ever claimed,
+/// and a refused row is retried before any later row of its key is sent. Read through the
+/// partial index over unsent rows (`published_key_unsent_idx`): sent rows cost it nothing.
+pub(crate) fn key_is_free(backend: DbBackend) -> String {
+    let order = match backend {
+        DbBackend::Sqlite => "earlier.rowid < published.rowid",
+        _ => "earlier.seq < published.seq",
+    };
+    format!(
+        "(published.msg_key IS NULL OR NOT EXISTS (SELECT 1 FROM published earlier \
+         WHERE earlier.msg_key = published.msg_key AND earlier.status <> {sent} \
+         AND earlier.msg_key IS NOT NULL AND {order}))",
+        sent = SUCCEEDED,
+    )
+}
+
+/// `Status::Succeeded`'s stored value, for SQL written by hand.
+const SUCCEEDED: i32 = 2;
+
 /// Claims up to `limit` due rows, oldest first, for `lease`. The claim is committed before this
 /// returns: no transaction or lock is held while the rows are sent.
 pub(crate) async fn claim_batch(
@@ -139,6 +160,7 @@ pub(crate) async fn claim_batch(
         .column(Column::Id)
         .from(Entity)
         .cond_where(due(backend))
+        .and_where(Expr::cust(key_is_free(backend)))
         .order_by(Column::Added, sea_orm::Order::Asc)
         .limit(u64::from(limit));
 
@@ -147,19 +169,25 @@ pub(crate) async fn claim_batch(
             // `= ANY(ARRAY(...))` rather than `IN (...)`: the planner then updates the claimed
             // rows by primary key instead of hashing the whole table on every claim.
             // `now()` is the statement's transaction start: one instant for the whole claim.
+            // The key condition reads the rows of earlier claims as committed: a row another
+            // relay holds is still unsent there, and blocks its key.
             let claim = Statement::from_sql_and_values(
                 DbBackend::Postgres,
-                "UPDATE published SET claim_token = $1, \
-                     locked_until = now() + $2 * interval '1 microsecond' \
-                 WHERE id = ANY(ARRAY( \
-                     SELECT id FROM published \
-                     WHERE status = $3 \
-                       AND (locked_until IS NULL OR locked_until < now()) \
-                       AND (next_attempt_at IS NULL OR next_attempt_at <= now()) \
-                       AND expires_at >= now() \
-                     ORDER BY added LIMIT $4 \
-                     FOR UPDATE SKIP LOCKED)) \
-                 RETURNING *",
+                format!(
+                    "UPDATE published SET claim_token = $1, \
+                         locked_until = now() + $2 * interval '1 microsecond' \
+                     WHERE id = ANY(ARRAY( \
+                         SELECT id FROM published \
+                         WHERE status = $3 \
+                           AND (locked_until IS NULL OR locked_until < now()) \
+                           AND (next_attempt_at IS NULL OR next_attempt_at <= now()) \
+                           AND expires_at >= now() \
+                           AND {free} \
+                         ORDER BY added LIMIT $4 \
+                         FOR UPDATE SKIP LOCKED)) \
+                     RETURNING *",
+                    free = key_is_free(DbBackend::Postgres)
+                ),
                 [
                     token.into(),
                     micros(lease).into(),
