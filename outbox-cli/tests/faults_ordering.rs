@@ -70,15 +70,7 @@ async fn ordered_relay_killed(backend: Backend, name: &str) {
     let (destination, queue, wire_queue, _cleanup) = fresh_destination("fault_ordered");
     declare_consumer_queues(&destination).await;
     // The wire counter reads all along, on a task of its own, until the run is over.
-    let wire = WireCounter::start(&destination, &wire_queue).await;
-    let (stop_reading, mut stopped) = tokio::sync::watch::channel(false);
-    let reader = tokio::spawn(async move {
-        let mut wire = wire;
-        while !*stopped.borrow_and_update() {
-            wire.read_for(Duration::from_millis(200)).await;
-        }
-        wire
-    });
+    let mut wire = WireCounter::start(&destination, &wire_queue).await;
     let mut settings = config(RABBITMQ_STOMP);
     settings.maximum_retry_attempts = 2;
     settings.published_chunk_size = 100;
@@ -287,8 +279,6 @@ async fn ordered_relay_killed(backend: Backend, name: &str) {
 
     let expected = outbox_ids(&test.db).await;
     let counted = count(&expected, &effect_counts(&sink.db).await);
-    stop_reading.send(true).unwrap();
-    let mut wire = reader.await.unwrap();
     let wire_duplicates = wire.duplicates(&expected).await;
     let (inversions, keys_seen) = {
         let order = order.lock().unwrap();

@@ -303,17 +303,6 @@ impl WireCounter {
         }
     }
 
-    /// Reads what has arrived, until nothing more comes for `quiet`: for a long run, call it
-    /// meanwhile, so that the broker never finds this reader behind.
-    pub async fn read_for(&mut self, quiet: Duration) {
-        while let Some(frame) = self.peer.next_message(quiet).await {
-            if frame.command == "MESSAGE" {
-                let id = frame.header("dop-msg-id").unwrap_or_default().to_owned();
-                *self.seen.entry(id).or_default() += 1;
-            }
-        }
-    }
-
     /// Reads until every id of `expected` was seen and nothing more came for a second; returns
     /// the duplicate copies.
     pub async fn duplicates(&mut self, expected: &HashSet<String>) -> usize {
