@@ -368,6 +368,8 @@ impl Producer {
         }
         let span =
             tracing::info_span!("outbox.batch", size = claim.rows.len(), token = %claim.token);
+        #[cfg(feature = "opentelemetry")]
+        crate::trace_context::link_batch(&span, &claim.rows);
         let lease = Lease {
             token: claim.token,
             until: started + self.config.producer_lease,

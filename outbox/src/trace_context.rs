@@ -50,19 +50,47 @@ fn traceparent(span_context: &SpanContext) -> String {
 /// The remote parent a message's headers name, if their `traceparent` is valid (a malformed
 /// `tracestate` is dropped, the parent kept, as the W3C specification asks).
 pub(crate) fn remote_parent(headers: &BTreeMap<String, String>) -> Option<opentelemetry::Context> {
-    let span_context = parse_traceparent(headers.get(TRACEPARENT)?)?;
-    let state = headers
-        .get(TRACESTATE)
+    let span_context = message_context(
+        headers.get(TRACEPARENT)?,
+        headers.get(TRACESTATE).map(String::as_str),
+    )?;
+    Some(opentelemetry::Context::new().with_remote_span_context(span_context))
+}
+
+/// The remote span context a message's `traceparent` and `tracestate` name, if the
+/// `traceparent` is valid.
+fn message_context(traceparent: &str, tracestate: Option<&str>) -> Option<SpanContext> {
+    let span_context = parse_traceparent(traceparent)?;
+    let state = tracestate
         .and_then(|value| TraceState::from_str(value).ok())
         .unwrap_or_default();
-    let span_context = SpanContext::new(
+    Some(SpanContext::new(
         span_context.trace_id(),
         span_context.span_id(),
         span_context.trace_flags(),
         true,
         state,
-    );
-    Some(opentelemetry::Context::new().with_remote_span_context(span_context))
+    ))
+}
+
+/// Links the relay's batch span to the trace of each claimed row that carries one: one link
+/// per row with a valid `traceparent` (rows without one cost a map lookup), no span per
+/// message. Nothing is done when the span is disabled (no subscriber records it). The
+/// OpenTelemetry SDK keeps at most its span limit's links per span (128 by default), dropping
+/// the rest.
+pub(crate) fn link_batch(span: &tracing::Span, rows: &[crate::published::Model]) {
+    if span.is_disabled() {
+        return;
+    }
+    for row in rows {
+        let Some(traceparent) = row.headers.get(TRACEPARENT).and_then(|v| v.as_str()) else {
+            continue;
+        };
+        let tracestate = row.headers.get(TRACESTATE).and_then(|v| v.as_str());
+        if let Some(context) = message_context(traceparent, tracestate) {
+            span.add_link(context);
+        }
+    }
 }
 
 /// Reads `version-traceid-spanid-flags`. Version `ff` and all-zero ids are invalid; a later
