@@ -7,6 +7,10 @@
 //! would pass unseen. Every Python process runs under a time limit and is killed when its test
 //! ends, passing or not. Django and our service each have their own database (both have a
 //! `received` table); they meet only on the broker.
+//!
+//! The trace tests also run the Python side instrumented with
+//! opentelemetry-instrumentation-django-outbox-pattern, its spans written to a file that the test
+//! reads, and record ours through OpenTelemetry's in-memory exporter.
 
 #[path = "../../outbox/tests/common/mod.rs"]
 mod common;
