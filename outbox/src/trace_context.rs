@@ -78,15 +78,18 @@ fn message_context(traceparent: &str, tracestate: Option<&str>) -> Option<SpanCo
 /// message. Nothing is done when the span is disabled (no subscriber records it). The
 /// OpenTelemetry SDK keeps at most its span limit's links per span (128 by default), dropping
 /// the rest.
-pub(crate) fn link_batch(span: &tracing::Span, rows: &[crate::published::Model]) {
+pub(crate) fn link_batch<'a>(
+    span: &tracing::Span,
+    rows_headers: impl IntoIterator<Item = &'a serde_json::Value>,
+) {
     if span.is_disabled() {
         return;
     }
-    for row in rows {
-        let Some(traceparent) = row.headers.get(TRACEPARENT).and_then(|v| v.as_str()) else {
+    for headers in rows_headers {
+        let Some(traceparent) = headers.get(TRACEPARENT).and_then(|v| v.as_str()) else {
             continue;
         };
-        let tracestate = row.headers.get(TRACESTATE).and_then(|v| v.as_str());
+        let tracestate = headers.get(TRACESTATE).and_then(|v| v.as_str());
         if let Some(context) = message_context(traceparent, tracestate) {
             span.add_link(context);
         }
@@ -167,6 +170,49 @@ mod tests {
             parse_traceparent("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-later")
                 .is_some()
         );
+    }
+
+    #[test]
+    fn a_batch_links_to_each_valid_traceparent_only() {
+        use opentelemetry::trace::TracerProvider as _;
+        use tracing_subscriber::layer::SubscriberExt;
+
+        let exporter = opentelemetry_sdk::trace::InMemorySpanExporter::default();
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+            .with_simple_exporter(exporter.clone())
+            .build();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("unit")));
+        let first = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let second = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00";
+        let rows = [
+            serde_json::json!({ TRACEPARENT: first, TRACESTATE: "congo=t61rcWkgMzE" }),
+            serde_json::json!({ "dop-msg-id": "no trace" }),
+            serde_json::json!({ TRACEPARENT: "00-not-a-trace-01" }),
+            serde_json::json!({ TRACEPARENT: 7 }),
+            serde_json::json!({ TRACEPARENT: second }),
+        ];
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("outbox.batch");
+            link_batch(&span, &rows);
+        });
+        let spans = exporter.get_finished_spans().unwrap();
+        assert_eq!(spans.len(), 1);
+        let links: Vec<String> = spans[0]
+            .links
+            .iter()
+            .map(|link| traceparent(&link.span_context))
+            .collect();
+        assert_eq!(links, [first, second]);
+        assert_eq!(
+            spans[0].links[0].span_context.trace_state().header(),
+            "congo=t61rcWkgMzE"
+        );
+        assert!(spans[0].links.iter().all(|l| l.span_context.is_remote()));
+
+        // Without an OpenTelemetry layer: nothing to link, nothing done.
+        let span = tracing::info_span!("outbox.batch");
+        link_batch(&span, &rows);
     }
 
     #[test]
