@@ -7,6 +7,8 @@ its own destinations on the shared broker:
 * INTEROP_DESTINATION: the destination the `@publish` model announces to (read when the model
   module is imported);
 * INTEROP_STOMP_PORT: the STOMP port (61613; a test points it at a recording proxy).
+* INTEROP_SPANS: a file; when set, manage.py instruments django-outbox-pattern with
+  OpenTelemetry and appends every finished span to it (interop_project/tracing.py).
 """
 import os
 

@@ -43,6 +43,7 @@ class Sample(models.Model):
     count = models.IntegerField(null=True)
     flag = models.BooleanField(null=True)
     ratio = models.FloatField(null=True)
+    price = models.DecimalField(max_digits=10, decimal_places=2, null=True)
 
     class Meta:
         managed = False

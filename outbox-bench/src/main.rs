@@ -44,6 +44,8 @@ enum Scenario {
     Consume,
     /// The broker's own limit: the bare transport sending the same messages with receipts.
     Limit,
+    /// The cost of the `opentelemetry` feature: saves, relay and consumer, untraced and traced.
+    Trace,
     /// Every scenario, each in a child process.
     All,
     /// (internal) The relay alone, in its own process, for its memory figure.
@@ -85,6 +87,7 @@ fn main() -> ExitCode {
             Scenario::Latency => scenarios::latency(&settings, cli.n.clamp(200, 2000)).await,
             Scenario::Consume => scenarios::consume(&settings, cli.n).await,
             Scenario::Limit => scenarios::limit(&settings, cli.n).await,
+            Scenario::Trace => scenarios::trace::trace(&settings, cli.n).await,
             Scenario::RelayWorker => scenarios::relay_worker(&settings, &cli.worker, cli.n).await,
             Scenario::ConsumeWorker => {
                 scenarios::consume_worker(&settings, &cli.worker, cli.n).await

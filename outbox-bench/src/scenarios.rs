@@ -16,6 +16,8 @@ use tokio::sync::mpsc;
 use crate::scratch::{BoxError, Scratch};
 use crate::{figure, progress};
 
+pub mod trace;
+
 /// A plain entity: the baseline save.
 pub mod item {
     use sea_orm::entity::prelude::*;
@@ -540,6 +542,9 @@ pub struct WorkerArgs {
     /// Callbacks at once.
     #[arg(long, hide = true)]
     in_flight: Option<usize>,
+    /// Records every span through OpenTelemetry (the `trace` scenario).
+    #[arg(long, hide = true)]
+    traced: bool,
 }
 
 /// Runs this program as a worker process and returns its figures (`name value` pairs).
@@ -561,6 +566,9 @@ async fn run_worker(
         if let Some(value) = value {
             command.args([flag, value.as_str()]);
         }
+    }
+    if args.traced {
+        command.arg("--traced");
     }
     let output = command
         .stderr(std::process::Stdio::inherit())
@@ -601,6 +609,7 @@ pub async fn relay_worker(
         .database_url
         .as_deref()
         .ok_or("--database-url is required")?;
+    let _recording = args.traced.then(trace::record_globally).transpose()?;
     let db = sea_orm::Database::connect(url).await?;
     let producer = Producer::builder(db)
         .config(settings.config.clone())
@@ -632,6 +641,7 @@ pub async fn consume_worker(
         .clone()
         .ok_or("--destination is required")?;
     let queue = args.queue.clone().ok_or("--queue is required")?;
+    let _recording = args.traced.then(trace::record_globally).transpose()?;
     let in_flight = args.in_flight.unwrap_or(1);
     let mut options = sea_orm::ConnectOptions::new(url.to_owned());
     options
@@ -727,6 +737,7 @@ pub async fn consume(settings: &Settings, n: usize) -> Result<(), BoxError> {
             queue: Some(queue.clone()),
             prefetch: Some(PREFETCH),
             in_flight: Some(IN_FLIGHT),
+            traced: false,
         },
     )
     .await;

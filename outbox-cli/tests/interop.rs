@@ -7,24 +7,32 @@
 //! would pass unseen. Every Python process runs under a time limit and is killed when its test
 //! ends, passing or not. Django and our service each have their own database (both have a
 //! `received` table); they meet only on the broker.
+//!
+//! The trace tests also run the Python side instrumented with
+//! opentelemetry-instrumentation-django-outbox-pattern, its spans written to a file that the test
+//! reads, and record ours through OpenTelemetry's in-memory exporter.
 
 #[path = "../../outbox/tests/common/mod.rs"]
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use common::stomp_peer::{QueueCleanup, RABBITMQ_STOMP, StompPeer, unescape, unique};
 use common::{Backend, TestDb, eventually};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
 use outbox::{Consumer, ConsumerHandle, OutboxConfig, Payload};
 use sea_orm::{ConnectionTrait, DatabaseConnection, EntityTrait, Statement};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, Command};
+use tracing::Instrument;
+use tracing_subscriber::layer::SubscriberExt;
 
 const PYTHON_VAR: &str = "OUTBOX_TEST_PYTHON";
 /// How long one `manage.py` command may run before the test gives up on it.
@@ -61,6 +69,9 @@ struct Django {
     stomp_port: u16,
     /// Where the long-running processes write their logs.
     logs: tempdir::Dir,
+    /// The file every `manage.py` process appends its OpenTelemetry spans to, when the
+    /// project is instrumented (`INTEROP_SPANS`, see `interop/interop_project/tracing.py`).
+    spans: Option<PathBuf>,
 }
 
 /// A `manage.py` process that runs until the test stops it; killed when dropped.
@@ -77,6 +88,7 @@ impl Django {
             destination: destination.to_owned(),
             stomp_port: 61613,
             logs: tempdir::Dir::new(),
+            spans: None,
         };
         django.manage(&["migrate", "-v0"], None).await;
         django
@@ -101,6 +113,10 @@ impl Django {
             .env("INTEROP_DESTINATION", &self.destination)
             .env("INTEROP_STOMP_PORT", self.stomp_port.to_string())
             .env("PYTHONUNBUFFERED", "1")
+            .env(
+                "INTEROP_SPANS",
+                self.spans.as_deref().unwrap_or(Path::new("")),
+            )
             // Nothing written into the source tree.
             .env("PYTHONDONTWRITEBYTECODE", "1")
             .kill_on_drop(true);
@@ -163,6 +179,22 @@ impl Django {
             log,
             what: format!("manage.py {}", args.join(" ")),
         }
+    }
+
+    /// Instruments every later `manage.py` process with opentelemetry-instrumentation-django-
+    /// outbox-pattern, its spans written to a file of the log directory.
+    fn record_spans(&mut self) {
+        self.spans = Some(self.logs.path().join("spans.jsonl"));
+    }
+
+    /// The spans the instrumented processes have finished so far.
+    fn spans(&self) -> Vec<PySpan> {
+        let path = self.spans.as_ref().expect("an instrumented project");
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("a span line"))
+            .collect()
     }
 
     /// The `dop-msg-id` of every effect the project's callback left, one per processing.
@@ -1001,4 +1033,216 @@ async fn adopting_is_refused_outside_postgres() {
         );
         t.drop_database().await;
     }
+}
+
+// ------------------------------------------------------------- traces across the two languages
+
+/// A span a Python process finished, as `interop/interop_project/tracing.py` writes it.
+#[derive(Debug, serde::Deserialize)]
+struct PySpan {
+    name: String,
+    kind: String,
+    trace_id: String,
+    span_id: String,
+    parent_span_id: Option<String>,
+    parent_is_remote: Option<bool>,
+}
+
+/// The spans this process records, through `tracing-opentelemetry` into OpenTelemetry's
+/// in-memory exporter: one global subscriber for the whole test binary, installed by the first
+/// test that needs it (the consumer runs in tasks of its own). Each test finds its own spans by
+/// their trace id.
+fn our_spans() -> &'static InMemorySpanExporter {
+    static SPANS: OnceLock<(InMemorySpanExporter, SdkTracerProvider)> = OnceLock::new();
+    &SPANS
+        .get_or_init(|| {
+            let exporter = InMemorySpanExporter::default();
+            let provider = SdkTracerProvider::builder()
+                .with_simple_exporter(exporter.clone())
+                .build();
+            let layer =
+                tracing_opentelemetry::layer().with_tracer(provider.tracer("outbox-interop"));
+            tracing::subscriber::set_global_default(tracing_subscriber::registry().with(layer))
+                .expect("the only global subscriber of this test binary");
+            (exporter, provider)
+        })
+        .0
+}
+
+fn finished(exporter: &InMemorySpanExporter) -> Vec<SpanData> {
+    exporter
+        .get_finished_spans()
+        .expect("read the exported spans")
+}
+
+/// A trace started around a Django save (the instrumentor's `save published` span, inside the
+/// test command's own span) crosses the Python relay (which re-injects its `send` span) and
+/// continues in our consumer: our `outbox.message` span is in the same trace, the child of the
+/// relay's send span, a remote parent.
+#[tokio::test]
+async fn a_django_trace_continues_in_our_consumer() {
+    let exporter = our_spans();
+    let key = unique("interop_trace_py_to_rs");
+    let destination = format!("/topic/{key}");
+    let _queues = QueueCleanup(vec![key.clone(), format!("DLQ.{key}")]);
+    let ours = TestDb::new(Backend::Postgres).await;
+    let mut django = Django::new(&destination).await;
+    django.record_spans();
+
+    let (consumer, effects) = our_consumer(&ours.db, &destination, &key);
+    wait_consumers(&key, 1).await;
+    let written: Vec<String> = serde_json::from_str(
+        django
+            .manage(
+                &["write_orders", "--decorated", "1", "--span", "checkout"],
+                None,
+            )
+            .await
+            .trim(),
+    )
+    .expect("write_orders prints the ids");
+    assert_eq!(written.len(), 1, "{written:?}");
+    let checkout = {
+        let spans = django.spans();
+        let checkout: Vec<&PySpan> = spans.iter().filter(|s| s.name == "checkout").collect();
+        assert_eq!(checkout.len(), 1, "{spans:?}");
+        (checkout[0].trace_id.clone(), checkout[0].span_id.clone())
+    };
+
+    let mut relay = django.spawn(&["publish"]);
+    eventually(
+        DELIVERY_LIMIT,
+        "our consumer processed the row and closed its span",
+        || {
+            let processed = effects.lock().unwrap().contains(&written[0]);
+            let closed = finished(exporter).iter().any(|span| {
+                span.name == "outbox.message"
+                    && span.span_context.trace_id().to_string() == checkout.0
+            });
+            async move { processed && closed }
+        },
+    )
+    .await;
+    relay.assert_running();
+    let relay_log = relay.stop().await;
+    consumer.stop().await.expect("stop our consumer");
+
+    let python = django.spans();
+    let sends: Vec<&PySpan> = python
+        .iter()
+        .filter(|s| s.trace_id == checkout.0 && s.name.starts_with("send "))
+        .collect();
+    assert_eq!(
+        sends.len(),
+        1,
+        "the Python relay's send span, in the save's trace: {python:?}\n{relay_log}"
+    );
+    assert_eq!(sends[0].kind, "PRODUCER");
+    let saves: Vec<&PySpan> = python
+        .iter()
+        .filter(|s| {
+            s.name.starts_with("save published ") && s.parent_span_id.as_ref() == Some(&checkout.1)
+        })
+        .collect();
+    assert_eq!(
+        saves.len(),
+        1,
+        "the save's span, under the command's: {python:?}"
+    );
+    assert_eq!(
+        sends[0].parent_span_id.as_ref(),
+        Some(&saves[0].span_id),
+        "the relay continued the row's trace"
+    );
+
+    let ours_spans = finished(exporter);
+    let messages: Vec<&SpanData> = ours_spans
+        .iter()
+        .filter(|span| {
+            span.name == "outbox.message" && span.span_context.trace_id().to_string() == checkout.0
+        })
+        .collect();
+    assert_eq!(messages.len(), 1, "{messages:?}");
+    assert_eq!(
+        messages[0].parent_span_id.to_string(),
+        sends[0].span_id,
+        "our message span is the child of the Python relay's send span"
+    );
+    assert!(messages[0].parent_span_is_remote);
+    django.db.drop_database().await;
+    ours.drop_database().await;
+}
+
+/// A row we save inside a span, relayed by the `outbox` binary, is processed by the
+/// instrumented `manage.py subscribe`: its `process` span is in our trace, the child of our
+/// writer's span (our relay sends the row's `traceparent` as written).
+#[tokio::test]
+async fn our_trace_continues_in_python_subscribe() {
+    let exporter = our_spans();
+    let key = unique("interop_trace_rs_to_py");
+    let destination = format!("/topic/{key}");
+    let _queues = QueueCleanup(vec![key.clone(), format!("DLQ.{key}")]);
+    let ours = TestDb::new(Backend::Postgres).await;
+    let mut django = Django::new(&destination).await;
+    django.record_spans();
+
+    let mut subscriber = django.spawn(&["subscribe", "shop.callbacks.record", &destination]);
+    wait_consumers(&key, 1).await;
+    let row = outbox::enqueue(&ours.db, &destination, &serde_json::json!({"traced": true}))
+        .instrument(tracing::info_span!("interop.writer"))
+        .await
+        .expect("enqueue");
+    let id = row.id.to_string();
+    let writer = {
+        let spans = finished(exporter);
+        let writer: Vec<&SpanData> = spans
+            .iter()
+            .filter(|span| {
+                span.name == "interop.writer"
+                    && row.headers["traceparent"].as_str().is_some_and(|parent| {
+                        parent.contains(&span.span_context.span_id().to_string())
+                    })
+            })
+            .collect();
+        assert_eq!(writer.len(), 1, "the writer's span, named by the row");
+        writer[0].span_context.clone()
+    };
+
+    let mut relay = our_relay(&ours.url, RABBITMQ_STOMP);
+    eventually(
+        DELIVERY_LIMIT,
+        "manage.py subscribe processed the row and wrote its span",
+        || {
+            let django = &django;
+            let id = id.clone();
+            let trace = writer.trace_id().to_string();
+            async move {
+                django.effects().await.contains(&id)
+                    && django
+                        .spans()
+                        .iter()
+                        .any(|s| s.trace_id == trace && s.name.starts_with("process "))
+            }
+        },
+    )
+    .await;
+    subscriber.assert_running();
+    let _ = relay.kill().await;
+    let log = subscriber.stop().await;
+
+    let python = django.spans();
+    let process: Vec<&PySpan> = python
+        .iter()
+        .filter(|s| s.trace_id == writer.trace_id().to_string() && s.name.starts_with("process "))
+        .collect();
+    assert_eq!(process.len(), 1, "{python:?}\n{log}");
+    assert_eq!(process[0].kind, "CONSUMER");
+    assert_eq!(
+        process[0].parent_span_id,
+        Some(writer.span_id().to_string()),
+        "the Python consumer's span is the child of our writer's"
+    );
+    assert_eq!(process[0].parent_is_remote, Some(true));
+    django.db.drop_database().await;
+    ours.drop_database().await;
 }

@@ -5,7 +5,11 @@
 //! Django's encoder (`DjangoJSONEncoder`) differs from chrono's serde output in its date-times and
 //! times: it keeps milliseconds only (and none at all when the microseconds are zero), writes UTC
 //! as `Z`, and a date-time stored with a time zone comes back from the database in UTC. Dates,
-//! UUIDs (as hyphenated strings), JSON columns, numbers, booleans and `None` (`null`) already agree.
+//! UUIDs (as hyphenated strings), JSON columns, numbers, booleans and `None` (`null`) already agree,
+//! and so do decimals (SeaORM's `with-rust_decimal`): `rust_decimal` writes a string keeping the
+//! value's scale, `"12.50"`, as Django writes `str(Decimal)` (unless its `serde-float` feature makes
+//! them numbers). On SQLite, SeaORM reads a decimal back through an `f64`: the value a body is made
+//! from has lost the column's scale (`"12.5"`).
 //!
 //! chrono's types serialize through `Serializer::collect_str`, and nothing else a column holds does
 //! (strings use `serialize_str`), so the one serializer method that re-encodes is `collect_str`:

@@ -385,6 +385,8 @@ impl Producer {
         }
         let span =
             tracing::info_span!("outbox.batch", size = claim.rows.len(), token = %claim.token);
+        #[cfg(feature = "opentelemetry")]
+        crate::trace_context::link_batch(&span, claim.rows.iter().map(|row| &row.headers));
         let lease = Lease {
             token: claim.token,
             until: started + self.config.producer_lease,

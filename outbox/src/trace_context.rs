@@ -50,19 +50,50 @@ fn traceparent(span_context: &SpanContext) -> String {
 /// The remote parent a message's headers name, if their `traceparent` is valid (a malformed
 /// `tracestate` is dropped, the parent kept, as the W3C specification asks).
 pub(crate) fn remote_parent(headers: &BTreeMap<String, String>) -> Option<opentelemetry::Context> {
-    let span_context = parse_traceparent(headers.get(TRACEPARENT)?)?;
-    let state = headers
-        .get(TRACESTATE)
+    let span_context = message_context(
+        headers.get(TRACEPARENT)?,
+        headers.get(TRACESTATE).map(String::as_str),
+    )?;
+    Some(opentelemetry::Context::new().with_remote_span_context(span_context))
+}
+
+/// The remote span context a message's `traceparent` and `tracestate` name, if the
+/// `traceparent` is valid.
+fn message_context(traceparent: &str, tracestate: Option<&str>) -> Option<SpanContext> {
+    let span_context = parse_traceparent(traceparent)?;
+    let state = tracestate
         .and_then(|value| TraceState::from_str(value).ok())
         .unwrap_or_default();
-    let span_context = SpanContext::new(
+    Some(SpanContext::new(
         span_context.trace_id(),
         span_context.span_id(),
         span_context.trace_flags(),
         true,
         state,
-    );
-    Some(opentelemetry::Context::new().with_remote_span_context(span_context))
+    ))
+}
+
+/// Links the relay's batch span to the trace of each claimed row that carries one: one link
+/// per row with a valid `traceparent` (rows without one cost a map lookup), no span per
+/// message. Nothing is done when the span is disabled (no subscriber records it). The
+/// OpenTelemetry SDK keeps at most its span limit's links per span (128 by default), dropping
+/// the rest.
+pub(crate) fn link_batch<'a>(
+    span: &tracing::Span,
+    rows_headers: impl IntoIterator<Item = &'a serde_json::Value>,
+) {
+    if span.is_disabled() {
+        return;
+    }
+    for headers in rows_headers {
+        let Some(traceparent) = headers.get(TRACEPARENT).and_then(|v| v.as_str()) else {
+            continue;
+        };
+        let tracestate = headers.get(TRACESTATE).and_then(|v| v.as_str());
+        if let Some(context) = message_context(traceparent, tracestate) {
+            span.add_link(context);
+        }
+    }
 }
 
 /// Reads `version-traceid-spanid-flags`. Version `ff` and all-zero ids are invalid; a later
@@ -139,6 +170,49 @@ mod tests {
             parse_traceparent("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-later")
                 .is_some()
         );
+    }
+
+    #[test]
+    fn a_batch_links_to_each_valid_traceparent_only() {
+        use opentelemetry::trace::TracerProvider as _;
+        use tracing_subscriber::layer::SubscriberExt;
+
+        let exporter = opentelemetry_sdk::trace::InMemorySpanExporter::default();
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+            .with_simple_exporter(exporter.clone())
+            .build();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("unit")));
+        let first = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let second = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00";
+        let rows = [
+            serde_json::json!({ TRACEPARENT: first, TRACESTATE: "congo=t61rcWkgMzE" }),
+            serde_json::json!({ "dop-msg-id": "no trace" }),
+            serde_json::json!({ TRACEPARENT: "00-not-a-trace-01" }),
+            serde_json::json!({ TRACEPARENT: 7 }),
+            serde_json::json!({ TRACEPARENT: second }),
+        ];
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("outbox.batch");
+            link_batch(&span, &rows);
+        });
+        let spans = exporter.get_finished_spans().unwrap();
+        assert_eq!(spans.len(), 1);
+        let links: Vec<String> = spans[0]
+            .links
+            .iter()
+            .map(|link| traceparent(&link.span_context))
+            .collect();
+        assert_eq!(links, [first, second]);
+        assert_eq!(
+            spans[0].links[0].span_context.trace_state().header(),
+            "congo=t61rcWkgMzE"
+        );
+        assert!(spans[0].links.iter().all(|l| l.span_context.is_remote()));
+
+        // Without an OpenTelemetry layer: nothing to link, nothing done.
+        let span = tracing::info_span!("outbox.batch");
+        link_batch(&span, &rows);
     }
 
     #[test]

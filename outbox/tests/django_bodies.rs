@@ -14,6 +14,7 @@ use std::time::Duration;
 use chrono::{DateTime, FixedOffset, NaiveDate, NaiveDateTime, NaiveTime, Utc};
 use common::{Backend, TestDb, on_every_backend};
 use sea_orm::ActiveValue::Set;
+use sea_orm::prelude::Decimal;
 use sea_orm::{ConnectionTrait, EntityTrait};
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
@@ -42,6 +43,7 @@ mod sample {
         pub count: Option<i32>,
         pub flag: Option<bool>,
         pub ratio: Option<f64>,
+        pub price: Option<Decimal>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -53,18 +55,23 @@ async fn create_table(t: &TestDb) {
         Backend::Postgres => {
             "CREATE TABLE samples (sample_id bigint PRIMARY KEY, created timestamptz, \
              shifted timestamptz, naive timestamp, day date, at time, ref uuid, doc jsonb, \
-             note varchar(100), count integer, flag boolean, ratio double precision)"
+             note varchar(100), count integer, flag boolean, ratio double precision, \
+             price numeric(10,2))"
         }
         Backend::MariaDb => {
             "CREATE TABLE samples (sample_id bigint PRIMARY KEY, created timestamp(6) NULL, \
              shifted timestamp(6) NULL, naive datetime(6), day date, at time(6), ref binary(16), \
-             doc json, note varchar(100), count integer, flag boolean, ratio double)"
+             doc json, note varchar(100), count integer, flag boolean, ratio double, \
+             price decimal(10,2))"
         }
+        // `real(10, 2)` as sea-orm-migration creates a decimal column on SQLite (REAL affinity).
+        // In a NUMERIC-affinity column (Django's `decimal`), a whole value such as 100.00 is
+        // stored as an INTEGER, which SeaORM, reading a decimal through an `f64`, refuses.
         Backend::Sqlite => {
             "CREATE TABLE samples (sample_id bigint PRIMARY KEY, created timestamp_with_timezone_text, \
              shifted timestamp_with_timezone_text, naive datetime_text, day date_text, \
              at time_text, ref uuid_text, doc json_text, note varchar(100), count integer, \
-             flag boolean, ratio real)"
+             flag boolean, ratio real, price real(10, 2))"
         }
     };
     t.db.execute_unprepared(sql).await.expect("create samples");
@@ -133,6 +140,24 @@ async fn our_bodies(t: &TestDb, sample: sample::ActiveModel) -> (Value, Value) {
     (body("/topic/samples"), body("/topic/samples_some"))
 }
 
+fn decimal(text: &str) -> Decimal {
+    text.parse().expect("a decimal")
+}
+
+/// Django's body as ours holds it on `backend`. Equal, except for a decimal on SQLite: there
+/// the column (NUMERIC affinity) stores the text SeaORM binds as a REAL or INTEGER, and SeaORM
+/// reads a `Decimal` back through an `f64`, so the value our body is made from has lost the
+/// column's scale ("12.50" comes back as 12.5). Django quantizes to `decimal_places` when it
+/// reads. The value is the same number, its trailing zeros dropped.
+fn as_read_back(backend: Backend, mut django: Value) -> Value {
+    if backend == Backend::Sqlite
+        && let Some(text) = django["price"].as_str()
+    {
+        django["price"] = json!(decimal(text).normalize().to_string());
+    }
+    django
+}
+
 fn at_utc(text: &str) -> DateTime<Utc> {
     text.parse().expect("a date-time")
 }
@@ -164,6 +189,7 @@ async fn every_column_type(backend: Backend) {
             count: Set(Some(-3)),
             flag: Set(Some(true)),
             ratio: Set(Some(1.5)),
+            price: Set(Some(decimal("12.50"))),
         },
     )
     .await;
@@ -180,10 +206,11 @@ async fn every_column_type(backend: Backend) {
         "count": -3,
         "flag": true,
         "ratio": 1.5,
+        "price": "12.50",
     });
     assert_eq!(
         default,
-        django_body(&values, None).await,
+        as_read_back(backend, django_body(&values, None).await),
         "{backend:?}: default body"
     );
     assert_eq!(
@@ -192,6 +219,12 @@ async fn every_column_type(backend: Backend) {
         "{backend:?}: fields(created, ref, sample_id)"
     );
     assert_eq!(default["created"], json!("2024-01-02T03:04:05.678Z"));
+    let price = if backend == Backend::Sqlite {
+        "12.5"
+    } else {
+        "12.50"
+    };
+    assert_eq!(default["price"], json!(price), "a decimal as str(Decimal)");
     assert!(default.get("sample_id").is_none(), "the key only as \"id\"");
 
     // Whole seconds (no fraction at all, as Python writes them) and every nullable column null.
@@ -210,6 +243,7 @@ async fn every_column_type(backend: Backend) {
             count: Set(None),
             flag: Set(None),
             ratio: Set(None),
+            price: Set(None),
         },
     )
     .await;
@@ -229,6 +263,31 @@ async fn every_column_type(backend: Backend) {
         django_body(&values, Some(&["created", "ref", "sample_id"])).await,
         "{backend:?}: fields(...), whole seconds"
     );
+    assert_eq!(default["price"], Value::Null);
+
+    // Decimals: a sign, a leading zero, every digit of numeric(10,2), trailing zeros kept.
+    for (sample_id, text) in [(9, "-0.05"), (10, "12345678.90"), (11, "100.00")] {
+        let (default, _) = our_bodies(
+            &t,
+            sample::ActiveModel {
+                sample_id: Set(sample_id),
+                price: Set(Some(decimal(text))),
+                ..Default::default()
+            },
+        )
+        .await;
+        let values = json!({"sample_id": sample_id, "price": text});
+        let django = django_body(&values, None).await;
+        assert_eq!(django["price"], json!(text), "Django writes str(Decimal)");
+        assert_eq!(
+            default,
+            as_read_back(backend, django),
+            "{backend:?}: the decimal {text}"
+        );
+        if backend != Backend::Sqlite {
+            assert_eq!(default["price"], json!(text), "{backend:?}");
+        }
+    }
     t.drop_database().await;
 }
 

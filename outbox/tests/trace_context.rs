@@ -1,7 +1,8 @@
 //! Trace context across the broker (the `opentelemetry` feature), on PostgreSQL and RabbitMQ,
 //! with OpenTelemetry's in-memory exporter: a row saved in a span carries its `traceparent`, and
-//! the consumer's message span, with the callback's own span under it, continues that trace.
-//! A row saved outside any span carries no trace header.
+//! the consumer's message span, with the callback's own span under it, continues that trace,
+//! and the relay's batch span links to it (one link per traced row, no span per message). A
+//! row saved outside any span carries no trace header, and no link.
 //!
 //! The tracing subscriber is global (the consumer runs in tasks of its own), one per process:
 //! this file is its own test binary, with one test.
@@ -111,6 +112,33 @@ async fn the_consumer_continues_the_trace_of_the_save_that_wrote_the_message() {
         format!("00-{}-{}-01", checkout.trace_id(), checkout.span_id()),
         "the row names the writer's span, sampled"
     );
+
+    let batches = named(&spans, "outbox.batch");
+    assert!(!batches.is_empty(), "the relay's batch spans are recorded");
+    let links: Vec<_> = batches
+        .iter()
+        .flat_map(|batch| batch.links.links.iter())
+        .collect();
+    assert_eq!(
+        links.len(),
+        1,
+        "one link, for the one traced row: {links:?}"
+    );
+    assert_eq!(links[0].span_context.trace_id(), checkout.trace_id());
+    assert_eq!(
+        links[0].span_context.span_id(),
+        checkout.span_id(),
+        "the batch links to the writer's span"
+    );
+    assert!(links[0].span_context.is_remote());
+    assert!(links[0].span_context.is_sampled());
+    for batch in &batches {
+        assert_ne!(
+            batch.span_context.trace_id(),
+            checkout.trace_id(),
+            "the batch is a trace of its own, linked, not a child"
+        );
+    }
 
     let messages = named(&spans, "outbox.message");
     let continued: Vec<&&SpanData> = messages
