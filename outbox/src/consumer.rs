@@ -15,6 +15,7 @@
 
 mod dispatch;
 mod failure;
+mod group;
 mod inbox;
 mod topology;
 
@@ -36,6 +37,7 @@ use crate::shutdown::Stoppable;
 use crate::transport::{Delivery, StompTransport, Transport, TransportError};
 use crate::{Error, OutboxConfig, Payload};
 use dispatch::{Callback, Dispatcher};
+use group::Groups;
 
 /// A subscription that lived this long was healthy: after it drops, reconnect at once.
 const STABLE_SUBSCRIPTION: Duration = Duration::from_secs(30);
@@ -90,6 +92,8 @@ pub struct ConsumerBuilder {
     queue: Option<String>,
     prefetch: Option<u32>,
     in_flight: usize,
+    group_size: Option<u32>,
+    group_wait: Option<Duration>,
     shutdown_timeout: Option<Duration>,
     exclusive: Option<bool>,
     queue_headers: Vec<(String, String)>,
@@ -113,15 +117,33 @@ impl ConsumerBuilder {
 
     /// How many unacknowledged messages the broker may hand over at once (`prefetch-count`).
     /// Default: the `prefetch-count` of the settings' queue headers (1), raised to
-    /// [`ConsumerBuilder::in_flight`].
+    /// [`ConsumerBuilder::in_flight`] times [`ConsumerBuilder::group_size`], so that every
+    /// group can fill.
     pub fn prefetch(mut self, prefetch: u32) -> Self {
         self.prefetch = Some(prefetch);
         self
     }
 
     /// How many callbacks may run at once. Default 1: messages are processed in order.
+    /// With group commits, how many groups run at once (the callbacks of one group run one
+    /// after another).
     pub fn in_flight(mut self, in_flight: usize) -> Self {
         self.in_flight = in_flight;
+        self
+    }
+
+    /// How many messages one database transaction may process, each in a savepoint of its
+    /// own, acknowledged after the commit (default: the settings', 16; 1 to 64, 1 for a
+    /// transaction per message). A group also holds at most `prefetch / in_flight` messages.
+    pub fn group_size(mut self, size: u32) -> Self {
+        self.group_size = Some(size);
+        self
+    }
+
+    /// How long a group stays open for more messages after its first (default: the
+    /// settings', 2 ms; at most 1 s).
+    pub fn group_wait(mut self, wait: Duration) -> Self {
+        self.group_wait = Some(wait);
         self
     }
 
@@ -171,10 +193,16 @@ impl ConsumerBuilder {
     /// The consumer; checks the settings, makes them the process's ([`OutboxConfig::install`])
     /// and reads the TLS files they name.
     pub fn build(self) -> Result<Consumer, Error> {
-        let config = match self.config {
+        let mut config = match self.config {
             Some(config) => config,
             None => OutboxConfig::from_env()?,
         };
+        if let Some(size) = self.group_size {
+            config.consumer_group_size = size;
+        }
+        if let Some(wait) = self.group_wait {
+            config.consumer_group_wait = wait;
+        }
         config.install()?;
         if self.in_flight == 0 {
             return Err(Error::Config {
@@ -198,7 +226,10 @@ impl ConsumerBuilder {
             None => headers
                 .get("prefetch-count")
                 .and_then(|p| p.trim().parse::<u32>().ok())
-                .map(|p| p.max(u32::try_from(self.in_flight).unwrap_or(u32::MAX))),
+                .map(|p| {
+                    let in_flight = u32::try_from(self.in_flight).unwrap_or(u32::MAX);
+                    p.max(in_flight.saturating_mul(config.consumer_group_size))
+                }),
         };
         // No prefetch-count is no limit to RabbitMQ: the broker would push the whole queue.
         let prefetch = match prefetch {
@@ -209,6 +240,13 @@ impl ConsumerBuilder {
             }
         };
         headers.insert("prefetch-count".into(), prefetch.to_string());
+        // More than prefetch / in_flight messages could not all be delivered before some are
+        // acknowledged: the group would wait out its wait for them.
+        let per_group = usize::try_from(prefetch).unwrap_or(usize::MAX) / self.in_flight;
+        let group_size = usize::try_from(config.consumer_group_size)
+            .unwrap_or(usize::MAX)
+            .min(per_group)
+            .max(1);
         warn_if_attempts_outlast_the_broker(&config);
         let destination = self.destination.unwrap_or_default();
         let topology = Topology::with_headers(
@@ -226,6 +264,7 @@ impl ConsumerBuilder {
             transport,
             topology,
             in_flight: self.in_flight,
+            group_size,
             shutdown_timeout: self
                 .shutdown_timeout
                 .unwrap_or(config.consumer_shutdown_timeout),
@@ -278,6 +317,8 @@ pub struct Consumer {
     config: Arc<OutboxConfig>,
     topology: Topology,
     in_flight: usize,
+    /// Messages per group (1: a transaction per message).
+    group_size: usize,
     shutdown_timeout: Duration,
 }
 
@@ -290,6 +331,8 @@ impl Consumer {
             queue: None,
             prefetch: None,
             in_flight: 1,
+            group_size: None,
+            group_wait: None,
             shutdown_timeout: None,
             exclusive: None,
             queue_headers: Vec::new(),
@@ -349,6 +392,12 @@ impl Consumer {
             retry_wait: self.config.consumer_retry_wait,
             callback_timeout: self.config.consumer_callback_timeout,
         });
+        let mut groups = Groups::new(
+            dispatcher,
+            self.group_size,
+            self.config.consumer_group_wait,
+            self.in_flight,
+        );
         let housekeeping = tokio::spawn(inbox::keep_tidy(self.db.clone(), self.config.clone()));
         tokio::pin!(shutdown);
         let mut tasks: JoinSet<()> = JoinSet::new();
@@ -358,6 +407,7 @@ impl Consumer {
             destination = %self.topology.destination(),
             queue = %self.topology.queue(),
             in_flight = self.in_flight,
+            group_size = self.group_size,
             "consumer started"
         );
         'connection: loop {
@@ -385,15 +435,17 @@ impl Consumer {
                 tokio::select! {
                     biased;
                     _ = shutdown.as_mut() => break 'connection,
-                    Some(joined) = tasks.join_next(), if !tasks.is_empty() => report(joined),
-                    delivery = deliveries.recv(), if tasks.len() < self.in_flight => match delivery {
-                        Some(delivery) => {
-                            tasks.spawn(dispatcher.clone().handle(delivery));
-                        }
+                    Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
+                        report(joined);
+                        groups.task_ended(&mut tasks);
+                    }
+                    delivery = deliveries.recv(), if groups.can_take(&tasks) => match delivery {
+                        Some(delivery) => groups.take(delivery, &mut tasks),
                         None => break,
                     },
                 }
             }
+            groups.close();
             subscribed = None;
             // Messages in flight go on; their acknowledgements will be refused, and the broker
             // delivers those messages again to the new subscription.
@@ -409,6 +461,7 @@ impl Consumer {
                 }
             }
         }
+        groups.close();
         self.stop(tasks, subscribed).await;
         housekeeping.abort();
         tracing::info!(queue = %self.topology.queue(), "consumer stopped");
