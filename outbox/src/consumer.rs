@@ -5,7 +5,9 @@
 //! callback inside a transaction that begins with the message's inbox row (see
 //! [`Payload`]): a message whose key is already in the inbox is acknowledged without running the
 //! callback, a failing one is rolled back and dead-lettered, a transient failure is retried.
-//! Up to `in_flight` messages are processed at once (default 1: in order).
+//! Up to `in_flight` messages are processed at once (default 1: in order). Several messages
+//! may share one transaction, each in a savepoint, acknowledged after its commit (group commits:
+//! see `group`).
 //!
 //! When the broker connection drops, messages being processed finish (their acknowledgements
 //! are lost with the connection: the broker delivers them again and the inbox recognises them),
