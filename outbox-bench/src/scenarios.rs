@@ -779,7 +779,9 @@ pub async fn consume(settings: &Settings, n: usize) -> Result<(), BoxError> {
     const PREFETCH: u32 = 200;
     const IN_FLIGHT: usize = 8;
     let scratch = Scratch::create(&settings.database_url, 2).await?;
-    let runs: [(&str, Option<u32>, Option<usize>, Option<u32>, usize); 3] = [
+    // (figure suffix, prefetch, in flight, group size, messages)
+    type Run = (&'static str, Option<u32>, Option<usize>, Option<u32>, usize);
+    let runs: [Run; 3] = [
         ("", Some(PREFETCH), Some(IN_FLIGHT), None, n),
         ("_group1", Some(PREFETCH), Some(IN_FLIGHT), Some(1), n),
         // At the defaults: fewer messages, it is slower by design.
