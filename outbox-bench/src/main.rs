@@ -35,7 +35,7 @@ enum Scenario {
     /// Per-save cost of publishing: saves with and without `#[publish]`, interleaved.
     Write,
     /// Write throughput of 1, 4 and 16 concurrent writers, plain and publishing, with and
-    /// without the NOTIFY trigger (PostgreSQL).
+    /// without the NOTIFY trigger, with a relay idle or not (PostgreSQL).
     WriteConcurrent,
     /// Relay throughput, one relay and two, and the relay's peak memory.
     Relay,

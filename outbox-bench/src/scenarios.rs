@@ -833,8 +833,9 @@ pub async fn consume(settings: &Settings, n: usize) -> Result<(), BoxError> {
 }
 
 /// Write throughput of concurrent writers: `n` saves in all, by 1, 4 and 16 writers at once,
-/// each save in its own transaction; plain saves and publishing saves, and on PostgreSQL the
-/// publishing saves again without the NOTIFY trigger (dropped for the run, then restored).
+/// each save in its own transaction; plain saves and publishing saves (no relay idle: a busy
+/// period), and on PostgreSQL the publishing saves again with a relay idle all along (every
+/// commit notifies) and without the trigger (dropped for the run, then restored).
 pub async fn write_concurrent(settings: &Settings, n: usize) -> Result<(), BoxError> {
     let scratch = Scratch::create(&settings.database_url, 17).await?;
     let postgres = scratch.db.get_database_backend() == sea_orm::DbBackend::Postgres;
@@ -852,6 +853,25 @@ pub async fn write_concurrent(settings: &Settings, n: usize) -> Result<(), BoxEr
             "rows/s",
         );
         if postgres {
+            // A relay idle the whole time: every publishing commit queues a NOTIFY (what every
+            // commit did before writers notified only idle relays).
+            scratch
+                .db
+                .execute_unprepared(
+                    "INSERT INTO outbox_idle_relay (relay, until) \
+                     VALUES (gen_random_uuid(), now() + interval '1 hour')",
+                )
+                .await?;
+            let notifying = concurrent_saves(&scratch, writers, n, true).await;
+            scratch
+                .db
+                .execute_unprepared("DELETE FROM outbox_idle_relay")
+                .await?;
+            figure(
+                &format!("write_concurrent.outbox_notify_{writers}"),
+                notifying?,
+                "rows/s",
+            );
             let trigger = outbox_trigger(&scratch).await?;
             let dropped = format!("DROP TRIGGER {trigger} ON published");
             scratch.db.execute_unprepared(&dropped).await?;
