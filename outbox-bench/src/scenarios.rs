@@ -829,7 +829,83 @@ pub async fn consume(settings: &Settings, n: usize) -> Result<(), BoxError> {
         "msgs/s",
     );
     scratch.drop().await;
+    if let Some(rate) = consume_python(settings, n.clamp(1, 3000)).await? {
+        figure("consume.python_rate", rate, "msgs/s");
+    }
     Ok(())
+}
+
+/// The Python consumer on the same workload, when `OUTBOX_TEST_BENCH_PYTHON` names a Python with
+/// django-outbox-pattern 3.2.1 and the packages of `interop/requirements.txt` (PostgreSQL only):
+/// `manage.py subscribe` of the interop project with its README callback (`shop.callbacks.record`:
+/// a business row and the inbox row in one transaction), persistent database connections, on a
+/// queue of `n` messages; its rate from its first business row to the `n`th.
+async fn consume_python(settings: &Settings, n: usize) -> Result<Option<f64>, BoxError> {
+    let Ok(python) = std::env::var("OUTBOX_TEST_BENCH_PYTHON") else {
+        return Ok(None);
+    };
+    if !settings.database_url.starts_with("postgres") {
+        progress("consume: the Python consumer runs on PostgreSQL only; skipped");
+        return Ok(None);
+    }
+    let scratch = Scratch::create_bare(&settings.database_url, 2).await?;
+    let project = concat!(env!("CARGO_MANIFEST_DIR"), "/../interop");
+    let manage = |args: &[&str]| {
+        let mut command = tokio::process::Command::new(&python);
+        command
+            .arg("manage.py")
+            .args(args)
+            .current_dir(project)
+            .env("INTEROP_DB_NAME", scratch.name())
+            .env("INTEROP_CONN_MAX_AGE", "600")
+            .env("PYTHONDONTWRITEBYTECODE", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true);
+        command
+    };
+    let migrated = manage(&["migrate", "-v0"]).status().await?;
+    if !migrated.success() {
+        scratch.drop().await;
+        return Err(format!("manage.py migrate failed ({migrated})").into());
+    }
+    let (destination, queue) = fill_queue(settings, n).await?;
+    progress(&format!("consume: the Python consumer, {n} messages"));
+    let started = Instant::now();
+    let mut subscriber = manage(&["subscribe", "shop.callbacks.record", &destination]).spawn()?;
+    // Timed from its first business row: Django's start (a second or two) is not the rate.
+    let mut first: Option<(Instant, usize)> = None;
+    let counted = async {
+        loop {
+            let row = scratch
+                .db
+                .query_one_raw(sea_orm::Statement::from_string(
+                    sea_orm::DbBackend::Postgres,
+                    "SELECT count(*) FROM shop_effect",
+                ))
+                .await?
+                .ok_or("no count")?;
+            let done = row.try_get_by_index::<i64>(0)? as usize;
+            if first.is_none() && done > 0 {
+                first = Some((Instant::now(), done));
+            }
+            if let Some((since, already)) = first
+                && done >= n
+            {
+                return Ok::<_, BoxError>(rate(n - already, since.elapsed()));
+            }
+            if started.elapsed() > Duration::from_secs(600) {
+                return Err(format!("the Python consumer did {done} of {n} in 600 s").into());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    .await;
+    let _ = subscriber.start_kill();
+    let _ = subscriber.wait().await;
+    delete_queues(&queue);
+    scratch.drop().await;
+    Ok(Some(counted?))
 }
 
 /// Write throughput of concurrent writers: `n` saves in all, by 1, 4 and 16 writers at once,
