@@ -269,7 +269,7 @@ impl Producer {
             match result {
                 Ok(report) if report.claimed > 0 && report.released == 0 => {
                     backoff.reset();
-                    idle.busy(&self.db).await;
+                    idle.found_rows(&self.db).await;
                     continue;
                 }
                 Ok(report) if report.released > 0 => {
@@ -295,7 +295,7 @@ impl Producer {
             let mut wait = self.config.producer_waiting_time;
             if idle.nothing_due(&self.db).await {
                 if self.rounds().await.is_ok_and(|report| report.claimed > 0) {
-                    idle.busy(&self.db).await;
+                    idle.found_rows(&self.db).await;
                     continue;
                 }
                 wait = wait.min(idle::SECOND_LOOK);

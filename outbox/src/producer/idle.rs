@@ -8,7 +8,9 @@
 //! shortly after (rows whose trigger ran before the announcement was visible, in transactions
 //! that commit after it, are found by these two claims; a writer whose transaction runs longer
 //! than that after its insert waits for the relay's next poll), then sleeps until a
-//! notification or its poll. It withdraws when a claim finds rows again. An announcement lasts
+//! notification or its poll. It withdraws when it is busy: when a claim finds rows again right
+//! after one that found rows (rows committed while it was sending), not when it wakes for a
+//! commit and finds that commit's rows alone. An announcement lasts
 //! [`LEASE`] unless renewed, so that a relay that died leaves none behind for long. Without the
 //! table (a database before `outbox_m20261201_000004_notify_idle_relays_only`) the relay does
 //! nothing here, and the trigger notifies on every insert as before.
@@ -31,6 +33,8 @@ pub(crate) struct Idle {
     announced: Option<Instant>,
     /// Whether the database has the table (false after a statement on it failed: older schema).
     enabled: bool,
+    /// Whether the last claim found rows.
+    found: bool,
 }
 
 impl Idle {
@@ -39,12 +43,14 @@ impl Idle {
             relay: Uuid::new_v4(),
             announced: None,
             enabled: db.get_database_backend() == DbBackend::Postgres,
+            found: false,
         }
     }
 
     /// A claim found nothing. Announces (or renews) the relay idle; true when the announcement
     /// is new, and the relay should claim again before it sleeps.
     pub(crate) async fn nothing_due(&mut self, db: &DatabaseConnection) -> bool {
+        self.found = false;
         if !self.enabled {
             return false;
         }
@@ -67,8 +73,16 @@ impl Idle {
         }
     }
 
-    /// A claim found rows: withdraws the announcement, so that writers stop notifying.
-    pub(crate) async fn busy(&mut self, db: &DatabaseConnection) {
+    /// A claim found rows. The second in a row means the relay is busy: it withdraws its
+    /// announcement, so that writers stop notifying.
+    pub(crate) async fn found_rows(&mut self, db: &DatabaseConnection) {
+        let busy = std::mem::replace(&mut self.found, true);
+        if busy {
+            self.withdraw(db).await;
+        }
+    }
+
+    async fn withdraw(&mut self, db: &DatabaseConnection) {
         if !self.enabled || self.announced.take().is_none() {
             return;
         }
@@ -81,7 +95,7 @@ impl Idle {
 
     /// Withdraws on stop.
     pub(crate) async fn stopped(&mut self, db: &DatabaseConnection) {
-        self.busy(db).await;
+        self.withdraw(db).await;
     }
 
     /// Runs one statement in a transaction that does not wait for its disk flush (the table is
