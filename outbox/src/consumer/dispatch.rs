@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use sea_orm::{DatabaseConnection, DatabaseTransaction, TransactionTrait};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction, TransactionTrait};
 use tracing::Instrument;
 
 use super::failure::{Failure, panic_message};
@@ -47,18 +47,66 @@ pub(crate) struct Dispatcher {
 /// ends that statement).
 const ROLLBACK_WAIT: Duration = Duration::from_secs(10);
 
+/// Where an attempt runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Scope {
+    /// In a transaction of its own.
+    Message,
+    /// In a savepoint of a group's transaction.
+    Member,
+}
+
+/// A group member's savepoint. One name for all: a savepoint of the same name hides the
+/// earlier ones (PostgreSQL and SQLite roll back to the latest, MariaDB replaces it), and a
+/// member's savepoint is never released (its release would be one more statement per message;
+/// the commit ends them all).
+const SAVEPOINT: &str = "SAVEPOINT outbox_member";
+const ROLLBACK_TO_SAVEPOINT: &str = "ROLLBACK TO SAVEPOINT outbox_member";
+
 /// How the inbox row and the callback of an attempt ended.
 pub(super) enum Once {
-    /// The callback saved the message: commit this transaction (or release this savepoint).
+    /// The callback saved the message: commit this transaction (in a group: go on with it).
     Saved(DatabaseTransaction),
-    /// Rolled back (`clean`: the rollback completed; when it did not, or the callback kept its
-    /// payload, the connection is in an unknown state).
+    /// Rolled back: the whole transaction, or in a group, to the member's savepoint, and then the
+    /// transaction to go on with (`None` when the rollback did not complete or the callback kept
+    /// its payload: the connection is in an unknown state).
     Ended {
         /// How the attempt ended.
         attempt: Attempt,
-        /// Whether the rollback completed.
-        clean: bool,
+        /// In a group, the transaction rolled back to the member's savepoint.
+        txn: Option<DatabaseTransaction>,
     },
+}
+
+/// Ends a failed attempt: rolls back the transaction, or in a group to the member's savepoint
+/// (handing the transaction back when that completed).
+async fn end(txn: DatabaseTransaction, scope: Scope) -> Option<DatabaseTransaction> {
+    match scope {
+        Scope::Message => {
+            rollback(txn).await;
+            None
+        }
+        Scope::Member => {
+            match tokio::time::timeout(ROLLBACK_WAIT, txn.execute_unprepared(ROLLBACK_TO_SAVEPOINT))
+                .await
+            {
+                Ok(Ok(_)) => Some(txn),
+                Ok(Err(err)) => {
+                    tracing::debug!(error = %err, "rollback to the member's savepoint failed");
+                    None
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        wait = ?ROLLBACK_WAIT,
+                        "the rollback to a member's savepoint did not complete (a statement of \
+                         the callback still runs?); the group's transaction is left to the \
+                         connection pool, which rolls it back or closes it"
+                    );
+                    None
+                }
+            }
+        }
+    }
 }
 
 /// How the first attempt of a message processed in a group ended, with the message and its span.
@@ -261,7 +309,7 @@ impl Dispatcher {
             Ok(txn) => txn,
             Err(err) => return Attempt::Failed(Failure::Database(err)),
         };
-        let txn = match self.run_once(txn, message).await {
+        let txn = match self.run_once(txn, Scope::Message, message).await {
             Once::Saved(txn) => txn,
             Once::Ended { attempt, .. } => return attempt,
         };
@@ -283,18 +331,34 @@ impl Dispatcher {
         }
     }
 
-    /// In `txn` (a transaction, or a savepoint of a group's): the inbox row, then the callback.
-    /// Returns the transaction to commit when the callback saved the message; otherwise rolls
-    /// it back and says how the attempt ended.
-    pub(super) async fn run_once(&self, txn: DatabaseTransaction, message: &Arc<Incoming>) -> Once {
+    /// In `txn`, the inbox row, then the callback. Returns the transaction to commit when the
+    /// callback saved the message; otherwise rolls it back and says how the attempt ended. In
+    /// a group (`scope` [`Scope::Member`]) all of it runs in a savepoint of the group's
+    /// transaction, rolled back to on failure, and the transaction is handed back to go on with.
+    pub(super) async fn run_once(
+        &self,
+        txn: DatabaseTransaction,
+        scope: Scope,
+        message: &Arc<Incoming>,
+    ) -> Once {
+        if scope == Scope::Member
+            && let Err(err) = txn.execute_unprepared(SAVEPOINT).await
+        {
+            return Once::Ended {
+                attempt: Attempt::Failed(Failure::Database(err)),
+                txn: None,
+            };
+        }
         if let Err(err) = inbox::insert(&txn, message, self.keep_for).await {
-            let clean = rollback(txn).await;
             let attempt = if inbox::is_duplicate(&err) {
                 Attempt::Duplicate
             } else {
                 Attempt::Failed(Failure::Database(err))
             };
-            return Once::Ended { attempt, clean };
+            return Once::Ended {
+                txn: end(txn, scope).await,
+                attempt,
+            };
         }
         let txn = Arc::new(txn);
         let decision = Arc::new(Decision::default());
@@ -307,16 +371,16 @@ impl Dispatcher {
         let Ok(txn) = Arc::try_unwrap(txn) else {
             return Once::Ended {
                 attempt: Attempt::Failed(Failure::PayloadKept),
-                clean: false,
+                txn: None,
             };
         };
         match outcome {
             Err(failure) => Once::Ended {
-                clean: rollback(txn).await,
+                txn: end(txn, scope).await,
                 attempt: Attempt::Failed(failure),
             },
             Ok(()) if decision.get() == Decision::NACKED => Once::Ended {
-                clean: rollback(txn).await,
+                txn: end(txn, scope).await,
                 attempt: Attempt::Nacked,
             },
             Ok(()) => {

@@ -30,14 +30,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::FutureExt;
-use sea_orm::{DatabaseTransaction, TransactionTrait};
+use sea_orm::TransactionTrait;
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use super::dispatch::{Attempt, Dispatcher, FirstAttempt, Once, rollback};
+use super::dispatch::{Attempt, Dispatcher, FirstAttempt, Once, Scope};
 use super::failure::{Failure, panic_message};
 use crate::payload::Incoming;
 use crate::transport::Delivery;
@@ -326,7 +326,7 @@ impl Dispatcher {
         committed: &AtomicBool,
     ) -> Ended {
         let mut next = Some(first);
-        let txn = match self.db.begin().await {
+        let mut txn = match self.db.begin().await {
             Ok(txn) => txn,
             Err(err) => {
                 if let Some(first) = next.take() {
@@ -350,23 +350,16 @@ impl Dispatcher {
             };
             let span = member.span.clone();
             span.record("attempt", 1);
-            let once = self.savepoint(&txn, &member.message).instrument(span).await;
+            let once = self
+                .run_once(txn, Scope::Member, &member.message)
+                .instrument(span)
+                .await;
             match once {
-                Once::Saved(savepoint) => match savepoint.commit().await {
-                    Ok(()) => member.attempt = Some(Attempt::Committed),
-                    Err(err) => {
-                        let failure = Failure::Database(err);
-                        let reason = format!("RELEASE SAVEPOINT failed: {failure}");
-                        member.attempt = Some(Attempt::Failed(failure));
-                        member.broke = true;
-                        rollback(txn).await;
-                        return Ended::Broken(reason);
-                    }
-                },
-                Once::Ended {
-                    attempt,
-                    clean: false,
-                } => {
+                Once::Saved(back) => {
+                    member.attempt = Some(Attempt::Committed);
+                    txn = back;
+                }
+                Once::Ended { attempt, txn: None } => {
                     let reason = match &attempt {
                         Attempt::Failed(failure) => {
                             format!("a member left the transaction unusable: {failure}")
@@ -375,15 +368,16 @@ impl Dispatcher {
                     };
                     member.attempt = Some(attempt);
                     member.broke = true;
-                    // The connection may still be busy (a statement of an abandoned callback):
-                    // the transaction is left to the pool, which rolls it back or closes it.
-                    drop(txn);
+                    // The transaction went with the member: the connection may still be busy
+                    // (a statement of an abandoned callback); the pool rolls it back or closes
+                    // it.
                     return Ended::Broken(reason);
                 }
                 Once::Ended {
                     attempt,
-                    clean: true,
+                    txn: Some(back),
                 } => {
+                    txn = back;
                     let transient =
                         matches!(&attempt, Attempt::Failed(failure) if failure.is_transient());
                     member.attempt = Some(attempt);
@@ -413,17 +407,6 @@ impl Dispatcher {
             span,
             attempt: None,
             broke: false,
-        }
-    }
-
-    /// A member's inbox row and callback, in a savepoint of the group's transaction.
-    async fn savepoint(&self, txn: &DatabaseTransaction, message: &Arc<Incoming>) -> Once {
-        match txn.begin().await {
-            Ok(savepoint) => self.run_once(savepoint, message).await,
-            Err(err) => Once::Ended {
-                attempt: Attempt::Failed(Failure::Database(err)),
-                clean: false,
-            },
         }
     }
 
