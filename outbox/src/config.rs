@@ -117,8 +117,9 @@ pub struct OutboxConfig {
     pub consumer_callback_timeout: Duration,
     /// How many messages a consumer processes in one database transaction, each in a savepoint
     /// of its own, committed together and acknowledged after that commit (a group commit).
-    /// Default 16 (1 to 64; 1 is a transaction per message). A group holds at most
-    /// prefetch / in-flight messages.
+    /// Default 1, a transaction per message (1 to 64): a callback that hangs delays the members
+    /// queued behind it in its group until the callback deadline, so groups are chosen, not
+    /// imposed. A group holds at most prefetch / in-flight messages.
     pub consumer_group_size: u32,
     /// How long a group stays open for more messages after its first one. Default 2 ms (0 to
     /// 1 s; 0 commits as soon as no message is waiting).
@@ -163,7 +164,7 @@ impl Default for OutboxConfig {
             consumer_max_retry_attempts: 3,
             consumer_retry_wait: Duration::from_secs(2),
             consumer_callback_timeout: Duration::from_secs(300),
-            consumer_group_size: 16,
+            consumer_group_size: 1,
             consumer_group_wait: Duration::from_millis(2),
         }
     }

@@ -135,8 +135,8 @@ impl ConsumerBuilder {
     }
 
     /// How many messages one database transaction may process, each in a savepoint of its
-    /// own, acknowledged after the commit (default: the settings', 16; 1 to 64, 1 for a
-    /// transaction per message). A group also holds at most `prefetch / in_flight` messages.
+    /// own, acknowledged after the commit (default: the settings', 1, a transaction per
+    /// message; up to 64). A group also holds at most `prefetch / in_flight` messages.
     pub fn group_size(mut self, size: u32) -> Self {
         self.group_size = Some(size);
         self

@@ -97,7 +97,7 @@ pub fn migrations() -> Vec<Box<dyn MigrationTrait>> {
 /// created), it could not keep the table-creating migration from running on Django's tables.
 /// See [`AdoptDjangoTables`] for what it changes.
 pub fn adopt_django() -> Vec<Box<dyn MigrationTrait>> {
-    vec![Box::new(AdoptDjangoTables)]
+    vec![Box::new(AdoptDjangoTables), Box::new(NotifyIdleRelaysOnly)]
 }
 
 /// Adopts django-outbox-pattern's tables on PostgreSQL. Recorded as

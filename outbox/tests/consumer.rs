@@ -1078,10 +1078,7 @@ async fn the_consumer_s_frames_are_the_python_library_s_and_reconnects_take_fres
             ("durable", "true"),
             ("exclusive", "False"),
             ("id", id),
-            // The one difference from a Python consumer's (1): the prefetch is raised to
-            // in-flight × group size, 16 at the defaults, so that a group can fill. RabbitMQ
-            // does not compare it between subscriptions: the queues are shared either way.
-            ("prefetch-count", "16"),
+            ("prefetch-count", "1"),
             ("x-dead-letter-exchange", ""),
             ("x-dead-letter-routing-key", dead_letter_key),
             ("x-queue-name", name),
