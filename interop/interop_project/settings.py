@@ -28,6 +28,8 @@ DATABASES = {
         "USER": os.environ.get("INTEROP_DB_USER", "postgres"),
         "HOST": os.environ.get("INTEROP_DB_HOST", "127.0.0.1"),
         "PORT": os.environ.get("INTEROP_DB_PORT", "5432"),
+        # Persistent connections for the benchmark (outbox-bench consume); 0 otherwise.
+        "CONN_MAX_AGE": int(os.environ.get("INTEROP_CONN_MAX_AGE", "0")),
     }
 }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"

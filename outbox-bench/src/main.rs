@@ -34,6 +34,9 @@ struct Cli {
 enum Scenario {
     /// Per-save cost of publishing: saves with and without `#[publish]`, interleaved.
     Write,
+    /// Write throughput of 1, 4 and 16 concurrent writers, plain and publishing, with and
+    /// without the NOTIFY trigger, with a relay idle or not (PostgreSQL).
+    WriteConcurrent,
     /// Relay throughput, one relay and two, and the relay's peak memory.
     Relay,
     /// Relay throughput with 1,000 ordering keys beside the same without keys.
@@ -82,6 +85,7 @@ fn main() -> ExitCode {
         let settings = scenarios::Settings::from_env()?;
         match cli.scenario {
             Scenario::Write => scenarios::write(&settings, cli.n).await,
+            Scenario::WriteConcurrent => scenarios::write_concurrent(&settings, cli.n).await,
             Scenario::Relay => scenarios::relay(&settings, cli.n).await,
             Scenario::RelayKeyed => scenarios::relay_keyed(&settings, cli.n).await,
             Scenario::Latency => scenarios::latency(&settings, cli.n.clamp(200, 2000)).await,
@@ -115,8 +119,10 @@ fn run_all(n: usize) -> ExitCode {
     };
     let mut relay_rate = None;
     let mut limit_rate = None;
+    let mut figures: Vec<(String, f64)> = Vec::new();
     for scenario in [
         "write",
+        "write-concurrent",
         "relay",
         "relay-keyed",
         "latency",
@@ -143,21 +149,86 @@ fn run_all(n: usize) -> ExitCode {
             }
         };
         let stdout = String::from_utf8_lossy(&output.stdout);
+        // Every figure of the scenario first: a target may compare with a later one.
         for line in stdout.lines() {
-            println!("{line}");
             let mut parts = line.split_whitespace();
-            match (
+            if let (Some(name), Some(v)) = (
                 parts.next(),
                 parts.next().and_then(|v| v.parse::<f64>().ok()),
             ) {
-                (Some("relay.rate"), Some(v)) => relay_rate = Some(v),
-                (Some("limit.rate"), Some(v)) => limit_rate = Some(v),
-                _ => {}
+                figures.push((name.to_owned(), v));
+            }
+        }
+        for line in stdout.lines() {
+            let mut parts = line.split_whitespace();
+            let name = parts.next();
+            let value = parts.next().and_then(|v| v.parse::<f64>().ok());
+            match (name, value) {
+                (Some(name), Some(v)) => {
+                    match target(name, &figures) {
+                        Some(target) => println!("{line}  [target: {target}]"),
+                        None => println!("{line}"),
+                    }
+                    match name {
+                        "relay.rate" => relay_rate = Some(v),
+                        "limit.rate" => limit_rate = Some(v),
+                        _ => {}
+                    }
+                }
+                _ => println!("{line}"),
             }
         }
     }
     if let (Some(relay), Some(limit)) = (relay_rate, limit_rate) {
-        figure("relay.of_limit", 100.0 * relay / limit, "%");
+        let share = 100.0 * relay / limit;
+        println!("relay.of_limit {share:.1} %  [target: >= 85%]");
     }
     ExitCode::SUCCESS
+}
+
+/// The Python consumer's rate (django-outbox-pattern 3.2.1, persistent connections, the same
+/// workload) measured on the reference machine on 2026-12-01: the reference when this run did
+/// not measure it (`OUTBOX_TEST_BENCH_PYTHON` unset).
+const PYTHON_CONSUMER_RATE: f64 = 563.0;
+
+/// The target of a figure, with how the figure compares when the target is relative to another
+/// figure of the same run.
+fn target(name: &str, figures: &[(String, f64)]) -> Option<String> {
+    let find = |wanted: &str| {
+        figures
+            .iter()
+            .rev()
+            .find(|(name, _)| name == wanted)
+            .map(|(_, v)| *v)
+    };
+    let value = find(name)?;
+    let target = match name {
+        "write.ratio" => "1.3x at most (synchronous_commit on)".to_owned(),
+        "write.ratio_async" => "1.3x at most (synchronous_commit off)".to_owned(),
+        "consume.rate" => {
+            let (python, when) = match find("consume.python_rate") {
+                Some(python) => (python, "this run"),
+                None => (PYTHON_CONSUMER_RATE, "2026-12-01"),
+            };
+            format!(
+                ">= 12x the Python consumer ({python:.0} msgs/s, {when}): {:.0} msgs/s; here {:.1}x",
+                12.0 * python,
+                value / python
+            )
+        }
+        "consume.bare_rate" => match find("consume.rate") {
+            Some(rate) => format!(
+                "the ceiling (the consumer reached {:.0}% of it)",
+                100.0 * rate / value
+            ),
+            None => "the ceiling".to_owned(),
+        },
+        "latency.p99" => "< 20 ms".to_owned(),
+        "relay.rss_mb" | "consume.rss_mb" => "< 30 MB".to_owned(),
+        other if other.starts_with("write_concurrent.trigger_cost_") => {
+            "<= 10% (else the wake-up design changes)".to_owned()
+        }
+        _ => return None,
+    };
+    Some(target)
 }

@@ -9,7 +9,8 @@ use outbox::transport::{AckMode, Outgoing, StompTransport, Subscription, Transpo
 use outbox::{OutboxConfig, Producer, Published, Status};
 use sea_orm::ActiveValue::Set;
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, TransactionTrait,
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter,
+    TransactionTrait,
 };
 use tokio::sync::mpsc;
 
@@ -326,13 +327,49 @@ async fn sent_count(scratch: &Scratch) -> Result<u64, BoxError> {
         .await?)
 }
 
-/// Per-save cost of publishing: `n` saves of each entity, each in its own transaction, interleaved.
+/// Per-save cost of publishing: `n` saves of each entity, each in its own transaction,
+/// interleaved; on PostgreSQL again with `synchronous_commit` off, where the CPU cost shows.
 pub async fn write(settings: &Settings, n: usize) -> Result<(), BoxError> {
     let scratch = Scratch::create(&settings.database_url, 5).await?;
+    let (plain, published) = interleaved_saves(&scratch.db, n).await?;
+    figure("write.plain_rate", rate(n, plain), "rows/s");
+    figure("write.outbox_rate", rate(n, published), "rows/s");
+    figure(
+        "write.ratio",
+        published.as_secs_f64() / plain.as_secs_f64(),
+        "x",
+    );
+    if scratch.db.get_database_backend() == sea_orm::DbBackend::Postgres {
+        let separator = if scratch.url.contains('?') { '&' } else { '?' };
+        let url = format!(
+            "{}{separator}options=-c%20synchronous_commit%3Doff",
+            scratch.url
+        );
+        let db = sea_orm::Database::connect(url).await?;
+        let (plain, published) = interleaved_saves(&db, n).await?;
+        figure("write.plain_rate_async", rate(n, plain), "rows/s");
+        figure("write.outbox_rate_async", rate(n, published), "rows/s");
+        figure(
+            "write.ratio_async",
+            published.as_secs_f64() / plain.as_secs_f64(),
+            "x",
+        );
+        db.close().await?;
+    }
+    scratch.drop().await;
+    Ok(())
+}
+
+/// `n` plain saves and `n` publishing saves, interleaved, each in its own transaction: the time
+/// each kind took.
+async fn interleaved_saves(
+    db: &sea_orm::DatabaseConnection,
+    n: usize,
+) -> Result<(Duration, Duration), BoxError> {
     let (mut plain, mut published) = (Duration::ZERO, Duration::ZERO);
     for i in 0..n {
         let started = Instant::now();
-        let txn = scratch.db.begin().await?;
+        let txn = db.begin().await?;
         item::ActiveModel {
             name: Set(format!("item {i}")),
             amount: Set(i as i64),
@@ -345,7 +382,7 @@ pub async fn write(settings: &Settings, n: usize) -> Result<(), BoxError> {
 
         let started = Instant::now();
         outbox::insert(
-            &scratch.db,
+            db,
             published_item::ActiveModel {
                 name: Set(format!("item {i}")),
                 amount: Set(i as i64),
@@ -355,15 +392,7 @@ pub async fn write(settings: &Settings, n: usize) -> Result<(), BoxError> {
         .await?;
         published += started.elapsed();
     }
-    figure("write.plain_rate", rate(n, plain), "rows/s");
-    figure("write.outbox_rate", rate(n, published), "rows/s");
-    figure(
-        "write.ratio",
-        published.as_secs_f64() / plain.as_secs_f64(),
-        "x",
-    );
-    scratch.drop().await;
-    Ok(())
+    Ok((plain, published))
 }
 
 /// Relay throughput: `n` pending rows to `n` receipted messages, with one relay, then two.
@@ -545,6 +574,9 @@ pub struct WorkerArgs {
     /// Records every span through OpenTelemetry (the `trace` scenario).
     #[arg(long, hide = true)]
     traced: bool,
+    /// Messages per consumer transaction.
+    #[arg(long, hide = true)]
+    group_size: Option<u32>,
 }
 
 /// Runs this program as a worker process and returns its figures (`name value` pairs).
@@ -561,6 +593,7 @@ async fn run_worker(
         ("--queue", args.queue.clone()),
         ("--prefetch", args.prefetch.map(|p| p.to_string())),
         ("--in-flight", args.in_flight.map(|k| k.to_string())),
+        ("--group-size", args.group_size.map(|g| g.to_string())),
     ];
     for (flag, value) in options {
         if let Some(value) = value {
@@ -643,6 +676,7 @@ pub async fn consume_worker(
     let queue = args.queue.clone().ok_or("--queue is required")?;
     let _recording = args.traced.then(trace::record_globally).transpose()?;
     let in_flight = args.in_flight.unwrap_or(1);
+    let groups = GroupSizes::install();
     let mut options = sea_orm::ConnectOptions::new(url.to_owned());
     options
         .max_connections(in_flight as u32 + 2)
@@ -655,6 +689,9 @@ pub async fn consume_worker(
         .config(settings.config.clone());
     if let Some(prefetch) = args.prefetch {
         builder = builder.prefetch(prefetch);
+    }
+    if let Some(size) = args.group_size {
+        builder = builder.group_size(size);
     }
     let baseline = outbox::Received::find().count(&db).await? as usize;
     let started = Instant::now();
@@ -684,7 +721,130 @@ pub async fn consume_worker(
     consumer.stop().await?;
     println!("rate {}", rate(n, elapsed));
     println!("rss_mb {}", peak_rss_mb());
+    println!("group_size {}", groups.mean());
     Ok(())
+}
+
+/// The bare ceiling of the consumer: the same messages consumed and acknowledged one by one
+/// (`client-individual`, the consumer's mode) with the same prefetch, no database work.
+async fn consume_bare(settings: &Settings, n: usize, prefetch: u32) -> Result<f64, BoxError> {
+    let (destination, queue) = fill_queue(settings, n).await?;
+    let transport = StompTransport::new(&settings.config)?;
+    transport.connect().await?;
+    let mut headers: Vec<(String, String)> = settings
+        .config
+        .stomp_queue_headers
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .filter(|(k, _)| k != "prefetch-count")
+        .collect();
+    headers.push(("prefetch-count".into(), prefetch.to_string()));
+    headers.push(("x-queue-name".into(), queue.clone()));
+    headers.push(("x-dead-letter-exchange".into(), String::new()));
+    headers.push(("x-dead-letter-routing-key".into(), format!("DLQ.{queue}")));
+    headers.push(("exclusive".into(), "False".into()));
+    let started = Instant::now();
+    let mut deliveries = transport
+        .subscribe(Subscription {
+            destination,
+            id: "bare".into(),
+            ack: AckMode::ClientIndividual,
+            headers,
+        })
+        .await?;
+    let mut done = 0;
+    while done < n {
+        match tokio::time::timeout(Duration::from_secs(60), deliveries.recv()).await {
+            Ok(Some(delivery)) => {
+                transport.ack(&delivery).await?;
+                done += 1;
+            }
+            _ => break,
+        }
+    }
+    let elapsed = started.elapsed();
+    let _ = transport.unsubscribe("bare").await;
+    transport.disconnect().await?;
+    delete_queues(&queue);
+    if done != n {
+        return Err(format!("the bare consumer received {done} of {n}").into());
+    }
+    Ok(rate(n, elapsed))
+}
+
+/// A metrics recorder that keeps the mean of the consumer's group sizes.
+#[derive(Default)]
+struct GroupSizes {
+    sum: std::sync::atomic::AtomicU64,
+    count: std::sync::atomic::AtomicU64,
+}
+
+impl GroupSizes {
+    fn install() -> Arc<GroupSizes> {
+        let sizes = Arc::new(GroupSizes::default());
+        let _ = metrics::set_global_recorder(Recording(sizes.clone()));
+        sizes
+    }
+
+    /// The mean group size (1 when no group was recorded: a transaction per message).
+    fn mean(&self) -> f64 {
+        use std::sync::atomic::Ordering::Relaxed;
+        match self.count.load(Relaxed) {
+            0 => 1.0,
+            count => self.sum.load(Relaxed) as f64 / count as f64,
+        }
+    }
+}
+
+struct Recording(Arc<GroupSizes>);
+
+impl metrics::HistogramFn for GroupSizes {
+    fn record(&self, value: f64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.sum.fetch_add(value as u64, Relaxed);
+        self.count.fetch_add(1, Relaxed);
+    }
+}
+
+impl metrics::Recorder for Recording {
+    fn describe_counter(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_gauge(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_histogram(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn register_counter(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
+        metrics::Counter::noop()
+    }
+    fn register_gauge(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+        metrics::Gauge::noop()
+    }
+    fn register_histogram(
+        &self,
+        key: &metrics::Key,
+        _: &metrics::Metadata<'_>,
+    ) -> metrics::Histogram {
+        if key.name() == outbox::metrics::CONSUMER_GROUP_SIZE {
+            metrics::Histogram::from_arc(self.0.clone())
+        } else {
+            metrics::Histogram::noop()
+        }
+    }
 }
 
 /// Queues `n` messages on a fresh destination whose consumer queues are declared first.
@@ -718,54 +878,277 @@ fn delete_queues(queue: &str) {
 }
 
 /// Consumer throughput: `n` queued messages consumed with the README callback until `n` inbox
-/// rows exist, with settings for throughput and then at the defaults.
+/// rows exist: with prefetch 200 and 8 in flight (groups of up to 16, then
+/// a transaction per message), then at the defaults; and the bare ceiling, the same messages
+/// consumed and acknowledged with no database work.
 pub async fn consume(settings: &Settings, n: usize) -> Result<(), BoxError> {
     const PREFETCH: u32 = 200;
     const IN_FLIGHT: usize = 8;
     let scratch = Scratch::create(&settings.database_url, 2).await?;
-
-    let (destination, queue) = fill_queue(settings, n).await?;
+    // (figure suffix, prefetch, in flight, group size, messages)
+    type Run = (&'static str, Option<u32>, Option<usize>, Option<u32>, usize);
+    let runs: [Run; 3] = [
+        ("", Some(PREFETCH), Some(IN_FLIGHT), Some(16), n),
+        ("_group1", Some(PREFETCH), Some(IN_FLIGHT), Some(1), n),
+        // At the defaults: fewer messages, it is slower by design.
+        ("_default", None, None, None, n.clamp(1, 2000)),
+    ];
+    for (suffix, prefetch, in_flight, group_size, m) in runs {
+        let (destination, queue) = fill_queue(settings, m).await?;
+        progress(&format!(
+            "consume{suffix}: {m} messages, prefetch {prefetch:?}, in flight {in_flight:?}, group size {group_size:?}"
+        ));
+        let figures = run_worker(
+            "consume-worker",
+            m,
+            &WorkerArgs {
+                database_url: Some(scratch.url.clone()),
+                destination: Some(destination),
+                queue: Some(queue.clone()),
+                prefetch,
+                in_flight,
+                group_size,
+                ..WorkerArgs::default()
+            },
+        )
+        .await;
+        delete_queues(&queue);
+        let figures = figures?;
+        print_as(&figures, "rate", &format!("consume.rate{suffix}"), "msgs/s")?;
+        print_as(
+            &figures,
+            "group_size",
+            &format!("consume.group_size{suffix}"),
+            "messages",
+        )?;
+        if suffix.is_empty() {
+            figure("consume.prefetch", f64::from(PREFETCH), "messages");
+            figure("consume.in_flight", IN_FLIGHT as f64, "groups");
+            print_as(&figures, "rss_mb", "consume.rss_mb", "MB")?;
+        }
+    }
     progress(&format!(
-        "consume: {n} messages, prefetch {PREFETCH}, {IN_FLIGHT} in flight"
+        "consume: the bare ceiling, {n} messages, prefetch {PREFETCH}"
     ));
-    let figures = run_worker(
-        "consume-worker",
-        n,
-        &WorkerArgs {
-            database_url: Some(scratch.url.clone()),
-            destination: Some(destination),
-            queue: Some(queue.clone()),
-            prefetch: Some(PREFETCH),
-            in_flight: Some(IN_FLIGHT),
-            traced: false,
-        },
-    )
-    .await;
-    delete_queues(&queue);
-    let figures = figures?;
-    print_as(&figures, "rate", "consume.rate", "msgs/s")?;
-    figure("consume.prefetch", f64::from(PREFETCH), "messages");
-    figure("consume.in_flight", IN_FLIGHT as f64, "callbacks");
-    print_as(&figures, "rss_mb", "consume.rss_mb", "MB")?;
+    figure(
+        "consume.bare_rate",
+        consume_bare(settings, n, PREFETCH).await?,
+        "msgs/s",
+    );
+    scratch.drop().await;
+    if let Some(rate) = consume_python(settings, n.clamp(1, 3000)).await? {
+        figure("consume.python_rate", rate, "msgs/s");
+    }
+    Ok(())
+}
 
-    // At the defaults: one message at a time. Fewer messages: it is slower by design.
-    let m = n.clamp(1, 2000);
-    let (destination, queue) = fill_queue(settings, m).await?;
-    progress(&format!("consume: {m} messages at the defaults"));
-    let figures = run_worker(
-        "consume-worker",
-        m,
-        &WorkerArgs {
-            database_url: Some(scratch.url.clone()),
-            destination: Some(destination),
-            queue: Some(queue.clone()),
-            ..WorkerArgs::default()
-        },
-    )
+/// The Python consumer on the same workload, when `OUTBOX_TEST_BENCH_PYTHON` names a Python with
+/// django-outbox-pattern 3.2.1 and the packages of `interop/requirements.txt` (PostgreSQL only):
+/// `manage.py subscribe` of the interop project with its README callback (`shop.callbacks.record`:
+/// a business row and the inbox row in one transaction), persistent database connections, on a
+/// queue of `n` messages; its rate from its first business row to the `n`th.
+async fn consume_python(settings: &Settings, n: usize) -> Result<Option<f64>, BoxError> {
+    let Ok(python) = std::env::var("OUTBOX_TEST_BENCH_PYTHON") else {
+        return Ok(None);
+    };
+    if !settings.database_url.starts_with("postgres") {
+        progress("consume: the Python consumer runs on PostgreSQL only; skipped");
+        return Ok(None);
+    }
+    let scratch = Scratch::create_bare(&settings.database_url, 2).await?;
+    let project = concat!(env!("CARGO_MANIFEST_DIR"), "/../interop");
+    let manage = |args: &[&str]| {
+        let mut command = tokio::process::Command::new(&python);
+        command
+            .arg("manage.py")
+            .args(args)
+            .current_dir(project)
+            .env("INTEROP_DB_NAME", scratch.name())
+            .env("INTEROP_CONN_MAX_AGE", "600")
+            .env("PYTHONDONTWRITEBYTECODE", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true);
+        command
+    };
+    let migrated = manage(&["migrate", "-v0"]).status().await?;
+    if !migrated.success() {
+        scratch.drop().await;
+        return Err(format!("manage.py migrate failed ({migrated})").into());
+    }
+    let (destination, queue) = fill_queue(settings, n).await?;
+    progress(&format!("consume: the Python consumer, {n} messages"));
+    let started = Instant::now();
+    let mut subscriber = manage(&["subscribe", "shop.callbacks.record", &destination]).spawn()?;
+    // Timed from its first business row: Django's start (a second or two) is not the rate.
+    let mut first: Option<(Instant, usize)> = None;
+    let counted = async {
+        loop {
+            let row = scratch
+                .db
+                .query_one_raw(sea_orm::Statement::from_string(
+                    sea_orm::DbBackend::Postgres,
+                    "SELECT count(*) FROM shop_effect",
+                ))
+                .await?
+                .ok_or("no count")?;
+            let done = row.try_get_by_index::<i64>(0)? as usize;
+            if first.is_none() && done > 0 {
+                first = Some((Instant::now(), done));
+            }
+            if let Some((since, already)) = first
+                && done >= n
+            {
+                return Ok::<_, BoxError>(rate(n - already, since.elapsed()));
+            }
+            if started.elapsed() > Duration::from_secs(600) {
+                return Err(format!("the Python consumer did {done} of {n} in 600 s").into());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
     .await;
+    let _ = subscriber.start_kill();
+    let _ = subscriber.wait().await;
     delete_queues(&queue);
-    let figures = figures?;
-    print_as(&figures, "rate", "consume.rate_default", "msgs/s")?;
+    scratch.drop().await;
+    Ok(Some(counted?))
+}
+
+/// Write throughput of concurrent writers: `n` saves in all, by 1, 4 and 16 writers at once,
+/// each save in its own transaction; plain saves and publishing saves (no relay idle: a busy
+/// period), and on PostgreSQL the publishing saves again with a relay idle all along (every
+/// commit notifies) and without the trigger (dropped for the run, then restored).
+pub async fn write_concurrent(settings: &Settings, n: usize) -> Result<(), BoxError> {
+    let scratch = Scratch::create(&settings.database_url, 17).await?;
+    let postgres = scratch.db.get_database_backend() == sea_orm::DbBackend::Postgres;
+    for writers in [1usize, 4, 16] {
+        let plain = concurrent_saves(&scratch, writers, n, false).await?;
+        figure(
+            &format!("write_concurrent.plain_{writers}"),
+            plain,
+            "rows/s",
+        );
+        let published = concurrent_saves(&scratch, writers, n, true).await?;
+        figure(
+            &format!("write_concurrent.outbox_{writers}"),
+            published,
+            "rows/s",
+        );
+        if postgres {
+            // A relay idle the whole time: every publishing commit queues a NOTIFY (what every
+            // commit did before writers notified only idle relays).
+            scratch
+                .db
+                .execute_unprepared(
+                    "INSERT INTO outbox_idle_relay (relay, until) \
+                     VALUES (gen_random_uuid(), now() + interval '1 hour')",
+                )
+                .await?;
+            let notifying = concurrent_saves(&scratch, writers, n, true).await;
+            scratch
+                .db
+                .execute_unprepared("DELETE FROM outbox_idle_relay")
+                .await?;
+            figure(
+                &format!("write_concurrent.outbox_notify_{writers}"),
+                notifying?,
+                "rows/s",
+            );
+            let trigger = outbox_trigger(&scratch).await?;
+            let dropped = format!("DROP TRIGGER {trigger} ON published");
+            scratch.db.execute_unprepared(&dropped).await?;
+            let without = concurrent_saves(&scratch, writers, n, true).await;
+            restore_trigger(&scratch, &trigger).await?;
+            let without = without?;
+            figure(
+                &format!("write_concurrent.outbox_no_trigger_{writers}"),
+                without,
+                "rows/s",
+            );
+            figure(
+                &format!("write_concurrent.trigger_cost_{writers}"),
+                100.0 * (1.0 - published / without),
+                "%",
+            );
+        }
+    }
     scratch.drop().await;
     Ok(())
+}
+
+/// The name of the notification trigger on `published` (PostgreSQL).
+async fn outbox_trigger(scratch: &Scratch) -> Result<String, BoxError> {
+    let row = scratch
+        .db
+        .query_one_raw(sea_orm::Statement::from_string(
+            sea_orm::DbBackend::Postgres,
+            "SELECT tgname::text FROM pg_trigger WHERE tgrelid = 'published'::regclass AND NOT tgisinternal",
+        ))
+        .await?
+        .ok_or("no trigger on published")?;
+    Ok(row.try_get_by_index::<String>(0)?)
+}
+
+async fn restore_trigger(scratch: &Scratch, trigger: &str) -> Result<(), BoxError> {
+    let definition = TRIGGER_DEFINITIONS
+        .iter()
+        .find(|(name, _)| *name == trigger)
+        .map(|(_, definition)| *definition)
+        .ok_or_else(|| format!("no known definition of trigger {trigger}"))?;
+    scratch.db.execute_unprepared(definition).await?;
+    Ok(())
+}
+
+/// The outbox's notification triggers, as the migrations create them.
+const TRIGGER_DEFINITIONS: &[(&str, &str)] = &[(
+    "outbox_published_notify",
+    "CREATE TRIGGER outbox_published_notify AFTER INSERT ON published \
+     FOR EACH STATEMENT EXECUTE FUNCTION outbox_published_notify()",
+)];
+
+/// `n` saves by `writers` tasks at once, each save in its own transaction; the rate of all.
+async fn concurrent_saves(
+    scratch: &Scratch,
+    writers: usize,
+    n: usize,
+    publishing: bool,
+) -> Result<f64, BoxError> {
+    let per_writer = n.div_ceil(writers);
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..writers {
+        let db = scratch.db.clone();
+        tasks.spawn(async move {
+            for i in 0..per_writer {
+                let amount = (w * per_writer + i) as i64;
+                if publishing {
+                    outbox::insert(
+                        &db,
+                        published_item::ActiveModel {
+                            name: Set(format!("item {amount}")),
+                            amount: Set(amount),
+                            ..Default::default()
+                        },
+                    )
+                    .await?;
+                } else {
+                    let txn = db.begin().await?;
+                    item::ActiveModel {
+                        name: Set(format!("item {amount}")),
+                        amount: Set(amount),
+                        ..Default::default()
+                    }
+                    .insert(&txn)
+                    .await?;
+                    txn.commit().await?;
+                }
+            }
+            Ok::<_, BoxError>(())
+        });
+    }
+    while let Some(joined) = tasks.join_next().await {
+        joined??;
+    }
+    Ok(rate(per_writer * writers, started.elapsed()))
 }

@@ -28,6 +28,19 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 impl Scratch {
     /// Creates the database, its tables, and a pool of `pool` connections on it.
     pub async fn create(server_url: &str, pool: u32) -> Result<Scratch, BoxError> {
+        let scratch = Scratch::create_bare(server_url, pool).await?;
+        let db = &scratch.db;
+        Migrator::up(db, None).await?;
+        let schema = Schema::new(db.get_database_backend());
+        db.execute(&schema.create_table_from_entity(item::Entity))
+            .await?;
+        db.execute(&schema.create_table_from_entity(published_item::Entity))
+            .await?;
+        Ok(scratch)
+    }
+
+    /// Creates an empty database and a pool of `pool` connections on it.
+    pub async fn create_bare(server_url: &str, pool: u32) -> Result<Scratch, BoxError> {
         let name = format!("outbox_bench_{}", uuid::Uuid::new_v4().simple());
         let (url, admin, file) = if server_url.starts_with("sqlite:") {
             let path = std::env::temp_dir().join(format!("{name}.db"));
@@ -60,18 +73,21 @@ impl Scratch {
         if db.get_database_backend() == DbBackend::Sqlite {
             db.execute_unprepared("PRAGMA journal_mode=WAL").await?;
         }
-        Migrator::up(&db, None).await?;
-        let schema = Schema::new(db.get_database_backend());
-        db.execute(&schema.create_table_from_entity(item::Entity))
-            .await?;
-        db.execute(&schema.create_table_from_entity(published_item::Entity))
-            .await?;
         Ok(Scratch {
             url,
             db,
             admin,
             file,
         })
+    }
+
+    /// The database's name (the last segment of its URL).
+    pub fn name(&self) -> &str {
+        self.url
+            .rsplit('/')
+            .next()
+            .and_then(|last| last.split('?').next())
+            .unwrap_or_default()
     }
 
     /// Another pool on the same database.

@@ -115,6 +115,15 @@ pub struct OutboxConfig {
     /// attempt of a message that hangs (4 × 300 s, plus 12 s of waits) ends before RabbitMQ's
     /// default `consumer_timeout` of 30 minutes, which would otherwise close the channel.
     pub consumer_callback_timeout: Duration,
+    /// How many messages a consumer processes in one database transaction, each in a savepoint
+    /// of its own, committed together and acknowledged after that commit (a group commit).
+    /// Default 1, a transaction per message (1 to 64): a callback that hangs delays the members
+    /// queued behind it in its group until the callback deadline, so groups are chosen, not
+    /// imposed. A group holds at most prefetch / in-flight messages.
+    pub consumer_group_size: u32,
+    /// How long a group stays open for more messages after its first one. Default 2 ms (0 to
+    /// 1 s; 0 commits as soon as no message is waiting).
+    pub consumer_group_wait: Duration,
 }
 
 impl Default for OutboxConfig {
@@ -155,6 +164,8 @@ impl Default for OutboxConfig {
             consumer_max_retry_attempts: 3,
             consumer_retry_wait: Duration::from_secs(2),
             consumer_callback_timeout: Duration::from_secs(300),
+            consumer_group_size: 1,
+            consumer_group_wait: Duration::from_millis(2),
         }
     }
 }
@@ -251,6 +262,12 @@ impl OutboxConfig {
             "OUTBOX_CONSUMER_CALLBACK_TIMEOUT" => {
                 self.consumer_callback_timeout = parse_seconds(value).map_err(bad)?
             }
+            "OUTBOX_CONSUMER_GROUP_SIZE" => {
+                self.consumer_group_size = parse_number(value).map_err(bad)?
+            }
+            "OUTBOX_CONSUMER_GROUP_WAIT" => {
+                self.consumer_group_wait = parse_seconds(value).map_err(bad)?
+            }
             _ => {
                 return Err(bad(format!(
                     "not an outbox setting (variables starting with {NOT_SETTINGS_PREFIX} are ignored)"
@@ -315,7 +332,7 @@ impl OutboxConfig {
     }
 
     /// The durations, with their variables and ranges.
-    fn duration_settings(&self) -> [(&'static str, Duration, Range<Duration>); 10] {
+    fn duration_settings(&self) -> [(&'static str, Duration, Range<Duration>); 11] {
         const DAY: Duration = Duration::from_secs(86_400);
         const HOUR: Duration = Duration::from_secs(3600);
         const CENTISECOND: Duration = Duration::from_millis(10);
@@ -371,11 +388,16 @@ impl OutboxConfig {
                 self.consumer_callback_timeout,
                 within(CENTISECOND, DAY),
             ),
+            (
+                "OUTBOX_CONSUMER_GROUP_WAIT",
+                self.consumer_group_wait,
+                within(Duration::ZERO, Duration::from_secs(1)),
+            ),
         ]
     }
 
     /// The counts, with their variables and ranges.
-    fn count_settings(&self) -> [(&'static str, u64, Range<u64>); 5] {
+    fn count_settings(&self) -> [(&'static str, u64, Range<u64>); 6] {
         let within = |min, max| Range { min, max };
         [
             (
@@ -403,6 +425,11 @@ impl OutboxConfig {
                 u64::from(self.consumer_max_retry_attempts),
                 within(0, 100),
             ),
+            (
+                "OUTBOX_CONSUMER_GROUP_SIZE",
+                u64::from(self.consumer_group_size),
+                within(1, u64::from(MAX_CONSUMER_GROUP_SIZE)),
+            ),
         ]
     }
 
@@ -427,6 +454,10 @@ pub const MAX_PUBLISHED_CHUNK_SIZE: u32 = 32_766 - 5;
 
 /// The largest `days_to_keep_data`: a century, far from chrono's limits whatever the date.
 const MAX_DAYS_TO_KEEP_DATA: u32 = 36_500;
+
+/// The largest consumer group: PostgreSQL keeps the subtransactions of 64 savepoints in a
+/// session's shared cache; more overflow it, which slows every other session's snapshots.
+pub const MAX_CONSUMER_GROUP_SIZE: u32 = 64;
 
 /// The longest heartbeat: an hour (STOMP carries heartbeats as milliseconds, sent as `u32`).
 const MAX_HEARTBEAT: Duration = Duration::from_secs(3600);
@@ -802,6 +833,13 @@ mod tests {
                 "101",
                 "between 0 and 100",
             ),
+            ("OUTBOX_CONSUMER_GROUP_SIZE", "65", "between 1 and 64"),
+            ("OUTBOX_CONSUMER_GROUP_SIZE", "0", "between 1 and 64"),
+            (
+                "OUTBOX_CONSUMER_GROUP_WAIT",
+                "1.5",
+                "between 0 and 1 seconds",
+            ),
             (
                 "OUTBOX_MAXIMUM_BACKOFF",
                 "0",
@@ -849,6 +887,8 @@ mod tests {
             ("OUTBOX_STOMP_HEARTBEATS", "3600000,0"),
             ("OUTBOX_CONSUMER_CALLBACK_TIMEOUT", "0.01"),
             ("OUTBOX_CONSUMER_MAX_RETRY_ATTEMPTS", "0"),
+            ("OUTBOX_CONSUMER_GROUP_SIZE", "64"),
+            ("OUTBOX_CONSUMER_GROUP_WAIT", "0"),
             ("OUTBOX_PAUSE_FOR_RETRY", "0"),
             ("OUTBOX_PRODUCER_LEASE", "86400"),
             ("OUTBOX_RECEIPT_TIMEOUT", "3600"),

@@ -5,9 +5,11 @@
 //! callback inside a transaction that begins with the message's inbox row (see
 //! [`Payload`]): a message whose key is already in the inbox is acknowledged without running the
 //! callback, a failing one is rolled back and dead-lettered, a transient failure is retried.
-//! Up to `in_flight` messages are processed at once (default 1: in order); with
-//! [`ConsumerBuilder::ordered_by_key`], the messages of one ordering key (`x-outbox-key`) one at a
-//! time, in arrival order, and different keys in parallel.
+//! Up to `in_flight` messages are processed at once (default 1: in order). Several messages
+//! may share one transaction, each in a savepoint, acknowledged after its commit (group commits:
+//! see `group`). With [`ConsumerBuilder::ordered_by_key`], the messages of one ordering key
+//! (`x-outbox-key`) are processed one at a time, in arrival order, and different keys in
+//! parallel, each in a transaction of its own.
 //!
 //! When the broker connection drops, messages being processed finish (their acknowledgements
 //! are lost with the connection: the broker delivers them again and the inbox recognises them),
@@ -17,6 +19,7 @@
 
 mod dispatch;
 pub(crate) mod failure;
+mod group;
 mod inbox;
 mod topology;
 
@@ -38,6 +41,7 @@ use crate::shutdown::Stoppable;
 use crate::transport::{Delivery, StompTransport, Transport, TransportError};
 use crate::{Error, OutboxConfig, Payload};
 use dispatch::{Callback, Dispatcher};
+use group::Groups;
 
 /// A subscription that lived this long was healthy: after it drops, reconnect at once.
 const STABLE_SUBSCRIPTION: Duration = Duration::from_secs(30);
@@ -92,6 +96,8 @@ pub struct ConsumerBuilder {
     queue: Option<String>,
     prefetch: Option<u32>,
     in_flight: usize,
+    group_size: Option<u32>,
+    group_wait: Option<Duration>,
     shutdown_timeout: Option<Duration>,
     exclusive: Option<bool>,
     queue_headers: Vec<(String, String)>,
@@ -116,15 +122,33 @@ impl ConsumerBuilder {
 
     /// How many unacknowledged messages the broker may hand over at once (`prefetch-count`).
     /// Default: the `prefetch-count` of the settings' queue headers (1), raised to
-    /// [`ConsumerBuilder::in_flight`].
+    /// [`ConsumerBuilder::in_flight`] times [`ConsumerBuilder::group_size`], so that every
+    /// group can fill.
     pub fn prefetch(mut self, prefetch: u32) -> Self {
         self.prefetch = Some(prefetch);
         self
     }
 
     /// How many callbacks may run at once. Default 1: messages are processed in order.
+    /// With group commits, how many groups run at once (the callbacks of one group run one
+    /// after another).
     pub fn in_flight(mut self, in_flight: usize) -> Self {
         self.in_flight = in_flight;
+        self
+    }
+
+    /// How many messages one database transaction may process, each in a savepoint of its
+    /// own, acknowledged after the commit (default: the settings', 1, a transaction per
+    /// message; up to 64). A group also holds at most `prefetch / in_flight` messages.
+    pub fn group_size(mut self, size: u32) -> Self {
+        self.group_size = Some(size);
+        self
+    }
+
+    /// How long a group stays open for more messages after its first (default: the
+    /// settings', 2 ms; at most 1 s).
+    pub fn group_wait(mut self, wait: Duration) -> Self {
+        self.group_wait = Some(wait);
         self
     }
 
@@ -156,7 +180,8 @@ impl ConsumerBuilder {
     /// dead-lettered message does not hold its key up); messages of different keys, and messages
     /// without a key, run in parallel, at most [`ConsumerBuilder::in_flight`] at once. Messages
     /// waiting behind their key stay unacknowledged in the consumer, so the default prefetch is
-    /// four times `in_flight` (other keys can then proceed while one key is busy).
+    /// four times `in_flight` (other keys can then proceed while one key is busy). Each message
+    /// is its own transaction: a group size above 1 is refused at build.
     ///
     /// Order holds within one consumer of a queue: with several consumers on one queue, the
     /// broker spreads one key's messages over them (see README's section on ordering).
@@ -189,10 +214,16 @@ impl ConsumerBuilder {
     /// The consumer; checks the settings, makes them the process's ([`OutboxConfig::install`])
     /// and reads the TLS files they name.
     pub fn build(self) -> Result<Consumer, Error> {
-        let config = match self.config {
+        let mut config = match self.config {
             Some(config) => config,
             None => OutboxConfig::from_env()?,
         };
+        if let Some(size) = self.group_size {
+            config.consumer_group_size = size;
+        }
+        if let Some(wait) = self.group_wait {
+            config.consumer_group_wait = wait;
+        }
         config.install()?;
         if self.in_flight == 0 {
             return Err(Error::Config {
@@ -213,17 +244,19 @@ impl ConsumerBuilder {
             }
             Some(prefetch) => Some(prefetch),
             // Enough for every callback slot to be busy (in keyed mode, with messages waiting
-            // behind a busy key besides).
+            // behind a busy key besides; with groups, a group's worth for each slot).
             None => {
                 let slots = if self.ordered_by_key {
-                    self.in_flight.saturating_mul(4)
+                    u32::try_from(self.in_flight.saturating_mul(4)).unwrap_or(u32::MAX)
                 } else {
-                    self.in_flight
+                    u32::try_from(self.in_flight)
+                        .unwrap_or(u32::MAX)
+                        .saturating_mul(config.consumer_group_size)
                 };
                 headers
                     .get("prefetch-count")
                     .and_then(|p| p.trim().parse::<u32>().ok())
-                    .map(|p| p.max(u32::try_from(slots).unwrap_or(u32::MAX)))
+                    .map(|p| p.max(slots))
             }
         };
         // No prefetch-count is no limit to RabbitMQ: the broker would push the whole queue.
@@ -235,6 +268,22 @@ impl ConsumerBuilder {
             }
         };
         headers.insert("prefetch-count".into(), prefetch.to_string());
+        // More than prefetch / in_flight messages could not all be delivered before some are
+        // acknowledged: the group would wait out its wait for them.
+        let per_group = usize::try_from(prefetch).unwrap_or(usize::MAX) / self.in_flight;
+        let group_size = usize::try_from(config.consumer_group_size)
+            .unwrap_or(usize::MAX)
+            .min(per_group)
+            .max(1);
+        if self.ordered_by_key && config.consumer_group_size > 1 {
+            return Err(Error::Config {
+                variable: "OUTBOX_CONSUMER_GROUP_SIZE".into(),
+                value: config.consumer_group_size.to_string(),
+                reason: "a consumer ordered by key processes each message in a transaction of its \
+                         own; set the group size to 1 for it"
+                    .into(),
+            });
+        }
         warn_if_attempts_outlast_the_broker(&config);
         let destination = self.destination.unwrap_or_default();
         let topology = Topology::with_headers(
@@ -253,6 +302,7 @@ impl ConsumerBuilder {
             topology,
             in_flight: self.in_flight,
             ordered_by_key: self.ordered_by_key,
+            group_size,
             shutdown_timeout: self
                 .shutdown_timeout
                 .unwrap_or(config.consumer_shutdown_timeout),
@@ -306,6 +356,8 @@ pub struct Consumer {
     topology: Topology,
     in_flight: usize,
     ordered_by_key: bool,
+    /// Messages per group (1: a transaction per message).
+    group_size: usize,
     shutdown_timeout: Duration,
 }
 
@@ -318,6 +370,8 @@ impl Consumer {
             queue: None,
             prefetch: None,
             in_flight: 1,
+            group_size: None,
+            group_wait: None,
             shutdown_timeout: None,
             exclusive: None,
             queue_headers: Vec::new(),
@@ -378,6 +432,12 @@ impl Consumer {
             retry_wait: self.config.consumer_retry_wait,
             callback_timeout: self.config.consumer_callback_timeout,
         });
+        let mut groups = Groups::new(
+            dispatcher.clone(),
+            self.group_size,
+            self.config.consumer_group_wait,
+            self.in_flight,
+        );
         let housekeeping = tokio::spawn(inbox::keep_tidy(self.db.clone(), self.config.clone()));
         tokio::pin!(shutdown);
         let mut tasks: JoinSet<()> = JoinSet::new();
@@ -389,6 +449,7 @@ impl Consumer {
             queue = %self.topology.queue(),
             in_flight = self.in_flight,
             ordered_by_key = self.ordered_by_key,
+            group_size = self.group_size,
             "consumer started"
         );
         'connection: loop {
@@ -420,23 +481,32 @@ impl Consumer {
                     let task = tasks.spawn(dispatcher.clone().handle(delivery));
                     lanes.started(task.id(), key);
                 }
+                let accepting = if self.ordered_by_key {
+                    lanes.accepts(tasks.len(), self.in_flight)
+                } else {
+                    groups.can_take(&tasks)
+                };
                 tokio::select! {
                     biased;
                     _ = shutdown.as_mut() => break 'connection,
                     Some(joined) = tasks.join_next_with_id(), if !tasks.is_empty() => {
                         lanes.finished(&joined);
                         report(joined.map(|_| ()));
+                        groups.task_ended(&mut tasks);
                     }
-                    delivery = deliveries.recv(), if lanes.accepts(tasks.len(), self.in_flight) => match delivery {
-                        Some(delivery) => lanes.push(delivery),
+                    delivery = deliveries.recv(), if accepting => match delivery {
+                        Some(delivery) if self.ordered_by_key => lanes.push(delivery),
+                        Some(delivery) => groups.take(delivery, &mut tasks),
                         None => break,
                     },
                 }
             }
-            // Messages waiting behind their key were not started: unacknowledged, the broker
-            // delivers them again to the new subscription. Keys in flight stay busy until their
-            // tasks end, so a redelivery never overtakes them.
+            // Messages waiting behind their key, or queued in a group and not started, were
+            // not processed: unacknowledged, the broker delivers them again to the new
+            // subscription. Keys in flight stay busy until their tasks end, so a redelivery
+            // never overtakes them.
             lanes.forget_waiting();
+            groups.close();
             subscribed = None;
             // Messages in flight go on; their acknowledgements will be refused, and the broker
             // delivers those messages again to the new subscription.
@@ -452,6 +522,7 @@ impl Consumer {
                 }
             }
         }
+        groups.close();
         self.stop(tasks, subscribed).await;
         housekeeping.abort();
         tracing::info!(queue = %self.topology.queue(), "consumer stopped");

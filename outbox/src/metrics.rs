@@ -21,6 +21,7 @@
 //! | `outbox_blocked_keys` | gauge | | ordering keys that a FAILED row blocks (none of their later rows is sent until it is retried or purged), sampled with the above |
 //! | `outbox_consumer_messages_total` | counter | `queue`, `outcome` | consumed messages by outcome: `acked`, `duplicate` (already in the inbox: acked without running the callback), `nacked` (the callback called `nack()`), `dead_lettered` (the callback failed or panicked, or its transient failures outlasted the retries), `undecodable` (the frame did not decode, or exceeded `OUTBOX_STOMP_MAX_FRAME_SIZE`: rejected to the dead-letter queue without running the callback), and `retried` (not a final outcome: one per further attempt after a transient failure) |
 //! | `outbox_consumer_callback_duration_seconds` | histogram | `queue` | time the callback took, per attempt |
+//! | `outbox_consumer_group_size` | histogram | `queue` | messages per committed group (group commits: `OUTBOX_CONSUMER_GROUP_SIZE` above 1) |
 //! | `outbox_relay_lag_seconds` | histogram | | per receipted message: from its row's `added` (set when the row was saved, on the writer's clock) to the broker's receipt (on the relay's clock) |
 //! | `outbox_consumer_lag_seconds` | histogram | `queue` | per committed message, end to end: from its `dop-msg-sent-time` header (the save time, on the writer's clock) to the commit of the callback's transaction (on the consumer's clock); messages without a parsable header are not recorded |
 //!
@@ -83,6 +84,8 @@ pub const OLDEST_PENDING_AGE: &str = "outbox_oldest_pending_age_seconds";
 pub const CONSUMER_MESSAGES: &str = "outbox_consumer_messages_total";
 /// Seconds per callback attempt.
 pub const CONSUMER_CALLBACK_DURATION: &str = "outbox_consumer_callback_duration_seconds";
+/// Messages per committed consumer group.
+pub const CONSUMER_GROUP_SIZE: &str = "outbox_consumer_group_size";
 /// Seconds from a row's save to the broker's receipt of its message.
 pub const RELAY_LAG: &str = "outbox_relay_lag_seconds";
 /// Seconds from a message's save (`dop-msg-sent-time`) to the commit of its callback.
@@ -181,6 +184,11 @@ pub fn describe() {
         CONSUMER_CALLBACK_DURATION,
         Unit::Seconds,
         "Time the consumer callback took, per attempt"
+    );
+    describe_histogram!(
+        CONSUMER_GROUP_SIZE,
+        Unit::Count,
+        "Messages per committed consumer group (one transaction), by queue"
     );
     describe_histogram!(
         RELAY_LAG,
@@ -331,6 +339,11 @@ fn seconds_between(from: chrono::DateTime<chrono::Utc>, to: chrono::DateTime<chr
     (to - from)
         .to_std()
         .map_or(0.0, |elapsed| elapsed.as_secs_f64())
+}
+
+/// Records the number of messages of a committed group on `queue`.
+pub(crate) fn consumer_group(queue: &str, members: usize) {
+    histogram!(CONSUMER_GROUP_SIZE, "queue" => queue.to_owned()).record(members as f64);
 }
 
 /// Records how long one callback attempt took on `queue`.

@@ -26,6 +26,7 @@
 //! The relay sleeps when nothing is due and wakes on the first of: a commit made by this process
 //! through the library, a PostgreSQL notification (any process's commit), or its polling interval.
 
+mod idle;
 pub(crate) mod store;
 
 use std::collections::HashSet;
@@ -250,6 +251,7 @@ impl Producer {
         let mut backoff = Backoff::new(self.config.maximum_backoff);
         let mut pending_sampler = crate::metrics::PendingSampler::default();
         tracing::info!(batch = self.config.published_chunk_size, "relay started");
+        let mut idle = idle::Idle::new(&self.db);
         loop {
             if futures::poll!(shutdown.as_mut()).is_ready() {
                 break;
@@ -277,6 +279,7 @@ impl Producer {
             match result {
                 Ok(report) if report.claimed > 0 && report.released == 0 => {
                     backoff.reset();
+                    idle.found_rows(&self.db).await;
                     continue;
                 }
                 Ok(report) if report.released > 0 => {
@@ -301,14 +304,24 @@ impl Producer {
                     }
                 }
             }
-            // Nothing due: sleep until woken.
+            // Nothing due: announce the relay idle (writers then notify), look again at once
+            // and shortly after, then sleep until woken.
+            let mut wait = self.config.producer_waiting_time;
+            if idle.nothing_due(&self.db).await {
+                if self.rounds().await.is_ok_and(|report| report.claimed > 0) {
+                    idle.found_rows(&self.db).await;
+                    continue;
+                }
+                wait = wait.min(idle::SECOND_LOOK);
+            }
             tokio::select! {
                 _ = commits.changed() => {}
                 _ = self.wake_pg.notified() => {}
-                _ = tokio::time::sleep(self.config.producer_waiting_time) => {}
+                _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.as_mut() => break,
             }
         }
+        idle.stopped(&self.db).await;
         retention.abort();
         if let Some(listener) = listener {
             listener.abort();

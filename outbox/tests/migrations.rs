@@ -22,6 +22,8 @@ const MIGRATION_NAME: &str = "outbox_m20261126_000001_create_outbox_tables";
 const ADOPT_MIGRATION_NAME: &str = "outbox_m20261201_000001_adopt_django_tables";
 /// Per-key ordering's columns and index.
 const KEYS_MIGRATION_NAME: &str = "outbox_m20261201_000002_add_message_keys";
+/// The trigger notifies only while a relay is idle (PostgreSQL; nothing elsewhere).
+const IDLE_MIGRATION_NAME: &str = "outbox_m20261201_000004_notify_idle_relays_only";
 const TABLES: [&str; 3] = ["published", "received", "outbox_housekeeping"];
 
 /// Runs one specification against each backend, as `<spec>::postgres`, `<spec>::mariadb` and
@@ -289,7 +291,12 @@ async fn applied_migration_is_recorded_under_its_namespaced_name(backend: Backen
     let names: Vec<&str> = applied.iter().map(|m| m.name()).collect();
     assert_eq!(
         names,
-        [MIGRATION_NAME, ADOPT_MIGRATION_NAME, KEYS_MIGRATION_NAME]
+        [
+            MIGRATION_NAME,
+            ADOPT_MIGRATION_NAME,
+            KEYS_MIGRATION_NAME,
+            IDLE_MIGRATION_NAME
+        ]
     );
     assert!(
         Migrator::get_pending_migrations(&t.db)
@@ -339,6 +346,38 @@ async fn postgres_notifies_once_per_transaction_however_many_rows_it_inserts() {
 }
 
 #[tokio::test]
+async fn postgres_notifies_nobody_while_no_relay_is_idle() {
+    let t = TestDb::new(Backend::Postgres).await;
+    let mut listener = listen(&t).await;
+    t.db.execute_unprepared("DELETE FROM outbox_idle_relay")
+        .await
+        .unwrap();
+    let txn = t.db.begin().await.unwrap();
+    insert(&txn, "published", &published_row()).await.unwrap();
+    txn.commit().await.unwrap();
+    assert_no_notification(&mut listener, "with no relay idle").await;
+    // An announcement past its lease counts for nothing either.
+    t.db.execute_unprepared(
+        "INSERT INTO outbox_idle_relay (relay, until) VALUES (gen_random_uuid(), now() - interval '1 second')",
+    )
+    .await
+    .unwrap();
+    insert(&t.db, "published", &published_row()).await.unwrap();
+    assert_no_notification(&mut listener, "with an expired announcement").await;
+    t.db.execute_unprepared(
+        "INSERT INTO outbox_idle_relay (relay, until) VALUES (gen_random_uuid(), now() + interval '1 hour')",
+    )
+    .await
+    .unwrap();
+    insert(&t.db, "published", &published_row()).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), listener.recv())
+        .await
+        .expect("a relay is idle: notified")
+        .unwrap();
+    t.drop_database().await;
+}
+
+#[tokio::test]
 async fn postgres_rolled_back_insert_notifies_nobody() {
     let t = TestDb::new(Backend::Postgres).await;
     let mut listener = listen(&t).await;
@@ -351,7 +390,13 @@ async fn postgres_rolled_back_insert_notifies_nobody() {
     t.drop_database().await;
 }
 
+/// Listens, with a relay announced idle (writers notify only then).
 async fn listen(t: &TestDb) -> PgListener {
+    t.db.execute_unprepared(
+        "INSERT INTO outbox_idle_relay (relay, until) VALUES (gen_random_uuid(), now() + interval '1 hour')",
+    )
+    .await
+    .unwrap();
     let mut listener = PgListener::connect(&t.url).await.unwrap();
     listener.listen("outbox_published").await.unwrap();
     listener

@@ -226,6 +226,7 @@ async fn consume(settings: &Settings, n: usize) -> Result<(), BoxError> {
                 prefetch: Some(200),
                 in_flight: Some(8),
                 traced,
+                ..WorkerArgs::default()
             },
         )
         .await;

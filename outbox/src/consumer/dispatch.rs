@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use sea_orm::{DatabaseConnection, DatabaseTransaction, TransactionTrait};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction, TransactionTrait};
 use tracing::Instrument;
 
 use super::failure::{Failure, panic_message};
@@ -47,6 +47,75 @@ pub(crate) struct Dispatcher {
 /// ends that statement).
 const ROLLBACK_WAIT: Duration = Duration::from_secs(10);
 
+/// Where an attempt runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Scope {
+    /// In a transaction of its own.
+    Message,
+    /// In a savepoint of a group's transaction.
+    Member,
+}
+
+/// A group member's savepoint. One name for all: a savepoint of the same name hides the
+/// earlier ones (PostgreSQL and SQLite roll back to the latest, MariaDB replaces it), and a
+/// member's savepoint is never released (its release would be one more statement per message;
+/// the commit ends them all).
+const SAVEPOINT: &str = "SAVEPOINT outbox_member";
+const ROLLBACK_TO_SAVEPOINT: &str = "ROLLBACK TO SAVEPOINT outbox_member";
+
+/// How the inbox row and the callback of an attempt ended.
+pub(super) enum Once {
+    /// The callback saved the message: commit this transaction (in a group: go on with it).
+    Saved(DatabaseTransaction),
+    /// Rolled back: the whole transaction, or in a group, to the member's savepoint, and then the
+    /// transaction to go on with (`None` when the rollback did not complete or the callback kept
+    /// its payload: the connection is in an unknown state).
+    Ended {
+        /// How the attempt ended.
+        attempt: Attempt,
+        /// In a group, the transaction rolled back to the member's savepoint.
+        txn: Option<DatabaseTransaction>,
+    },
+}
+
+/// Ends a failed attempt: rolls back the transaction, or in a group to the member's savepoint
+/// (handing the transaction back when that completed).
+async fn end(txn: DatabaseTransaction, scope: Scope) -> Option<DatabaseTransaction> {
+    match scope {
+        Scope::Message => {
+            rollback(txn).await;
+            None
+        }
+        Scope::Member => {
+            match tokio::time::timeout(ROLLBACK_WAIT, txn.execute_unprepared(ROLLBACK_TO_SAVEPOINT))
+                .await
+            {
+                Ok(Ok(_)) => Some(txn),
+                Ok(Err(err)) => {
+                    tracing::debug!(error = %err, "rollback to the member's savepoint failed");
+                    None
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        wait = ?ROLLBACK_WAIT,
+                        "the rollback to a member's savepoint did not complete (a statement of \
+                         the callback still runs?); the group's transaction is left to the \
+                         connection pool, which rolls it back or closes it"
+                    );
+                    None
+                }
+            }
+        }
+    }
+}
+
+/// How the first attempt of a message processed in a group ended, with the message and its span.
+pub(super) struct FirstAttempt {
+    pub(super) message: Arc<Incoming>,
+    pub(super) span: tracing::Span,
+    pub(super) attempt: Attempt,
+}
+
 /// What the broker is told.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Verdict {
@@ -55,8 +124,8 @@ enum Verdict {
 }
 
 /// How one attempt ended.
-enum Attempt {
-    /// Committed: acknowledge.
+pub(super) enum Attempt {
+    /// Committed (in a group: saved in its savepoint, and the group committed): acknowledge.
     Committed,
     /// The key is already in the inbox: acknowledge without calling the callback.
     Duplicate,
@@ -71,8 +140,21 @@ impl Dispatcher {
     /// the message acknowledged if its transaction had committed, else rejected (dead-lettered);
     /// a panic while settling, with a plain NACK as the last resort.
     pub(crate) async fn handle(self: Arc<Self>, delivery: Delivery) {
-        let committed = AtomicBool::new(false);
-        let processed = AssertUnwindSafe(self.process_delivery(&delivery, &committed))
+        self.conclude(&delivery, None).await;
+    }
+
+    /// Processes a delivery (or, given how its first attempt ended in a group, goes on from
+    /// there: retries, dead-lettering, logs and counts) and settles it with the broker, as
+    /// [`Dispatcher::handle`] says.
+    pub(super) async fn conclude(&self, delivery: &Delivery, first: Option<FirstAttempt>) {
+        let committed = AtomicBool::new(matches!(
+            first,
+            Some(FirstAttempt {
+                attempt: Attempt::Committed,
+                ..
+            })
+        ));
+        let processed = AssertUnwindSafe(self.process_delivery(delivery, &committed, first))
             .catch_unwind()
             .await;
         let verdict = match processed {
@@ -95,7 +177,7 @@ impl Dispatcher {
                 verdict
             }
         };
-        let settled = AssertUnwindSafe(self.settle(&delivery, verdict))
+        let settled = AssertUnwindSafe(self.settle(delivery, verdict))
             .catch_unwind()
             .await;
         if let Err(panic) = settled {
@@ -104,7 +186,7 @@ impl Dispatcher {
                 panic = %panic_message(panic),
                 "settling a message panicked; rejecting it"
             );
-            if let Ok(Err(err)) = AssertUnwindSafe(self.transport.nack(&delivery))
+            if let Ok(Err(err)) = AssertUnwindSafe(self.transport.nack(delivery))
                 .catch_unwind()
                 .await
             {
@@ -114,8 +196,27 @@ impl Dispatcher {
     }
 
     /// Reads the delivery and processes it, in the message's span.
-    async fn process_delivery(&self, delivery: &Delivery, committed: &AtomicBool) -> Verdict {
-        let message = Arc::new(Incoming::new(delivery, &self.queue));
+    async fn process_delivery(
+        &self,
+        delivery: &Delivery,
+        committed: &AtomicBool,
+        first: Option<FirstAttempt>,
+    ) -> Verdict {
+        let (message, span, attempt) = match first {
+            Some(first) => (first.message, first.span, Some(first.attempt)),
+            None => {
+                let message = Arc::new(Incoming::new(delivery, &self.queue));
+                let span = self.message_span(&message);
+                (message, span, None)
+            }
+        };
+        self.process(&message, committed, attempt)
+            .instrument(span)
+            .await
+    }
+
+    /// The span of one message's handling.
+    pub(super) fn message_span(&self, message: &Incoming) -> tracing::Span {
         let span = tracing::info_span!(
             "outbox.message",
             queue = %self.queue,
@@ -128,14 +229,25 @@ impl Dispatcher {
         );
         #[cfg(feature = "opentelemetry")]
         crate::trace_context::continue_trace(&span, &message.headers);
-        self.process(&message, committed).instrument(span).await
+        span
     }
 
-    async fn process(&self, message: &Arc<Incoming>, committed: &AtomicBool) -> Verdict {
+    /// Attempts until the message is settled; `first`, when given, is how the first attempt
+    /// ended (in a group).
+    async fn process(
+        &self,
+        message: &Arc<Incoming>,
+        committed: &AtomicBool,
+        mut first: Option<Attempt>,
+    ) -> Verdict {
         let mut retries = 0;
         loop {
             tracing::Span::current().record("attempt", retries + 1);
-            let failure = match self.attempt(message, committed).await {
+            let attempt = match first.take() {
+                Some(attempt) => attempt,
+                None => self.attempt(message, committed).await,
+            };
+            let failure = match attempt {
                 Attempt::Committed => {
                     self.concluded(Outcome::Acked);
                     return Verdict::Ack;
@@ -197,12 +309,55 @@ impl Dispatcher {
             Ok(txn) => txn,
             Err(err) => return Attempt::Failed(Failure::Database(err)),
         };
+        let txn = match self.run_once(txn, Scope::Message, message).await {
+            Once::Saved(txn) => txn,
+            Once::Ended { attempt, .. } => return attempt,
+        };
+        match txn.commit().await {
+            Ok(()) => {
+                committed.store(true, Ordering::SeqCst);
+                crate::metrics::consumer_committed(
+                    &self.queue,
+                    message
+                        .headers
+                        .get(crate::headers::MSG_SENT_TIME)
+                        .map(String::as_str),
+                );
+                // Outbox rows the callback wrote are committed: wake this process's relays.
+                wake::committed();
+                Attempt::Committed
+            }
+            Err(err) => Attempt::Failed(Failure::Database(err)),
+        }
+    }
+
+    /// In `txn`, the inbox row, then the callback. Returns the transaction to commit when the
+    /// callback saved the message; otherwise rolls it back and says how the attempt ended. In
+    /// a group (`scope` [`Scope::Member`]) all of it runs in a savepoint of the group's
+    /// transaction, rolled back to on failure, and the transaction is handed back to go on with.
+    pub(super) async fn run_once(
+        &self,
+        txn: DatabaseTransaction,
+        scope: Scope,
+        message: &Arc<Incoming>,
+    ) -> Once {
+        if scope == Scope::Member
+            && let Err(err) = txn.execute_unprepared(SAVEPOINT).await
+        {
+            return Once::Ended {
+                attempt: Attempt::Failed(Failure::Database(err)),
+                txn: None,
+            };
+        }
         if let Err(err) = inbox::insert(&txn, message, self.keep_for).await {
-            rollback(txn).await;
-            return if inbox::is_duplicate(&err) {
+            let attempt = if inbox::is_duplicate(&err) {
                 Attempt::Duplicate
             } else {
                 Attempt::Failed(Failure::Database(err))
+            };
+            return Once::Ended {
+                txn: end(txn, scope).await,
+                attempt,
             };
         }
         let txn = Arc::new(txn);
@@ -214,39 +369,27 @@ impl Dispatcher {
         // The payload went with the callback's future; if it is still held elsewhere the
         // transaction cannot be ended here (it rolls back when the last holder drops it).
         let Ok(txn) = Arc::try_unwrap(txn) else {
-            return Attempt::Failed(Failure::PayloadKept);
+            return Once::Ended {
+                attempt: Attempt::Failed(Failure::PayloadKept),
+                txn: None,
+            };
         };
         match outcome {
-            Err(failure) => {
-                rollback(txn).await;
-                Attempt::Failed(failure)
-            }
-            Ok(()) if decision.get() == Decision::NACKED => {
-                rollback(txn).await;
-                Attempt::Nacked
-            }
+            Err(failure) => Once::Ended {
+                txn: end(txn, scope).await,
+                attempt: Attempt::Failed(failure),
+            },
+            Ok(()) if decision.get() == Decision::NACKED => Once::Ended {
+                txn: end(txn, scope).await,
+                attempt: Attempt::Nacked,
+            },
             Ok(()) => {
                 if decision.get() == Decision::UNDECIDED {
                     tracing::warn!(
                         "the callback returned Ok without calling save() or nack(); treated as saved"
                     );
                 }
-                match txn.commit().await {
-                    Ok(()) => {
-                        committed.store(true, Ordering::SeqCst);
-                        crate::metrics::consumer_committed(
-                            &self.queue,
-                            message
-                                .headers
-                                .get(crate::headers::MSG_SENT_TIME)
-                                .map(String::as_str),
-                        );
-                        // Outbox rows the callback wrote are committed: wake this process's relays.
-                        wake::committed();
-                        Attempt::Committed
-                    }
-                    Err(err) => Attempt::Failed(Failure::Database(err)),
-                }
+                Once::Saved(txn)
             }
         }
     }
@@ -278,6 +421,17 @@ impl Dispatcher {
         .unwrap_or(Err(Failure::TimedOut(self.callback_timeout)))
     }
 
+    /// Rejects (dead-letters) a delivery, as the settling of a message whose handling panicked
+    /// does.
+    pub(super) async fn reject(&self, delivery: &Delivery) {
+        if let Ok(Err(err)) = AssertUnwindSafe(self.transport.nack(delivery))
+            .catch_unwind()
+            .await
+        {
+            tracing::warn!(error = %err, "could not reject the message; the broker will deliver it again");
+        }
+    }
+
     async fn settle(&self, delivery: &Delivery, verdict: Verdict) {
         let settled = match verdict {
             Verdict::Ack => self.transport.ack(delivery).await,
@@ -297,10 +451,11 @@ impl Dispatcher {
     }
 }
 
-async fn rollback(txn: DatabaseTransaction) {
+/// Rolls back `txn` (a transaction or a savepoint); whether that completed.
+pub(super) async fn rollback(txn: DatabaseTransaction) -> bool {
     // A failed rollback means the connection is gone, which rolls back too.
     match tokio::time::timeout(ROLLBACK_WAIT, txn.rollback()).await {
-        Ok(Ok(())) => {}
+        Ok(Ok(())) => return true,
         Ok(Err(err)) => tracing::debug!(error = %err, "rollback failed"),
         Err(_) => tracing::warn!(
             wait = ?ROLLBACK_WAIT,
@@ -308,4 +463,5 @@ async fn rollback(txn: DatabaseTransaction) {
              transaction is left to the connection pool, which rolls it back or closes it"
         ),
     }
+    false
 }
