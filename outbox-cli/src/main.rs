@@ -539,7 +539,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Dlq(DlqCommand::List(args)) => {
             let broker = outbox::transport::from_config(&config)?;
-            let found = ops::dlq_list(broker.as_ref(), &args.queue, usize::from(args.limit)).await?;
+            let found =
+                ops::dlq_list(broker.as_ref(), &args.queue, usize::from(args.limit)).await?;
             if args.json {
                 let json: Vec<serde_json::Value> = found.iter().map(dead_letter_json).collect();
                 let json = serde_json::to_string_pretty(&json)

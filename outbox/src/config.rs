@@ -368,7 +368,10 @@ impl OutboxConfig {
                 "OUTBOX_STOMP_HOST_AND_PORTS",
                 self.stomp_host_and_ports != defaults.stomp_host_and_ports,
             ),
-            ("OUTBOX_STOMP_VHOST", self.stomp_vhost != defaults.stomp_vhost),
+            (
+                "OUTBOX_STOMP_VHOST",
+                self.stomp_vhost != defaults.stomp_vhost,
+            ),
             (
                 "OUTBOX_STOMP_USERNAME",
                 self.stomp_username != defaults.stomp_username,
@@ -381,10 +384,9 @@ impl OutboxConfig {
         if let Some((variable, _)) = replaced.iter().find(|(_, set)| *set) {
             return Err(bad(
                 variable,
-                format!(
-                    "contradicts OUTBOX_BROKER_URL, which carries the broker's address, user, \
-                     password and vhost: set one or the other"
-                ),
+                "contradicts OUTBOX_BROKER_URL, which carries the broker's address, user, \
+                 password and vhost: set one or the other"
+                    .into(),
             ));
         }
         if self.stomp_use_ssl && !tls {
@@ -638,7 +640,9 @@ fn check_broker_url(url: &str) -> Result<(), String> {
             )
         })?;
     let authority = rest.split(['/', '?']).next().unwrap_or_default();
-    let host = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
+    let host = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
     if host.is_empty() || host.starts_with(':') {
         return Err(format!("`{}` has no host", redact_credentials(url)));
     }
@@ -827,6 +831,71 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn a_broker_url_selects_amqp_and_refuses_what_contradicts_it() {
+        let c = OutboxConfig::from_vars(vars(&[(
+            "OUTBOX_BROKER_URL",
+            "amqp://app:S3cret-pw@a:5672/prod, amqp://app:S3cret-pw@b:5672/prod",
+        )]))
+        .unwrap();
+        assert!(c.uses_amqp());
+        assert_eq!(c.broker_url.len(), 2);
+        assert_eq!(
+            c.broker_urls_redacted(),
+            "amqp://app:***@a:5672/prod,amqp://app:***@b:5672/prod"
+        );
+        assert!(!format!("{c:?}").contains("S3cret-pw"));
+        assert!(!OutboxConfig::default().uses_amqp());
+
+        let refused = |pairs: &[(&str, &str)]| {
+            let err = OutboxConfig::from_vars(vars(pairs))
+                .unwrap_err()
+                .to_string();
+            assert!(!err.contains("S3cret-pw"), "{err}");
+            err
+        };
+        let url = ("OUTBOX_BROKER_URL", "amqp://app:S3cret-pw@a:5672/prod");
+        for (variable, value) in [
+            ("OUTBOX_STOMP_HOST_AND_PORTS", "b:61613"),
+            ("OUTBOX_STOMP_USERNAME", "other"),
+            ("OUTBOX_STOMP_PASSCODE", "other"),
+            ("OUTBOX_STOMP_VHOST", "other"),
+            ("OUTBOX_STOMP_USE_SSL", "true"),
+        ] {
+            let err = refused(&[url, (variable, value)]);
+            assert!(err.contains(variable), "{err}");
+        }
+        let err = refused(&[(
+            "OUTBOX_BROKER_URL",
+            "amqp://app:S3cret-pw@a:5672/,amqps://app:S3cret-pw@b:5671/",
+        )]);
+        assert!(err.contains("mixes"), "{err}");
+        let err = refused(&[("OUTBOX_BROKER_URL", "stomp://app:S3cret-pw@a:61613")]);
+        assert!(err.contains("OUTBOX_BROKER_URL"), "{err}");
+        let err = refused(&[("OUTBOX_BROKER_URL", "amqp://app:S3cret-pw@/vhost")]);
+        assert!(err.contains("no host"), "{err}");
+        // TLS with amqps:// is consistent.
+        OutboxConfig::from_vars(vars(&[
+            ("OUTBOX_BROKER_URL", "amqps://app:S3cret-pw@a:5671/"),
+            ("OUTBOX_STOMP_USE_SSL", "true"),
+        ]))
+        .unwrap();
+    }
+
+    #[test]
+    fn the_unroutable_policy_is_read() {
+        assert_eq!(OutboxConfig::default().unroutable, Unroutable::Retry);
+        for (value, policy) in [
+            ("retry", Unroutable::Retry),
+            ("FAIL", Unroutable::Fail),
+            ("drop", Unroutable::Drop),
+        ] {
+            let c = OutboxConfig::from_vars(vars(&[("OUTBOX_UNROUTABLE", value)])).unwrap();
+            assert_eq!(c.unroutable, policy);
+        }
+        assert!(OutboxConfig::from_vars(vars(&[("OUTBOX_UNROUTABLE", "keep")])).is_err());
     }
 
     #[test]

@@ -39,9 +39,9 @@ use tokio::sync::{Notify, RwLock};
 use tracing::Instrument;
 use uuid::Uuid;
 
+use crate::Unroutable;
 use crate::published::Model as Row;
 use crate::shutdown::Stoppable;
-use crate::Unroutable;
 use crate::transport::{Outcome, Outgoing, Transport, TransportError, Unknown};
 use crate::{Error, OutboxConfig, headers, retention, wake};
 
@@ -705,7 +705,11 @@ impl Producer {
     /// Settles the rows whose message no queue took, as `OUTBOX_UNROUTABLE` says: kept waiting
     /// (a pause of their own, no retry spent, `last_error` saying why), marked FAILED, or marked
     /// sent (dropped, as over STOMP).
-    async fn unroutable(&self, rows: Vec<(Row, String)>, token: Uuid) -> Result<RoundReport, Error> {
+    async fn unroutable(
+        &self,
+        rows: Vec<(Row, String)>,
+        token: Uuid,
+    ) -> Result<RoundReport, Error> {
         let mut report = RoundReport::default();
         if rows.is_empty() {
             return Ok(report);
@@ -717,7 +721,9 @@ impl Producer {
             let reason = unroutable_error(&row.destination, &reply);
             match self.config.unroutable {
                 Unroutable::Retry => {
-                    let age = (chrono::Utc::now() - row.added).to_std().unwrap_or_default();
+                    let age = (chrono::Utc::now() - row.added)
+                        .to_std()
+                        .unwrap_or_default();
                     let pause = store::unroutable_pause(age, self.config.maximum_backoff);
                     tracing::warn!(
                         message_id = %row.id,
@@ -727,8 +733,7 @@ impl Producer {
                         retry_in = ?pause,
                         "{reason}"
                     );
-                    store::release_after(&self.db, &[row.id], token, pause, Some(&reason))
-                        .await?;
+                    store::release_after(&self.db, &[row.id], token, pause, Some(&reason)).await?;
                 }
                 Unroutable::Fail => {
                     tracing::error!(
@@ -764,7 +769,9 @@ impl Producer {
         }
         crate::metrics::nacked(rows.len());
         for row in rows {
-            let age = (chrono::Utc::now() - row.added).to_std().unwrap_or_default();
+            let age = (chrono::Utc::now() - row.added)
+                .to_std()
+                .unwrap_or_default();
             let pause = store::unroutable_pause(age, self.config.maximum_backoff);
             tracing::warn!(message_id = %row.id, destination = %row.destination, retry_in = ?pause, "the broker could not take the message now (basic.nack); given back without spending a retry");
             store::release_after(&self.db, &[row.id], token, pause, None).await?;

@@ -41,9 +41,7 @@ pub async fn send<B: Serialize + ?Sized>(
     headers: &[(&str, &str)],
 ) -> Result<(), Error> {
     let transport = DIRECT
-        .get_or_try_init(|| async {
-            crate::transport::from_config(&OutboxConfig::from_env()?)
-        })
+        .get_or_try_init(|| async { crate::transport::from_config(&OutboxConfig::from_env()?) })
         .await?;
     send_with(transport.as_ref(), destination, body, headers).await
 }

@@ -99,10 +99,14 @@ async fn an_unroutable_row_waits_without_spending_a_retry_and_goes_once_a_queue_
     let row = rows(&test.db).await.remove(0);
     assert_eq!(row.status, Status::Succeeded);
     assert_eq!(row.retry, 0);
-    eventually(Duration::from_secs(10), "the message is in the queue", || {
-        let queue = queue.clone();
-        async move { queue_message_count(&queue) == Some(1) }
-    })
+    eventually(
+        Duration::from_secs(10),
+        "the message is in the queue",
+        || {
+            let queue = queue.clone();
+            async move { queue_message_count(&queue) == Some(1) }
+        },
+    )
     .await;
     test.drop_database().await;
 }
@@ -170,7 +174,10 @@ fn relay_like_message(destination: &str) -> Outgoing {
         ("timestamp", "1764583200"),
         ("type", "order.created"),
         ("app-id", "billing"),
-        ("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+        (
+            "traceparent",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        ),
     ];
     Outgoing {
         destination: destination.to_owned(),
@@ -209,9 +216,19 @@ async fn a_stomp_subscriber_sees_the_same_message_from_either_transport() {
     let (mut reader, _cleanup) = topic_reader(&key).await;
     let message = relay_like_message(&format!("/topic/{key}"));
     let stomp = StompTransport::new(&OutboxConfig::default()).expect("a STOMP transport");
-    assert!(stomp.send(std::slice::from_ref(&message)).await.all_receipted());
+    assert!(
+        stomp
+            .send(std::slice::from_ref(&message))
+            .await
+            .all_receipted()
+    );
     let broker = amqp();
-    assert!(broker.send(std::slice::from_ref(&message)).await.all_receipted());
+    assert!(
+        broker
+            .send(std::slice::from_ref(&message))
+            .await
+            .all_receipted()
+    );
 
     let over_stomp = reader
         .next_message(Duration::from_secs(5))
@@ -234,7 +251,10 @@ async fn a_stomp_subscriber_sees_the_same_message_from_either_transport() {
             "header `{name}` differs: STOMP {stomp_seen:?}, AMQP {amqp_seen:?}"
         );
     }
-    assert_eq!(amqp_seen.get("persistent").map(String::as_str), Some("true"));
+    assert_eq!(
+        amqp_seen.get("persistent").map(String::as_str),
+        Some("true")
+    );
     assert_eq!(amqp_seen.get("priority").map(String::as_str), Some("4"));
 }
 
@@ -254,13 +274,17 @@ async fn destinations_route_as_over_stomp() {
             .await;
         assert_eq!(report.outcomes, vec![Outcome::Receipted], "{destination}");
     }
-    eventually(Duration::from_secs(10), "both queues hold their message", || {
-        let queue = queue.clone();
-        async move {
-            queue_message_count(&queue) == Some(1)
-                && queue_message_count(&format!("bare_{queue}")) == Some(1)
-        }
-    })
+    eventually(
+        Duration::from_secs(10),
+        "both queues hold their message",
+        || {
+            let queue = queue.clone();
+            async move {
+                queue_message_count(&queue) == Some(1)
+                    && queue_message_count(&format!("bare_{queue}")) == Some(1)
+            }
+        },
+    )
     .await;
     // What the plugin refuses, and a missing exchange: refused, the others unaffected.
     let missing = format!("/exchange/{}/k", unique("missing"));
@@ -283,8 +307,14 @@ async fn destinations_route_as_over_stomp() {
             },
         ])
         .await;
-    assert!(matches!(report.outcomes[0], Outcome::Refused(_)), "{report:?}");
-    assert!(matches!(report.outcomes[1], Outcome::Refused(_)), "{report:?}");
+    assert!(
+        matches!(report.outcomes[0], Outcome::Refused(_)),
+        "{report:?}"
+    );
+    assert!(
+        matches!(report.outcomes[1], Outcome::Refused(_)),
+        "{report:?}"
+    );
     assert_eq!(report.outcomes[2], Outcome::Receipted);
 }
 
@@ -325,7 +355,10 @@ async fn a_poison_publish_charges_only_its_row() {
             assert_eq!(row.retry, 3);
             assert_eq!(row.status, Status::Failed);
             let error = row.last_error.unwrap();
-            assert!(error.contains("404") || error.contains("NOT_FOUND"), "{error}");
+            assert!(
+                error.contains("404") || error.contains("NOT_FOUND"),
+                "{error}"
+            );
         } else {
             assert_eq!((row.status, row.retry), (Status::Succeeded, 0));
         }
@@ -421,10 +454,14 @@ async fn stomp_and_amqp_consumers_share_queues_in_either_declaration_order() {
             }
         }
         let dead_letters = format!("DLQ.{queue}");
-        eventually(Duration::from_secs(10), "the rejected message is dead-lettered", || {
-            let dead_letters = dead_letters.clone();
-            async move { queue_message_count(&dead_letters) == Some(1) }
-        })
+        eventually(
+            Duration::from_secs(10),
+            "the rejected message is dead-lettered",
+            || {
+                let dead_letters = dead_letters.clone();
+                async move { queue_message_count(&dead_letters) == Some(1) }
+            },
+        )
         .await;
         let _ = peer.disconnect().await;
         broker.disconnect().await.unwrap();
@@ -447,7 +484,12 @@ async fn the_consumer_resubscribes_after_the_broker_cancels_it() {
     let ended = tokio::time::timeout(Duration::from_secs(10), deliveries.recv()).await;
     assert!(matches!(ended, Ok(None)), "the deliveries end");
     let mut deliveries = broker.subscribe(topology.subscription("s2")).await.unwrap();
-    assert!(broker.send(&[relay_like_message(&destination)]).await.all_receipted());
+    assert!(
+        broker
+            .send(&[relay_like_message(&destination)])
+            .await
+            .all_receipted()
+    );
     let delivery = tokio::time::timeout(Duration::from_secs(5), deliveries.recv())
         .await
         .expect("in time")
@@ -493,7 +535,9 @@ impl Ca {
         let key = KeyPair::generate().expect("leaf key");
         let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
         let mut params = CertificateParams::new(names).expect("leaf params");
-        params.distinguished_name.push(DnType::CommonName, "outbox test");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "outbox test");
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,
@@ -516,10 +560,12 @@ async fn tls_front(ca: &Ca) -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca.der.clone()).unwrap();
-    let verifier =
-        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-            .build()
-            .unwrap();
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .unwrap();
     let (der, _, key, _) = ca.leaf(&["broker.test"], ExtendedKeyUsagePurpose::ServerAuth);
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -558,7 +604,8 @@ struct Files(PathBuf);
 
 impl Files {
     fn new() -> Files {
-        let dir = std::env::temp_dir().join(format!("outbox-amqp-tls-{}", uuid::Uuid::new_v4().simple()));
+        let dir =
+            std::env::temp_dir().join(format!("outbox-amqp-tls-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).unwrap();
         Files(dir)
     }
@@ -609,7 +656,10 @@ async fn amqps_with_a_private_ca_and_a_client_certificate() {
         .connect()
         .await
         .expect_err("no client certificate");
-    assert!(matches!(err, outbox::transport::TransportError::Connect { .. }), "{err}");
+    assert!(
+        matches!(err, outbox::transport::TransportError::Connect { .. }),
+        "{err}"
+    );
     // A server name the certificate does not carry is refused too.
     let mut wrong_name = config.clone();
     wrong_name.stomp_tls_server_name = Some("other.test".into());

@@ -428,8 +428,14 @@ mod tests {
     #[test]
     fn an_unroutable_row_waits_half_its_age_within_the_bounds() {
         let max = Duration::from_secs(3600);
-        assert_eq!(unroutable_pause(Duration::ZERO, max), Duration::from_secs(1));
-        assert_eq!(unroutable_pause(Duration::from_secs(60), max), Duration::from_secs(30));
+        assert_eq!(
+            unroutable_pause(Duration::ZERO, max),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            unroutable_pause(Duration::from_secs(60), max),
+            Duration::from_secs(30)
+        );
         assert_eq!(unroutable_pause(Duration::from_secs(86_400), max), max);
         let tiny = Duration::from_millis(100);
         assert_eq!(unroutable_pause(Duration::from_secs(60), tiny), tiny);

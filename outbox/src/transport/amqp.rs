@@ -210,7 +210,10 @@ impl Transport for AmqpTransport {
         if let Some(route) = route {
             let cancel = route
                 .channel
-                .basic_cancel(route.consumer_tag.as_str().into(), BasicCancelOptions::default())
+                .basic_cancel(
+                    route.consumer_tag.as_str().into(),
+                    BasicCancelOptions::default(),
+                )
                 .await;
             // The channel goes too: its unacknowledged deliveries go back to their queue.
             let _ = route.channel.close(200, "unsubscribed".into()).await;
@@ -461,8 +464,7 @@ impl Link {
             }
             let checked = match endpoint {
                 Endpoint::Queue(name) => {
-                    self.declare_for_send(name, &messages[*index].headers)
-                        .await
+                    self.declare_for_send(name, &messages[*index].headers).await
                 }
                 _ => self.check_exchange(&key).await,
             };
@@ -496,9 +498,8 @@ impl Link {
                     continue;
                 }
                 Err(_) => {
-                    outcomes[index] = Some(Outcome::unknown(TransportError::ReceiptTimeout(
-                        timeout,
-                    )));
+                    outcomes[index] =
+                        Some(Outcome::unknown(TransportError::ReceiptTimeout(timeout)));
                     continue;
                 }
             };
@@ -531,19 +532,15 @@ impl Link {
         for (index, permit, confirm) in pending {
             let outcome = match tokio::time::timeout_at(deadline, confirm).await {
                 Ok(Ok(Confirmation::Ack(None))) => Outcome::Receipted,
-                Ok(Ok(Confirmation::Ack(Some(returned)))) => {
-                    Outcome::Unroutable(format!(
-                        "{} {}",
-                        returned.reply_code,
-                        returned.reply_text.as_str()
-                    ))
-                }
+                Ok(Ok(Confirmation::Ack(Some(returned)))) => Outcome::Unroutable(format!(
+                    "{} {}",
+                    returned.reply_code,
+                    returned.reply_text.as_str()
+                )),
                 Ok(Ok(Confirmation::Nack(_))) => Outcome::Nacked,
-                Ok(Ok(Confirmation::NotRequested)) => {
-                    Outcome::unknown(TransportError::ConnectionLost(
-                        "the channel lost confirm mode".into(),
-                    ))
-                }
+                Ok(Ok(Confirmation::NotRequested)) => Outcome::unknown(
+                    TransportError::ConnectionLost("the channel lost confirm mode".into()),
+                ),
                 Ok(Err(err)) => Outcome::unknown(broker_error(err)),
                 Err(_) => Outcome::unknown(TransportError::ReceiptTimeout(timeout)),
             };
@@ -553,9 +550,7 @@ impl Link {
         SendReport {
             outcomes: outcomes
                 .into_iter()
-                .map(|outcome| {
-                    outcome.unwrap_or_else(|| Outcome::unknown(TransportError::Closed))
-                })
+                .map(|outcome| outcome.unwrap_or_else(|| Outcome::unknown(TransportError::Closed)))
                 .collect(),
         }
     }
@@ -607,12 +602,13 @@ impl Link {
         if declared.contains(name) {
             return Ok(());
         }
-        let declare = routing::queue_declare(name, QueueKind::Named, headers).map_err(|detail| {
-            TransportError::Broker {
-                message: format!("cannot declare queue `{name}`"),
-                detail,
-            }
-        })?;
+        let declare =
+            routing::queue_declare(name, QueueKind::Named, headers).map_err(|detail| {
+                TransportError::Broker {
+                    message: format!("cannot declare queue `{name}`"),
+                    detail,
+                }
+            })?;
         let channel = self
             .connection
             .create_channel()
@@ -628,11 +624,12 @@ impl Link {
         &self,
         subscription: Subscription,
     ) -> Result<mpsc::Receiver<Delivery>, TransportError> {
-        let endpoint =
-            Endpoint::parse(&subscription.destination).map_err(|detail| TransportError::Broker {
+        let endpoint = Endpoint::parse(&subscription.destination).map_err(|detail| {
+            TransportError::Broker {
                 message: format!("cannot subscribe to `{}`", subscription.destination),
                 detail,
-            })?;
+            }
+        })?;
         let headers = &subscription.headers;
         let named = routing_header(headers, "x-queue-name");
         let channel = self
@@ -711,8 +708,10 @@ impl Link {
             // subscribes again, which declares the queue again.
             while let Some(next) = consumer.next().await {
                 let Ok(delivery) = next else { break };
-                let destination =
-                    routing::format_destination(delivery.exchange.as_str(), delivery.routing_key.as_str());
+                let destination = routing::format_destination(
+                    delivery.exchange.as_str(),
+                    delivery.routing_key.as_str(),
+                );
                 let tag = delivery.delivery_tag;
                 let message_id = format!("{consumer_tag}@@{generation}@@{tag}");
                 let mut headers = vec![

@@ -199,9 +199,15 @@ pub(crate) fn delivery_headers(properties: &BasicProperties) -> Vec<(String, Str
     push(
         "reply-to",
         text(properties.reply_to()).map(|reply_to| {
-            let prefixed = ["/exchange/", "/topic/", "/queue/", "/amq/queue/", "/reply-queue/"]
-                .iter()
-                .any(|prefix| reply_to.starts_with(prefix));
+            let prefixed = [
+                "/exchange/",
+                "/topic/",
+                "/queue/",
+                "/amq/queue/",
+                "/reply-queue/",
+            ]
+            .iter()
+            .any(|prefix| reply_to.starts_with(prefix));
             if prefixed {
                 reply_to
             } else {
