@@ -6,7 +6,10 @@
 //! ```
 //!
 //! Reads `DATABASE_URL` (a server URL: each run creates and drops a scratch database on it; PostgreSQL
-//! by default, MariaDB and SQLite accepted) and `OUTBOX_STOMP_HOST_AND_PORTS`. Prints one line per
+//! by default, MariaDB and SQLite accepted) and `OUTBOX_STOMP_HOST_AND_PORTS`. With
+//! `--transport amqp` the relay and the limit go over AMQP 0-9-1 (`OUTBOX_BROKER_URL`, by default
+//! guest on 127.0.0.1:5672), and `limit` also measures a bare lapin publisher with confirms; the
+//! readers stay STOMP subscribers. Prints one line per
 //! figure on stdout, `name value unit`, and its progress on stderr. With `all`, every scenario runs
 //! in a child process of its own, so that each memory figure is that scenario's alone.
 
@@ -25,6 +28,9 @@ struct Cli {
     /// Messages (or saves) per measurement.
     #[arg(long, default_value_t = 10_000)]
     n: usize,
+    /// The transport of the relay and of the limit.
+    #[arg(long, value_enum, default_value_t = scenarios::TransportKind::Stomp, global = true)]
+    transport: scenarios::TransportKind,
     /// For the worker processes: the scratch database, destination and queue, concurrency.
     #[command(flatten)]
     worker: scenarios::WorkerArgs,
@@ -65,7 +71,7 @@ pub fn progress(message: &str) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if cli.scenario == Scenario::All {
-        return run_all(cli.n);
+        return run_all(cli.n, cli.transport);
     }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
@@ -75,7 +81,7 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        let settings = scenarios::Settings::from_env()?;
+        let settings = scenarios::Settings::from_env(cli.transport)?;
         match cli.scenario {
             Scenario::Write => scenarios::write(&settings, cli.n).await,
             Scenario::Relay => scenarios::relay(&settings, cli.n).await,
@@ -99,7 +105,7 @@ fn main() -> ExitCode {
 }
 
 /// Runs each scenario as a child process; the relay's share of the limit comes out of the two.
-fn run_all(n: usize) -> ExitCode {
+fn run_all(n: usize, transport: scenarios::TransportKind) -> ExitCode {
     let exe = match std::env::current_exe() {
         Ok(exe) => exe,
         Err(err) => {
@@ -109,10 +115,12 @@ fn run_all(n: usize) -> ExitCode {
     };
     let mut relay_rate = None;
     let mut limit_rate = None;
+    let mut bare_rate = None;
     for scenario in ["write", "relay", "latency", "consume", "limit"] {
         progress(&format!("scenario {scenario}"));
         let output = std::process::Command::new(&exe)
             .args([scenario, "--n", &n.to_string()])
+            .args(["--transport", transport.name()])
             .stderr(std::process::Stdio::inherit())
             .output();
         let output = match output {
@@ -139,12 +147,16 @@ fn run_all(n: usize) -> ExitCode {
             ) {
                 (Some("relay.rate"), Some(v)) => relay_rate = Some(v),
                 (Some("limit.rate"), Some(v)) => limit_rate = Some(v),
+                (Some("limit.bare_rate"), Some(v)) => bare_rate = Some(v),
                 _ => {}
             }
         }
     }
     if let (Some(relay), Some(limit)) = (relay_rate, limit_rate) {
         figure("relay.of_limit", 100.0 * relay / limit, "%");
+    }
+    if let (Some(relay), Some(bare)) = (relay_rate, bare_rate) {
+        figure("relay.of_bare", 100.0 * relay / bare, "%");
     }
     ExitCode::SUCCESS
 }
