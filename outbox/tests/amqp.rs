@@ -112,6 +112,48 @@ async fn an_unroutable_row_waits_without_spending_a_retry_and_goes_once_a_queue_
 }
 
 #[tokio::test]
+async fn the_relay_keeps_unroutable_rows_against_the_memory_broker_too() {
+    let test = TestDb::new(Backend::Sqlite).await;
+    let broker = outbox::transport::MemoryTransport::new();
+    broker.set_mandatory(true);
+    let destination = "/topic/memory_unroutable";
+    outbox::enqueue(&test.db, destination, &json!({"n": 1}))
+        .await
+        .unwrap();
+    let mut config = OutboxConfig::default();
+    config.maximum_backoff = Duration::from_millis(200);
+    let producer = Producer::builder(test.db.clone())
+        .config(config)
+        .transport(broker.clone())
+        .isolation_transport(broker.new_connection())
+        .build()
+        .unwrap();
+    let report = producer.drain().await.unwrap();
+    assert_eq!((report.sent, report.unroutable, report.refused), (0, 1, 0));
+    let row = rows(&test.db).await.remove(0);
+    assert_eq!((row.status, row.retry), (Status::Schedule, 0));
+    let mut deliveries = broker
+        .subscribe(outbox::transport::Subscription {
+            destination: destination.into(),
+            id: "late".into(),
+            ack: outbox::transport::AckMode::Auto,
+            headers: vec![("x-queue-name".into(), "memory_unroutable_q".into())],
+        })
+        .await
+        .unwrap();
+    // The pause is capped by the maximum backoff.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let report = producer.drain().await.unwrap();
+    assert_eq!(report.sent, 1, "{report:?}");
+    let delivery = deliveries
+        .recv()
+        .await
+        .expect("delivered once a queue is bound");
+    assert_eq!(delivery.destination, destination);
+    test.drop_database().await;
+}
+
+#[tokio::test]
 async fn unroutable_fail_and_drop_policies() {
     let test = TestDb::new(Backend::Postgres).await;
     let destination = format!("/topic/{}", unique("amqp_policy"));

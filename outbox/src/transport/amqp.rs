@@ -427,12 +427,9 @@ impl Link {
         // A blocked connection takes publishes and never confirms them: wait, then give back.
         while self.connection.status().blocked() {
             if tokio::time::Instant::now() >= deadline {
-                return SendReport::unsent(
-                    messages.len(),
-                    TransportError::ConnectionLost(
-                        "the broker blocked the connection (a resource alarm)".into(),
-                    ),
-                );
+                // As over STOMP: no answer in time, nobody's fault, nothing charged.
+                tracing::warn!(broker = %self.address, "the broker blocks the connection (a resource alarm): nothing published");
+                return SendReport::unsent(messages.len(), TransportError::ReceiptTimeout(timeout));
             }
             tokio::time::sleep(BLOCKED_POLL).await;
         }
