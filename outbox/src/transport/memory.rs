@@ -762,7 +762,7 @@ impl Broker {
                 };
                 let routed = self.route_topic(message);
                 self.sent.push(outgoing.clone());
-                return Ok(routed);
+                Ok(routed)
             }
             Target::Queue { name, declare } => {
                 if declare {
