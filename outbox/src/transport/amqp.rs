@@ -53,6 +53,8 @@ mod routing;
 pub const CONFIRM_WINDOW: usize = 1024;
 /// Deliveries buffered per subscription beyond its prefetch.
 const DELIVERY_QUEUE: usize = 1024;
+/// How long a disconnect waits for the broker's answer on a blocked connection.
+const UNANSWERED_CLOSE_WAIT: Duration = Duration::from_secs(1);
 /// How often a blocked connection is looked at while a send waits for it to be unblocked.
 const BLOCKED_POLL: Duration = Duration::from_millis(50);
 
@@ -162,7 +164,7 @@ impl AmqpTransport {
             return Ok(link.clone());
         }
         if let Some(old) = slot.take() {
-            old.close_quietly().await;
+            let _ = tokio::time::timeout(self.settings.receipt_timeout, old.close_quietly()).await;
         }
         let generation = self.connections_opened.fetch_add(1, Ordering::Relaxed) + 1;
         let link = Arc::new(Link::open(&self.settings, generation).await?);
@@ -179,7 +181,7 @@ impl AmqpTransport {
 #[async_trait::async_trait]
 impl Transport for AmqpTransport {
     async fn connect(&self) -> Result<(), TransportError> {
-        self.link().await.map(|_| ())
+        self.bounded(async { self.link().await.map(|_| ()) }).await
     }
 
     async fn send(&self, messages: &[Outgoing]) -> SendReport {
@@ -188,9 +190,16 @@ impl Transport for AmqpTransport {
                 outcomes: Vec::new(),
             };
         }
-        match self.link().await {
-            Ok(link) => link.send(messages, self.settings.receipt_timeout).await,
-            Err(err) => SendReport::unsent(messages.len(), err),
+        let timeout = self.settings.receipt_timeout;
+        let link = match self.bounded(self.link()).await {
+            Ok(link) => link,
+            Err(err) => return SendReport::unsent(messages.len(), err),
+        };
+        // Link::send bounds its own waits by the timeout; this bounds the broker's answers to
+        // the checks and declarations before them, which a blocked broker never reads.
+        match tokio::time::timeout(timeout + BLOCKED_POLL, link.send(messages, timeout)).await {
+            Ok(report) => report,
+            Err(_) => SendReport::unsent(messages.len(), TransportError::ReceiptTimeout(timeout)),
         }
     }
 
@@ -198,11 +207,86 @@ impl Transport for AmqpTransport {
         &self,
         subscription: Subscription,
     ) -> Result<mpsc::Receiver<Delivery>, TransportError> {
-        let link = self.link().await?;
-        link.subscribe(subscription).await
+        self.bounded(async {
+            let link = self.link().await?;
+            link.subscribe(subscription).await
+        })
+        .await
     }
 
     async fn unsubscribe(&self, id: &str) -> Result<(), TransportError> {
+        self.bounded(self.unsubscribe_now(id)).await
+    }
+
+    async fn ack(&self, delivery: &Delivery) -> Result<(), TransportError> {
+        self.bounded(async {
+            let (channel, tag) = self.delivered_on(delivery).await?;
+            channel
+                .basic_ack(tag, BasicAckOptions::default())
+                .await
+                .map_err(|err| TransportError::ConnectionLost(err.to_string()))
+        })
+        .await
+    }
+
+    async fn nack(&self, delivery: &Delivery) -> Result<(), TransportError> {
+        self.bounded(async {
+            let (channel, tag) = self.delivered_on(delivery).await?;
+            channel
+                .basic_reject(tag, BasicRejectOptions { requeue: false })
+                .await
+                .map_err(|err| TransportError::ConnectionLost(err.to_string()))
+        })
+        .await
+    }
+
+    async fn disconnect(&self) -> Result<(), TransportError> {
+        let link = self.link.lock().await.take();
+        if let Some(link) = link {
+            // A blocked broker never answers the close: give it a moment only.
+            let allowance = if link.connection.status().blocked() {
+                UNANSWERED_CLOSE_WAIT
+            } else {
+                self.settings.receipt_timeout.min(2 * UNANSWERED_CLOSE_WAIT)
+            };
+            Self::within(allowance, async {
+                link.connection
+                    .close(200, "disconnect".into())
+                    .await
+                    .map_err(|err| TransportError::ConnectionLost(err.to_string()))
+            })
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+impl AmqpTransport {
+    /// `work`, bounded by the receipt timeout: a broker that blocks the connection (a resource
+    /// alarm) reads nothing, so no answer may be awaited without a deadline.
+    async fn bounded<T>(
+        &self,
+        work: impl std::future::Future<Output = Result<T, TransportError>>,
+    ) -> Result<T, TransportError> {
+        // Opening a connection may try every URL, each within the timeout.
+        let urls = u32::try_from(self.settings.urls.len()).unwrap_or(u32::MAX);
+        let allowance = self
+            .settings
+            .receipt_timeout
+            .saturating_mul(urls.saturating_add(1));
+        Self::within(allowance, work).await
+    }
+
+    async fn within<T>(
+        allowance: Duration,
+        work: impl std::future::Future<Output = Result<T, TransportError>>,
+    ) -> Result<T, TransportError> {
+        tokio::time::timeout(allowance, work)
+            .await
+            .unwrap_or(Err(TransportError::ReceiptTimeout(allowance)))
+    }
+
+    async fn unsubscribe_now(&self, id: &str) -> Result<(), TransportError> {
         let Some(link) = self.current().await else {
             return Ok(());
         };
@@ -218,33 +302,6 @@ impl Transport for AmqpTransport {
             // The channel goes too: its unacknowledged deliveries go back to their queue.
             let _ = route.channel.close(200, "unsubscribed".into()).await;
             cancel.map_err(|err| link.error(err))?;
-        }
-        Ok(())
-    }
-
-    async fn ack(&self, delivery: &Delivery) -> Result<(), TransportError> {
-        let (channel, tag) = self.delivered_on(delivery).await?;
-        channel
-            .basic_ack(tag, BasicAckOptions::default())
-            .await
-            .map_err(|err| TransportError::ConnectionLost(err.to_string()))
-    }
-
-    async fn nack(&self, delivery: &Delivery) -> Result<(), TransportError> {
-        let (channel, tag) = self.delivered_on(delivery).await?;
-        channel
-            .basic_reject(tag, BasicRejectOptions { requeue: false })
-            .await
-            .map_err(|err| TransportError::ConnectionLost(err.to_string()))
-    }
-
-    async fn disconnect(&self) -> Result<(), TransportError> {
-        let link = self.link.lock().await.take();
-        if let Some(link) = link {
-            link.connection
-                .close(200, "disconnect".into())
-                .await
-                .map_err(|err| TransportError::ConnectionLost(err.to_string()))?;
         }
         Ok(())
     }
