@@ -511,6 +511,59 @@ async fn stomp_and_amqp_consumers_share_queues_in_either_declaration_order() {
 }
 
 #[tokio::test]
+async fn dead_letters_are_listed_and_replayed_over_amqp() {
+    let key = unique("amqp_dlq");
+    let destination = format!("/topic/{key}");
+    let queue = format!("{key}_q");
+    let dead_letters = format!("DLQ.{queue}");
+    let _cleanup = QueueCleanup(vec![queue.clone(), dead_letters.clone()]);
+    let config = OutboxConfig::default();
+    let topology = outbox::Topology::new(&config, &destination, Some(&queue)).unwrap();
+    let broker = amqp();
+    topology.declare(&broker).await.unwrap();
+    let mut deliveries = broker.subscribe(topology.subscription("s")).await.unwrap();
+    let sent = broker
+        .send(&[
+            relay_like_message(&destination),
+            relay_like_message(&destination),
+        ])
+        .await;
+    assert!(sent.all_receipted(), "{sent:?}");
+    for _ in 0..2 {
+        let delivery = tokio::time::timeout(Duration::from_secs(5), deliveries.recv())
+            .await
+            .expect("in time")
+            .expect("a delivery");
+        broker.nack(&delivery).await.unwrap();
+    }
+    broker.unsubscribe("s").await.unwrap();
+    eventually(Duration::from_secs(10), "two dead letters", || {
+        let dead_letters = dead_letters.clone();
+        async move { queue_message_count(&dead_letters) == Some(2) }
+    })
+    .await;
+
+    let listed = outbox::ops::dlq_list(&amqp(), &queue, 10).await.unwrap();
+    assert_eq!(listed.len(), 2);
+    assert_eq!(listed[0].header("dop-msg-type"), Some("Published"));
+    assert_eq!(
+        listed[0].header("x-first-death-queue"),
+        Some(queue.as_str())
+    );
+    let replay = outbox::ops::dlq_replay(&amqp(), &queue, None)
+        .await
+        .unwrap();
+    assert_eq!(replay.replayed, 2);
+    eventually(Duration::from_secs(10), "both back in the queue", || {
+        let (queue, dead_letters) = (queue.clone(), dead_letters.clone());
+        async move {
+            queue_message_count(&queue) == Some(2) && queue_message_count(&dead_letters) == Some(0)
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn the_consumer_resubscribes_after_the_broker_cancels_it() {
     let key = unique("amqp_cancel");
     let destination = format!("/topic/{key}");

@@ -104,9 +104,10 @@ impl AmqpTransport {
     /// A transport for the broker URLs of `config` (`OUTBOX_BROKER_URL`); it connects on first
     /// use. The URLs are parsed and the TLS files read now, so a mistake fails here.
     pub fn new(config: &OutboxConfig) -> Result<Self, TransportError> {
-        config
-            .validate()
-            .map_err(|err| TransportError::Tls(err.to_string()))?;
+        config.validate().map_err(|err| TransportError::Connect {
+            addresses: config.broker_urls_redacted(),
+            reason: err.to_string(),
+        })?;
         if config.broker_url.is_empty() {
             return Err(TransportError::Connect {
                 addresses: String::new(),
