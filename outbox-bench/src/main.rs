@@ -42,6 +42,8 @@ enum Scenario {
     Write,
     /// Relay throughput, one relay and two, and the relay's peak memory.
     Relay,
+    /// Relay throughput with 1,000 ordering keys beside the same without keys.
+    RelayKeyed,
     /// Commit-to-subscriber latency with an idle relay.
     Latency,
     /// Consumer throughput with the README callback, and the consumer's peak memory.
@@ -85,6 +87,7 @@ fn main() -> ExitCode {
         match cli.scenario {
             Scenario::Write => scenarios::write(&settings, cli.n).await,
             Scenario::Relay => scenarios::relay(&settings, cli.n).await,
+            Scenario::RelayKeyed => scenarios::relay_keyed(&settings, cli.n).await,
             Scenario::Latency => scenarios::latency(&settings, cli.n.clamp(200, 2000)).await,
             Scenario::Consume => scenarios::consume(&settings, cli.n).await,
             Scenario::Limit => scenarios::limit(&settings, cli.n).await,
@@ -116,7 +119,14 @@ fn run_all(n: usize, transport: scenarios::TransportKind) -> ExitCode {
     let mut relay_rate = None;
     let mut limit_rate = None;
     let mut bare_rate = None;
-    for scenario in ["write", "relay", "latency", "consume", "limit"] {
+    for scenario in [
+        "write",
+        "relay",
+        "relay-keyed",
+        "latency",
+        "consume",
+        "limit",
+    ] {
         progress(&format!("scenario {scenario}"));
         let output = std::process::Command::new(&exe)
             .args([scenario, "--n", &n.to_string()])

@@ -260,6 +260,102 @@ async fn enqueue(scratch: &Scratch, destination: &str, n: usize) -> Result<(), B
     Ok(())
 }
 
+/// `n` rows over `keys` ordering keys, dealt round robin (`None`: no keys).
+async fn enqueue_keyed(
+    scratch: &Scratch,
+    destination: &str,
+    n: usize,
+    keys: Option<usize>,
+) -> Result<(), BoxError> {
+    let txn = scratch.db.begin().await?;
+    let messages = (0..n).map(|i| {
+        let message = outbox::Message::from_json(
+            destination,
+            serde_json::json!({"id": i, "customer": "ada", "total": 4200, "currency": "EUR"}),
+        );
+        match keys {
+            Some(keys) => message.key(format!("key-{}", i % keys)),
+            None => message,
+        }
+    });
+    outbox::enqueue_all(&txn, messages).await?;
+    txn.commit().await?;
+    Ok(())
+}
+
+/// Relay throughput with ordering keys: `n` rows over 1,000 keys, one relay in this process with
+/// the default settings, beside the same without keys, alternated over 3 runs each; prints the
+/// medians.
+pub async fn relay_keyed(settings: &Settings, n: usize) -> Result<(), BoxError> {
+    const KEYS: usize = 1_000;
+    let scratch = Scratch::create(&settings.database_url, 5).await?;
+    let mut rates: HashMap<bool, Vec<f64>> = HashMap::new();
+    for run in 0..6 {
+        let keyed = run % 2 == 1;
+        let mut reader = Reader::deferred(&settings.config).await?;
+        enqueue_keyed(&scratch, &reader.destination, n, keyed.then_some(KEYS)).await?;
+        progress(&format!(
+            "relay-keyed: {n} rows pending, {}",
+            if keyed { "1,000 keys" } else { "no keys" }
+        ));
+        let already = sent_count(&scratch).await?;
+        let started = Instant::now();
+        let relay = Producer::builder(scratch.connect(2).await?)
+            .config(settings.config.clone())
+            .start()?;
+        while sent_count(&scratch).await? < already + n as u64 {
+            if started.elapsed() > Duration::from_secs(300) {
+                return Err("the relay did not finish within 300 s".into());
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let elapsed = started.elapsed();
+        relay.stop().await?;
+        let arrived = reader.drain(n, Duration::from_secs(120)).await;
+        if arrived != n {
+            return Err(format!("{arrived} of {n} relayed messages arrived").into());
+        }
+        reader.close().await;
+        rates.entry(keyed).or_default().push(rate(n, elapsed));
+    }
+    let median = |mut values: Vec<f64>| {
+        values.sort_by(f64::total_cmp);
+        values[values.len() / 2]
+    };
+    let unkeyed = median(rates.remove(&false).unwrap_or_default());
+    let keyed = median(rates.remove(&true).unwrap_or_default());
+    figure("relay_keyed.unkeyed_rate", unkeyed, "msgs/s");
+    figure("relay_keyed.keyed_rate", keyed, "msgs/s");
+    figure("relay_keyed.keyed_of_unkeyed", keyed / unkeyed * 100.0, "%");
+
+    // One hot key: a message per claim-send-mark round.
+    let hot = n.min(2_000);
+    let mut reader = Reader::deferred(&settings.config).await?;
+    enqueue_keyed(&scratch, &reader.destination, hot, Some(1)).await?;
+    progress(&format!("relay-keyed: {hot} rows pending, one key"));
+    let already = sent_count(&scratch).await?;
+    let started = Instant::now();
+    let relay = Producer::builder(scratch.connect(2).await?)
+        .config(settings.config.clone())
+        .start()?;
+    while sent_count(&scratch).await? < already + hot as u64 {
+        if started.elapsed() > Duration::from_secs(300) {
+            return Err("the relay did not finish one key within 300 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let elapsed = started.elapsed();
+    relay.stop().await?;
+    let arrived = reader.drain(hot, Duration::from_secs(120)).await;
+    if arrived != hot {
+        return Err(format!("{arrived} of {hot} messages of one key arrived").into());
+    }
+    reader.close().await;
+    figure("relay_keyed.one_key_rate", rate(hot, elapsed), "msgs/s");
+    scratch.drop().await;
+    Ok(())
+}
+
 async fn sent_count(scratch: &Scratch) -> Result<u64, BoxError> {
     Ok(Published::find()
         .filter(outbox::published::Column::Status.eq(Status::Succeeded))

@@ -727,6 +727,20 @@ fn print_status(report: &StatusReport) {
             println!("  {destination}  {rows}");
         }
     }
+    if report.blocked_key_count > 0 {
+        println!();
+        println!(
+            "ordering keys blocked by a FAILED row ({} of {}; `outbox retry` or `outbox purge --status failed --force` frees them):",
+            report.blocked_keys.len(),
+            report.blocked_key_count
+        );
+        for key in &report.blocked_keys {
+            println!(
+                "  {}  failed {}  waiting behind {}",
+                key.key, key.failed, key.waiting
+            );
+        }
+    }
     println!();
     println!("inbox (received): {} rows", report.received.total);
     for queue in &report.received.queues {

@@ -467,7 +467,7 @@ async fn broker_blocked(amqp: bool) {
                 receipt_timeout.as_secs().to_string(),
             )
             .env("OUTBOX_PRODUCER_LEASE", "30")
-            .env("OUTBOX_MAXIMUM_BACKOFF", "1")
+            // The default backoff (up to an hour): blocked attempts must not grow the pause.
             .env("OUTBOX_PRODUCER_WAITING_TIME", "0.1")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
@@ -508,9 +508,10 @@ async fn broker_blocked(amqp: bool) {
         "a row was charged while blocked"
     );
 
-    // Blocked again, then the alarm clears: sending resumes within 10 s.
+    // Blocked again, long enough for several attempts to be given back (their pauses would
+    // have doubled to 8 s and more), then the alarm clears: sending resumes within 10 s.
     let mut child = relay();
-    tokio::time::sleep(receipt_timeout + Duration::from_secs(1)).await;
+    tokio::time::sleep(receipt_timeout * 4 + Duration::from_secs(1)).await;
     let before = count_with_status(&test.db, Status::Succeeded).await;
     alarm.restore();
     let cleared = Instant::now();

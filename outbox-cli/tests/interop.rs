@@ -756,6 +756,8 @@ async fn the_same_row_sent_by_both_relays() {
         locked_until: None,
         next_attempt_at: None,
         last_error: None,
+        msg_key: None,
+        seq: None,
     };
     outbox::Published::insert(sea_orm::IntoActiveModel::into_active_model(copy))
         .exec(&ours.db)

@@ -29,8 +29,17 @@ pub struct Route {
     pub fields: Option<FieldList>,
     pub serializer: Option<Serializer>,
     pub on: Option<EventList>,
+    pub key: Option<KeyValue>,
     pub allow_autocommit: Option<Ident>,
     pub manual: Option<Ident>,
+}
+
+/// `key = field` or `key = path::to_fn`: what a message's ordering key is read from.
+pub enum KeyValue {
+    /// A single identifier: a field of the model.
+    Field(Ident),
+    /// A path of several segments: a function `fn(&Model) -> impl ToString`.
+    Function(ExprPath),
 }
 
 /// `fields(a, b)`.
@@ -70,6 +79,7 @@ impl Route {
             fields: None,
             serializer: None,
             on: None,
+            key: None,
             allow_autocommit: None,
             manual: None,
         }
@@ -167,12 +177,13 @@ fn parse_argument_list(
     Ok(())
 }
 
-const ARGUMENTS: [&str; 7] = [
+const ARGUMENTS: [&str; 8] = [
     "destination",
     "version",
     "fields",
     "serializer",
     "on",
+    "key",
     "allow_autocommit",
     "manual",
 ];
@@ -198,6 +209,7 @@ fn set_argument(route: &mut Route, key: Ident, value: Value, errors: &mut Errors
         "fields" => route.fields = field_list(key, value, errors),
         "serializer" => route.serializer = serializer(key, value, errors),
         "on" => route.on = event_list(key, value, errors),
+        "key" => route.key = ordering_key(key, value, errors),
         "allow_autocommit" => route.allow_autocommit = flag(key, value, errors),
         "manual" => route.manual = flag(key, value, errors),
         // Unknown names were reported above.
@@ -256,6 +268,33 @@ fn serializer(keyword: Ident, value: Value, errors: &mut Errors) -> Option<Seria
             errors.spanned(
                 &keyword,
                 "expected `serializer = path::to_function`, a `fn(&Model) -> impl Serialize`",
+            );
+            None
+        }
+    }
+}
+
+fn ordering_key(keyword: Ident, value: Value, errors: &mut Errors) -> Option<KeyValue> {
+    match value {
+        Value::Assign(Expr::Path(path)) if path.qself.is_none() && path.attrs.is_empty() => {
+            Some(match path.path.get_ident() {
+                Some(field) => KeyValue::Field(field.clone()),
+                None => KeyValue::Function(path),
+            })
+        }
+        Value::Assign(other) => {
+            errors.spanned(
+                other,
+                "expected a field or the path of a function: `key = customer_id` or \
+                 `key = crate::keys::order`",
+            );
+            None
+        }
+        Value::Flag | Value::List(_) => {
+            errors.spanned(
+                &keyword,
+                "expected `key = field`, or `key = path::to_function`, a \
+                 `fn(&Model) -> impl ToString`",
             );
             None
         }

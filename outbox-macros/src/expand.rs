@@ -10,7 +10,7 @@ use syn::{Attribute, Item, ItemStruct};
 use crate::ast::Model;
 use crate::attr::{self, Route};
 use crate::errors::Errors;
-use crate::validate::{self, Body, Member, Publish};
+use crate::validate::{self, Body, Member, Publish, RouteKey};
 
 /// The whole expansion of the first `#[publish]` attribute of an item.
 pub fn publish(arguments: TokenStream, input: TokenStream) -> TokenStream {
@@ -202,6 +202,7 @@ fn publish_impl(publish: &Publish) -> TokenStream {
     } else {
         TokenStream::new()
     };
+    let keys = ordering_keys(publish);
     quote! {
         #[automatically_derived]
         impl ::outbox::Publish for #model {
@@ -223,7 +224,74 @@ fn publish_impl(publish: &Publish) -> TokenStream {
             }
 
             #deleted_key
+            #keys
         }
+    }
+}
+
+/// `Publish::key` and, for routes that publish deletes, `Publish::deleted_message_key`, when any
+/// route has a key. Each key is read by a call spanned at the user's tokens, where a type that
+/// does not print is reported (through `PublishKey`).
+fn ordering_keys(publish: &Publish) -> TokenStream {
+    if publish.routes.iter().all(|route| route.key.is_none()) {
+        return TokenStream::new();
+    }
+    let keys = publish
+        .routes
+        .iter()
+        .enumerate()
+        .filter_map(|(index, route)| {
+            let read = match route.key.as_ref()? {
+                RouteKey::Field(member) => {
+                    let field = &member.field;
+                    quote_spanned! {member.span=>
+                        ::outbox::__private::PublishKey::to_key(&self.#field)
+                    }
+                }
+                RouteKey::Function(path) => quote_spanned! {path_span(path)=>
+                    ::outbox::__private::key_of(#path(self))
+                },
+            };
+            Some(quote!(#index => ::core::option::Option::Some(#read),))
+        });
+    let deleted = publish
+        .routes
+        .iter()
+        .enumerate()
+        .filter_map(|(index, route)| match &route.key {
+            Some(RouteKey::Field(member)) if route.delete => {
+                let field = &member.field;
+                Some(quote_spanned! {member.span=>
+                    #index => ::outbox::__private::active_key_string(&active.#field),
+                })
+            }
+            _ => None,
+        })
+        .collect::<Vec<_>>();
+    let deleted = if deleted.is_empty() {
+        TokenStream::new()
+    } else {
+        quote! {
+            fn deleted_message_key(
+                active: &::outbox::ActiveModelOf<Self>,
+                route: usize,
+            ) -> ::core::option::Option<::std::string::String> {
+                match route {
+                    #(#deleted)*
+                    _ => ::core::option::Option::None,
+                }
+            }
+        }
+    };
+    quote! {
+        fn key(&self, route: usize) -> ::core::option::Option<::std::string::String> {
+            match route {
+                #(#keys)*
+                _ => ::core::option::Option::None,
+            }
+        }
+
+        #deleted
     }
 }
 

@@ -35,6 +35,15 @@ pub struct Route {
     pub update: bool,
     pub delete: bool,
     pub body: Body,
+    pub key: Option<RouteKey>,
+}
+
+/// A route's ordering key, checked.
+pub enum RouteKey {
+    /// A field of the model (a primary-key field when the route publishes deletes).
+    Field(Member),
+    /// A function of the model.
+    Function(ExprPath),
 }
 
 pub enum Body {
@@ -134,6 +143,14 @@ fn check_route(model: &Model, route: &attr::Route, errors: &mut Errors) -> Optio
              `delete`, or leave `on` out to publish on insert and update",
         );
     }
+    let has = |event: Event| match &route.on {
+        Some(on) => on.events.iter().any(|(written, _)| *written == event),
+        None => event != Event::Delete,
+    };
+    let key = route
+        .key
+        .as_ref()
+        .and_then(|key| check_key(model, key, has(Event::Delete), errors));
     if errors.len() != before {
         return None;
     }
@@ -143,10 +160,6 @@ fn check_route(model: &Model, route: &attr::Route, errors: &mut Errors) -> Optio
         (None, Some(fields)) => Body::Object(fields),
         (None, None) => Body::Object(every_column(model)),
     };
-    let has = |event: Event| match &route.on {
-        Some(on) => on.events.iter().any(|(written, _)| *written == event),
-        None => event != Event::Delete,
-    };
     Some(Route {
         destination: destination?.clone(),
         version: route.version.clone(),
@@ -154,7 +167,56 @@ fn check_route(model: &Model, route: &attr::Route, errors: &mut Errors) -> Optio
         update: has(Event::Update),
         delete: has(Event::Delete),
         body,
+        key,
     })
+}
+
+/// The key must be a column (a primary-key column for a route that publishes deletes: a delete
+/// sees only the key its caller set) or a function (not with deletes: there is no model to call
+/// it with). Whether the field's type or the function's result prints is the compiler's to say,
+/// at the user's tokens.
+fn check_key(
+    model: &Model,
+    key: &attr::KeyValue,
+    publishes_deletes: bool,
+    errors: &mut Errors,
+) -> Option<RouteKey> {
+    match key {
+        attr::KeyValue::Field(name) => {
+            let Some(column) = model.column(name) else {
+                errors.spanned(
+                    name,
+                    format!(
+                        "{}; a key function is written as a path: `key = self::{name}`",
+                        unknown_field(model, name)
+                    ),
+                );
+                return None;
+            };
+            if publishes_deletes && !column.primary_key {
+                errors.spanned(
+                    name,
+                    format!(
+                        "this route publishes deletes, and a delete sees only the primary key \
+                         its caller set: the key must be a primary-key field, and `{name}` is not"
+                    ),
+                );
+                return None;
+            }
+            Some(RouteKey::Field(member(column, name.span())))
+        }
+        attr::KeyValue::Function(path) => {
+            if publishes_deletes {
+                errors.spanned(
+                    path,
+                    "this route publishes deletes, and a delete has no model to call a key \
+                     function with: the key must be a primary-key field",
+                );
+                return None;
+            }
+            Some(RouteKey::Function(path.clone()))
+        }
+    }
 }
 
 fn check_destination<'a>(route: &'a attr::Route, errors: &mut Errors) -> Option<&'a LitStr> {

@@ -5,7 +5,9 @@
 //! callback inside a transaction that begins with the message's inbox row (see
 //! [`Payload`]): a message whose key is already in the inbox is acknowledged without running the
 //! callback, a failing one is rolled back and dead-lettered, a transient failure is retried.
-//! Up to `in_flight` messages are processed at once (default 1: in order).
+//! Up to `in_flight` messages are processed at once (default 1: in order); with
+//! [`ConsumerBuilder::ordered_by_key`], the messages of one ordering key (`x-outbox-key`) one at a
+//! time, in arrival order, and different keys in parallel.
 //!
 //! When the broker connection drops, messages being processed finish (their acknowledgements
 //! are lost with the connection: the broker delivers them again and the inbox recognises them),
@@ -14,11 +16,11 @@
 //! then unsubscribes and disconnects.
 
 mod dispatch;
-mod failure;
+pub(crate) mod failure;
 mod inbox;
 mod topology;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -93,6 +95,7 @@ pub struct ConsumerBuilder {
     shutdown_timeout: Option<Duration>,
     exclusive: Option<bool>,
     queue_headers: Vec<(String, String)>,
+    ordered_by_key: bool,
     config: Option<OutboxConfig>,
     transport: Option<Arc<dyn Transport>>,
 }
@@ -147,6 +150,21 @@ impl ConsumerBuilder {
         self
     }
 
+    /// Keeps each key's order: messages with the same `x-outbox-key` header (see
+    /// [`crate::Message::key`]) are processed one at a time, in the order they arrived, the next
+    /// starting only after the previous one is committed and acknowledged (or dead-lettered: a
+    /// dead-lettered message does not hold its key up); messages of different keys, and messages
+    /// without a key, run in parallel, at most [`ConsumerBuilder::in_flight`] at once. Messages
+    /// waiting behind their key stay unacknowledged in the consumer, so the default prefetch is
+    /// four times `in_flight` (other keys can then proceed while one key is busy).
+    ///
+    /// Order holds within one consumer of a queue: with several consumers on one queue, the
+    /// broker spreads one key's messages over them (see README's section on ordering).
+    pub fn ordered_by_key(mut self) -> Self {
+        self.ordered_by_key = true;
+        self
+    }
+
     /// Uses these settings instead of the environment's.
     pub fn config(mut self, config: OutboxConfig) -> Self {
         self.config = Some(config);
@@ -194,11 +212,19 @@ impl ConsumerBuilder {
                 });
             }
             Some(prefetch) => Some(prefetch),
-            // Enough for every callback slot to be busy.
-            None => headers
-                .get("prefetch-count")
-                .and_then(|p| p.trim().parse::<u32>().ok())
-                .map(|p| p.max(u32::try_from(self.in_flight).unwrap_or(u32::MAX))),
+            // Enough for every callback slot to be busy (in keyed mode, with messages waiting
+            // behind a busy key besides).
+            None => {
+                let slots = if self.ordered_by_key {
+                    self.in_flight.saturating_mul(4)
+                } else {
+                    self.in_flight
+                };
+                headers
+                    .get("prefetch-count")
+                    .and_then(|p| p.trim().parse::<u32>().ok())
+                    .map(|p| p.max(u32::try_from(slots).unwrap_or(u32::MAX)))
+            }
         };
         // No prefetch-count is no limit to RabbitMQ: the broker would push the whole queue.
         let prefetch = match prefetch {
@@ -226,6 +252,7 @@ impl ConsumerBuilder {
             transport,
             topology,
             in_flight: self.in_flight,
+            ordered_by_key: self.ordered_by_key,
             shutdown_timeout: self
                 .shutdown_timeout
                 .unwrap_or(config.consumer_shutdown_timeout),
@@ -278,6 +305,7 @@ pub struct Consumer {
     config: Arc<OutboxConfig>,
     topology: Topology,
     in_flight: usize,
+    ordered_by_key: bool,
     shutdown_timeout: Duration,
 }
 
@@ -293,6 +321,7 @@ impl Consumer {
             shutdown_timeout: None,
             exclusive: None,
             queue_headers: Vec::new(),
+            ordered_by_key: false,
             config: None,
             transport: None,
         }
@@ -352,12 +381,14 @@ impl Consumer {
         let housekeeping = tokio::spawn(inbox::keep_tidy(self.db.clone(), self.config.clone()));
         tokio::pin!(shutdown);
         let mut tasks: JoinSet<()> = JoinSet::new();
+        let mut lanes = Lanes::new(self.ordered_by_key);
         let mut backoff = Backoff::new(self.config.maximum_backoff);
         let mut subscribed: Option<String> = None;
         tracing::info!(
             destination = %self.topology.destination(),
             queue = %self.topology.queue(),
             in_flight = self.in_flight,
+            ordered_by_key = self.ordered_by_key,
             "consumer started"
         );
         'connection: loop {
@@ -382,18 +413,30 @@ impl Consumer {
             subscribed = Some(id);
             let since = Instant::now();
             loop {
+                while tasks.len() < self.in_flight {
+                    let Some((key, delivery)) = lanes.next_ready() else {
+                        break;
+                    };
+                    let task = tasks.spawn(dispatcher.clone().handle(delivery));
+                    lanes.started(task.id(), key);
+                }
                 tokio::select! {
                     biased;
                     _ = shutdown.as_mut() => break 'connection,
-                    Some(joined) = tasks.join_next(), if !tasks.is_empty() => report(joined),
-                    delivery = deliveries.recv(), if tasks.len() < self.in_flight => match delivery {
-                        Some(delivery) => {
-                            tasks.spawn(dispatcher.clone().handle(delivery));
-                        }
+                    Some(joined) = tasks.join_next_with_id(), if !tasks.is_empty() => {
+                        lanes.finished(&joined);
+                        report(joined.map(|_| ()));
+                    }
+                    delivery = deliveries.recv(), if lanes.accepts(tasks.len(), self.in_flight) => match delivery {
+                        Some(delivery) => lanes.push(delivery),
                         None => break,
                     },
                 }
             }
+            // Messages waiting behind their key were not started: unacknowledged, the broker
+            // delivers them again to the new subscription. Keys in flight stay busy until their
+            // tasks end, so a redelivery never overtakes them.
+            lanes.forget_waiting();
             subscribed = None;
             // Messages in flight go on; their acknowledgements will be refused, and the broker
             // delivers those messages again to the new subscription.
@@ -440,6 +483,7 @@ impl Consumer {
     /// Waits for the callbacks in flight (they acknowledge their messages), then unsubscribes
     /// (RabbitMQ refuses acknowledgements after it) and disconnects.
     async fn stop(&self, mut tasks: JoinSet<()>, subscribed: Option<String>) {
+        // (Messages waiting behind their key are left unacknowledged: delivered again later.)
         if !tasks.is_empty() {
             tracing::info!(
                 in_flight = tasks.len(),
@@ -469,6 +513,87 @@ impl Consumer {
         if let Err(err) = self.transport.disconnect().await {
             tracing::debug!(error = %err, "disconnect failed");
         }
+    }
+}
+
+/// The routing layer in front of the dispatcher: which delivery starts next.
+///
+/// Without keyed order, deliveries start as they arrive, while a callback slot is free. With it,
+/// a delivery waits while an earlier one of its key (`x-outbox-key`) is being processed, and the
+/// first waiting delivery whose key is free (or that has none) takes the next free slot: per key,
+/// arrival order; across keys, parallel.
+struct Lanes {
+    ordered: bool,
+    /// Received, not started, in arrival order.
+    waiting: VecDeque<Delivery>,
+    /// The key of each task in flight that has one.
+    running: HashMap<tokio::task::Id, String>,
+    /// The keys of the tasks in flight.
+    busy: HashSet<String>,
+}
+
+impl Lanes {
+    fn new(ordered: bool) -> Self {
+        Lanes {
+            ordered,
+            waiting: VecDeque::new(),
+            running: HashMap::new(),
+            busy: HashSet::new(),
+        }
+    }
+
+    /// Whether to read another delivery: without keyed order, only into a free slot; with it,
+    /// always (the broker's prefetch bounds what waits here), so that other keys can proceed
+    /// while the next delivery's key is busy.
+    fn accepts(&self, running: usize, in_flight: usize) -> bool {
+        if self.ordered {
+            true
+        } else {
+            running < in_flight && self.waiting.is_empty()
+        }
+    }
+
+    fn push(&mut self, delivery: Delivery) {
+        self.waiting.push_back(delivery);
+    }
+
+    /// The first waiting delivery that may start now, with its key (in keyed mode).
+    fn next_ready(&mut self) -> Option<(Option<String>, Delivery)> {
+        if !self.ordered {
+            return self.waiting.pop_front().map(|delivery| (None, delivery));
+        }
+        let index = self.waiting.iter().position(|delivery| {
+            delivery
+                .header(crate::headers::ORDERING_KEY)
+                .is_none_or(|key| !self.busy.contains(key))
+        })?;
+        let delivery = self.waiting.remove(index)?;
+        let key = delivery
+            .header(crate::headers::ORDERING_KEY)
+            .map(str::to_owned);
+        Some((key, delivery))
+    }
+
+    fn started(&mut self, task: tokio::task::Id, key: Option<String>) {
+        if let Some(key) = key {
+            self.busy.insert(key.clone());
+            self.running.insert(task, key);
+        }
+    }
+
+    /// A task ended (normally or not): its key is free again.
+    fn finished(&mut self, joined: &Result<(tokio::task::Id, ()), tokio::task::JoinError>) {
+        let task = match joined {
+            Ok((task, ())) => *task,
+            Err(err) => err.id(),
+        };
+        if let Some(key) = self.running.remove(&task) {
+            self.busy.remove(&key);
+        }
+    }
+
+    fn forget_waiting(&mut self) {
+        self.waiting.clear();
     }
 }
 

@@ -21,6 +21,10 @@ pub const MSG_TYPE: &str = "dop-msg-type";
 pub const MSG_SENT_TIME: &str = "dop-msg-sent-time";
 /// The id that ties together the messages caused by one request or one consumed message.
 pub const CORRELATION_ID: &str = "dop-correlation-id";
+/// The message's ordering key ([`crate::Message::key`]), on keyed messages only: a consumer
+/// built with [`crate::ConsumerBuilder::ordered_by_key`] processes the messages of one key one at
+/// a time. Python consumers ignore it.
+pub const ORDERING_KEY: &str = "x-outbox-key";
 /// A header that a sender may set to choose the consumer's idempotency key.
 pub const CAP_MSG_ID: &str = "cap-msg-id";
 /// The value of [`MSG_TYPE`].

@@ -20,6 +20,7 @@
 //! | `outbox_relay_batch_duration_seconds` | histogram | | time to claim, send and settle one batch |
 //! | `outbox_pending_messages` | gauge | | rows waiting to be sent (status SCHEDULE), sampled by each relay every 10 s |
 //! | `outbox_oldest_pending_age_seconds` | gauge | | age of the oldest row waiting to be sent (0 when none), sampled with the above |
+//! | `outbox_blocked_keys` | gauge | | ordering keys that a FAILED row blocks (none of their later rows is sent until it is retried or purged), sampled with the above |
 //! | `outbox_consumer_messages_total` | counter | `queue`, `outcome` | consumed messages by outcome: `acked`, `duplicate` (already in the inbox: acked without running the callback), `nacked` (the callback called `nack()`), `dead_lettered` (the callback failed or panicked, or its transient failures outlasted the retries), `undecodable` (the frame did not decode, or exceeded `OUTBOX_STOMP_MAX_FRAME_SIZE`: rejected to the dead-letter queue without running the callback), and `retried` (not a final outcome: one per further attempt after a transient failure) |
 //! | `outbox_consumer_callback_duration_seconds` | histogram | `queue` | time the callback took, per attempt |
 //! | `outbox_relay_lag_seconds` | histogram | | per receipted message: from its row's `added` (set when the row was saved, on the writer's clock) to the broker's receipt (on the relay's clock) |
@@ -58,6 +59,8 @@ use sea_orm::DatabaseConnection;
 
 use crate::published::Model as Row;
 
+/// Ordering keys that a FAILED row blocks.
+pub const BLOCKED_KEYS: &str = "outbox_blocked_keys";
 /// Messages the broker receipted.
 pub const MESSAGES_SENT: &str = "outbox_messages_sent_total";
 /// Sends the broker refused.
@@ -180,6 +183,11 @@ pub fn describe() {
         Unit::Seconds,
         "Age of the oldest row waiting to be sent, sampled every 10 s"
     );
+    describe_gauge!(
+        BLOCKED_KEYS,
+        Unit::Count,
+        "Ordering keys that a FAILED row blocks, sampled every 10 s"
+    );
     describe_counter!(
         CONSUMER_MESSAGES,
         Unit::Count,
@@ -286,6 +294,10 @@ impl PendingSampler {
                 gauge!(OLDEST_PENDING_AGE).set(age);
             }
             Err(err) => tracing::debug!(error = %err, "sampling the pending rows failed"),
+        }
+        match crate::ops::blocked_keys(db).await {
+            Ok(keys) => gauge!(BLOCKED_KEYS).set(keys.len() as f64),
+            Err(err) => tracing::debug!(error = %err, "counting the blocked keys failed"),
         }
     }
 }

@@ -27,10 +27,11 @@ pub use health::{Health, HealthCheck};
 pub use purge::{Purge, PurgeStatus};
 pub use retry::Retry;
 pub use status::{
-    DestinationStatus, FailedRow, QueueRows, ReceivedSummary, StatusCounts, StatusReport, status,
+    BlockedKey, DestinationStatus, FailedRow, QueueRows, ReceivedSummary, StatusCounts,
+    StatusReport, status,
 };
 
-pub(crate) use status::pending;
+pub(crate) use status::{blocked_keys, pending};
 
 use std::time::Duration;
 

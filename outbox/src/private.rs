@@ -28,6 +28,41 @@ impl<T: Serialize + ?Sized> PublishField for T {
     }
 }
 
+/// A value a message's ordering key is made of.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be a message key: it does not implement `ToString` (`std::fmt::Display`)",
+    label = "this key's type does not print",
+    note = "a key is a field whose type implements `Display` (numbers, strings, UUIDs), or a function `fn(&Model) -> impl ToString`"
+)]
+pub trait PublishKey {
+    /// The key as text.
+    fn to_key(&self) -> String;
+}
+
+impl<T: ToString + ?Sized> PublishKey for T {
+    fn to_key(&self) -> String {
+        self.to_string()
+    }
+}
+
+/// The key a key function returned (called by the generated code, so that a wrong signature is
+/// reported at the function's path).
+pub fn key_of<T: PublishKey>(key: T) -> String {
+    key.to_key()
+}
+
+/// The key of a deleted row, from a primary-key column of its active model; `None` when the
+/// column is not set (the delete is then refused as one without its primary key).
+pub fn active_key_string<T>(value: &ActiveValue<T>) -> Option<String>
+where
+    T: Into<sea_orm::Value> + PublishKey,
+{
+    match value {
+        ActiveValue::Set(v) | ActiveValue::Unchanged(v) => Some(v.to_key()),
+        ActiveValue::NotSet => None,
+    }
+}
+
 /// What a `serializer` returns: any `serde::Serialize` value.
 #[diagnostic::on_unimplemented(
     message = "`{Self}` cannot be a message body: it does not implement `serde::Serialize`",

@@ -52,6 +52,12 @@ pub const NOTIFY_CHANNEL: &str = "outbox_published";
 /// on another.
 const BATCHES_IN_FLIGHT: usize = 3;
 
+/// The longest pause after rows were given back by a broker that was reachable but did not
+/// keep up (receipts late, or a connection it stopped reading during a memory alarm): the
+/// receipt timeout already paced the attempt, and sending resumes this soon after the alarm
+/// clears, however many attempts it blocked.
+const SLOW_BROKER_PAUSE: Duration = Duration::from_secs(2);
+
 /// How often the relay looks for expired rows (and whether retention is its turn).
 const EXPIRY_CHECK_EVERY: Duration = Duration::from_secs(60);
 
@@ -148,6 +154,7 @@ impl ProducerBuilder {
             lane: tokio::sync::Mutex::new(()),
             suspects: Mutex::new(HashSet::new()),
             stopping: AtomicBool::new(false),
+            link_failed: AtomicBool::new(false),
         })
     }
 
@@ -194,6 +201,9 @@ pub struct Producer {
     suspects: Mutex<HashSet<Uuid>>,
     /// Set when the relay is asked to stop: no new claim is made.
     stopping: AtomicBool,
+    /// Set when rows were given back because the connection failed (as opposed to a broker
+    /// that was reachable but slow or blocked) since the rounds began.
+    link_failed: AtomicBool,
 }
 
 /// What one round did.
@@ -275,8 +285,12 @@ impl Producer {
                     continue;
                 }
                 Ok(report) if report.released > 0 => {
-                    // The broker connection failed mid-batch: pause before claiming again.
-                    let pause = backoff.next_pause();
+                    // The broker connection failed mid-batch, or the broker did not keep up:
+                    // pause before claiming again; briefly when the link itself was fine.
+                    let mut pause = backoff.next_pause();
+                    if !self.link_failed.load(Ordering::Relaxed) {
+                        pause = pause.min(SLOW_BROKER_PAUSE);
+                    }
                     tokio::select! {
                         _ = tokio::time::sleep(pause) => continue,
                         _ = shutdown.as_mut() => break,
@@ -338,6 +352,7 @@ impl Producer {
     /// relay stops): while one batch waits for its receipts, the next is being claimed or
     /// marked, and a batch slowed by a suspect holds up no other.
     async fn rounds(&self) -> Result<RoundReport, Error> {
+        self.link_failed.store(false, Ordering::Relaxed);
         let reports =
             futures::future::join_all((0..BATCHES_IN_FLIGHT).map(|_| self.worker())).await;
         let mut total = RoundReport::default();
@@ -362,11 +377,13 @@ impl Producer {
     /// One round: claim a batch, send it, settle every row of it.
     pub async fn round(&self) -> Result<RoundReport, Error> {
         let started = Instant::now();
-        let claim = store::claim_batch(
-            &self.db,
-            self.config.published_chunk_size,
-            self.config.producer_lease,
-        )
+        let claim = store::again_on_conflict(|| {
+            store::claim_batch(
+                &self.db,
+                self.config.published_chunk_size,
+                self.config.producer_lease,
+            )
+        })
         .await?;
         if claim.rows.is_empty() {
             return Ok(RoundReport::default());
@@ -630,11 +647,12 @@ impl Producer {
         }
         let started = Instant::now();
         let ids: Vec<Uuid> = rows.iter().map(|row| row.id).collect();
-        let held: HashSet<Uuid> =
+        let held: HashSet<Uuid> = store::again_on_conflict(|| {
             store::extend_lease(&self.db, &ids, lease.token, self.config.producer_lease)
-                .await?
-                .into_iter()
-                .collect();
+        })
+        .await?
+        .into_iter()
+        .collect();
         lease.until = started + self.config.producer_lease;
         if held.len() < rows.len() {
             tracing::warn!(
@@ -675,7 +693,8 @@ impl Producer {
         }
         crate::metrics::sent(rows);
         let ids: Vec<Uuid> = rows.iter().map(|row| row.id).collect();
-        let marked = store::mark_sent(&self.db, &ids, token).await? as usize;
+        let marked =
+            store::again_on_conflict(|| store::mark_sent(&self.db, &ids, token)).await? as usize;
         if marked < rows.len() {
             tracing::warn!(
                 receipted = rows.len(),
@@ -695,10 +714,15 @@ impl Producer {
         if rows.is_empty() {
             return Ok(0);
         }
-        tracing::warn!(rows = rows.len(), error = %why, "broker connection failed; rows given back without spending a retry");
+        if why.is_slow_broker() {
+            tracing::warn!(rows = rows.len(), error = %why, "the broker did not keep up; rows given back without spending a retry");
+        } else {
+            self.link_failed.store(true, Ordering::Relaxed);
+            tracing::warn!(rows = rows.len(), error = %why, "broker connection failed; rows given back without spending a retry");
+        }
         crate::metrics::released(rows.len());
         let ids: Vec<Uuid> = rows.iter().map(|row| row.id).collect();
-        store::release(&self.db, &ids, token).await?;
+        store::again_on_conflict(|| store::release(&self.db, &ids, token)).await?;
         Ok(rows.len())
     }
 
@@ -809,7 +833,8 @@ impl Producer {
                 "the broker refused the message; it will be retried, alone"
             ),
         }
-        store::record_refusal(&self.db, row, token, &decision, reason).await?;
+        store::again_on_conflict(|| store::record_refusal(&self.db, row, token, &decision, reason))
+            .await?;
         crate::metrics::refused(&row.destination, decision == store::Refusal::Failed);
         Ok(())
     }
@@ -1003,6 +1028,11 @@ fn outgoing(row: &Row) -> Outgoing {
         ("persistent", "true".to_owned()),
         ("content-type", "application/json".to_owned()),
     ];
+    // The ordering key is the column's: a stored header of that name never contradicts it.
+    headers.retain(|(name, _)| name != headers::ORDERING_KEY);
+    if let Some(key) = &row.msg_key {
+        headers.push((headers::ORDERING_KEY.to_owned(), key.clone()));
+    }
     for (name, value) in generated {
         let present = headers
             .iter()
@@ -1080,6 +1110,8 @@ mod tests {
             locked_until: None,
             next_attempt_at: None,
             last_error: None,
+            msg_key: None,
+            seq: None,
         };
         let out = outgoing(&row);
         assert_eq!(out.destination, "/topic/x");
@@ -1113,6 +1145,8 @@ mod tests {
             locked_until: None,
             next_attempt_at: None,
             last_error: None,
+            msg_key: None,
+            seq: None,
         };
         let out = outgoing(&row);
         let id = row.id.to_string();

@@ -92,4 +92,18 @@ pub trait Publish: ModelTrait + Send + Sync {
         let _ = active;
         Ok(None)
     }
+
+    /// The ordering key of route `route`'s message for this model (`#[publish(.., key = ..)]`),
+    /// `None` for a route without one. See [`crate::Message::key`].
+    fn key(&self, route: usize) -> Option<String> {
+        let _ = route;
+        None
+    }
+
+    /// The ordering key of route `route`'s message for a deleted row, read from the primary-key
+    /// field of its active model that the route names as its key.
+    fn deleted_message_key(active: &ActiveModelOf<Self>, route: usize) -> Option<String> {
+        let _ = (active, route);
+        None
+    }
 }

@@ -7,7 +7,10 @@
 
 use chrono::{DateTime, SubsecRound, Utc};
 use sea_orm::entity::prelude::*;
-use sea_orm::{ActiveValue::Set, ConnectionTrait};
+use sea_orm::{
+    ActiveValue::{NotSet, Set},
+    ConnectionTrait,
+};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
@@ -16,6 +19,8 @@ use crate::{Error, config, headers, wake, write};
 
 /// The longest destination, version suffix included, that the `destination` column holds.
 pub const MAX_DESTINATION_LEN: usize = 255;
+/// The longest ordering key that the `msg_key` column holds.
+pub const MAX_KEY_LEN: usize = 255;
 /// The longest version that the `version` column holds.
 pub const MAX_VERSION_LEN: usize = 100;
 /// Rows per INSERT statement when many are written at once (well under every database's limit
@@ -69,6 +74,13 @@ pub struct Model {
     /// Why the last send failed, or why the row was given up.
     #[sea_orm(column_type = "Text", nullable)]
     pub last_error: Option<String>,
+    /// The ordering key ([`Message::key`], `#[publish(key = ..)]`), sent as `x-outbox-key`: the
+    /// rows of one key are sent one at a time, in `seq` order. `None`: no order is kept.
+    pub msg_key: Option<String>,
+    /// The insertion sequence, given by the database (`None` in the rows [`Message::enqueue`]
+    /// returns, and on SQLite, where `rowid` orders the rows instead; rows older than the column
+    /// are `None` too, before all others).
+    pub seq: Option<i64>,
 }
 
 /// The outbox table has no relations.
@@ -109,6 +121,7 @@ pub struct Message {
     version: Option<String>,
     body: Value,
     headers: Map<String, Value>,
+    key: Option<String>,
 }
 
 /// The entity name of messages that no `#[publish]` entity made.
@@ -137,6 +150,7 @@ impl Message {
             version: None,
             body,
             headers: Map::new(),
+            key: None,
         }
     }
 
@@ -147,7 +161,22 @@ impl Message {
             version: route.version.map(str::to_owned),
             body,
             headers: Map::new(),
+            key: None,
         }
+    }
+
+    /// Sets the ordering key: the messages of one key (one order, one account) are sent, and
+    /// with [`crate::ConsumerBuilder::ordered_by_key`] processed, one at a time in the order they
+    /// were written; messages of different keys, or without one, go in parallel. At most
+    /// [`MAX_KEY_LEN`] characters, not empty. See README's section on ordering.
+    pub fn key(mut self, key: impl ToString) -> Self {
+        self.key = Some(key.to_string());
+        self
+    }
+
+    /// The ordering key, if one is set.
+    pub fn key_ref(&self) -> Option<&str> {
+        self.key.as_deref()
     }
 
     /// Sets the version: it is stored in the row and appended to the destination (`.v2`).
@@ -201,6 +230,14 @@ impl Message {
                 "longer than 255 characters with its version suffix",
             ));
         }
+        if let Some(key) = &self.key {
+            if key.is_empty() {
+                return Err(invalid("the ordering key is empty"));
+            }
+            if key.chars().count() > MAX_KEY_LEN {
+                return Err(invalid("the ordering key is longer than 255 characters"));
+            }
+        }
         if let Some(version) = &self.version {
             if version.is_empty() {
                 return Err(invalid("the version is empty"));
@@ -241,6 +278,8 @@ impl Message {
             locked_until: None,
             next_attempt_at: None,
             last_error: None,
+            msg_key: self.key,
+            seq: None,
         })
     }
 }
@@ -299,6 +338,13 @@ pub(crate) async fn insert_messages<C: ConnectionTrait>(
         .into_iter()
         .map(|message| message.into_row(added, lifetime, &correlation))
         .collect::<Result<Vec<_>, _>>()?;
+    lock_keys(conn, &rows).await?;
+    if conn.get_database_backend() == sea_orm::DbBackend::MySql {
+        for chunk in rows.chunks(ROWS_PER_INSERT) {
+            conn.execute(&insert_with_sequence(chunk)?).await?;
+        }
+        return Ok(rows);
+    }
     for chunk in rows.chunks(ROWS_PER_INSERT) {
         let active = chunk.iter().cloned().map(|row| ActiveModel {
             id: Set(row.id),
@@ -314,12 +360,102 @@ pub(crate) async fn insert_messages<C: ConnectionTrait>(
             locked_until: Set(None),
             next_attempt_at: Set(None),
             last_error: Set(None),
+            msg_key: Set(row.msg_key),
+            // The database's: `nextval` on PostgreSQL and MariaDB.
+            seq: NotSet,
         });
         Entity::insert_many(active)
             .exec_without_returning(conn)
             .await?;
     }
     Ok(rows)
+}
+
+/// The rows as one INSERT that draws each `seq` with `NEXTVAL(published_seq)` (MariaDB, MySQL:
+/// the column has no default there, see `AddMessageKeys`).
+fn insert_with_sequence(rows: &[Model]) -> Result<sea_orm::sea_query::InsertStatement, Error> {
+    use sea_orm::sea_query::{Expr, Query};
+    let mut insert = Query::insert();
+    insert.into_table(Entity).columns([
+        Column::Id,
+        Column::Version,
+        Column::Destination,
+        Column::Body,
+        Column::Headers,
+        Column::Added,
+        Column::ExpiresAt,
+        Column::Retry,
+        Column::Status,
+        Column::MsgKey,
+        Column::Seq,
+    ]);
+    for row in rows {
+        insert
+            .values([
+                Expr::val(row.id),
+                Expr::val(row.version.clone()),
+                Expr::val(row.destination.clone()),
+                Expr::val(row.body.clone()),
+                Expr::val(row.headers.clone()),
+                Expr::val(row.added),
+                Expr::val(row.expires_at),
+                Expr::val(row.retry),
+                Expr::val(sea_orm::ActiveEnum::to_value(&row.status)),
+                Expr::val(row.msg_key.clone()),
+                Expr::cust("NEXTVAL(published_seq)"),
+            ])
+            .map_err(|err| Error::Database(DbErr::Custom(err.to_string())))?;
+    }
+    Ok(insert)
+}
+
+/// On PostgreSQL, before keyed rows are inserted: takes a transaction-scoped advisory lock per
+/// key, in one order (by hash), so that the writers of one key run one after the other until
+/// they commit. Sequence numbers are drawn after the lock, at insert: per key, `seq` order is
+/// then commit order, and no relay can see a later row of a key while an earlier one may still
+/// commit. A statement on an autocommit connection would release the lock before its insert: a
+/// keyed row is refused there.
+async fn lock_keys<C: ConnectionTrait>(conn: &C, rows: &[Model]) -> Result<(), Error> {
+    if conn.get_database_backend() != sea_orm::DbBackend::Postgres {
+        return Ok(());
+    }
+    let mut hashes: Vec<i64> = rows
+        .iter()
+        .filter_map(|row| row.msg_key.as_deref())
+        .map(key_lock_id)
+        .collect();
+    if hashes.is_empty() {
+        return Ok(());
+    }
+    if write::connection_kind::<C>() == write::ConnectionKind::Autocommit {
+        return Err(Error::KeyedOutsideTransaction {
+            connection: std::any::type_name::<C>(),
+        });
+    }
+    hashes.sort_unstable();
+    hashes.dedup();
+    // `unnest` yields the array in order: the locks are taken in ascending order, so two
+    // writers that lock the same keys in one call never deadlock.
+    // The ids are numbers this function computed: written into the statement, which then needs
+    // no array binding (a feature of the PostgreSQL driver alone).
+    let ids: Vec<String> = hashes.iter().map(i64::to_string).collect();
+    conn.execute_unprepared(&format!(
+        "SELECT count(pg_advisory_xact_lock(k)) FROM unnest(ARRAY[{}]::bigint[]) AS k",
+        ids.join(",")
+    ))
+    .await?;
+    Ok(())
+}
+
+/// The advisory lock id of an ordering key: FNV-1a (64 bits) of its bytes, fixed so that every
+/// process of every version takes the same lock for the same key.
+pub(crate) fn key_lock_id(key: &str) -> i64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in b"outbox-key:".iter().chain(key.as_bytes()) {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash as i64
 }
 
 #[cfg(test)]

@@ -229,7 +229,11 @@ fn messages_of<M: Publish>(model: &M, event: Event) -> Result<Vec<Message>, Erro
             destination: route.destination.to_owned(),
             source,
         })?;
-        messages.push(Message::from_route(M::ENTITY, route, body));
+        let mut message = Message::from_route(M::ENTITY, route, body);
+        if let Some(key) = model.key(index) {
+            message = message.key(key);
+        }
+        messages.push(message);
     }
     Ok(messages)
 }
@@ -245,8 +249,15 @@ fn deleted_messages<M: Publish>(active: &ActiveModelOf<M>) -> Result<Vec<Message
     let body = serde_json::json!({ "id": key });
     Ok(M::ROUTES
         .iter()
-        .filter(|route| route.on.contains(Event::Delete))
-        .map(|route| Message::from_route(M::ENTITY, route, body.clone()))
+        .enumerate()
+        .filter(|(_, route)| route.on.contains(Event::Delete))
+        .map(|(index, route)| {
+            let message = Message::from_route(M::ENTITY, route, body.clone());
+            match M::deleted_message_key(active, index) {
+                Some(key) => message.key(key),
+                None => message,
+            }
+        })
         .collect())
 }
 

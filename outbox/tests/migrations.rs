@@ -20,6 +20,8 @@ use uuid::Uuid;
 const MIGRATION_NAME: &str = "outbox_m20261126_000001_create_outbox_tables";
 /// Listed after the tables' creation, where it does nothing: see `adopt_django()`.
 const ADOPT_MIGRATION_NAME: &str = "outbox_m20261201_000001_adopt_django_tables";
+/// Per-key ordering's columns and index.
+const KEYS_MIGRATION_NAME: &str = "outbox_m20261201_000002_add_message_keys";
 const TABLES: [&str; 3] = ["published", "received", "outbox_housekeeping"];
 
 /// Runs one specification against each backend, as `<spec>::postgres`, `<spec>::mariadb` and
@@ -285,7 +287,10 @@ async fn applied_migration_is_recorded_under_its_namespaced_name(backend: Backen
     let t = TestDb::new(backend).await;
     let applied = Migrator::get_applied_migrations(&t.db).await.unwrap();
     let names: Vec<&str> = applied.iter().map(|m| m.name()).collect();
-    assert_eq!(names, [MIGRATION_NAME, ADOPT_MIGRATION_NAME]);
+    assert_eq!(
+        names,
+        [MIGRATION_NAME, ADOPT_MIGRATION_NAME, KEYS_MIGRATION_NAME]
+    );
     assert!(
         Migrator::get_pending_migrations(&t.db)
             .await

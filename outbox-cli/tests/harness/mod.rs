@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crate::common::stomp_peer::{
-    QueueCleanup, RABBITMQ_STOMP, StompPeer, queue_message_count, unique,
+    Frame, QueueCleanup, RABBITMQ_STOMP, StompPeer, queue_message_count, unique,
 };
 use crate::common::{count_with_status, eventually};
 use outbox::published::Column;
@@ -260,9 +260,12 @@ pub async fn declare_consumer_queues(destination: &str) {
 }
 
 /// Reads every copy the broker routes to a second queue bound to the topic, to count the
-/// messages that went over the wire more than once.
+/// messages that went over the wire more than once. It reads all along, on a task of its own:
+/// RabbitMQ closes a connection whose socket it cannot write to for 15 s (`send_timeout`), so a
+/// subscriber that reads only at the end of a long run would lose its connection.
 pub struct WireCounter {
-    peer: StompPeer,
+    frames: tokio::sync::mpsc::UnboundedReceiver<Option<Frame>>,
+    reader: tokio::task::JoinHandle<()>,
     seen: HashMap<String, usize>,
 }
 
@@ -282,8 +285,20 @@ impl WireCounter {
         )
         .await
         .expect("subscribe the wire counter");
+        let (tx, frames) = tokio::sync::mpsc::unbounded_channel();
+        let reader = tokio::spawn(async move {
+            loop {
+                // `None`: the connection ended (no test runs for a day).
+                let frame = peer.next_message(Duration::from_secs(86_400)).await;
+                let ended = frame.is_none();
+                if tx.send(frame).is_err() || ended {
+                    return;
+                }
+            }
+        });
         WireCounter {
-            peer,
+            frames,
+            reader,
             seen: HashMap::new(),
         }
     }
@@ -299,14 +314,17 @@ impl WireCounter {
             } else {
                 Duration::from_secs(10)
             };
-            match self.peer.next_message(wait).await {
-                Some(frame) if frame.command == "MESSAGE" => {
+            match tokio::time::timeout(wait, self.frames.recv()).await {
+                Ok(Some(Some(frame))) if frame.command == "MESSAGE" => {
                     let id = frame.header("dop-msg-id").unwrap_or_default().to_owned();
                     *self.seen.entry(id).or_default() += 1;
                 }
-                Some(other) => panic!("the wire counter got {}: {}", other.command, other.text()),
-                None if complete => break,
-                None => panic!(
+                Ok(Some(Some(other))) => {
+                    panic!("the wire counter got {}: {}", other.command, other.text())
+                }
+                Ok(_) => panic!("the wire counter's connection ended"),
+                Err(_) if complete => break,
+                Err(_) => panic!(
                     "the wire counter saw {} of {} messages",
                     expected
                         .iter()
@@ -318,6 +336,12 @@ impl WireCounter {
             assert!(Instant::now() < deadline, "the wire counter never settled");
         }
         self.seen.values().map(|n| n.saturating_sub(1)).sum()
+    }
+}
+
+impl Drop for WireCounter {
+    fn drop(&mut self) {
+        self.reader.abort();
     }
 }
 

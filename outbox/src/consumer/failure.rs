@@ -124,6 +124,44 @@ pub(crate) fn db_err_is_transient(err: &DbErr) -> bool {
     }
 }
 
+/// Whether the database refused a statement because of another transaction and undid it (a
+/// deadlock victim, a serialization failure, a lock wait that timed out, SQLite busy): the
+/// statement took no effect and can simply run again. A lost connection is not one: whether
+/// its statement took effect is unknown.
+pub(crate) fn db_err_is_conflict(err: &DbErr) -> bool {
+    match err {
+        #[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
+        DbErr::Exec(RuntimeErr::SqlxError(err)) | DbErr::Query(RuntimeErr::SqlxError(err)) => {
+            match err.deref() {
+                sqlx::Error::Database(db) => database_error_is_conflict(db.deref()),
+                _ => false,
+            }
+        }
+        _ => false,
+    }
+}
+
+#[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
+fn database_error_is_conflict(err: &dyn sqlx::error::DatabaseError) -> bool {
+    #[cfg(feature = "mysql")]
+    if let Some(mysql) = err.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
+        // Deadlock, lock wait timeout.
+        return matches!(mysql.number(), 1213 | 1205);
+    }
+    let code = err.code().unwrap_or_default();
+    #[cfg(feature = "sqlite")]
+    if err
+        .try_downcast_ref::<sqlx::sqlite::SqliteError>()
+        .is_some()
+    {
+        return code
+            .parse::<i32>()
+            .is_ok_and(|code| matches!(code & 0xff, 5 | 6));
+    }
+    // PostgreSQL: serialization failure, deadlock, lock not available.
+    matches!(code.as_ref(), "40001" | "40P01" | "55P03")
+}
+
 fn runtime_err_is_transient(err: &RuntimeErr) -> bool {
     match err {
         #[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::{Expr, ExprTrait};
 use sea_orm::{
-    ActiveEnum, ColumnTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter, QueryOrder,
-    QuerySelect,
+    ActiveEnum, ColumnTrait, ConnectionTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter,
+    QueryOrder, QuerySelect,
 };
 use serde::Serialize;
 use uuid::Uuid;
@@ -69,6 +69,18 @@ pub struct FailedRow {
     pub last_error: Option<String>,
 }
 
+/// An ordering key held up by a FAILED row: none of its later rows is sent until the FAILED rows
+/// are retried (`outbox retry`) or purged (`outbox purge --status failed --force`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BlockedKey {
+    /// The key (`msg_key`).
+    pub key: String,
+    /// Its FAILED rows.
+    pub failed: u64,
+    /// Its rows waiting behind them.
+    pub waiting: u64,
+}
+
 /// One consumer queue's inbox rows.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct QueueRows {
@@ -105,6 +117,10 @@ pub struct StatusReport {
     /// Waiting rows whose last attempt found no queue bound to their destination (AMQP), by
     /// destination: `(destination, rows)`. They wait for a queue without spending retries.
     pub unroutable: Vec<(String, u64)>,
+    /// Ordering keys that a FAILED row blocks, by key (at most `failed_limit` of them).
+    pub blocked_keys: Vec<BlockedKey>,
+    /// How many keys a FAILED row blocks in all.
+    pub blocked_key_count: u64,
     /// The inbox.
     pub received: ReceivedSummary,
 }
@@ -195,6 +211,13 @@ pub async fn status(db: &DatabaseConnection, failed_limit: u64) -> Result<Status
         .map(|(destination, rows)| (destination, u64::try_from(rows).unwrap_or(0)))
         .collect();
 
+    let blocked = blocked_keys(db).await?;
+    let blocked_key_count = blocked.len() as u64;
+    let blocked_keys = blocked
+        .into_iter()
+        .take(usize::try_from(failed_limit).unwrap_or(usize::MAX))
+        .collect();
+
     let queues: Vec<(String, i64)> = received::Entity::find()
         .select_only()
         .column(received::Column::Queue)
@@ -224,8 +247,44 @@ pub async fn status(db: &DatabaseConnection, failed_limit: u64) -> Result<Status
         destinations,
         latest_failed,
         unroutable,
+        blocked_keys,
+        blocked_key_count,
         received,
     })
+}
+
+/// Every key with a FAILED row, by key, with its FAILED and waiting rows: one grouped read of
+/// the unsent keyed rows (the partial index `published_key_unsent_idx`).
+pub(crate) async fn blocked_keys(db: &DatabaseConnection) -> Result<Vec<BlockedKey>, DbErr> {
+    let failed = Status::Failed.to_value();
+    let waiting = Status::Schedule.to_value();
+    let sent = Status::Succeeded.to_value();
+    let statement = sea_orm::Statement::from_string(
+        db.get_database_backend(),
+        format!(
+            "SELECT msg_key, \
+                 COUNT(CASE WHEN status = {failed} THEN 1 END) AS failed, \
+                 COUNT(CASE WHEN status = {waiting} THEN 1 END) AS waiting \
+             FROM published WHERE msg_key IS NOT NULL AND status <> {sent} \
+             GROUP BY msg_key \
+             HAVING COUNT(CASE WHEN status = {failed} THEN 1 END) > 0 \
+             ORDER BY msg_key"
+        ),
+    );
+    let rows = db.query_all_raw(statement).await?;
+    let count = |row: &sea_orm::QueryResult, column: &str| -> Result<u64, DbErr> {
+        let value: i64 = row.try_get("", column)?;
+        Ok(u64::try_from(value).unwrap_or(0))
+    };
+    rows.iter()
+        .map(|row| {
+            Ok(BlockedKey {
+                key: row.try_get("", "msg_key")?,
+                failed: count(row, "failed")?,
+                waiting: count(row, "waiting")?,
+            })
+        })
+        .collect()
 }
 
 /// Rows waiting to be sent, and when the oldest was written: one query on the `(status, added)`

@@ -27,6 +27,36 @@ use crate::retention::Step;
 /// Also used by the purge command.
 pub(crate) use crate::retention::delete_in_batches;
 
+/// How many times a relay statement runs again after a conflict ([`again_on_conflict`]).
+const CONFLICT_RETRIES: u32 = 4;
+
+/// Runs a relay statement, and again (a few times, after a short pause) when the database undid
+/// it for a conflict with another transaction (a deadlock victim, a lock wait timeout; see
+/// `db_err_is_conflict`). Relays and writers share the table's indexes, so MariaDB can pick a
+/// relay's claim or settle as a deadlock victim; every such statement only touches rows that
+/// hold the claim's token, so running it again is safe.
+pub(crate) async fn again_on_conflict<T, F, Fut>(mut statement: F) -> Result<T, DbErr>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, DbErr>>,
+{
+    let mut conflicts = 0;
+    loop {
+        match statement().await {
+            Err(err)
+                if conflicts < CONFLICT_RETRIES
+                    && crate::consumer::failure::db_err_is_conflict(&err) =>
+            {
+                conflicts += 1;
+                let jitter = u64::from(Uuid::new_v4().as_u128() as u8 % 20);
+                tracing::debug!(error = %err, conflicts, "a relay statement met a conflict; running it again");
+                tokio::time::sleep(Duration::from_millis((10 << conflicts) + jitter)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 fn now() -> DateTime<Utc> {
     Utc::now().trunc_subsecs(6)
 }
@@ -93,6 +123,27 @@ fn due(backend: DbBackend) -> sea_orm::sea_query::Condition {
         .add(Expr::col(Column::ExpiresAt).gte(now()))
 }
 
+/// The condition that keeps each key's order: a row without a key is always free; a keyed row
+/// only when no earlier row of its key (by `seq`; by `rowid` on SQLite) is unsent: waiting,
+/// claimed by a relay, in a retry pause, or FAILED. So at most one row of a key is ever claimed,
+/// and a refused row is retried before any later row of its key is sent. Read through the
+/// partial index over unsent rows (`published_key_unsent_idx`): sent rows cost it nothing.
+pub(crate) fn key_is_free(backend: DbBackend) -> String {
+    let order = match backend {
+        DbBackend::Sqlite => "earlier.rowid < published.rowid",
+        _ => "earlier.seq < published.seq",
+    };
+    format!(
+        "(published.msg_key IS NULL OR NOT EXISTS (SELECT 1 FROM published earlier \
+         WHERE earlier.msg_key = published.msg_key AND earlier.status <> {sent} \
+         AND earlier.msg_key IS NOT NULL AND {order}))",
+        sent = SUCCEEDED,
+    )
+}
+
+/// `Status::Succeeded`'s stored value, for SQL written by hand.
+const SUCCEEDED: i32 = 2;
+
 /// Claims up to `limit` due rows, oldest first, for `lease`. The claim is committed before this
 /// returns: no transaction or lock is held while the rows are sent.
 pub(crate) async fn claim_batch(
@@ -109,6 +160,7 @@ pub(crate) async fn claim_batch(
         .column(Column::Id)
         .from(Entity)
         .cond_where(due(backend))
+        .and_where(Expr::cust(key_is_free(backend)))
         .order_by(Column::Added, sea_orm::Order::Asc)
         .limit(u64::from(limit));
 
@@ -117,19 +169,25 @@ pub(crate) async fn claim_batch(
             // `= ANY(ARRAY(...))` rather than `IN (...)`: the planner then updates the claimed
             // rows by primary key instead of hashing the whole table on every claim.
             // `now()` is the statement's transaction start: one instant for the whole claim.
+            // The key condition reads the rows of earlier claims as committed: a row another
+            // relay holds is still unsent there, and blocks its key.
             let claim = Statement::from_sql_and_values(
                 DbBackend::Postgres,
-                "UPDATE published SET claim_token = $1, \
-                     locked_until = now() + $2 * interval '1 microsecond' \
-                 WHERE id = ANY(ARRAY( \
-                     SELECT id FROM published \
-                     WHERE status = $3 \
-                       AND (locked_until IS NULL OR locked_until < now()) \
-                       AND (next_attempt_at IS NULL OR next_attempt_at <= now()) \
-                       AND expires_at >= now() \
-                     ORDER BY added LIMIT $4 \
-                     FOR UPDATE SKIP LOCKED)) \
-                 RETURNING *",
+                format!(
+                    "UPDATE published SET claim_token = $1, \
+                         locked_until = now() + $2 * interval '1 microsecond' \
+                     WHERE id = ANY(ARRAY( \
+                         SELECT id FROM published \
+                         WHERE status = $3 \
+                           AND (locked_until IS NULL OR locked_until < now()) \
+                           AND (next_attempt_at IS NULL OR next_attempt_at <= now()) \
+                           AND expires_at >= now() \
+                           AND {free} \
+                         ORDER BY added LIMIT $4 \
+                         FOR UPDATE SKIP LOCKED)) \
+                     RETURNING *",
+                    free = key_is_free(DbBackend::Postgres)
+                ),
                 [
                     token.into(),
                     micros(lease).into(),

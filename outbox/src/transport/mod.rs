@@ -91,6 +91,7 @@ impl Outgoing {
 /// | a refusal closed the connection while it was pending | `Unknown`, reason [`TransportError::Broker`], for every message pending on the connection | `channel.close` 404: the same, for every unconfirmed publish |
 /// | the broker blocked the connection (resource alarm) | `Unknown`, `ReceiptTimeout`, not overtaken | the same: nothing is published while blocked (`connection.blocked`) |
 /// | no answer in time, the connection lost | `Unknown`, reason `ReceiptTimeout` / `ConnectionLost` | the same |
+/// | the broker stopped reading (a memory or disk alarm) | `Unknown`, reason [`TransportError::Blocked`] once a write made no progress for the receipt timeout | the same, from `connection.blocked` |
 ///
 /// The relay marks a row sent on `Receipted`, charges a retry on `Refused` (and on a refusal it
 /// can pin on one row), keeps an `Unroutable` row waiting on a backoff of its own that spends no
@@ -125,7 +126,8 @@ pub enum Outcome {
 pub struct Unknown {
     /// Why no acknowledgement came. [`TransportError::Broker`]: the broker refused a frame and
     /// closed the connection while this message was pending, so this message or another one
-    /// pending on the same connection is at fault. [`TransportError::ReceiptTimeout`] or
+    /// pending on the same connection is at fault. [`TransportError::ReceiptTimeout`],
+    /// [`TransportError::Blocked`] or
     /// [`TransportError::ConnectionLost`]: the link or the broker, or a message the broker
     /// silently discards. [`TransportError::Connect`]: the message was never written.
     pub reason: TransportError,
@@ -287,6 +289,13 @@ pub enum TransportError {
     /// Receipts did not come back in time.
     #[error("no receipt from the broker within {0:?}")]
     ReceiptTimeout(Duration),
+    /// The broker stopped reading the connection for this long, and the transport gave up on
+    /// it. RabbitMQ blocks publishing connections during a memory or disk alarm: nobody's
+    /// fault, and it passes when the alarm clears.
+    #[error(
+        "the broker read nothing from this connection for {0:?} (RabbitMQ blocks publishing connections during a memory or disk alarm)"
+    )]
+    Blocked(Duration),
     /// The transport was closed.
     #[error("the transport is closed")]
     Closed,
@@ -302,6 +311,16 @@ impl TransportError {
     /// a sign that a message, not the network, is at fault.
     pub fn is_broker_refusal(&self) -> bool {
         matches!(self, TransportError::Broker { .. })
+    }
+
+    /// Whether the broker was reachable but did not keep up (a receipt timeout, or a connection
+    /// it stopped reading): worth trying again soon, on a short pause rather than the
+    /// reconnection backoff, since nothing is wrong with the link.
+    pub fn is_slow_broker(&self) -> bool {
+        matches!(
+            self,
+            TransportError::ReceiptTimeout(_) | TransportError::Blocked(_)
+        )
     }
 }
 

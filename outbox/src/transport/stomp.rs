@@ -937,10 +937,7 @@ impl Driver {
         if let Some(since) = self.writer.waiting_since
             && since.elapsed() > self.write_deadline
         {
-            return Some(TransportError::ConnectionLost(format!(
-                "the broker read nothing from this connection for {:?} (RabbitMQ blocks publishing connections during a memory or disk alarm)",
-                since.elapsed()
-            )));
+            return Some(TransportError::Blocked(since.elapsed()));
         }
         if let Some(every) = self.expect_every {
             let last = Duration::from_millis(self.last_read.load(Ordering::Relaxed));
