@@ -487,7 +487,7 @@ impl Link {
             if tokio::time::Instant::now() >= deadline {
                 // As over STOMP: no answer in time, nobody's fault, nothing charged.
                 tracing::warn!(broker = %self.address, "the broker blocks the connection (a resource alarm): nothing published");
-                return SendReport::unsent(messages.len(), TransportError::ReceiptTimeout(timeout));
+                return SendReport::unsent(messages.len(), TransportError::Blocked(timeout));
             }
             tokio::time::sleep(BLOCKED_POLL).await;
         }

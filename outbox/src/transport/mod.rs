@@ -89,7 +89,6 @@ impl Outgoing {
 /// | the broker could not take it now | (never said) | [`Outcome::Nacked`]: `basic.nack` (an internal error, a queue full with `reject-publish`) |
 /// | the broker refused it, and the refusal names it | (never: an ERROR names no receipt) | a check made before publishing (a passive `exchange.declare` that fails, a destination the STOMP plugin refuses) |
 /// | a refusal closed the connection while it was pending | `Unknown`, reason [`TransportError::Broker`], for every message pending on the connection | `channel.close` 404: the same, for every unconfirmed publish |
-/// | the broker blocked the connection (resource alarm) | `Unknown`, `ReceiptTimeout`, not overtaken | the same: nothing is published while blocked (`connection.blocked`) |
 /// | no answer in time, the connection lost | `Unknown`, reason `ReceiptTimeout` / `ConnectionLost` | the same |
 /// | the broker stopped reading (a memory or disk alarm) | `Unknown`, reason [`TransportError::Blocked`] once a write made no progress for the receipt timeout | the same, from `connection.blocked` |
 ///
