@@ -6,7 +6,10 @@
 //! ```
 //!
 //! Reads `DATABASE_URL` (a server URL: each run creates and drops a scratch database on it; PostgreSQL
-//! by default, MariaDB and SQLite accepted) and `OUTBOX_STOMP_HOST_AND_PORTS`. Prints one line per
+//! by default, MariaDB and SQLite accepted) and `OUTBOX_STOMP_HOST_AND_PORTS`. With
+//! `--transport amqp` the relay and the limit go over AMQP 0-9-1 (`OUTBOX_BROKER_URL`, by default
+//! guest on 127.0.0.1:5672), and `limit` also measures a bare lapin publisher with confirms; the
+//! readers stay STOMP subscribers. Prints one line per
 //! figure on stdout, `name value unit`, and its progress on stderr. With `all`, every scenario runs
 //! in a child process of its own, so that each memory figure is that scenario's alone.
 
@@ -25,6 +28,9 @@ struct Cli {
     /// Messages (or saves) per measurement.
     #[arg(long, default_value_t = 10_000)]
     n: usize,
+    /// The transport of the relay and of the limit.
+    #[arg(long, value_enum, default_value_t = scenarios::TransportKind::Stomp, global = true)]
+    transport: scenarios::TransportKind,
     /// For the worker processes: the scratch database, destination and queue, concurrency.
     #[command(flatten)]
     worker: scenarios::WorkerArgs,
@@ -72,7 +78,7 @@ pub fn progress(message: &str) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if cli.scenario == Scenario::All {
-        return run_all(cli.n);
+        return run_all(cli.n, cli.transport);
     }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
@@ -82,7 +88,7 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        let settings = scenarios::Settings::from_env()?;
+        let settings = scenarios::Settings::from_env(cli.transport)?;
         match cli.scenario {
             Scenario::Write => scenarios::write(&settings, cli.n).await,
             Scenario::WriteConcurrent => scenarios::write_concurrent(&settings, cli.n).await,
@@ -109,7 +115,7 @@ fn main() -> ExitCode {
 }
 
 /// Runs each scenario as a child process; the relay's share of the limit comes out of the two.
-fn run_all(n: usize) -> ExitCode {
+fn run_all(n: usize, transport: scenarios::TransportKind) -> ExitCode {
     let exe = match std::env::current_exe() {
         Ok(exe) => exe,
         Err(err) => {
@@ -119,6 +125,7 @@ fn run_all(n: usize) -> ExitCode {
     };
     let mut relay_rate = None;
     let mut limit_rate = None;
+    let mut bare_rate = None;
     let mut figures: Vec<(String, f64)> = Vec::new();
     for scenario in [
         "write",
@@ -132,6 +139,7 @@ fn run_all(n: usize) -> ExitCode {
         progress(&format!("scenario {scenario}"));
         let output = std::process::Command::new(&exe)
             .args([scenario, "--n", &n.to_string()])
+            .args(["--transport", transport.name()])
             .stderr(std::process::Stdio::inherit())
             .output();
         let output = match output {
@@ -172,6 +180,7 @@ fn run_all(n: usize) -> ExitCode {
                     match name {
                         "relay.rate" => relay_rate = Some(v),
                         "limit.rate" => limit_rate = Some(v),
+                        "limit.bare_rate" => bare_rate = Some(v),
                         _ => {}
                     }
                 }
@@ -182,6 +191,9 @@ fn run_all(n: usize) -> ExitCode {
     if let (Some(relay), Some(limit)) = (relay_rate, limit_rate) {
         let share = 100.0 * relay / limit;
         println!("relay.of_limit {share:.1} %  [target: >= 85%]");
+    }
+    if let (Some(relay), Some(bare)) = (relay_rate, bare_rate) {
+        figure("relay.of_bare", 100.0 * relay / bare, "%");
     }
     ExitCode::SUCCESS
 }

@@ -56,19 +56,58 @@ pub mod published_item {
     pub enum Relation {}
 }
 
+/// The transport the relay and the limit use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TransportKind {
+    /// STOMP (`OUTBOX_STOMP_*`).
+    Stomp,
+    /// AMQP 0-9-1 with publisher confirms (`OUTBOX_BROKER_URL`).
+    Amqp,
+}
+
+impl TransportKind {
+    /// The name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            TransportKind::Stomp => "stomp",
+            TransportKind::Amqp => "amqp",
+        }
+    }
+}
+
+/// The AMQP broker when `OUTBOX_BROKER_URL` is not set.
+const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
 /// Where the benchmark runs.
 pub struct Settings {
     database_url: String,
+    /// The relay's and the limit's settings (AMQP with `--transport amqp`).
     config: OutboxConfig,
+    /// The readers' settings: always STOMP.
+    stomp: OutboxConfig,
+    transport: TransportKind,
 }
 
 impl Settings {
-    pub fn from_env() -> Result<Settings, BoxError> {
+    pub fn from_env(transport: TransportKind) -> Result<Settings, BoxError> {
         let database_url = std::env::var("DATABASE_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+        let mut config = OutboxConfig::from_env()?;
+        let mut stomp = config.clone();
+        stomp.broker_url.clear();
+        match transport {
+            TransportKind::Stomp => config = stomp.clone(),
+            TransportKind::Amqp if config.broker_url.is_empty() => {
+                config.broker_url = vec![outbox::Secret::new(DEFAULT_AMQP_URL)];
+                config.validate()?;
+            }
+            TransportKind::Amqp => {}
+        }
         Ok(Settings {
             database_url,
-            config: OutboxConfig::from_env()?,
+            config,
+            stomp,
+            transport,
         })
     }
 }
@@ -399,12 +438,13 @@ async fn interleaved_saves(
 pub async fn relay(settings: &Settings, n: usize) -> Result<(), BoxError> {
     let scratch = Scratch::create(&settings.database_url, 5).await?;
 
-    let mut reader = Reader::deferred(&settings.config).await?;
+    let mut reader = Reader::deferred(&settings.stomp).await?;
     enqueue(&scratch, &reader.destination, n).await?;
     progress(&format!(
         "relay: {n} rows pending, one relay in a process of its own"
     ));
     let figures = run_worker(
+        settings,
         "relay-worker",
         n,
         &WorkerArgs {
@@ -426,7 +466,7 @@ pub async fn relay(settings: &Settings, n: usize) -> Result<(), BoxError> {
     );
     reader.close().await;
 
-    let mut reader = Reader::deferred(&settings.config).await?;
+    let mut reader = Reader::deferred(&settings.stomp).await?;
     enqueue(&scratch, &reader.destination, n).await?;
     progress(&format!("relay: {n} rows pending, two relays"));
     let already = sent_count(&scratch).await?;
@@ -464,7 +504,7 @@ pub async fn relay(settings: &Settings, n: usize) -> Result<(), BoxError> {
 /// another process would.
 pub async fn latency(settings: &Settings, samples: usize) -> Result<(), BoxError> {
     let scratch = Scratch::create(&settings.database_url, 5).await?;
-    let mut reader = Reader::live(&settings.config).await?;
+    let mut reader = Reader::live(&settings.stomp).await?;
     let relay = Producer::builder(scratch.connect(2).await?)
         .config(settings.config.clone())
         .start()?;
@@ -510,8 +550,8 @@ pub async fn latency(settings: &Settings, samples: usize) -> Result<(), BoxError
 /// The broker's own limit: the bare transport sending `n` messages like the relay's, with
 /// receipts, in batches of the relay's size, no database.
 pub async fn limit(settings: &Settings, n: usize) -> Result<(), BoxError> {
-    let mut reader = Reader::deferred(&settings.config).await?;
-    let transport = StompTransport::new(&settings.config)?;
+    let mut reader = Reader::deferred(&settings.stomp).await?;
+    let transport = outbox::transport::from_config(&settings.config)?;
     transport.connect().await?;
     let batch = settings.config.published_chunk_size as usize;
     let messages: Vec<Outgoing> =
@@ -550,6 +590,91 @@ pub async fn limit(settings: &Settings, n: usize) -> Result<(), BoxError> {
     figure("limit.rate", rate(n, elapsed), "msgs/s");
     transport.disconnect().await?;
     reader.close().await;
+    if settings.transport == TransportKind::Amqp {
+        bare_amqp(settings, n).await?;
+    }
+    Ok(())
+}
+
+/// The bare AMQP publisher: lapin alone, the same messages as the relay's (the STOMP plugin's
+/// properties and headers), `mandatory` and persistent, with publisher confirms pipelined
+/// (up to [`outbox::transport::CONFIRM_WINDOW`] unconfirmed), no database and no outbox code.
+async fn bare_amqp(settings: &Settings, n: usize) -> Result<(), BoxError> {
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    use lapin::types::{AMQPValue, FieldTable, LongString};
+
+    let mut reader = Reader::deferred(&settings.stomp).await?;
+    let key = reader
+        .destination
+        .strip_prefix("/topic/")
+        .ok_or("a topic reader")?
+        .to_owned();
+    let url = settings
+        .config
+        .broker_url
+        .first()
+        .ok_or("no OUTBOX_BROKER_URL")?;
+    let connection =
+        lapin::Connection::connect(url.expose(), lapin::ConnectionProperties::default()).await?;
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let window = outbox::transport::CONFIRM_WINDOW;
+    progress(&format!(
+        "limit: {n} messages, bare lapin publisher, {window} confirms in flight"
+    ));
+    let started = Instant::now();
+    let mut pending = std::collections::VecDeque::with_capacity(window);
+    for i in 0..n {
+        let message = bench_message(&reader.destination, i);
+        let mut table = FieldTable::default();
+        for (name, value) in &message.headers {
+            if name != "persistent" && name != "content-type" {
+                table.insert(
+                    name.as_str().into(),
+                    AMQPValue::LongString(LongString::from(value.as_bytes())),
+                );
+            }
+        }
+        let properties = lapin::BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into())
+            .with_headers(table);
+        if pending.len() == window {
+            let confirm: lapin::PublisherConfirm =
+                pending.pop_front().ok_or("a pending confirm")?;
+            if !confirm.await?.is_ack() {
+                return Err("a bare publish was not confirmed".into());
+            }
+        }
+        let confirm = channel
+            .basic_publish(
+                "amq.topic".into(),
+                key.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    immediate: false,
+                },
+                &message.body,
+                properties,
+            )
+            .await?;
+        pending.push_back(confirm);
+    }
+    for confirm in pending {
+        if !confirm.await?.is_ack() {
+            return Err("a bare publish was not confirmed".into());
+        }
+    }
+    let elapsed = started.elapsed();
+    let arrived = reader.drain(n, Duration::from_secs(60)).await;
+    if arrived != n {
+        return Err(format!("{arrived} of {n} bare publishes arrived").into());
+    }
+    figure("limit.bare_rate", rate(n, elapsed), "msgs/s");
+    connection.close(200, "done".into()).await?;
+    reader.close().await;
     Ok(())
 }
 
@@ -581,12 +706,14 @@ pub struct WorkerArgs {
 
 /// Runs this program as a worker process and returns its figures (`name value` pairs).
 async fn run_worker(
+    settings: &Settings,
     scenario: &str,
     n: usize,
     args: &WorkerArgs,
 ) -> Result<HashMap<String, f64>, BoxError> {
     let mut command = tokio::process::Command::new(std::env::current_exe()?);
     command.args([scenario, "--n", &n.to_string()]);
+    command.args(["--transport", settings.transport.name()]);
     let options = [
         ("--database-url", args.database_url.clone()),
         ("--destination", args.destination.clone()),
@@ -899,6 +1026,7 @@ pub async fn consume(settings: &Settings, n: usize) -> Result<(), BoxError> {
             "consume{suffix}: {m} messages, prefetch {prefetch:?}, in flight {in_flight:?}, group size {group_size:?}"
         ));
         let figures = run_worker(
+            settings,
             "consume-worker",
             m,
             &WorkerArgs {

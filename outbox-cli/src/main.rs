@@ -17,7 +17,7 @@ use std::time::Duration;
 use chrono::SecondsFormat;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use outbox::ops::{self, DeadLetter, Purge, PurgeStatus, Retry, StatusReport};
-use outbox::transport::{StompTransport, TransportError};
+use outbox::transport::TransportError;
 use outbox::{Error, OutboxConfig};
 use sea_orm::DatabaseConnection;
 use uuid::Uuid;
@@ -538,8 +538,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Dlq(DlqCommand::List(args)) => {
-            let broker = StompTransport::new(&config).map_err(Error::from)?;
-            let found = ops::dlq_list(&broker, &args.queue, usize::from(args.limit)).await?;
+            let broker = outbox::transport::from_config(&config)?;
+            let found =
+                ops::dlq_list(broker.as_ref(), &args.queue, usize::from(args.limit)).await?;
             if args.json {
                 let json: Vec<serde_json::Value> = found.iter().map(dead_letter_json).collect();
                 let json = serde_json::to_string_pretty(&json)
@@ -551,9 +552,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Dlq(DlqCommand::Replay(args)) => {
-            let broker = StompTransport::new(&config).map_err(Error::from)?;
+            let broker = outbox::transport::from_config(&config)?;
             let limit = args.limit.map(usize::from);
-            let report = ops::dlq_replay(&broker, &args.queue, limit).await?;
+            let report = ops::dlq_replay(broker.as_ref(), &args.queue, limit).await?;
             println!(
                 "{} messages moved from DLQ.{} back to {}",
                 report.replayed, args.queue, args.queue
@@ -567,10 +568,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Declare(args) => {
-            let broker = StompTransport::new(&config).map_err(Error::from)?;
+            let broker = outbox::transport::from_config(&config)?;
             let topology =
                 outbox::Topology::new(&config, &args.destination, args.queue.as_deref())?;
-            topology.declare(&broker).await?;
+            topology.declare(broker.as_ref()).await?;
             println!(
                 "declared {} (bound to {}) and its dead-letter queue {}",
                 topology.queue(),
@@ -717,6 +718,13 @@ fn print_status(report: &StatusReport) {
                 "      {}",
                 row.last_error.as_deref().unwrap_or("(no reason recorded)")
             );
+        }
+    }
+    if !report.unroutable.is_empty() {
+        println!();
+        println!("unroutable rows (no queue is bound to their destination; they wait for one):");
+        for (destination, rows) in &report.unroutable {
+            println!("  {destination}  {rows}");
         }
     }
     if report.blocked_key_count > 0 {

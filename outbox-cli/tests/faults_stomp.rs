@@ -422,6 +422,18 @@ async fn charged_rows(db: &sea_orm::DatabaseConnection) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "raises a RabbitMQ memory alarm, which blocks every publisher on the broker: .ci/run runs it alone, after the main tests"]
 async fn broker_blocked_by_a_memory_alarm_charges_nothing_stops_and_resumes() {
+    broker_blocked(false).await;
+}
+
+/// The same over AMQP 0-9-1: the broker's `connection.blocked` stops the relay's publishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "raises a RabbitMQ memory alarm, which blocks every publisher on the broker: .ci/run runs it alone, after the main tests"]
+async fn broker_blocked_over_amqp_charges_nothing_stops_and_resumes() {
+    broker_blocked(true).await;
+}
+
+/// The relay (over AMQP when `amqp`) under a memory alarm.
+async fn broker_blocked(amqp: bool) {
     let started = Instant::now();
     let n = 600;
     let receipt_timeout = Duration::from_secs(5);
@@ -449,6 +461,7 @@ async fn broker_blocked_by_a_memory_alarm_charges_nothing_stops_and_resumes() {
             .arg("publish")
             .env("DATABASE_URL", &test.url)
             .env("OUTBOX_STOMP_HOST_AND_PORTS", RABBITMQ_STOMP)
+            .envs(amqp.then_some(("OUTBOX_BROKER_URL", AMQP_URL)))
             .env(
                 "OUTBOX_RECEIPT_TIMEOUT",
                 receipt_timeout.as_secs().to_string(),
@@ -532,7 +545,11 @@ async fn broker_blocked_by_a_memory_alarm_charges_nothing_stops_and_resumes() {
     let counted = count(&expected, &effect_counts(&test.db).await);
     let wire_duplicates = wire.duplicates(&expected).await;
     summary(
-        "broker_blocked",
+        if amqp {
+            "broker_blocked_amqp"
+        } else {
+            "broker_blocked"
+        },
         &counted,
         wire_duplicates,
         &format!(

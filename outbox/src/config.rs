@@ -42,6 +42,17 @@ impl fmt::Debug for Secret {
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct OutboxConfig {
+    /// The AMQP 0-9-1 broker URLs, tried in order (`OUTBOX_BROKER_URL=amqp://user:pass@host:5672/vhost`,
+    /// `amqps://` for TLS, comma-separated for failover). Empty (the default): the STOMP
+    /// transport, from the `stomp_*` settings. Set, it selects the AMQP transport (the `amqp`
+    /// feature) and carries the address, user, password and vhost, so the `stomp_*` settings of
+    /// those must stay at their defaults; the TLS files and heartbeats apply to it as to STOMP.
+    /// Kept out of `Debug` output: the URLs hold the password.
+    pub broker_url: Vec<Secret>,
+    /// What the relay does with a message that no queue takes (an AMQP `basic.return`):
+    /// `OUTBOX_UNROUTABLE=retry` (the default: it waits, without spending a retry, until a queue
+    /// is bound or it expires), `fail` or `drop`.
+    pub unroutable: Unroutable,
     /// Broker addresses, tried in order (`OUTBOX_STOMP_HOST_AND_PORTS=host1:61613,host2:61613`).
     pub stomp_host_and_ports: Vec<(String, u16)>,
     /// The virtual host, sent as the CONNECT `host` header. Default `/`.
@@ -129,6 +140,8 @@ pub struct OutboxConfig {
 impl Default for OutboxConfig {
     fn default() -> Self {
         Self {
+            broker_url: Vec::new(),
+            unroutable: Unroutable::Retry,
             stomp_host_and_ports: vec![("127.0.0.1".into(), 61613)],
             stomp_vhost: "/".into(),
             stomp_username: "guest".into(),
@@ -204,6 +217,8 @@ impl OutboxConfig {
         };
         let value = raw.trim();
         match name {
+            "OUTBOX_BROKER_URL" => self.broker_url = parse_broker_urls(value).map_err(bad)?,
+            "OUTBOX_UNROUTABLE" => self.unroutable = value.parse().map_err(bad)?,
             "OUTBOX_STOMP_HOST_AND_PORTS" => {
                 self.stomp_host_and_ports = parse_hosts(value).map_err(bad)?
             }
@@ -295,6 +310,7 @@ impl OutboxConfig {
                 "no broker address".into(),
             ));
         }
+        self.validate_broker_url()?;
         for (variable, value, range) in self.duration_settings() {
             range.check(variable, value)?;
         }
@@ -329,6 +345,88 @@ impl OutboxConfig {
             ));
         }
         Ok(())
+    }
+
+    /// `broker_url` against the settings it replaces: one scheme for all its URLs, and no
+    /// `OUTBOX_STOMP_*` address, login or vhost beside it (which of the two would win is not
+    /// something to guess at start).
+    fn validate_broker_url(&self) -> Result<(), Error> {
+        let Some(first) = self.broker_url.first() else {
+            return Ok(());
+        };
+        let bad = |variable: &str, reason: String| Error::Config {
+            variable: variable.to_owned(),
+            value: String::new(),
+            reason,
+        };
+        let shown = self.broker_urls_redacted();
+        for url in &self.broker_url {
+            check_broker_url(url.expose()).map_err(|reason| Error::Config {
+                variable: "OUTBOX_BROKER_URL".into(),
+                value: shown.clone(),
+                reason,
+            })?;
+        }
+        let tls = first.expose().starts_with("amqps://");
+        if self
+            .broker_url
+            .iter()
+            .any(|url| url.expose().starts_with("amqps://") != tls)
+        {
+            return Err(Error::Config {
+                variable: "OUTBOX_BROKER_URL".into(),
+                value: shown,
+                reason: "mixes amqp:// and amqps:// URLs: use one scheme for every address".into(),
+            });
+        }
+        let defaults = OutboxConfig::default();
+        let replaced = [
+            (
+                "OUTBOX_STOMP_HOST_AND_PORTS",
+                self.stomp_host_and_ports != defaults.stomp_host_and_ports,
+            ),
+            (
+                "OUTBOX_STOMP_VHOST",
+                self.stomp_vhost != defaults.stomp_vhost,
+            ),
+            (
+                "OUTBOX_STOMP_USERNAME",
+                self.stomp_username != defaults.stomp_username,
+            ),
+            (
+                "OUTBOX_STOMP_PASSCODE",
+                self.stomp_passcode != defaults.stomp_passcode,
+            ),
+        ];
+        if let Some((variable, _)) = replaced.iter().find(|(_, set)| *set) {
+            return Err(bad(
+                variable,
+                "contradicts OUTBOX_BROKER_URL, which carries the broker's address, user, \
+                 password and vhost: set one or the other"
+                    .into(),
+            ));
+        }
+        if self.stomp_use_ssl && !tls {
+            return Err(bad(
+                "OUTBOX_STOMP_USE_SSL",
+                "asks for TLS but OUTBOX_BROKER_URL is amqp://: use amqps:// URLs".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// `broker_url` as it may be shown: comma-separated, every password replaced by `***`.
+    pub fn broker_urls_redacted(&self) -> String {
+        self.broker_url
+            .iter()
+            .map(|url| redact_credentials(url.expose()))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Whether these settings select the AMQP transport (`OUTBOX_BROKER_URL` is set).
+    pub fn uses_amqp(&self) -> bool {
+        !self.broker_url.is_empty()
     }
 
     /// The durations, with their variables and ranges.
@@ -522,6 +620,66 @@ fn shown_value(name: &str, raw: &str) -> String {
     }
 }
 
+/// What the relay does with a message that no queue takes ([`OutboxConfig::unroutable`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unroutable {
+    /// Keep it waiting, on a backoff of its own that spends no retry, until a queue is bound
+    /// or it expires.
+    Retry,
+    /// Mark it FAILED at once.
+    Fail,
+    /// Mark it sent, as the STOMP transport does (the broker dropped it).
+    Drop,
+}
+
+impl FromStr for Unroutable {
+    type Err = String;
+
+    fn from_str(value: &str) -> Result<Self, String> {
+        match value.to_ascii_lowercase().as_str() {
+            "retry" => Ok(Unroutable::Retry),
+            "fail" => Ok(Unroutable::Fail),
+            "drop" => Ok(Unroutable::Drop),
+            _ => Err("expected retry, fail or drop".into()),
+        }
+    }
+}
+
+fn parse_broker_urls(value: &str) -> Result<Vec<Secret>, String> {
+    let urls: Vec<Secret> = value
+        .split(',')
+        .map(str::trim)
+        .filter(|entry| !entry.is_empty())
+        .map(Secret::new)
+        .collect();
+    for url in &urls {
+        check_broker_url(url.expose())?;
+    }
+    Ok(urls)
+}
+
+/// The shape of one broker URL: `amqp://` or `amqps://`, with a host. (The transport parses
+/// the rest, and says what it refuses, when it is built.)
+fn check_broker_url(url: &str) -> Result<(), String> {
+    let rest = url
+        .strip_prefix("amqps://")
+        .or_else(|| url.strip_prefix("amqp://"))
+        .ok_or_else(|| {
+            format!(
+                "`{}` is not an amqp:// or amqps:// URL",
+                redact_credentials(url)
+            )
+        })?;
+    let authority = rest.split(['/', '?']).next().unwrap_or_default();
+    let host = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    if host.is_empty() || host.starts_with(':') {
+        return Err(format!("`{}` has no host", redact_credentials(url)));
+    }
+    Ok(())
+}
+
 fn parse_hosts(value: &str) -> Result<Vec<(String, u16)>, String> {
     value
         .split(',')
@@ -704,6 +862,71 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn a_broker_url_selects_amqp_and_refuses_what_contradicts_it() {
+        let c = OutboxConfig::from_vars(vars(&[(
+            "OUTBOX_BROKER_URL",
+            "amqp://app:S3cret-pw@a:5672/prod, amqp://app:S3cret-pw@b:5672/prod",
+        )]))
+        .unwrap();
+        assert!(c.uses_amqp());
+        assert_eq!(c.broker_url.len(), 2);
+        assert_eq!(
+            c.broker_urls_redacted(),
+            "amqp://app:***@a:5672/prod,amqp://app:***@b:5672/prod"
+        );
+        assert!(!format!("{c:?}").contains("S3cret-pw"));
+        assert!(!OutboxConfig::default().uses_amqp());
+
+        let refused = |pairs: &[(&str, &str)]| {
+            let err = OutboxConfig::from_vars(vars(pairs))
+                .unwrap_err()
+                .to_string();
+            assert!(!err.contains("S3cret-pw"), "{err}");
+            err
+        };
+        let url = ("OUTBOX_BROKER_URL", "amqp://app:S3cret-pw@a:5672/prod");
+        for (variable, value) in [
+            ("OUTBOX_STOMP_HOST_AND_PORTS", "b:61613"),
+            ("OUTBOX_STOMP_USERNAME", "other"),
+            ("OUTBOX_STOMP_PASSCODE", "other"),
+            ("OUTBOX_STOMP_VHOST", "other"),
+            ("OUTBOX_STOMP_USE_SSL", "true"),
+        ] {
+            let err = refused(&[url, (variable, value)]);
+            assert!(err.contains(variable), "{err}");
+        }
+        let err = refused(&[(
+            "OUTBOX_BROKER_URL",
+            "amqp://app:S3cret-pw@a:5672/,amqps://app:S3cret-pw@b:5671/",
+        )]);
+        assert!(err.contains("mixes"), "{err}");
+        let err = refused(&[("OUTBOX_BROKER_URL", "stomp://app:S3cret-pw@a:61613")]);
+        assert!(err.contains("OUTBOX_BROKER_URL"), "{err}");
+        let err = refused(&[("OUTBOX_BROKER_URL", "amqp://app:S3cret-pw@/vhost")]);
+        assert!(err.contains("no host"), "{err}");
+        // TLS with amqps:// is consistent.
+        OutboxConfig::from_vars(vars(&[
+            ("OUTBOX_BROKER_URL", "amqps://app:S3cret-pw@a:5671/"),
+            ("OUTBOX_STOMP_USE_SSL", "true"),
+        ]))
+        .unwrap();
+    }
+
+    #[test]
+    fn the_unroutable_policy_is_read() {
+        assert_eq!(OutboxConfig::default().unroutable, Unroutable::Retry);
+        for (value, policy) in [
+            ("retry", Unroutable::Retry),
+            ("FAIL", Unroutable::Fail),
+            ("drop", Unroutable::Drop),
+        ] {
+            let c = OutboxConfig::from_vars(vars(&[("OUTBOX_UNROUTABLE", value)])).unwrap();
+            assert_eq!(c.unroutable, policy);
+        }
+        assert!(OutboxConfig::from_vars(vars(&[("OUTBOX_UNROUTABLE", "keep")])).is_err());
     }
 
     #[test]

@@ -38,7 +38,7 @@ pub use topology::{Topology, declare};
 use crate::payload::BoxError;
 use crate::producer::Backoff;
 use crate::shutdown::Stoppable;
-use crate::transport::{Delivery, StompTransport, Transport, TransportError};
+use crate::transport::{Delivery, Transport, TransportError};
 use crate::{Error, OutboxConfig, Payload};
 use dispatch::{Callback, Dispatcher};
 use group::Groups;
@@ -294,7 +294,7 @@ impl ConsumerBuilder {
         )?;
         let transport = match self.transport {
             Some(transport) => transport,
-            None => Arc::new(StompTransport::new(&config)?),
+            None => crate::transport::from_config(&config)?,
         };
         Ok(Consumer {
             db: self.db,

@@ -14,6 +14,8 @@
 //! | `outbox_messages_failed_total` | counter | `destination` | refused messages whose last attempt this was: their rows are now FAILED |
 //! | `outbox_messages_expired_total` | counter | | rows marked FAILED because they were not sent before their `expires_at` |
 //! | `outbox_messages_released_total` | counter | | claimed rows given back unsent because the broker connection failed (no attempt spent) |
+//! | `outbox_messages_unroutable_total` | counter | `destination` | messages the broker returned because no queue is bound to their destination (AMQP, `mandatory`); with `OUTBOX_UNROUTABLE=retry` their rows wait and no attempt is spent |
+//! | `outbox_messages_nacked_total` | counter | | messages the broker could not take (AMQP `basic.nack`): given back with a pause, no attempt spent |
 //! | `outbox_relay_batch_size` | histogram | | rows claimed per relay batch |
 //! | `outbox_relay_batch_duration_seconds` | histogram | | time to claim, send and settle one batch |
 //! | `outbox_pending_messages` | gauge | | rows waiting to be sent (status SCHEDULE), sampled by each relay every 10 s |
@@ -72,6 +74,10 @@ pub const MESSAGES_FAILED: &str = "outbox_messages_failed_total";
 pub const MESSAGES_EXPIRED: &str = "outbox_messages_expired_total";
 /// Claimed rows given back after a broker connection failure.
 pub const MESSAGES_RELEASED: &str = "outbox_messages_released_total";
+/// Counter: messages returned because no queue is bound to their destination, by destination.
+pub const MESSAGES_UNROUTABLE: &str = "outbox_messages_unroutable_total";
+/// Counter: messages the broker nacked (back-pressure), given back without an attempt spent.
+pub const MESSAGES_NACKED: &str = "outbox_messages_nacked_total";
 /// Rows per relay batch.
 pub const RELAY_BATCH_SIZE: &str = "outbox_relay_batch_size";
 /// Seconds per relay batch.
@@ -149,6 +155,16 @@ pub fn describe() {
         MESSAGES_RELEASED,
         Unit::Count,
         "Claimed rows given back unsent because the broker connection failed"
+    );
+    describe_counter!(
+        MESSAGES_UNROUTABLE,
+        Unit::Count,
+        "Messages the broker returned because no queue is bound to their destination, by destination"
+    );
+    describe_counter!(
+        MESSAGES_NACKED,
+        Unit::Count,
+        "Messages the broker nacked (back-pressure), given back without spending an attempt"
     );
     describe_histogram!(
         RELAY_BATCH_SIZE,
@@ -232,6 +248,16 @@ pub(crate) fn refused(destination: &str, given_up: bool) {
 /// Counts rows given back after a connection failure.
 pub(crate) fn released(rows: usize) {
     counter!(MESSAGES_RELEASED).increment(rows as u64);
+}
+
+/// Counts a message returned because no queue is bound to its destination.
+pub(crate) fn unroutable(destination: &str) {
+    counter!(MESSAGES_UNROUTABLE, "destination" => destination.to_owned()).increment(1);
+}
+
+/// Counts messages the broker nacked.
+pub(crate) fn nacked(rows: usize) {
+    counter!(MESSAGES_NACKED).increment(rows as u64);
 }
 
 /// Counts rows that expired unsent.

@@ -226,23 +226,30 @@ impl MigrationTrait for AdoptDjangoTables {
     /// `published` and `received`, and those are Django's tables. The error says how to take the
     /// adoption back by hand.
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        if manager.get_database_backend() != DbBackend::Postgres
-            || !manager.has_table("django_migrations").await?
-        {
-            return Ok(());
-        }
-        Err(DbErr::Migration(format!(
-            "{}: refusing to migrate an adopted django-outbox-pattern database down: the next \
-             migration down would drop Django's `published` and `received` tables. To take the \
-             adoption back by hand: {}",
-            self.name(),
-            UNDO_ADOPTION.join("; ")
-        )))
+        refuse_down_if_adopted(manager, self.name()).await
     }
 
     fn use_transaction(&self) -> Option<bool> {
         Some(true)
     }
+}
+
+/// Refuses to migrate an adopted django-outbox-pattern database down (PostgreSQL with Django's
+/// `django_migrations`): the migrations down would end by dropping Django's `published` and
+/// `received` tables. Every migration after the adoption checks it first, so that a refused
+/// `migrate down` changes nothing at all.
+async fn refuse_down_if_adopted(manager: &SchemaManager<'_>, name: &str) -> Result<(), DbErr> {
+    if manager.get_database_backend() != DbBackend::Postgres
+        || !manager.has_table("django_migrations").await?
+    {
+        return Ok(());
+    }
+    Err(DbErr::Migration(format!(
+        "{name}: refusing to migrate an adopted django-outbox-pattern database down: the \
+         migrations down would drop Django's `published` and `received` tables. To take the \
+         adoption back by hand: {}",
+        UNDO_ADOPTION.join("; ")
+    )))
 }
 
 /// Adds per-key ordering to `published`: a nullable `msg_key` (the ordering key, `NULL` for a
@@ -327,6 +334,7 @@ impl MigrationTrait for AddMessageKeys {
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        refuse_down_if_adopted(manager, self.name()).await?;
         let statements: &[&str] = match manager.get_database_backend() {
             DbBackend::Postgres => &KEYS_POSTGRES_DOWN,
             DbBackend::MySql => &KEYS_MYSQL_DOWN,
@@ -476,6 +484,7 @@ impl MigrationTrait for NotifyIdleRelaysOnly {
         if manager.get_database_backend() != DbBackend::Postgres {
             return Ok(());
         }
+        refuse_down_if_adopted(manager, self.name()).await?;
         let db = manager.get_connection();
         db.execute_unprepared(CREATE_NOTIFY_FUNCTION).await?;
         db.execute_unprepared(DROP_IDLE_RELAY_TABLE).await?;

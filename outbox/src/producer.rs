@@ -40,9 +40,10 @@ use tokio::sync::{Notify, RwLock};
 use tracing::Instrument;
 use uuid::Uuid;
 
+use crate::Unroutable;
 use crate::published::Model as Row;
 use crate::shutdown::Stoppable;
-use crate::transport::{Outcome, Outgoing, StompTransport, Transport, TransportError, Unknown};
+use crate::transport::{Outcome, Outgoing, Transport, TransportError, Unknown};
 use crate::{Error, OutboxConfig, headers, retention, wake};
 
 /// The PostgreSQL channel the outbox table's trigger notifies at every commit that inserted rows.
@@ -139,8 +140,8 @@ impl ProducerBuilder {
         let (transport, isolation) = match self.transport {
             Some(transport) => (transport, self.isolation),
             None => {
-                let transport: Arc<dyn Transport> = Arc::new(StompTransport::new(&config)?);
-                let isolation: Arc<dyn Transport> = Arc::new(StompTransport::new(&config)?);
+                let transport = crate::transport::from_config(&config)?;
+                let isolation = crate::transport::from_config(&config)?;
                 (transport, self.isolation.or(Some(isolation)))
             }
         };
@@ -215,8 +216,11 @@ pub struct RoundReport {
     pub sent: usize,
     /// Rows the broker refused (a retry spent, or FAILED).
     pub refused: usize,
-    /// Rows given back untouched (connection problem).
+    /// Rows given back untouched (connection problem, or the broker's back-pressure).
     pub released: usize,
+    /// Rows whose message no queue took (AMQP): kept waiting, dropped or failed as
+    /// `OUTBOX_UNROUTABLE` says.
+    pub unroutable: usize,
 }
 
 impl std::ops::AddAssign for RoundReport {
@@ -225,6 +229,7 @@ impl std::ops::AddAssign for RoundReport {
         self.sent += other.sent;
         self.refused += other.refused;
         self.released += other.released;
+        self.unroutable += other.unroutable;
     }
 }
 
@@ -484,9 +489,13 @@ impl Producer {
         let mut sent = Vec::new();
         let mut released = Vec::new();
         let mut release_reason = None;
+        let mut unroutable = Vec::new();
+        let mut nacked = Vec::new();
         for (row, outcome) in rows.into_iter().zip(result.outcomes) {
             match outcome {
                 Outcome::Receipted => sent.push(row),
+                Outcome::Unroutable(reply) => unroutable.push((row, reply)),
+                Outcome::Nacked => nacked.push(row),
                 Outcome::Refused(why) => {
                     self.refuse(&row, token, &why.to_string()).await?;
                     settled.report.refused += 1;
@@ -522,6 +531,8 @@ impl Producer {
         if let Some(why) = release_reason {
             settled.report.released += self.release(&released, token, &why).await?;
         }
+        settled.report += self.unroutable(unroutable, token).await?;
+        settled.report.released += self.nacked(&nacked, token).await?;
         Ok(settled)
     }
 
@@ -581,12 +592,23 @@ impl Producer {
             let outcomes = transport.send(&frames).await.outcomes;
             let mut back = Vec::new();
             let mut back_reason = None;
+            let mut unroutable = Vec::new();
+            let mut nacked = Vec::new();
             for (row, outcome) in group.into_iter().zip(outcomes) {
                 match outcome {
                     Outcome::Receipted => {
                         self.clear_suspect(&row);
                         proven.insert(row.destination.clone());
                         sent.push(row);
+                    }
+                    Outcome::Unroutable(reply) => {
+                        // Taken by the broker, so not at fault: no longer a suspect.
+                        self.clear_suspect(&row);
+                        unroutable.push((row, reply));
+                    }
+                    Outcome::Nacked => {
+                        self.clear_suspect(&row);
+                        nacked.push(row);
                     }
                     Outcome::Unknown(unknown) if together && unknown.reason.is_broker_refusal() => {
                         // One of the group is at fault: each goes alone now.
@@ -617,6 +639,8 @@ impl Producer {
                     }
                 }
             }
+            report += self.unroutable(unroutable, lease.token).await?;
+            report.released += self.nacked(&nacked, lease.token).await?;
             if let Some(reason) = back_reason {
                 back.append(&mut rest);
                 report.released += self.release(&back, lease.token, &reason).await?;
@@ -717,6 +741,83 @@ impl Producer {
         Ok(rows.len())
     }
 
+    /// Settles the rows whose message no queue took, as `OUTBOX_UNROUTABLE` says: kept waiting
+    /// (a pause of their own, no retry spent, `last_error` saying why), marked FAILED, or marked
+    /// sent (dropped, as over STOMP).
+    async fn unroutable(
+        &self,
+        rows: Vec<(Row, String)>,
+        token: Uuid,
+    ) -> Result<RoundReport, Error> {
+        let mut report = RoundReport::default();
+        if rows.is_empty() {
+            return Ok(report);
+        }
+        report.unroutable = rows.len();
+        let mut dropped = Vec::new();
+        for (row, reply) in rows {
+            crate::metrics::unroutable(&row.destination);
+            let reason = unroutable_error(&row.destination, &reply);
+            match self.config.unroutable {
+                Unroutable::Retry => {
+                    let age = (chrono::Utc::now() - row.added)
+                        .to_std()
+                        .unwrap_or_default();
+                    let pause = store::unroutable_pause(age, self.config.maximum_backoff);
+                    tracing::warn!(
+                        message_id = %row.id,
+                        destination = %row.destination,
+                        correlation_id = row.correlation_id(),
+                        outcome = "unroutable",
+                        retry_in = ?pause,
+                        "{reason}"
+                    );
+                    store::release_after(&self.db, &[row.id], token, pause, Some(&reason)).await?;
+                }
+                Unroutable::Fail => {
+                    tracing::error!(
+                        message_id = %row.id,
+                        destination = %row.destination,
+                        correlation_id = row.correlation_id(),
+                        outcome = "failed",
+                        "{reason}; marked FAILED (OUTBOX_UNROUTABLE=fail)"
+                    );
+                    store::record_refusal(&self.db, &row, token, &store::Refusal::Failed, &reason)
+                        .await?;
+                }
+                Unroutable::Drop => {
+                    tracing::warn!(
+                        message_id = %row.id,
+                        destination = %row.destination,
+                        correlation_id = row.correlation_id(),
+                        outcome = "dropped",
+                        "{reason}; dropped (OUTBOX_UNROUTABLE=drop)"
+                    );
+                    dropped.push(row.id);
+                }
+            }
+        }
+        store::mark_sent(&self.db, &dropped, token).await?;
+        Ok(report)
+    }
+
+    /// Gives back the rows the broker nacked (back-pressure), after a pause, charging nothing.
+    async fn nacked(&self, rows: &[Row], token: Uuid) -> Result<usize, Error> {
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        crate::metrics::nacked(rows.len());
+        for row in rows {
+            let age = (chrono::Utc::now() - row.added)
+                .to_std()
+                .unwrap_or_default();
+            let pause = store::unroutable_pause(age, self.config.maximum_backoff);
+            tracing::warn!(message_id = %row.id, destination = %row.destination, retry_in = ?pause, "the broker could not take the message now (basic.nack); given back without spending a retry");
+            store::release_after(&self.db, &[row.id], token, pause, None).await?;
+        }
+        Ok(rows.len())
+    }
+
     async fn refuse(&self, row: &Row, token: Uuid, reason: &str) -> Result<(), Error> {
         self.clear_suspect(row);
         let failures = u32::try_from(row.retry).unwrap_or(0).saturating_add(1);
@@ -810,6 +911,17 @@ struct Settled {
 const PASSED_OVER: &str = "not receipted while later messages on the connection were: ";
 
 /// The `last_error` of a row the broker passed over silently.
+/// The `last_error` of a row whose message no queue took: names the destination, and says
+/// "no queue is bound to it" (which `outbox status` looks for).
+pub(crate) fn unroutable_error(destination: &str, reply: &str) -> String {
+    format!(
+        "unroutable: the broker returned the message sent to `{destination}` ({reply}): {UNROUTABLE_MARK}; it waits for one without spending a retry"
+    )
+}
+
+/// The words of an unroutable row's `last_error` that `outbox status` counts by.
+pub(crate) const UNROUTABLE_MARK: &str = "no queue is bound to it";
+
 fn passed_over(reason: &TransportError) -> String {
     format!("{PASSED_OVER}{reason}")
 }

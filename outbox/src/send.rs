@@ -6,11 +6,13 @@
 use serde::Serialize;
 use tokio::sync::OnceCell;
 
-use crate::transport::{Outgoing, StompTransport, Transport, TransportError};
+use std::sync::Arc;
+
+use crate::transport::{Outcome, Outgoing, Transport, TransportError};
 use crate::{Error, OutboxConfig};
 
 /// The process's broker connection for [`send`], made on first use from the environment.
-static DIRECT: OnceCell<StompTransport> = OnceCell::const_new();
+static DIRECT: OnceCell<Arc<dyn Transport>> = OnceCell::const_new();
 
 /// Headers that belong to the frame, set by the transport; a caller's value for them is ignored.
 const FRAME_HEADERS: &[&str] = &["destination", "content-length", "receipt", "transaction"];
@@ -39,11 +41,9 @@ pub async fn send<B: Serialize + ?Sized>(
     headers: &[(&str, &str)],
 ) -> Result<(), Error> {
     let transport = DIRECT
-        .get_or_try_init(|| async {
-            Ok::<_, Error>(StompTransport::new(&OutboxConfig::from_env()?)?)
-        })
+        .get_or_try_init(|| async { crate::transport::from_config(&OutboxConfig::from_env()?) })
         .await?;
-    send_with(transport, destination, body, headers).await
+    send_with(transport.as_ref(), destination, body, headers).await
 }
 
 /// [`send`] through the given transport.
@@ -59,9 +59,21 @@ pub async fn send_with<B: Serialize + ?Sized>(
         tracing::debug!(destination, "message sent directly");
         return Ok(());
     }
-    Err(Error::Transport(report.failure().cloned().unwrap_or_else(
-        || TransportError::ConnectionLost("no receipt".into()),
-    )))
+    let error = match report.outcomes.first() {
+        Some(Outcome::Unroutable(reply)) => TransportError::Broker {
+            message: format!("no queue is bound to `{destination}`"),
+            detail: format!("the broker returned the message ({reply})"),
+        },
+        Some(Outcome::Nacked) => TransportError::Broker {
+            message: "the broker could not take the message (basic.nack)".into(),
+            detail: "try again later".into(),
+        },
+        _ => report
+            .failure()
+            .cloned()
+            .unwrap_or_else(|| TransportError::ConnectionLost("no receipt".into())),
+    };
+    Err(Error::Transport(error))
 }
 
 fn direct_message<B: Serialize + ?Sized>(

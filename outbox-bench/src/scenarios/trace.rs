@@ -166,6 +166,7 @@ async fn relay(settings: &Settings, n: usize) -> Result<(), BoxError> {
         txn.commit().await?;
         progress(&format!("trace: relay, {n} rows, traced: {traced}"));
         let figures = run_worker(
+            settings,
             "relay-worker",
             n,
             &WorkerArgs {
@@ -217,6 +218,7 @@ async fn consume(settings: &Settings, n: usize) -> Result<(), BoxError> {
         transport.disconnect().await?;
         progress(&format!("trace: consumer, {n} messages, traced: {traced}"));
         let figures = run_worker(
+            settings,
             "consume-worker",
             n,
             &WorkerArgs {

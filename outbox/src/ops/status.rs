@@ -114,6 +114,9 @@ pub struct StatusReport {
     pub destinations: Vec<DestinationStatus>,
     /// The latest FAILED rows, newest first.
     pub latest_failed: Vec<FailedRow>,
+    /// Waiting rows whose last attempt found no queue bound to their destination (AMQP), by
+    /// destination: `(destination, rows)`. They wait for a queue without spending retries.
+    pub unroutable: Vec<(String, u64)>,
     /// Ordering keys that a FAILED row blocks, by key (at most `failed_limit` of them).
     pub blocked_keys: Vec<BlockedKey>,
     /// How many keys a FAILED row blocks in all.
@@ -192,6 +195,22 @@ pub async fn status(db: &DatabaseConnection, failed_limit: u64) -> Result<Status
         })
         .collect();
 
+    let unroutable: Vec<(String, i64)> = Entity::find()
+        .select_only()
+        .column(Column::Destination)
+        .column_as(Expr::col(Column::Id).count(), "rows")
+        .filter(Column::Status.eq(Status::Schedule))
+        .filter(Column::LastError.contains(crate::producer::UNROUTABLE_MARK))
+        .group_by(Column::Destination)
+        .order_by_asc(Column::Destination)
+        .into_tuple()
+        .all(db)
+        .await?;
+    let unroutable = unroutable
+        .into_iter()
+        .map(|(destination, rows)| (destination, u64::try_from(rows).unwrap_or(0)))
+        .collect();
+
     let blocked = blocked_keys(db).await?;
     let blocked_key_count = blocked.len() as u64;
     let blocked_keys = blocked
@@ -227,6 +246,7 @@ pub async fn status(db: &DatabaseConnection, failed_limit: u64) -> Result<Status
         oldest_pending_age_seconds: age(oldest_pending),
         destinations,
         latest_failed,
+        unroutable,
         blocked_keys,
         blocked_key_count,
         received,

@@ -304,6 +304,38 @@ pub(crate) async fn release(
         .rows_affected())
 }
 
+/// Gives rows back to wait `pause` (by the database's clock) before their next attempt, with
+/// `error` as their `last_error`, spending no retry: for a message the broker returned (no queue
+/// bound) or nacked (back-pressure). `error` `None` keeps the rows' `last_error`.
+pub(crate) async fn release_after(
+    db: &DatabaseConnection,
+    ids: &[Uuid],
+    token: Uuid,
+    pause: Duration,
+    error: Option<&str>,
+) -> Result<u64, DbErr> {
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    let mut update = update_claimed(ids, token);
+    update.value(
+        Column::NextAttemptAt,
+        db_time(db.get_database_backend(), pause, true),
+    );
+    if let Some(error) = error {
+        update.value(Column::LastError, error.to_owned());
+    }
+    Ok(db.execute(&update).await?.rows_affected())
+}
+
+/// The pause before the next attempt of a row that no queue took, or that the broker nacked,
+/// `age` after it was written: half its age (so a row waiting for a queue is tried at
+/// geometrically spaced times, a few dozen attempts over a month), at least a second, at most
+/// `maximum_backoff`. No count is kept, so nothing of the row's retries is spent.
+pub(crate) fn unroutable_pause(age: Duration, maximum_backoff: Duration) -> Duration {
+    (age / 2).clamp(Duration::from_secs(1).min(maximum_backoff), maximum_backoff)
+}
+
 /// Extends the lease of the claimed rows `ids` that still hold `token` to `lease` from now (by
 /// the database's clock). Returns the ids that still hold it: the others were taken over by
 /// another relay after this one's lease ran out, and must not be sent by this one.
@@ -450,6 +482,22 @@ pub(crate) fn sent_before(backend: DbBackend, keep: Duration) -> Condition {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unroutable_row_waits_half_its_age_within_the_bounds() {
+        let max = Duration::from_secs(3600);
+        assert_eq!(
+            unroutable_pause(Duration::ZERO, max),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            unroutable_pause(Duration::from_secs(60), max),
+            Duration::from_secs(30)
+        );
+        assert_eq!(unroutable_pause(Duration::from_secs(86_400), max), max);
+        let tiny = Duration::from_millis(100);
+        assert_eq!(unroutable_pause(Duration::from_secs(60), tiny), tiny);
+    }
 
     #[test]
     fn the_retry_schedule_is_the_seed_s() {

@@ -35,6 +35,10 @@
 //!   [`TransportError::ReceiptTimeout`], `overtaken` when a later message on the connection was
 //!   receipted.
 //!
+//! With [`MemoryTransport::set_mandatory`] it answers as RabbitMQ answers the AMQP transport's
+//! `mandatory` publishes: a message that reaches no queue is [`Outcome::Unroutable`] instead of
+//! receipted and dropped.
+//!
 //! Clones share the broker and the connection; [`MemoryTransport::new_connection`] opens another
 //! client connection to the same broker, as a second process would.
 
@@ -146,6 +150,8 @@ struct Broker {
     discarded: Vec<String>,
     /// Publishers are blocked: frames wait on their connection, unread.
     blocked: bool,
+    /// Publishes are `mandatory` (AMQP): a message no queue takes is returned, not receipted.
+    mandatory: bool,
     /// How long after routing a message its receipt comes.
     receipt_delay: Duration,
     /// How long `send` waits for receipts; `None`: [`RECEIPT_TIMEOUT`].
@@ -174,7 +180,9 @@ struct Connection {
     last_receipted: u64,
 }
 
-type Waiter = oneshot::Sender<Result<(), TransportError>>;
+/// Answers a SEND: routed to a queue (`true`) or not (`false`, returned when mandatory), or why
+/// not receipted.
+type Waiter = oneshot::Sender<Result<bool, TransportError>>;
 
 struct Consumer {
     queue: String,
@@ -370,6 +378,13 @@ impl MemoryTransport {
         self.broker().discarded.push(destination_prefix.to_owned());
     }
 
+    /// `true`: publishes are `mandatory`, as the AMQP transport's: a message that reaches no
+    /// queue is answered [`Outcome::Unroutable`] (RabbitMQ's `basic.return` before the confirm)
+    /// instead of receipted and dropped. `false` (the default): STOMP's behaviour.
+    pub fn set_mandatory(&self, mandatory: bool) {
+        self.broker().mandatory = mandatory;
+    }
+
     /// Undoes every [`MemoryTransport::discard`].
     pub fn clear_discards(&self) {
         self.broker().discarded.clear();
@@ -455,7 +470,8 @@ impl Transport for MemoryTransport {
         let mut outcomes = Vec::with_capacity(messages.len());
         for (number, mut waiter) in waiters {
             let outcome = match tokio::time::timeout_at(deadline, &mut waiter).await {
-                Ok(Ok(Ok(()))) => Outcome::Receipted,
+                Ok(Ok(Ok(true))) => Outcome::Receipted,
+                Ok(Ok(Ok(false))) => Outcome::Unroutable("312 NO_ROUTE".to_owned()),
                 Ok(Ok(Err(error))) => Outcome::unknown(error),
                 Ok(Err(_)) => Outcome::unknown(lost()),
                 Err(_) => {
@@ -624,13 +640,16 @@ impl Broker {
         {
             return None;
         }
-        if let Err(error) = self.publish(message) {
-            tracing::debug!(destination = %message.destination, "memory broker refused a SEND");
-            self.close_connection_for(connection, error.clone());
-            return Some(error);
-        }
+        let routed = match self.publish(message) {
+            Ok(routed) => routed || !self.mandatory,
+            Err(error) => {
+                tracing::debug!(destination = %message.destination, "memory broker refused a SEND");
+                self.close_connection_for(connection, error.clone());
+                return Some(error);
+            }
+        };
         if self.receipt_delay.is_zero() {
-            self.receipt(connection, number);
+            self.receipt(connection, number, routed);
             return None;
         }
         let generation = self.connections.get(&connection).map(|c| c.generation)?;
@@ -643,19 +662,19 @@ impl Broker {
                 .get(&connection)
                 .is_some_and(|c| c.generation == generation)
             {
-                broker.receipt(connection, number);
+                broker.receipt(connection, number, routed);
             }
         });
         None
     }
 
     /// Sends the receipt of SEND `number`, if it is still pending.
-    fn receipt(&mut self, connection: u64, number: u64) {
+    fn receipt(&mut self, connection: u64, number: u64, routed: bool) {
         if let Some(open) = self.connections.get_mut(&connection)
             && let Some(waiter) = open.pending.remove(&number)
         {
             open.last_receipted = open.last_receipted.max(number);
-            let _ = waiter.send(Ok(()));
+            let _ = waiter.send(Ok(routed));
         }
     }
 
@@ -713,8 +732,9 @@ impl Broker {
         }
     }
 
-    /// Routes one SEND; an error is one RabbitMQ would close the connection with.
-    fn publish(&mut self, outgoing: &Outgoing) -> Result<(), TransportError> {
+    /// Routes one SEND: whether a queue took it; an error is one RabbitMQ would close the
+    /// connection with.
+    fn publish(&mut self, outgoing: &Outgoing) -> Result<bool, TransportError> {
         if self
             .refused
             .iter()
@@ -740,7 +760,9 @@ impl Broker {
                     body: outgoing.body.clone(),
                     redelivered: false,
                 };
-                self.route_topic(message);
+                let routed = self.route_topic(message);
+                self.sent.push(outgoing.clone());
+                Ok(routed)
             }
             Target::Queue { name, declare } => {
                 if declare {
@@ -759,15 +781,15 @@ impl Broker {
                     body: outgoing.body.clone(),
                     redelivered: false,
                 };
-                self.enqueue(&name, message);
+                let routed = self.enqueue(&name, message);
+                self.sent.push(outgoing.clone());
+                Ok(routed)
             }
         }
-        self.sent.push(outgoing.clone());
-        Ok(())
     }
 
     /// Copies a message into every queue bound to a matching key (none: it is dropped).
-    fn route_topic(&mut self, message: Message) {
+    fn route_topic(&mut self, message: Message) -> bool {
         let mut queues: Vec<String> = self
             .bindings
             .iter()
@@ -776,16 +798,21 @@ impl Broker {
             .collect();
         queues.sort();
         queues.dedup();
+        let routed = !queues.is_empty();
         for queue in queues {
             self.enqueue(&queue, message.clone());
         }
+        routed
     }
 
     /// Appends to a queue if it exists (the default exchange drops what has no queue).
-    fn enqueue(&mut self, queue: &str, message: Message) {
+    fn enqueue(&mut self, queue: &str, message: Message) -> bool {
         if let Some(q) = self.queues.get_mut(queue) {
             q.ready.push_back(message);
             self.dispatch(queue);
+            true
+        } else {
+            false
         }
     }
 
@@ -1001,7 +1028,9 @@ impl Broker {
                 let queue = message.routing_key.clone();
                 self.enqueue(&queue, message);
             }
-            "amq.topic" => self.route_topic(message),
+            "amq.topic" => {
+                self.route_topic(message);
+            }
             _ => {}
         }
     }
@@ -1269,6 +1298,38 @@ mod tests {
             TransportError::Broker { detail, .. } => detail,
             other => panic!("expected a broker error, got {other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn mandatory_publishes_that_reach_no_queue_are_unroutable() {
+        let broker = MemoryTransport::new();
+        let report = broker.send(&[message("/topic/nobody", "{}")]).await;
+        assert_eq!(
+            report.outcomes,
+            vec![Outcome::Receipted],
+            "STOMP: receipted, dropped"
+        );
+        broker.set_mandatory(true);
+        let report = broker
+            .send(&[
+                message("/topic/nobody", "{}"),
+                message("/amq/queue/missing", "{}"),
+                message("/queue/declared_by_send", "{}"),
+            ])
+            .await;
+        assert!(matches!(report.outcomes[0], Outcome::Unroutable(_)));
+        assert!(matches!(report.outcomes[1], Outcome::Unroutable(_)));
+        assert_eq!(report.outcomes[2], Outcome::Receipted);
+        let mut deliveries = broker
+            .subscribe(subscription(
+                "/topic/nobody",
+                "a",
+                &[("x-queue-name", "now")],
+            ))
+            .await
+            .unwrap();
+        send_ok(&broker, &[message("/topic/nobody", "{}")]).await;
+        assert_eq!(next(&mut deliveries).await.destination, "/topic/nobody");
     }
 
     #[tokio::test]

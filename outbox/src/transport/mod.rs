@@ -1,9 +1,13 @@
 //! The broker, behind a small trait: send with receipts, subscribe, ack, nack, unsubscribe.
 //!
-//! Two implementations: [`StompTransport`] (RabbitMQ's STOMP plugin, or any STOMP 1.2 broker) and
-//! [`MemoryTransport`] (in-process, for tests and for running without a broker). The relay and the
-//! consumer use only this trait, so a service's own tests can run them against memory.
+//! Three implementations: [`StompTransport`] (RabbitMQ's STOMP plugin, or any STOMP 1.2 broker),
+//! `AmqpTransport` (AMQP 0-9-1 with publisher confirms, the `amqp` feature: unroutable messages
+//! are kept rather than dropped) and [`MemoryTransport`] (in-process, for tests and for running
+//! without a broker). The relay and the consumer use only this trait, so a service's own tests
+//! can run them against memory. [`from_config`] builds the one the settings select.
 
+#[cfg(feature = "amqp")]
+mod amqp;
 mod memory;
 mod stomp;
 
@@ -11,8 +15,37 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
+#[cfg(feature = "amqp")]
+pub use amqp::{AmqpTransport, CONFIRM_WINDOW};
 pub use memory::MemoryTransport;
 pub use stomp::StompTransport;
+
+use std::sync::Arc;
+
+use crate::OutboxConfig;
+
+/// The transport the settings select: AMQP 0-9-1 when `OUTBOX_BROKER_URL` is set (which needs
+/// the `amqp` feature), else STOMP from the `OUTBOX_STOMP_*` settings. It connects on first use;
+/// the TLS files are read now, so a wrong path fails here. The relay, its isolation lane, the
+/// consumer, [`crate::send`] and the command line all build their transports with it.
+pub fn from_config(config: &OutboxConfig) -> Result<Arc<dyn Transport>, crate::Error> {
+    config.validate()?;
+    if config.uses_amqp() {
+        #[cfg(feature = "amqp")]
+        {
+            return Ok(Arc::new(AmqpTransport::new(config)?));
+        }
+        #[cfg(not(feature = "amqp"))]
+        {
+            return Err(crate::Error::Config {
+                variable: "OUTBOX_BROKER_URL".into(),
+                value: config.broker_urls_redacted(),
+                reason: "this build has no AMQP transport: enable the `amqp` feature of the outbox crate".into(),
+            });
+        }
+    }
+    Ok(Arc::new(StompTransport::new(config)?))
+}
 
 /// A message to send.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,14 +85,18 @@ impl Outgoing {
 /// | what happened | STOMP ([`StompTransport`]) | AMQP 0-9-1 (publisher confirms) |
 /// |---|---|---|
 /// | the broker holds the message | RECEIPT | `basic.ack` |
-/// | the broker refused it, and the refusal names it | (never: an ERROR names no receipt) | a check made before publishing (a passive `exchange.declare` that fails) |
+/// | no queue took it | (never said: RECEIPT, and the broker drops it) | [`Outcome::Unroutable`]: `basic.return` (the publish is `mandatory`), then `basic.ack` |
+/// | the broker could not take it now | (never said) | [`Outcome::Nacked`]: `basic.nack` (an internal error, a queue full with `reject-publish`) |
+/// | the broker refused it, and the refusal names it | (never: an ERROR names no receipt) | a check made before publishing (a passive `exchange.declare` that fails, a destination the STOMP plugin refuses) |
 /// | a refusal closed the connection while it was pending | `Unknown`, reason [`TransportError::Broker`], for every message pending on the connection | `channel.close` 404: the same, for every unconfirmed publish |
 /// | no answer in time, the connection lost | `Unknown`, reason `ReceiptTimeout` / `ConnectionLost` | the same |
 /// | the broker stopped reading (a memory or disk alarm) | `Unknown`, reason [`TransportError::Blocked`] once a write made no progress for the receipt timeout | the same, from `connection.blocked` |
 ///
-/// The enum is `#[non_exhaustive]`: a transport with more to say (an AMQP `basic.nack`, which is
-/// back-pressure and nobody's fault; a `basic.return`, which means no queue is bound) adds a
-/// variant rather than bending one of these.
+/// The relay marks a row sent on `Receipted`, charges a retry on `Refused` (and on a refusal it
+/// can pin on one row), keeps an `Unroutable` row waiting on a backoff of its own that spends no
+/// retry (`OUTBOX_UNROUTABLE`), and gives `Nacked` and the other `Unknown` rows back with no
+/// charge. The enum is `#[non_exhaustive]`: a transport with more to say adds a variant rather
+/// than bending one of these.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Outcome {
@@ -72,6 +109,15 @@ pub enum Outcome {
     /// Whether the broker took the message is not known: it may have been routed (and will be
     /// duplicated if sent again) or not.
     Unknown(Unknown),
+    /// The broker took the message but no queue did: nothing is bound to its exchange and
+    /// routing key (an AMQP `basic.return` of a `mandatory` publish). Not delivered to anyone;
+    /// sending it again once a queue is bound delivers it. The text is the broker's reply
+    /// (`312 NO_ROUTE`).
+    Unroutable(String),
+    /// The broker could not take the message now (an AMQP `basic.nack`: an internal error, or
+    /// a queue full with `x-overflow: reject-publish`). Back-pressure, nobody's fault: not
+    /// stored, safe to send again later.
+    Nacked,
 }
 
 /// The detail of an [`Outcome::Unknown`].
@@ -111,6 +157,7 @@ impl Outcome {
             Outcome::Receipted => None,
             Outcome::Refused(reason) => Some(reason),
             Outcome::Unknown(unknown) => Some(&unknown.reason),
+            Outcome::Unroutable(_) | Outcome::Nacked => None,
         }
     }
 }
@@ -142,7 +189,8 @@ impl SendReport {
         self.outcomes.iter().map(Outcome::is_receipted).collect()
     }
 
-    /// The first reason a message was not receipted, if one was not.
+    /// The first reason a message was not receipted, if one was not (an unroutable or nacked
+    /// message has no [`TransportError`]: see [`Outcome`]).
     pub fn failure(&self) -> Option<&TransportError> {
         self.outcomes.iter().find_map(Outcome::error)
     }

@@ -39,7 +39,7 @@ use crate::OutboxConfig;
 use framing::{FrameDecoder, Inbound, Undecodable};
 
 mod framing;
-mod tls;
+pub(crate) mod tls;
 
 /// Frames a caller may queue before the writer catches up: plenty for a pipelined batch.
 const WRITE_QUEUE: usize = 4096;

@@ -18,14 +18,14 @@ use crate::OutboxConfig;
 use crate::transport::TransportError;
 
 /// What a TLS connection is made with.
-pub(super) struct TlsSettings {
+pub(crate) struct TlsSettings {
     connector: TlsConnector,
     server_name: Option<String>,
 }
 
 impl TlsSettings {
     /// Reads the CA bundle, certificate and key named by `config`.
-    pub(super) fn from_config(config: &OutboxConfig) -> Result<Self, TransportError> {
+    pub(crate) fn from_config(config: &OutboxConfig) -> Result<Self, TransportError> {
         // Explicit provider: the process may link both of rustls's providers.
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut roots = RootCertStore::empty();
@@ -83,6 +83,12 @@ impl TlsSettings {
             connector: TlsConnector::from(Arc::new(client)),
             server_name: config.stomp_tls_server_name.clone(),
         })
+    }
+
+    /// The rustls client configuration (the AMQP transport runs its own handshake with it).
+    #[cfg(feature = "amqp")]
+    pub(crate) fn client_config(&self) -> Arc<ClientConfig> {
+        self.connector.config().clone()
     }
 
     /// The TLS handshake over `tcp` to `host` (or the configured server name).
