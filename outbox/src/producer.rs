@@ -772,7 +772,11 @@ impl Producer {
                         retry_in = ?pause,
                         "{reason}"
                     );
-                    store::release_after(&self.db, &[row.id], token, pause, Some(&reason)).await?;
+                    let ids = [row.id];
+                    store::again_on_conflict(|| {
+                        store::release_after(&self.db, &ids, token, pause, Some(&reason))
+                    })
+                    .await?;
                 }
                 Unroutable::Fail => {
                     tracing::error!(
@@ -782,8 +786,16 @@ impl Producer {
                         outcome = "failed",
                         "{reason}; marked FAILED (OUTBOX_UNROUTABLE=fail)"
                     );
-                    store::record_refusal(&self.db, &row, token, &store::Refusal::Failed, &reason)
-                        .await?;
+                    store::again_on_conflict(|| {
+                        store::record_refusal(
+                            &self.db,
+                            &row,
+                            token,
+                            &store::Refusal::Failed,
+                            &reason,
+                        )
+                    })
+                    .await?;
                 }
                 Unroutable::Drop => {
                     tracing::warn!(
@@ -797,7 +809,7 @@ impl Producer {
                 }
             }
         }
-        store::mark_sent(&self.db, &dropped, token).await?;
+        store::again_on_conflict(|| store::mark_sent(&self.db, &dropped, token)).await?;
         Ok(report)
     }
 
@@ -813,7 +825,9 @@ impl Producer {
                 .unwrap_or_default();
             let pause = store::unroutable_pause(age, self.config.maximum_backoff);
             tracing::warn!(message_id = %row.id, destination = %row.destination, retry_in = ?pause, "the broker could not take the message now (basic.nack); given back without spending a retry");
-            store::release_after(&self.db, &[row.id], token, pause, None).await?;
+            let ids = [row.id];
+            store::again_on_conflict(|| store::release_after(&self.db, &ids, token, pause, None))
+                .await?;
         }
         Ok(rows.len())
     }

@@ -154,6 +154,7 @@ fn database_error_is_conflict(err: &dyn sqlx::error::DatabaseError) -> bool {
         .try_downcast_ref::<sqlx::sqlite::SqliteError>()
         .is_some()
     {
+        // SQLITE_BUSY and SQLITE_LOCKED, with their extended codes (the low byte is the primary).
         return code
             .parse::<i32>()
             .is_ok_and(|code| matches!(code & 0xff, 5 | 6));
@@ -192,36 +193,23 @@ fn sqlx_is_transient(err: &sqlx::Error) -> bool {
     }
 }
 
-/// PostgreSQL SQLSTATE classes and codes, MySQL/MariaDB error numbers, SQLite result codes.
+/// PostgreSQL SQLSTATE classes and codes, MySQL/MariaDB error numbers, SQLite result codes: a
+/// conflict ([`database_error_is_conflict`]), or the connection or the server going away.
 #[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
 fn database_error_is_transient(err: &dyn sqlx::error::DatabaseError) -> bool {
+    if database_error_is_conflict(err) {
+        return true;
+    }
     #[cfg(feature = "mysql")]
     if let Some(mysql) = err.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
-        // Deadlock, lock wait timeout, too many connections, server shutdown, connection killed,
-        // server gone, connection lost.
-        return matches!(
-            mysql.number(),
-            1213 | 1205 | 1040 | 1053 | 1927 | 2006 | 2013
-        );
+        // Too many connections, server shutdown, connection killed, server gone, connection
+        // lost.
+        return matches!(mysql.number(), 1040 | 1053 | 1927 | 2006 | 2013);
     }
+    // PostgreSQL: connection exceptions (08), too many connections, the server shutting down or
+    // restarting (57P01-57P03).
     let code = err.code().unwrap_or_default();
-    #[cfg(feature = "sqlite")]
-    if err
-        .try_downcast_ref::<sqlx::sqlite::SqliteError>()
-        .is_some()
-    {
-        // SQLITE_BUSY and SQLITE_LOCKED, with their extended codes (the low byte is the primary).
-        return code
-            .parse::<i32>()
-            .is_ok_and(|code| matches!(code & 0xff, 5 | 6));
-    }
-    // PostgreSQL: connection exceptions (08), serialization failure, deadlock, too many
-    // connections, the server shutting down or restarting (57P01-57P03).
-    code.starts_with("08")
-        || matches!(
-            code.as_ref(),
-            "40001" | "40P01" | "53300" | "57P01" | "57P02" | "57P03"
-        )
+    code.starts_with("08") || matches!(code.as_ref(), "53300" | "57P01" | "57P02" | "57P03")
 }
 
 #[cfg(test)]
