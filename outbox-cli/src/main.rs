@@ -230,6 +230,11 @@ struct DeclareArgs {
     destination: String,
     /// Its queue (default: the destination's last `/` segment).
     queue: Option<String>,
+    /// Declare the queue with RabbitMQ's single active consumer (x-single-active-consumer), as
+    /// a consumer built with `.single_active_consumer()` does. Needs the AMQP transport
+    /// (OUTBOX_BROKER_URL).
+    #[arg(long)]
+    single_active_consumer: bool,
 }
 
 /// Exit code of an operation that failed: the database or the broker failed or refused.
@@ -569,8 +574,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Declare(args) => {
             let broker = outbox::transport::from_config(&config)?;
-            let topology =
+            let mut topology =
                 outbox::Topology::new(&config, &args.destination, args.queue.as_deref())?;
+            if args.single_active_consumer {
+                topology = topology.with_single_active_consumer(true);
+            }
             topology.declare(broker.as_ref()).await?;
             println!(
                 "declared {} (bound to {}) and its dead-letter queue {}",

@@ -21,7 +21,7 @@ mod dispatch;
 pub(crate) mod failure;
 mod group;
 mod inbox;
-mod topology;
+pub(crate) mod topology;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::future::Future;
@@ -102,6 +102,7 @@ pub struct ConsumerBuilder {
     exclusive: Option<bool>,
     queue_headers: Vec<(String, String)>,
     ordered_by_key: bool,
+    single_active_consumer: bool,
     config: Option<OutboxConfig>,
     transport: Option<Arc<dyn Transport>>,
 }
@@ -187,6 +188,22 @@ impl ConsumerBuilder {
     /// broker spreads one key's messages over them (see README's section on ordering).
     pub fn ordered_by_key(mut self) -> Self {
         self.ordered_by_key = true;
+        self
+    }
+
+    /// Declares the queue with RabbitMQ's single active consumer (queue argument
+    /// `x-single-active-consumer`): of all the consumers of the queue, the broker delivers to
+    /// one at a time, and moves to the next when it goes away, so that replicas of a service
+    /// keep one key's order (with [`ConsumerBuilder::ordered_by_key`]) and stand by for each
+    /// other. The dead-letter queue is declared without it.
+    ///
+    /// It changes the queue's arguments: RabbitMQ refuses (406) to declare the queue again
+    /// without it, so every consumer of the queue must ask for it, and an existing queue must
+    /// be deleted first. It needs the AMQP transport: RabbitMQ's STOMP plugin drops the argument
+    /// from a SUBSCRIBE, and a STOMP consumer (ours or a Python one) cannot subscribe to a queue
+    /// declared with it; the build is refused over STOMP.
+    pub fn single_active_consumer(mut self) -> Self {
+        self.single_active_consumer = true;
         self
     }
 
@@ -292,10 +309,16 @@ impl ConsumerBuilder {
             headers,
             self.exclusive.unwrap_or(config.exclusive_queue),
         )?;
+        let topology = if self.single_active_consumer {
+            topology.with_single_active_consumer(true)
+        } else {
+            topology
+        };
         let transport = match self.transport {
             Some(transport) => transport,
             None => crate::transport::from_config(&config)?,
         };
+        topology.check_transport(transport.as_ref())?;
         Ok(Consumer {
             db: self.db,
             transport,
@@ -376,6 +399,7 @@ impl Consumer {
             exclusive: None,
             queue_headers: Vec::new(),
             ordered_by_key: false,
+            single_active_consumer: false,
             config: None,
             transport: None,
         }

@@ -592,6 +592,115 @@ async fn the_consumer_resubscribes_after_the_broker_cancels_it() {
     broker.ack(&delivery).await.unwrap();
 }
 
+/// Two consumers of one queue declared with RabbitMQ's single active consumer: every message
+/// goes to the first, and once it stops, to the second. Without the argument the broker would
+/// spread them over both.
+#[tokio::test]
+async fn a_single_active_consumer_takes_every_message_until_it_stops() {
+    let test = TestDb::new(Backend::Postgres).await;
+    let key = unique("amqp_sac");
+    let destination = format!("/topic/{key}");
+    let queue = format!("{key}_q");
+    let _cleanup = QueueCleanup(vec![queue.clone(), format!("DLQ.{queue}")]);
+    let seen: Arc<std::sync::Mutex<Vec<(&'static str, i64)>>> = Arc::default();
+    let start = |name: &'static str| {
+        let seen = seen.clone();
+        outbox::Consumer::builder(test.db.clone())
+            .destination(&destination)
+            .queue(&queue)
+            .config(amqp_config(RABBITMQ_AMQP))
+            .transport(amqp())
+            .in_flight(4)
+            .prefetch(40)
+            .single_active_consumer()
+            .start(move |payload: outbox::Payload| {
+                let seen = seen.clone();
+                async move {
+                    let n = payload.body()["n"].as_i64().unwrap_or(-1);
+                    seen.lock().unwrap().push((name, n));
+                    payload.save();
+                    Ok::<_, outbox::Error>(())
+                }
+            })
+            .expect("a consumer")
+    };
+    let first = start("first");
+    let seen_count = |wanted: usize| {
+        let seen = seen.clone();
+        move || {
+            let seen = seen.clone();
+            async move { seen.lock().unwrap().len() >= wanted }
+        }
+    };
+    // The first consumer declares the queue before the second subscribes.
+    eventually(Duration::from_secs(10), "the queue is declared", || {
+        let queue = queue.clone();
+        async move { queue_message_count(&queue).is_some() }
+    })
+    .await;
+    let second = start("second");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let broker = amqp();
+    let batch = |from: i64| -> Vec<Outgoing> {
+        (from..from + 20)
+            .map(|n| {
+                let mut message = relay_like_message(&destination);
+                message.body = json!({ "n": n }).to_string().into_bytes();
+                // A message id of its own: the inbox skips repeated ids.
+                for (name, value) in &mut message.headers {
+                    if name == "dop-msg-id" {
+                        *value = format!("6d3a2f4e-0000-4000-8000-{n:012}");
+                    }
+                }
+                message
+            })
+            .collect()
+    };
+    assert!(broker.send(&batch(0)).await.all_receipted());
+    eventually(Duration::from_secs(15), "20 messages processed", seen_count(20)).await;
+    first.stop().await.unwrap();
+    assert!(broker.send(&batch(20)).await.all_receipted());
+    eventually(Duration::from_secs(15), "40 messages processed", seen_count(40)).await;
+    second.stop().await.unwrap();
+    let seen = seen.lock().unwrap().clone();
+    let by = |name: &str| -> Vec<i64> {
+        let mut ns: Vec<i64> = seen.iter().filter(|(n, _)| *n == name).map(|(_, n)| *n).collect();
+        ns.sort_unstable();
+        ns
+    };
+    assert_eq!(by("first"), (0..20).collect::<Vec<_>>(), "{seen:?}");
+    assert_eq!(by("second"), (20..40).collect::<Vec<_>>(), "{seen:?}");
+    broker.disconnect().await.unwrap();
+}
+
+/// Over STOMP a single active consumer is refused at build and by `declare`: RabbitMQ's STOMP
+/// plugin would declare the queue without the argument.
+#[tokio::test]
+async fn a_single_active_consumer_is_refused_over_stomp() {
+    let test = TestDb::new(Backend::Sqlite).await;
+    let config = OutboxConfig::default();
+    let refused = outbox::Consumer::builder(test.db.clone())
+        .destination("/topic/sac_over_stomp")
+        .config(config.clone())
+        .transport(StompTransport::new(&config).unwrap())
+        .single_active_consumer()
+        .build()
+        .err()
+        .expect("refused over STOMP");
+    assert!(
+        matches!(&refused, outbox::Error::Config { variable, .. } if variable == "x-single-active-consumer"),
+        "{refused}"
+    );
+    let topology = outbox::Topology::new(&config, "/topic/sac_over_stomp", None)
+        .unwrap()
+        .with_single_active_consumer(true);
+    let refused = topology
+        .declare(&StompTransport::new(&config).unwrap())
+        .await
+        .expect_err("declare refuses it over STOMP");
+    assert!(refused.to_string().contains("AMQP"), "{refused}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // TLS: a tokio-rustls acceptor in front of RabbitMQ's AMQP port, asking for a client certificate
 // ---------------------------------------------------------------------------------------------

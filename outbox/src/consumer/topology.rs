@@ -23,6 +23,9 @@ const DEAD_LETTER_PREFIX: &str = "DLQ.";
 /// AMQP's limit on a queue name, in bytes.
 const MAX_QUEUE_NAME: usize = 255;
 
+/// The queue argument of RabbitMQ's single active consumer.
+pub(crate) const SINGLE_ACTIVE_CONSUMER: &str = "x-single-active-consumer";
+
 /// A consumer's destination, queue and dead-letter queue, and the SUBSCRIBE headers that declare
 /// them.
 ///
@@ -38,6 +41,9 @@ pub struct Topology {
     queue: String,
     /// Headers both declarations share: the settings' queue headers and `exclusive`.
     shared: BTreeMap<String, String>,
+    /// Whether the main queue is declared with `x-single-active-consumer` (never its
+    /// dead-letter queue).
+    single_active_consumer: bool,
 }
 
 impl Topology {
@@ -98,6 +104,20 @@ impl Topology {
                 "too long: RabbitMQ names hold 255 bytes, and the dead-letter queue adds `DLQ.`",
             ));
         }
+        let single_active_consumer = match shared.remove(SINGLE_ACTIVE_CONSUMER) {
+            None => false,
+            Some(value) => match value.trim() {
+                "true" | "True" => true,
+                "false" | "False" => false,
+                other => {
+                    return Err(invalid(
+                        SINGLE_ACTIVE_CONSUMER,
+                        other,
+                        "a queue argument that is `true` or `false`",
+                    ));
+                }
+            },
+        };
         // Python's str() of a bool: the value RabbitMQ saw when the Python library declared it.
         let exclusive = if exclusive { "True" } else { "False" };
         shared.insert("exclusive".to_owned(), exclusive.to_owned());
@@ -106,7 +126,42 @@ impl Topology {
             destination: destination.to_owned(),
             queue,
             shared,
+            single_active_consumer,
         })
+    }
+
+    /// Declares the main queue with RabbitMQ's single active consumer
+    /// (`x-single-active-consumer`): of the consumers of the queue, the broker delivers to one
+    /// at a time, and to the next when it goes away. The dead-letter queue is declared without.
+    ///
+    /// It needs the AMQP transport: [`Topology::declare`] refuses it over STOMP, whose RabbitMQ
+    /// plugin drops the argument.
+    #[must_use]
+    pub fn with_single_active_consumer(mut self, on: bool) -> Topology {
+        self.single_active_consumer = on;
+        self
+    }
+
+    /// Whether the main queue is declared with RabbitMQ's single active consumer.
+    pub fn single_active_consumer(&self) -> bool {
+        self.single_active_consumer
+    }
+
+    /// Refuses a single active consumer over a transport that cannot declare it: RabbitMQ's
+    /// STOMP plugin drops the argument from a SUBSCRIBE and declares the queue without it.
+    pub(crate) fn check_transport(&self, transport: &dyn Transport) -> Result<(), Error> {
+        if self.single_active_consumer && !transport.declares_single_active_consumer() {
+            return Err(Error::Config {
+                variable: SINGLE_ACTIVE_CONSUMER.to_owned(),
+                value: "true".to_owned(),
+                reason: "this transport cannot declare it: RabbitMQ's STOMP plugin drops the \
+                         argument from a SUBSCRIBE, and a STOMP consumer cannot subscribe to a \
+                         queue declared with it (406 inequivalent arg); use the AMQP transport \
+                         (OUTBOX_BROKER_URL)"
+                    .to_owned(),
+            });
+        }
+        Ok(())
     }
 
     /// The destination consumed.
@@ -131,12 +186,18 @@ impl Topology {
 
     /// The subscription that declares the main queue and consumes it.
     pub fn subscription(&self, id: &str) -> Subscription {
-        self.declaring(
+        let mut subscription = self.declaring(
             &self.destination,
             id,
             &self.queue,
             &self.dead_letter_queue(),
-        )
+        );
+        if self.single_active_consumer {
+            subscription
+                .headers
+                .push((SINGLE_ACTIVE_CONSUMER.to_owned(), "true".to_owned()));
+        }
+        subscription
     }
 
     /// The subscription that declares the dead-letter queue (subscribed, then unsubscribed).
@@ -189,6 +250,7 @@ impl Topology {
     /// broker hands a declaring subscription stays unacknowledged on its connection until the
     /// connection closes, which puts it back in its queue.
     pub async fn declare(&self, transport: &dyn Transport) -> Result<(), Error> {
+        self.check_transport(transport)?;
         transport.connect().await?;
         self.declare_dead_letter_queue(transport).await?;
         let id = Uuid::new_v4().to_string();

@@ -18,7 +18,9 @@ use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use crate::Error;
-use crate::transport::{AckMode, Delivery, Outgoing, Subscription, Transport, TransportError};
+use crate::transport::{
+    AckMode, Delivery, Outcome, Outgoing, Subscription, Transport, TransportError,
+};
 
 /// How long to wait for the next dead letter before concluding that the queue has no more.
 const IDLE: Duration = Duration::from_secs(2);
@@ -291,7 +293,26 @@ async fn replay(
                     report.replayed += 1;
                 }
             }
-            if let Some(failure) = sent.failure().cloned() {
+            // An unroutable or nacked copy has no error of its own: it stays in the dead-letter
+            // queue all the same, and the replay stops there rather than report it moved.
+            let failure = sent.failure().cloned().or_else(|| {
+                sent.outcomes.iter().find_map(|outcome| match outcome {
+                    Outcome::Unroutable(reply) => Some(TransportError::Broker {
+                        message: format!(
+                            "the broker returned the copy: no queue `{queue}` took it (was it deleted?)"
+                        ),
+                        detail: reply.clone(),
+                    }),
+                    Outcome::Nacked => Some(TransportError::Broker {
+                        message: format!(
+                            "the broker refused the copy for now (basic.nack): is `{queue}` full?"
+                        ),
+                        detail: "nacked".to_owned(),
+                    }),
+                    _ => None,
+                })
+            });
+            if let Some(failure) = failure {
                 tracing::warn!(
                     replayed = report.replayed,
                     error = %failure,
@@ -417,6 +438,51 @@ mod tests {
             consumer.nack(&delivery).await.unwrap();
         }
         consumer.disconnect().await.unwrap();
+    }
+
+    /// The in-memory broker, with every publish returned as unroutable (over AMQP, the queue
+    /// deleted between the replay's check and its publish).
+    struct Returning(MemoryTransport);
+
+    #[async_trait::async_trait]
+    impl Transport for Returning {
+        async fn connect(&self) -> Result<(), TransportError> {
+            self.0.connect().await
+        }
+        async fn send(&self, messages: &[Outgoing]) -> crate::transport::SendReport {
+            crate::transport::SendReport {
+                outcomes: vec![Outcome::Unroutable("312 NO_ROUTE".into()); messages.len()],
+            }
+        }
+        async fn subscribe(
+            &self,
+            subscription: Subscription,
+        ) -> Result<mpsc::Receiver<Delivery>, TransportError> {
+            self.0.subscribe(subscription).await
+        }
+        async fn unsubscribe(&self, id: &str) -> Result<(), TransportError> {
+            self.0.unsubscribe(id).await
+        }
+        async fn ack(&self, delivery: &Delivery) -> Result<(), TransportError> {
+            self.0.ack(delivery).await
+        }
+        async fn nack(&self, delivery: &Delivery) -> Result<(), TransportError> {
+            self.0.nack(delivery).await
+        }
+        async fn disconnect(&self) -> Result<(), TransportError> {
+            self.0.disconnect().await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_returned_copy_stops_the_replay_and_stays_in_the_dead_letter_queue() {
+        let broker = MemoryTransport::new();
+        dead_lettered(&broker, "gone", &["a", "b"]).await;
+        let err = dlq_replay(&Returning(broker.new_connection()), "gone", None)
+            .await
+            .expect_err("a returned copy is an error");
+        assert!(err.to_string().contains("no queue `gone` took it"), "{err}");
+        assert_eq!(dlq_list(&broker.new_connection(), "gone", 10).await.unwrap().len(), 2);
     }
 
     #[tokio::test]

@@ -260,6 +260,10 @@ impl Transport for AmqpTransport {
         }
         Ok(())
     }
+
+    fn declares_single_active_consumer(&self) -> bool {
+        true
+    }
 }
 
 impl AmqpTransport {
@@ -694,7 +698,7 @@ impl Link {
             .map_err(|err| self.error(err))?;
         let queue = match &endpoint {
             Endpoint::Queue(name) => {
-                let declare = routing::queue_declare(name, QueueKind::Named, headers)
+                let declare = routing::consumer_queue_declare(name, QueueKind::Named, headers)
                     .map_err(|detail| invalid_subscription(&subscription, detail))?;
                 declare_queue(&channel, &declare).await?;
                 name.clone()
@@ -707,7 +711,7 @@ impl Link {
                     QueueKind::Exchange
                 };
                 let name = named.clone().unwrap_or_default();
-                let declare = routing::queue_declare(&name, kind, headers)
+                let declare = routing::consumer_queue_declare(&name, kind, headers)
                     .map_err(|detail| invalid_subscription(&subscription, detail))?;
                 let queue = declare_queue(&channel, &declare).await?;
                 let (exchange, key) = endpoint.routing();

@@ -76,7 +76,6 @@ const QUEUE_ARGUMENTS: &[&str] = &[
     "x-overflow",
     "x-queue-mode",
     "x-queue-type",
-    "x-single-active-consumer",
 ];
 
 /// Headers the broker sets on a MESSAGE itself; a SEND's own values for them are not passed on.

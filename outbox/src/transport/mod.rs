@@ -359,4 +359,11 @@ pub trait Transport: Send + Sync {
 
     /// Closes the connection politely (DISCONNECT with a receipt).
     async fn disconnect(&self) -> Result<(), TransportError>;
+
+    /// Whether a subscription's `x-single-active-consumer: true` header declares its queue with
+    /// RabbitMQ's single active consumer. False by default, as over STOMP: RabbitMQ's STOMP
+    /// plugin drops that header, so a consumer that asks for it is refused at build.
+    fn declares_single_active_consumer(&self) -> bool {
+        false
+    }
 }

@@ -353,6 +353,29 @@ pub(crate) fn queue_declare(
     })
 }
 
+/// The `queue.declare` of a consumer's queue: the plugin's, plus RabbitMQ's single active
+/// consumer when the headers ask for it (`x-single-active-consumer: true`), typed as the boolean
+/// an AMQP client declares. The STOMP plugin drops that header; the relay's declarations never
+/// take it.
+pub(crate) fn consumer_queue_declare(
+    queue: &str,
+    kind: QueueKind,
+    headers: &[(String, String)],
+) -> Result<QueueDeclare, String> {
+    let mut declare = queue_declare(queue, kind, headers)?;
+    let name = crate::consumer::topology::SINGLE_ACTIVE_CONSUMER;
+    if let Some(value) = header(headers, name) {
+        let on = boolean(value.trim())
+            .ok_or_else(|| format!("header `{name}` is `{value}`, not `true` or `false`"))?;
+        if on {
+            declare
+                .arguments
+                .insert(ShortString::from(name), AMQPValue::Boolean(true));
+        }
+    }
+    Ok(declare)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
