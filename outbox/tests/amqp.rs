@@ -657,14 +657,28 @@ async fn a_single_active_consumer_takes_every_message_until_it_stops() {
             .collect()
     };
     assert!(broker.send(&batch(0)).await.all_receipted());
-    eventually(Duration::from_secs(15), "20 messages processed", seen_count(20)).await;
+    eventually(
+        Duration::from_secs(15),
+        "20 messages processed",
+        seen_count(20),
+    )
+    .await;
     first.stop().await.unwrap();
     assert!(broker.send(&batch(20)).await.all_receipted());
-    eventually(Duration::from_secs(15), "40 messages processed", seen_count(40)).await;
+    eventually(
+        Duration::from_secs(15),
+        "40 messages processed",
+        seen_count(40),
+    )
+    .await;
     second.stop().await.unwrap();
     let seen = seen.lock().unwrap().clone();
     let by = |name: &str| -> Vec<i64> {
-        let mut ns: Vec<i64> = seen.iter().filter(|(n, _)| *n == name).map(|(_, n)| *n).collect();
+        let mut ns: Vec<i64> = seen
+            .iter()
+            .filter(|(n, _)| *n == name)
+            .map(|(_, n)| *n)
+            .collect();
         ns.sort_unstable();
         ns
     };

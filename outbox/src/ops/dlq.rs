@@ -482,7 +482,13 @@ mod tests {
             .await
             .expect_err("a returned copy is an error");
         assert!(err.to_string().contains("no queue `gone` took it"), "{err}");
-        assert_eq!(dlq_list(&broker.new_connection(), "gone", 10).await.unwrap().len(), 2);
+        assert_eq!(
+            dlq_list(&broker.new_connection(), "gone", 10)
+                .await
+                .unwrap()
+                .len(),
+            2
+        );
     }
 
     #[tokio::test]
