@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 use crate::scratch::{BoxError, Scratch};
 use crate::{figure, progress};
 
+mod cpu;
 pub mod trace;
 
 /// A plain entity: the baseline save.
@@ -217,6 +218,28 @@ impl Reader {
             }
         }
         seen.len()
+    }
+
+    /// Reads until `count` distinct messages arrived (within `limit`); the rate from the first
+    /// arrival to the last, as the sender put them on the wire.
+    async fn arrival_rate(&mut self, count: usize, limit: Duration) -> Result<f64, BoxError> {
+        if let Some(start) = self.start_draining.take() {
+            let _ = start.send(());
+        }
+        let mut seen = std::collections::HashSet::new();
+        let mut span: Option<(Instant, Instant)> = None;
+        let deadline = tokio::time::Instant::now() + limit;
+        while seen.len() < count {
+            match tokio::time::timeout_at(deadline, self.arrivals.recv()).await {
+                Ok(Some((id, at))) => {
+                    seen.insert(id);
+                    span = Some((span.map_or(at, |(first, _)| first), at));
+                }
+                _ => return Err(format!("{} of {count} messages arrived", seen.len()).into()),
+            }
+        }
+        let (first, last) = span.ok_or("no message arrived")?;
+        Ok(rate(count.saturating_sub(1), last - first))
     }
 
     async fn close(self) {
@@ -459,6 +482,7 @@ pub async fn relay(settings: &Settings, n: usize) -> Result<(), BoxError> {
     }
     print_as(&figures, "rate", "relay.rate", "msgs/s")?;
     print_as(&figures, "rss_mb", "relay.rss_mb", "MB")?;
+    print_cpu_of_worker(&figures, "relay", n);
     figure(
         "relay.batch",
         f64::from(settings.config.published_chunk_size),
@@ -496,6 +520,9 @@ pub async fn relay(settings: &Settings, n: usize) -> Result<(), BoxError> {
     figure("relay.rate_2", rate(n, elapsed), "msgs/s");
     reader.close().await;
     scratch.drop().await;
+    if let Some(rate) = relay_python(settings, n).await? {
+        figure("relay.python_rate", rate, "msgs/s");
+    }
     Ok(())
 }
 
@@ -575,6 +602,7 @@ pub async fn limit(settings: &Settings, n: usize) -> Result<(), BoxError> {
             })
             .collect();
     progress(&format!("limit: {n} messages, batches of {batch}"));
+    let meter = CpuMeter::start();
     let started = Instant::now();
     for chunk in messages.chunks(batch) {
         let report = transport.send(chunk).await;
@@ -583,6 +611,7 @@ pub async fn limit(settings: &Settings, n: usize) -> Result<(), BoxError> {
         }
     }
     let elapsed = started.elapsed();
+    meter.print("limit", n, elapsed);
     let arrived = reader.drain(n, Duration::from_secs(60)).await;
     if arrived != n {
         return Err(format!("{arrived} of {n} arrived").into());
@@ -624,6 +653,7 @@ async fn bare_amqp(settings: &Settings, n: usize) -> Result<(), BoxError> {
     progress(&format!(
         "limit: {n} messages, bare lapin publisher, {window} confirms in flight"
     ));
+    let meter = CpuMeter::start();
     let started = Instant::now();
     let mut pending = std::collections::VecDeque::with_capacity(window);
     for i in 0..n {
@@ -668,6 +698,7 @@ async fn bare_amqp(settings: &Settings, n: usize) -> Result<(), BoxError> {
         }
     }
     let elapsed = started.elapsed();
+    meter.print("limit.bare", n, elapsed);
     let arrived = reader.drain(n, Duration::from_secs(60)).await;
     if arrived != n {
         return Err(format!("{arrived} of {n} bare publishes arrived").into());
@@ -774,15 +805,64 @@ pub async fn relay_worker(
     let producer = Producer::builder(db)
         .config(settings.config.clone())
         .build()?;
+    let meter = CpuMeter::start();
     let started = Instant::now();
     let report = producer.drain().await?;
     let elapsed = started.elapsed();
+    meter.report_to_parent(elapsed);
     if report.sent != n {
         return Err(format!("relayed {} of {n}", report.sent).into());
     }
     println!("rate {}", rate(n, elapsed));
     println!("rss_mb {}", peak_rss_mb());
     Ok(())
+}
+
+/// The CPU of the broker, the database server and this process from its start (see
+/// [`cpu`]).
+struct CpuMeter {
+    servers: cpu::ServerCpu,
+    own: f64,
+}
+
+impl CpuMeter {
+    fn start() -> CpuMeter {
+        CpuMeter {
+            servers: cpu::ServerCpu::now(),
+            own: cpu::own(),
+        }
+    }
+
+    /// Prints the CPU per message and the cores busy, as `<prefix>.cpu_*` figures.
+    fn print(&self, prefix: &str, messages: usize, elapsed: Duration) {
+        let servers = cpu::ServerCpu::now().since(self.servers);
+        cpu::print(prefix, servers, cpu::own() - self.own, messages, elapsed);
+    }
+
+    /// For a worker process: prints the seconds (`cpu_broker`, `cpu_database`, `cpu_own`,
+    /// `elapsed`) for the parent to print with [`print_cpu_of_worker`].
+    fn report_to_parent(&self, elapsed: Duration) {
+        let servers = cpu::ServerCpu::now().since(self.servers);
+        println!("cpu_broker {}", servers.broker);
+        println!("cpu_database {}", servers.database);
+        println!("cpu_own {}", cpu::own() - self.own);
+        println!("elapsed {}", elapsed.as_secs_f64());
+    }
+}
+
+/// Prints a worker's CPU figures (see [`CpuMeter::report_to_parent`]) under `prefix`.
+fn print_cpu_of_worker(figures: &HashMap<String, f64>, prefix: &str, messages: usize) {
+    let get = |key: &str| figures.get(key).copied().unwrap_or(0.0);
+    cpu::print(
+        prefix,
+        cpu::ServerCpu {
+            broker: get("cpu_broker"),
+            database: get("cpu_database"),
+        },
+        get("cpu_own"),
+        messages,
+        Duration::from_secs_f64(get("elapsed").max(1e-9)),
+    );
 }
 
 /// The consumer alone: consumes until `n` inbox rows exist, with the README's callback (a
@@ -821,6 +901,7 @@ pub async fn consume_worker(
         builder = builder.group_size(size);
     }
     let baseline = outbox::Received::find().count(&db).await? as usize;
+    let meter = CpuMeter::start();
     let started = Instant::now();
     let consumer = builder.start(|payload: outbox::Payload| async move {
         let n = payload.body()["id"].as_i64().unwrap_or(0);
@@ -845,6 +926,7 @@ pub async fn consume_worker(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let elapsed = started.elapsed();
+    meter.report_to_parent(elapsed);
     consumer.stop().await?;
     println!("rate {}", rate(n, elapsed));
     println!("rss_mb {}", peak_rss_mb());
@@ -1043,6 +1125,9 @@ pub async fn consume(settings: &Settings, n: usize) -> Result<(), BoxError> {
         delete_queues(&queue);
         let figures = figures?;
         print_as(&figures, "rate", &format!("consume.rate{suffix}"), "msgs/s")?;
+        if suffix.is_empty() {
+            print_cpu_of_worker(&figures, "consume", m);
+        }
         print_as(
             &figures,
             "group_size",
@@ -1070,72 +1155,134 @@ pub async fn consume(settings: &Settings, n: usize) -> Result<(), BoxError> {
     Ok(())
 }
 
+/// The Python of `OUTBOX_TEST_BENCH_PYTHON` (django-outbox-pattern 3.2.1 and the packages of
+/// `interop/requirements.txt`) when set and the database is PostgreSQL, the only one the
+/// interop project runs on; `None` (with a note on stderr) otherwise.
+fn bench_python(settings: &Settings, what: &str) -> Option<String> {
+    let python = std::env::var("OUTBOX_TEST_BENCH_PYTHON").ok()?;
+    if !settings.database_url.starts_with("postgres") {
+        progress(&format!(
+            "{what}: the Python library runs on PostgreSQL only; skipped"
+        ));
+        return None;
+    }
+    Some(python)
+}
+
+/// A `manage.py` command of the interop project on the scratch database `database`, with
+/// persistent database connections, its output discarded.
+fn django(python: &str, database: &str, args: &[&str]) -> tokio::process::Command {
+    let project = concat!(env!("CARGO_MANIFEST_DIR"), "/../interop");
+    let mut command = tokio::process::Command::new(python);
+    command
+        .arg("manage.py")
+        .args(args)
+        .current_dir(project)
+        .env("INTEROP_DB_NAME", database)
+        .env("INTEROP_CONN_MAX_AGE", "600")
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true);
+    command
+}
+
+/// A scratch database with the Django project's tables (`manage.py migrate`).
+async fn django_scratch(settings: &Settings, python: &str) -> Result<Scratch, BoxError> {
+    let scratch = Scratch::create_bare(&settings.database_url, 2).await?;
+    let migrated = django(python, scratch.name(), &["migrate", "-v0"])
+        .status()
+        .await?;
+    if !migrated.success() {
+        scratch.drop().await;
+        return Err(format!("manage.py migrate failed ({migrated})").into());
+    }
+    Ok(scratch)
+}
+
+/// Counts rows with `sql` (a `SELECT count(*)`) every 20 ms until it reaches `n`; the rate from
+/// the first counted row to the `n`th (a Python process's start is not its rate), within 600 s.
+/// For a process that commits as it goes (the Python consumer: a transaction per message).
+async fn rate_of_count(scratch: &Scratch, sql: &str, n: usize) -> Result<f64, BoxError> {
+    let started = Instant::now();
+    let mut first: Option<(Instant, usize)> = None;
+    loop {
+        let row = scratch
+            .db
+            .query_one_raw(sea_orm::Statement::from_string(
+                sea_orm::DbBackend::Postgres,
+                sql,
+            ))
+            .await?
+            .ok_or("no count")?;
+        let done = row.try_get_by_index::<i64>(0)? as usize;
+        if first.is_none() && done > 0 {
+            first = Some((Instant::now(), done));
+        }
+        if let Some((since, already)) = first
+            && done >= n
+        {
+            return Ok(rate(n - already, since.elapsed()));
+        }
+        if started.elapsed() > Duration::from_secs(600) {
+            return Err(format!("the Python process did {done} of {n} in 600 s").into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The Python relay (`manage.py publish`, django-outbox-pattern 3.2.1) on `n` rows written as
+/// django-outbox-pattern writes them, to a topic a queue is bound to, read as they arrive; its
+/// rate from the first arrival to the `n`th. It sends without receipts, and marks its rows sent
+/// when its one transaction commits, after the last SEND: the rate is that of its SENDs.
+async fn relay_python(settings: &Settings, n: usize) -> Result<Option<f64>, BoxError> {
+    let Some(python) = bench_python(settings, "relay") else {
+        return Ok(None);
+    };
+    let scratch = django_scratch(settings, &python).await?;
+    let mut reader = Reader::live(&settings.stomp).await?;
+    // The headers the Python library generates for a row (its `generate_headers`).
+    let insert = format!(
+        "INSERT INTO published (id, version, destination, body, added, expires_at, retry, status, headers) \
+         SELECT id, 'v1', '{destination}', \
+                jsonb_build_object('id', g, 'customer', 'ada', 'total', 4200, 'currency', 'EUR'), \
+                now(), now() + interval '1 day', 0, 1, \
+                jsonb_build_object('dop-msg-id', id::text, 'dop-msg-destination', '{destination}', \
+                    'dop-msg-type', 'Published', 'dop-msg-sent-time', '2026-11-26T18:03:13.484Z', \
+                    'dop-correlation-id', gen_random_uuid()::text) \
+         FROM (SELECT g, gen_random_uuid() AS id FROM generate_series(1, {n}) AS g) AS rows",
+        destination = reader.destination,
+    );
+    scratch.db.execute_unprepared(&insert).await?;
+    progress(&format!("relay: the Python relay, {n} rows"));
+    let mut relay = django(&python, scratch.name(), &["publish"]).spawn()?;
+    let measured = reader.arrival_rate(n, Duration::from_secs(600)).await;
+    let _ = relay.start_kill();
+    let _ = relay.wait().await;
+    reader.close().await;
+    scratch.drop().await;
+    Ok(Some(measured?))
+}
+
 /// The Python consumer on the same workload, when `OUTBOX_TEST_BENCH_PYTHON` names a Python with
 /// django-outbox-pattern 3.2.1 and the packages of `interop/requirements.txt` (PostgreSQL only):
 /// `manage.py subscribe` of the interop project with its README callback (`shop.callbacks.record`:
 /// a business row and the inbox row in one transaction), persistent database connections, on a
 /// queue of `n` messages; its rate from its first business row to the `n`th.
 async fn consume_python(settings: &Settings, n: usize) -> Result<Option<f64>, BoxError> {
-    let Ok(python) = std::env::var("OUTBOX_TEST_BENCH_PYTHON") else {
+    let Some(python) = bench_python(settings, "consume") else {
         return Ok(None);
     };
-    if !settings.database_url.starts_with("postgres") {
-        progress("consume: the Python consumer runs on PostgreSQL only; skipped");
-        return Ok(None);
-    }
-    let scratch = Scratch::create_bare(&settings.database_url, 2).await?;
-    let project = concat!(env!("CARGO_MANIFEST_DIR"), "/../interop");
-    let manage = |args: &[&str]| {
-        let mut command = tokio::process::Command::new(&python);
-        command
-            .arg("manage.py")
-            .args(args)
-            .current_dir(project)
-            .env("INTEROP_DB_NAME", scratch.name())
-            .env("INTEROP_CONN_MAX_AGE", "600")
-            .env("PYTHONDONTWRITEBYTECODE", "1")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true);
-        command
-    };
-    let migrated = manage(&["migrate", "-v0"]).status().await?;
-    if !migrated.success() {
-        scratch.drop().await;
-        return Err(format!("manage.py migrate failed ({migrated})").into());
-    }
+    let scratch = django_scratch(settings, &python).await?;
     let (destination, queue) = fill_queue(settings, n).await?;
     progress(&format!("consume: the Python consumer, {n} messages"));
-    let started = Instant::now();
-    let mut subscriber = manage(&["subscribe", "shop.callbacks.record", &destination]).spawn()?;
-    // Timed from its first business row: Django's start (a second or two) is not the rate.
-    let mut first: Option<(Instant, usize)> = None;
-    let counted = async {
-        loop {
-            let row = scratch
-                .db
-                .query_one_raw(sea_orm::Statement::from_string(
-                    sea_orm::DbBackend::Postgres,
-                    "SELECT count(*) FROM shop_effect",
-                ))
-                .await?
-                .ok_or("no count")?;
-            let done = row.try_get_by_index::<i64>(0)? as usize;
-            if first.is_none() && done > 0 {
-                first = Some((Instant::now(), done));
-            }
-            if let Some((since, already)) = first
-                && done >= n
-            {
-                return Ok::<_, BoxError>(rate(n - already, since.elapsed()));
-            }
-            if started.elapsed() > Duration::from_secs(600) {
-                return Err(format!("the Python consumer did {done} of {n} in 600 s").into());
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-    .await;
+    let mut subscriber = django(
+        &python,
+        scratch.name(),
+        &["subscribe", "shop.callbacks.record", &destination],
+    )
+    .spawn()?;
+    let counted = rate_of_count(&scratch, "SELECT count(*) FROM shop_effect", n).await;
     let _ = subscriber.start_kill();
     let _ = subscriber.wait().await;
     delete_queues(&queue);
