@@ -7,6 +7,12 @@
 //! where `wire_duplicates` counts the copies of already-delivered messages seen on the wire by a
 //! second queue bound to the same topic (what the inbox absorbed).
 //!
+//! The relay killed, the consumer killed and the broker link cut and stalled run over both
+//! transports, each as a test of its own: STOMP (`fault.relay_killed`, `fault.consumer_killed`,
+//! `fault.broker_cut_and_stall`) and AMQP 0-9-1 (`OUTBOX_BROKER_URL`; the same names with
+//! `_amqp`), the relay and the consumer both over the one under test. The fault proxy forwards
+//! TCP, so it cuts and stalls either protocol; the second queue is read over STOMP in both.
+//!
 //! Counts are small by default (the suite runs in CI); `OUTBOX_TEST_FAULT_FULL=1` runs the
 //! issue's full counts (5,000 messages, 20 kills).
 //!
@@ -39,30 +45,43 @@ use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_killed_repeatedly_loses_nothing_and_duplicates_no_effect() {
+    relay_killed_repeatedly(TransportKind::Stomp).await;
+}
+
+/// The same with the relay and the consumer over AMQP 0-9-1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_killed_repeatedly_over_amqp_loses_nothing_and_duplicates_no_effect() {
+    relay_killed_repeatedly(TransportKind::Amqp).await;
+}
+
+/// `outbox publish` over `kind`, through a slow proxy, killed `kills` times; the consumer over
+/// `kind` too.
+async fn relay_killed_repeatedly(kind: TransportKind) {
     let started = Instant::now();
     let n = counts(1000, 5000);
     let kills = counts(6, 20);
     let test = TestDb::new(Backend::Postgres).await;
     create_effects_table(&test.db).await;
-    let (destination, queue, wire_queue, _cleanup) = fresh_destination("fault_relay_kill");
-    declare_consumer_queues(&destination).await;
+    let (destination, queue, wire_queue, _cleanup) =
+        fresh_destination(&kind.summary_name("fault_relay_kill"));
+    declare_consumer_queues_over(kind, &destination).await;
     let mut wire = WireCounter::start(&destination, &wire_queue).await;
     // A slow link makes each batch take a while, so that kills land between send and mark.
-    let proxy = FaultProxy::start(stomp_addr()).await;
+    let proxy = FaultProxy::start(kind.broker_addr()).await;
     proxy.slow(Some(Duration::from_millis(2)));
     enqueue_many(&test.db, &destination, n, 0).await;
     let consumer = Consumer::builder(pool(&test.url, 3).await)
-        .config(config(RABBITMQ_STOMP))
+        .config(kind.config())
         .destination(&destination)
         .in_flight(4)
         .start(record_effect)
         .unwrap();
 
     let relay = |proxy: &FaultProxy| {
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_outbox"))
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_outbox"));
+        kind.point_command(&mut command, proxy.addr())
             .arg("publish")
             .env("DATABASE_URL", &test.url)
-            .env("OUTBOX_STOMP_HOST_AND_PORTS", proxy.addr().to_string())
             .env("OUTBOX_PRODUCER_WAITING_TIME", "0.1")
             .env("OUTBOX_PUBLISHED_CHUNK_SIZE", "25")
             .env("OUTBOX_PRODUCER_LEASE", "2")
@@ -104,7 +123,7 @@ async fn relay_killed_repeatedly_loses_nothing_and_duplicates_no_effect() {
     let counted = count(&expected, &effect_counts(&test.db).await);
     let wire_duplicates = wire.duplicates(&expected).await;
     summary(
-        "relay_killed",
+        &kind.summary_name("relay_killed"),
         &counted,
         wire_duplicates,
         &format!(
@@ -124,6 +143,8 @@ async fn relay_killed_repeatedly_loses_nothing_and_duplicates_no_effect() {
 
 const CHILD_DB: &str = "OUTBOX_TEST_FAULT_CHILD_DATABASE_URL";
 const CHILD_DESTINATION: &str = "OUTBOX_TEST_FAULT_CHILD_DESTINATION";
+/// The child's transport, a [`TransportKind::name`] (STOMP when unset).
+const CHILD_TRANSPORT: &str = "OUTBOX_TEST_FAULT_CHILD_TRANSPORT";
 
 /// The child process of `consumer_killed...`: this test binary run again with this test alone.
 /// It consumes until killed; without its variables it does nothing.
@@ -134,9 +155,14 @@ async fn fault_child_consumer() {
     else {
         return;
     };
+    let kind = match std::env::var(CHILD_TRANSPORT) {
+        Ok(name) => TransportKind::from_name(&name)
+            .unwrap_or_else(|| panic!("child: {CHILD_TRANSPORT}={name} names no transport")),
+        Err(_) => TransportKind::Stomp,
+    };
     let db = pool(&url, 5).await;
     let consumer = Consumer::builder(db)
-        .config(config(RABBITMQ_STOMP))
+        .config(kind.config())
         .destination(destination)
         .in_flight(4)
         .build()
@@ -156,16 +182,29 @@ async fn fault_child_consumer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumer_killed_repeatedly_loses_nothing_and_duplicates_no_effect() {
+    consumer_killed_repeatedly(TransportKind::Stomp).await;
+}
+
+/// The same with the consumer (and the relay before it) over AMQP 0-9-1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_killed_repeatedly_over_amqp_loses_nothing_and_duplicates_no_effect() {
+    consumer_killed_repeatedly(TransportKind::Amqp).await;
+}
+
+/// Every message relayed over `kind`, then a child consumer over `kind` killed `kills` times
+/// during processing.
+async fn consumer_killed_repeatedly(kind: TransportKind) {
     let started = Instant::now();
     let n = counts(600, 5000);
     let kills = counts(6, 20);
     let test = TestDb::new(Backend::Postgres).await;
     create_effects_table(&test.db).await;
-    let (destination, queue, _wire_queue, _cleanup) = fresh_destination("fault_consumer_kill");
-    declare_consumer_queues(&destination).await;
+    let (destination, queue, _wire_queue, _cleanup) =
+        fresh_destination(&kind.summary_name("fault_consumer_kill"));
+    declare_consumer_queues_over(kind, &destination).await;
     enqueue_many(&test.db, &destination, n, 0).await;
     let report = Producer::builder(test.db.clone())
-        .config(config(RABBITMQ_STOMP))
+        .config(kind.config())
         .build()
         .unwrap()
         .drain()
@@ -184,6 +223,7 @@ async fn consumer_killed_repeatedly_loses_nothing_and_duplicates_no_effect() {
             ])
             .env(CHILD_DB, &test.url)
             .env(CHILD_DESTINATION, &destination)
+            .env(CHILD_TRANSPORT, kind.name())
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -212,7 +252,7 @@ async fn consumer_killed_repeatedly_loses_nothing_and_duplicates_no_effect() {
     let expected = outbox_ids(&test.db).await;
     let counted = count(&expected, &effect_counts(&test.db).await);
     summary(
-        "consumer_killed",
+        &kind.summary_name("consumer_killed"),
         &counted,
         0,
         &format!(
@@ -477,19 +517,32 @@ async fn poison_messages_end_where_spec_says_and_later_messages_flow() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_connections_cut_and_stalled_lose_nothing_and_duplicate_no_effect() {
+    broker_connections_cut_and_stalled(TransportKind::Stomp).await;
+}
+
+/// The same with the relay and the consumer over AMQP 0-9-1 (whose heartbeats are whole
+/// seconds: 1 s here, a stall noticed after 2 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_connections_cut_and_stalled_over_amqp_lose_nothing_and_duplicate_no_effect() {
+    broker_connections_cut_and_stalled(TransportKind::Amqp).await;
+}
+
+/// A relay and a consumer over `kind`, each through a proxy that cuts and stalls its link.
+async fn broker_connections_cut_and_stalled(kind: TransportKind) {
     let started = Instant::now();
     let waves = counts(6, 20);
     let per_wave = counts(100, 250);
     let n = waves * per_wave;
     let test = TestDb::new(Backend::Postgres).await;
     create_effects_table(&test.db).await;
-    let (destination, queue, wire_queue, _cleanup) = fresh_destination("fault_broker_link");
-    declare_consumer_queues(&destination).await;
+    let (destination, queue, wire_queue, _cleanup) =
+        fresh_destination(&kind.summary_name("fault_broker_link"));
+    declare_consumer_queues_over(kind, &destination).await;
     let mut wire = WireCounter::start(&destination, &wire_queue).await;
-    let relay_link = FaultProxy::start(stomp_addr()).await;
-    let consumer_link = FaultProxy::start(stomp_addr()).await;
+    let relay_link = FaultProxy::start(kind.broker_addr()).await;
+    let consumer_link = FaultProxy::start(kind.broker_addr()).await;
     let settings = |proxy: &FaultProxy| {
-        let mut settings = config(&proxy.addr().to_string());
+        let mut settings = kind.config_at(proxy.addr());
         settings.stomp_heartbeats = (Duration::from_millis(500), Duration::from_millis(500));
         settings
     };
@@ -539,7 +592,7 @@ async fn broker_connections_cut_and_stalled_lose_nothing_and_duplicate_no_effect
     let counted = count(&expected, &effect_counts(&test.db).await);
     let wire_duplicates = wire.duplicates(&expected).await;
     summary(
-        "broker_cut_and_stall",
+        &kind.summary_name("broker_cut_and_stall"),
         &counted,
         wire_duplicates,
         &format!(

@@ -14,8 +14,7 @@ use crate::common::stomp_peer::{
 };
 use crate::common::{count_with_status, eventually};
 use outbox::published::Column;
-use outbox::transport::StompTransport;
-use outbox::{OutboxConfig, Payload, Published, Status};
+use outbox::{OutboxConfig, Payload, Published, Secret, Status};
 use sea_orm::{
     ColumnTrait, ConnectOptions, ConnectionTrait, Database, DatabaseConnection, EntityTrait,
     PaginatorTrait, QueryFilter, Statement, TransactionTrait,
@@ -45,11 +44,102 @@ pub fn stomp_addr() -> SocketAddr {
     RABBITMQ_STOMP.parse().expect("an address")
 }
 
+/// RabbitMQ's AMQP 0-9-1 listener (guest/guest, vhost `/`).
+pub const RABBITMQ_AMQP: &str = "127.0.0.1:5672";
+
+/// The protocol a scenario's relay and consumer speak to RabbitMQ. Both reach the same queues:
+/// a queue declared over one is consumed over the other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportKind {
+    /// STOMP 1.2 through RabbitMQ's STOMP plugin (`OUTBOX_STOMP_HOST_AND_PORTS`).
+    Stomp,
+    /// AMQP 0-9-1 (`OUTBOX_BROKER_URL`).
+    Amqp,
+}
+
+impl TransportKind {
+    /// Its name, as a child process is told it ([`TransportKind::from_name`]).
+    pub fn name(self) -> &'static str {
+        match self {
+            TransportKind::Stomp => "stomp",
+            TransportKind::Amqp => "amqp",
+        }
+    }
+
+    /// The kind named `name` by [`TransportKind::name`].
+    pub fn from_name(name: &str) -> Option<TransportKind> {
+        [TransportKind::Stomp, TransportKind::Amqp]
+            .into_iter()
+            .find(|kind| kind.name() == name)
+    }
+
+    /// A scenario's summary name: `scenario` over STOMP, `scenario_amqp` over AMQP.
+    pub fn summary_name(self, scenario: &str) -> String {
+        match self {
+            TransportKind::Stomp => scenario.to_owned(),
+            TransportKind::Amqp => format!("{scenario}_amqp"),
+        }
+    }
+
+    /// RabbitMQ's listener for this protocol.
+    pub fn broker_addr(self) -> SocketAddr {
+        match self {
+            TransportKind::Stomp => stomp_addr(),
+            TransportKind::Amqp => RABBITMQ_AMQP.parse().expect("an address"),
+        }
+    }
+
+    /// Settings for tests ([`config`]'s short timings) for the broker at `addr`: RabbitMQ
+    /// itself, or a proxy in front of it.
+    pub fn config_at(self, addr: SocketAddr) -> OutboxConfig {
+        match self {
+            TransportKind::Stomp => config(&addr.to_string()),
+            TransportKind::Amqp => {
+                let mut config = short_timings(OutboxConfig::default());
+                config.broker_url = vec![Secret::new(amqp_url(addr))];
+                config
+            }
+        }
+    }
+
+    /// Settings for tests for RabbitMQ itself.
+    pub fn config(self) -> OutboxConfig {
+        self.config_at(self.broker_addr())
+    }
+
+    /// Points an `outbox` command at the broker at `addr` over this protocol, removing the
+    /// other protocol's variable (inherited, it would contradict this one).
+    pub fn point_command(
+        self,
+        command: &mut tokio::process::Command,
+        addr: SocketAddr,
+    ) -> &mut tokio::process::Command {
+        match self {
+            TransportKind::Stomp => command
+                .env_remove("OUTBOX_BROKER_URL")
+                .env("OUTBOX_STOMP_HOST_AND_PORTS", addr.to_string()),
+            TransportKind::Amqp => command
+                .env_remove("OUTBOX_STOMP_HOST_AND_PORTS")
+                .env("OUTBOX_BROKER_URL", amqp_url(addr)),
+        }
+    }
+}
+
+/// The AMQP URL of RabbitMQ's guest user and vhost `/` at `addr`.
+fn amqp_url(addr: SocketAddr) -> String {
+    format!("amqp://guest:guest@{addr}/%2f")
+}
+
 /// Settings for tests: the given broker, short timings.
 pub fn config(broker: &str) -> OutboxConfig {
     let (host, port) = broker.rsplit_once(':').expect("host:port");
     let mut config = OutboxConfig::default();
     config.stomp_host_and_ports = vec![(host.to_owned(), port.parse().expect("port"))];
+    short_timings(config)
+}
+
+/// `config` with the tests' short timings.
+fn short_timings(mut config: OutboxConfig) -> OutboxConfig {
     config.receipt_timeout = Duration::from_secs(2);
     config.producer_lease = Duration::from_secs(4);
     config.maximum_backoff = Duration::from_millis(300);
@@ -249,12 +339,17 @@ pub async fn enqueue_many(db: &DatabaseConnection, destination: &str, count: usi
     }
 }
 
-/// Declares the consumer's queues (bound to the topic) on RabbitMQ, and a second queue bound to
-/// the same topic that [`WireCounter`] reads.
+/// Declares the consumer's queues (bound to the topic, and its dead-letter queue) on RabbitMQ,
+/// over STOMP.
 pub async fn declare_consumer_queues(destination: &str) {
-    let settings = config(RABBITMQ_STOMP);
-    let broker = StompTransport::new(&settings).expect("transport");
-    outbox::declare(&broker, &settings, destination, None)
+    declare_consumer_queues_over(TransportKind::Stomp, destination).await;
+}
+
+/// Declares the consumer's queues over `kind`, as a consumer over `kind` declares them.
+pub async fn declare_consumer_queues_over(kind: TransportKind, destination: &str) {
+    let settings = kind.config();
+    let broker = outbox::transport::from_config(&settings).expect("transport");
+    outbox::declare(broker.as_ref(), &settings, destination, None)
         .await
         .expect("declare the queues");
 }
