@@ -30,12 +30,12 @@ pub enum Error {
         entity: &'static str,
     },
 
-    /// A message with an ordering key written on PostgreSQL on an autocommit connection: the
-    /// lock that keeps the key's writers in commit order lasts only as long as a transaction.
-    /// Refused before anything is written.
+    /// A message with an ordering key written on PostgreSQL, MariaDB or MySQL on an autocommit
+    /// connection: the lock that keeps the key's writers in commit order lasts only as long as a
+    /// transaction. Refused before anything is written.
     #[error(
-        "refusing to write a keyed outbox message outside a transaction on PostgreSQL (connection \
-         type `{connection}`): the writers of one key are serialised by a transaction-scoped lock; \
+        "refusing to write a keyed outbox message outside a transaction (connection type \
+         `{connection}`): the writers of one key are serialised by a transaction-scoped lock; \
          write it inside `outbox::transaction(&db, ..)` or on a `DatabaseTransaction`"
     )]
     KeyedOutsideTransaction {

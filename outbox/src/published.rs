@@ -409,14 +409,17 @@ fn insert_with_sequence(rows: &[Model]) -> Result<sea_orm::sea_query::InsertStat
     Ok(insert)
 }
 
-/// On PostgreSQL, before keyed rows are inserted: takes a transaction-scoped advisory lock per
-/// key, in one order (by hash), so that the writers of one key run one after the other until
-/// they commit. Sequence numbers are drawn after the lock, at insert: per key, `seq` order is
-/// then commit order, and no relay can see a later row of a key while an earlier one may still
-/// commit. A statement on an autocommit connection would release the lock before its insert: a
-/// keyed row is refused there.
+/// Before keyed rows are inserted, holds each key until the transaction ends, in one order, so
+/// that the writers of one key run one after the other until they commit: on PostgreSQL a
+/// transaction-scoped advisory lock per key (by hash), on MariaDB and MySQL the row of the key's
+/// bucket in `outbox_key_lock` (`SELECT .. FOR UPDATE`; migration
+/// `outbox_m20261201_000005_add_key_locks`); SQLite has one writer at a time anyway. Sequence numbers
+/// are drawn after the lock, at insert: per key, `seq` order is then commit order, and no relay
+/// can see a later row of a key while an earlier one may still commit. A statement on an
+/// autocommit connection would release the lock before its insert: a keyed row is refused there.
 async fn lock_keys<C: ConnectionTrait>(conn: &C, rows: &[Model]) -> Result<(), Error> {
-    if conn.get_database_backend() != sea_orm::DbBackend::Postgres {
+    let backend = conn.get_database_backend();
+    if backend == sea_orm::DbBackend::Sqlite {
         return Ok(());
     }
     let mut hashes: Vec<i64> = rows
@@ -432,20 +435,40 @@ async fn lock_keys<C: ConnectionTrait>(conn: &C, rows: &[Model]) -> Result<(), E
             connection: std::any::type_name::<C>(),
         });
     }
-    hashes.sort_unstable();
-    hashes.dedup();
-    // `unnest` yields the array in order: the locks are taken in ascending order, so two
-    // writers that lock the same keys in one call never deadlock.
     // The ids are numbers this function computed: written into the statement, which then needs
-    // no array binding (a feature of the PostgreSQL driver alone).
-    let ids: Vec<String> = hashes.iter().map(i64::to_string).collect();
-    conn.execute_unprepared(&format!(
-        "SELECT count(pg_advisory_xact_lock(k)) FROM unnest(ARRAY[{}]::bigint[]) AS k",
-        ids.join(",")
-    ))
-    .await?;
+    // no array binding.
+    let statement = if backend == sea_orm::DbBackend::Postgres {
+        hashes.sort_unstable();
+        hashes.dedup();
+        // `unnest` yields the array in order: the locks are taken in ascending order, so two
+        // writers that lock the same keys in one call never deadlock.
+        let ids: Vec<String> = hashes.iter().map(i64::to_string).collect();
+        format!(
+            "SELECT count(pg_advisory_xact_lock(k)) FROM unnest(ARRAY[{}]::bigint[]) AS k",
+            ids.join(",")
+        )
+    } else {
+        let mut buckets: Vec<u64> = hashes
+            .iter()
+            .map(|hash| hash.unsigned_abs() % KEY_LOCK_BUCKETS)
+            .collect();
+        buckets.sort_unstable();
+        buckets.dedup();
+        // Rows of the primary key, read in ascending order: locked in that order, and only
+        // those records (no gap lock for an equality on a unique key).
+        let ids: Vec<String> = buckets.iter().map(u64::to_string).collect();
+        format!(
+            "SELECT bucket FROM outbox_key_lock WHERE bucket IN ({}) ORDER BY bucket FOR UPDATE",
+            ids.join(",")
+        )
+    };
+    conn.execute_unprepared(&statement).await?;
     Ok(())
 }
+
+/// The rows of `outbox_key_lock` on MariaDB and MySQL: a key locks row
+/// `|key_lock_id(key)| % KEY_LOCK_BUCKETS`.
+pub(crate) const KEY_LOCK_BUCKETS: u64 = 65_536;
 
 /// The advisory lock id of an ordering key: FNV-1a (64 bits) of its bytes, fixed so that every
 /// process of every version takes the same lock for the same key.

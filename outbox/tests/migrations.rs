@@ -24,6 +24,8 @@ const ADOPT_MIGRATION_NAME: &str = "outbox_m20261201_000001_adopt_django_tables"
 const KEYS_MIGRATION_NAME: &str = "outbox_m20261201_000002_add_message_keys";
 /// The trigger notifies only while a relay is idle (PostgreSQL; nothing elsewhere).
 const IDLE_MIGRATION_NAME: &str = "outbox_m20261201_000004_notify_idle_relays_only";
+/// The rows keyed writers lock (MariaDB and MySQL; nothing elsewhere).
+const KEY_LOCKS_MIGRATION_NAME: &str = "outbox_m20261201_000005_add_key_locks";
 const TABLES: [&str; 3] = ["published", "received", "outbox_housekeeping"];
 
 /// Runs one specification against each backend, as `<spec>::postgres`, `<spec>::mariadb` and
@@ -71,6 +73,11 @@ async fn up_creates_the_three_outbox_tables(backend: Backend) {
             manager.has_table(table).await.unwrap(),
             "{table} missing on {backend:?}"
         );
+    }
+    // The rows keyed writers lock, on MariaDB and MySQL only.
+    match backend {
+        Backend::MariaDb => assert_eq!(count(&t, "outbox_key_lock").await, 65_536),
+        _ => assert!(!manager.has_table("outbox_key_lock").await.unwrap()),
     }
     insert(&t.db, "published", &published_row()).await.unwrap();
     insert(&t.db, "received", &received_row("orders", Some("m-1")))
@@ -259,7 +266,7 @@ async fn down_drops_the_tables_and_up_recreates_them(backend: Backend) {
 
     Migrator::down(&t.db, None).await.unwrap();
     let manager = SchemaManager::new(&t.db);
-    for table in TABLES {
+    for table in TABLES.iter().chain(&["outbox_key_lock"]) {
         assert!(
             !manager.has_table(table).await.unwrap(),
             "{table} left behind on {backend:?}"
@@ -295,7 +302,8 @@ async fn applied_migration_is_recorded_under_its_namespaced_name(backend: Backen
             MIGRATION_NAME,
             ADOPT_MIGRATION_NAME,
             KEYS_MIGRATION_NAME,
-            IDLE_MIGRATION_NAME
+            IDLE_MIGRATION_NAME,
+            KEY_LOCKS_MIGRATION_NAME
         ]
     );
     assert!(
