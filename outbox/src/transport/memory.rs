@@ -64,7 +64,10 @@ const ADDRESS: &str = "memory";
 /// Deliveries a subscription's receiver buffers before its forwarding task waits.
 const RECEIVER_CAPACITY: usize = 64;
 
-/// The SUBSCRIBE headers RabbitMQ turns into queue arguments (and compares on redeclaration).
+/// The SUBSCRIBE headers RabbitMQ's STOMP plugin turns into queue arguments (and the broker
+/// compares on redeclaration); it drops any other `x-*` header (`x-overflow`, `x-queue-mode`,
+/// `x-single-active-consumer`, ...). Those of RabbitMQ 3.10, and the stream arguments of later
+/// versions.
 const QUEUE_ARGUMENTS: &[&str] = &[
     "x-dead-letter-exchange",
     "x-dead-letter-routing-key",
@@ -73,8 +76,8 @@ const QUEUE_ARGUMENTS: &[&str] = &[
     "x-max-length-bytes",
     "x-max-priority",
     "x-message-ttl",
-    "x-overflow",
-    "x-queue-mode",
+    "x-max-age",
+    "x-stream-max-segment-size-bytes",
     "x-queue-type",
 ];
 
