@@ -80,7 +80,7 @@ async fn poison_destination_on_mariadb() {
 
 /// Three runs of 3,000 good rows on one consumer: without a culprit (the reference rate); with
 /// one row to a missing exchange in the middle, on the default settings (only the culprit is
-/// charged, copies on the wire bounded by 3 batches); with two culprits in different batches
+/// charged, copies on the wire bounded by the batches in flight); with two culprits in different batches
 /// retried without pauses (the good rows' rate, printed beside the reference).
 async fn poison_destination(backend: Backend, name: &str) {
     let started = Instant::now();
@@ -145,9 +145,10 @@ async fn poison_destination(backend: Backend, name: &str) {
         .collect();
     let copies_beyond = wire.duplicates(&first_two).await;
     let chunk = default_settings().published_chunk_size as usize;
+    let in_flight = default_settings().relay_batches_in_flight as usize;
     assert!(
-        copies_beyond <= 3 * chunk,
-        "{copies_beyond} copies beyond one per row; at most 3 x {chunk}"
+        copies_beyond <= in_flight * chunk,
+        "{copies_beyond} copies beyond one per row; at most {in_flight} x {chunk}"
     );
     let culprit_retry = rows(&test.db)
         .await
@@ -225,7 +226,7 @@ async fn poison_destination(backend: Backend, name: &str) {
         &format!(
             "culprit_retry={culprit_retry} copies_beyond_one={copies_beyond} bound={} \
              clean_rate={clean_rate:.0}/s two_culprits_rate={poisoned_rate:.0}/s ratio={:.2}{broken_extra} secs={:.1}",
-            3 * chunk,
+            in_flight * chunk,
             poisoned_rate / clean_rate,
             started.elapsed().as_secs_f64()
         ),

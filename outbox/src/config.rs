@@ -92,6 +92,13 @@ pub struct OutboxConfig {
     /// Rows per relay batch. Default 200 (1 to [`MAX_PUBLISHED_CHUNK_SIZE`]: a batch is marked
     /// sent in one statement with a bind parameter per row).
     pub published_chunk_size: u32,
+    /// Batches a relay keeps in flight at once on its broker connection, each claimed, sent and
+    /// marked on its own: while one waits for its receipts, another is claimed or marked.
+    /// Default 3 (1 to [`MAX_RELAY_BATCHES_IN_FLIGHT`]). More batches use more of the database
+    /// and the broker at once (5 moved 5% more over STOMP and 17% more over AMQP on the
+    /// benchmark machine), hold more claimed rows in memory, and put more copies on the wire
+    /// after a refusal that closes the connection (up to this many batches of them).
+    pub relay_batches_in_flight: u32,
     /// The relay's polling interval when nothing wakes it. Default 1 s (fractions allowed;
     /// 0.01 s to 3600 s).
     pub producer_waiting_time: Duration,
@@ -160,6 +167,7 @@ impl Default for OutboxConfig {
             pause_for_retry: Duration::from_secs(240),
             wait_retry: Duration::from_secs(60),
             published_chunk_size: 200,
+            relay_batches_in_flight: 3,
             producer_waiting_time: Duration::from_secs(1),
             producer_lease: Duration::from_secs(60),
             days_to_keep_data: 30,
@@ -250,6 +258,9 @@ impl OutboxConfig {
             "OUTBOX_WAIT_RETRY" => self.wait_retry = parse_seconds(value).map_err(bad)?,
             "OUTBOX_PUBLISHED_CHUNK_SIZE" => {
                 self.published_chunk_size = parse_number(value).map_err(bad)?
+            }
+            "OUTBOX_RELAY_BATCHES_IN_FLIGHT" => {
+                self.relay_batches_in_flight = parse_number(value).map_err(bad)?
             }
             "OUTBOX_PRODUCER_WAITING_TIME" => {
                 self.producer_waiting_time = parse_seconds(value).map_err(bad)?
@@ -495,7 +506,7 @@ impl OutboxConfig {
     }
 
     /// The counts, with their variables and ranges.
-    fn count_settings(&self) -> [(&'static str, u64, Range<u64>); 6] {
+    fn count_settings(&self) -> [(&'static str, u64, Range<u64>); 7] {
         let within = |min, max| Range { min, max };
         [
             (
@@ -512,6 +523,11 @@ impl OutboxConfig {
                 "OUTBOX_PUBLISHED_CHUNK_SIZE",
                 u64::from(self.published_chunk_size),
                 within(1, u64::from(MAX_PUBLISHED_CHUNK_SIZE)),
+            ),
+            (
+                "OUTBOX_RELAY_BATCHES_IN_FLIGHT",
+                u64::from(self.relay_batches_in_flight),
+                within(1, u64::from(MAX_RELAY_BATCHES_IN_FLIGHT)),
             ),
             (
                 "OUTBOX_DAYS_TO_KEEP_DATA",
@@ -543,6 +559,9 @@ impl OutboxConfig {
         Ok(())
     }
 }
+
+/// The most batches a relay keeps in flight (`relay_batches_in_flight`).
+pub const MAX_RELAY_BATCHES_IN_FLIGHT: u32 = 64;
 
 /// The largest `published_chunk_size`. A batch is marked sent (and released) in one UPDATE with
 /// one bind parameter per row and five more (the claim token, the status and the three cleared
@@ -936,6 +955,7 @@ mod tests {
         assert_eq!(c.pause_for_retry, Duration::from_secs(240));
         assert_eq!(c.wait_retry, Duration::from_secs(60));
         assert_eq!(c.published_chunk_size, 200);
+        assert_eq!(c.relay_batches_in_flight, 3);
         assert_eq!(c.producer_waiting_time, Duration::from_secs(1));
         assert_eq!(c.maximum_backoff, Duration::from_secs(3600));
         assert_eq!(c.days_to_keep_data, 30);
@@ -1026,6 +1046,8 @@ mod tests {
                 "between 1 and 32761",
             ),
             ("OUTBOX_PUBLISHED_CHUNK_SIZE", "0", "between 1 and 32761"),
+            ("OUTBOX_RELAY_BATCHES_IN_FLIGHT", "0", "between 1 and 64"),
+            ("OUTBOX_RELAY_BATCHES_IN_FLIGHT", "65", "between 1 and 64"),
             (
                 "OUTBOX_PAUSE_FOR_RETRY",
                 "99999999999999",
@@ -1107,6 +1129,7 @@ mod tests {
         let c = OutboxConfig::from_vars(vars(&[
             ("OUTBOX_DAYS_TO_KEEP_DATA", "36500"),
             ("OUTBOX_PUBLISHED_CHUNK_SIZE", "32761"),
+            ("OUTBOX_RELAY_BATCHES_IN_FLIGHT", "64"),
             ("OUTBOX_STOMP_HEARTBEATS", "3600000,0"),
             ("OUTBOX_CONSUMER_CALLBACK_TIMEOUT", "0.01"),
             ("OUTBOX_CONSUMER_MAX_RETRY_ATTEMPTS", "0"),

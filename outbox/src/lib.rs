@@ -91,7 +91,10 @@ pub mod __private {
     pub use crate::private::*;
 }
 
-pub use config::{MAX_PUBLISHED_CHUNK_SIZE, OutboxConfig, Secret, Unroutable, redact_credentials};
+pub use config::{
+    MAX_PUBLISHED_CHUNK_SIZE, MAX_RELAY_BATCHES_IN_FLIGHT, OutboxConfig, Secret, Unroutable,
+    redact_credentials,
+};
 pub use consumer::{Consumer, ConsumerBuilder, ConsumerHandle, Topology, declare, subscribe};
 pub use error::{Error, Result};
 pub use headers::{correlation_id, with_correlation_id};

@@ -49,10 +49,6 @@ use crate::{Error, OutboxConfig, headers, retention, wake};
 /// The PostgreSQL channel the outbox table's trigger notifies at every commit that inserted rows.
 pub const NOTIFY_CHANNEL: &str = "outbox_published";
 
-/// Batches a relay has in flight at once: the database work of one overlaps the broker's work
-/// on another.
-const BATCHES_IN_FLIGHT: usize = 3;
-
 /// The longest pause after rows were given back by a broker that was reachable but did not
 /// keep up (receipts late, or a connection it stopped reading during a memory alarm): the
 /// receipt timeout already paced the attempt, and sending resumes this soon after the alarm
@@ -360,14 +356,15 @@ impl Producer {
         Ok(())
     }
 
-    /// [`BATCHES_IN_FLIGHT`] workers at once, on the one broker connection, each claiming and
+    /// `relay_batches_in_flight` workers at once (a setting, `OUTBOX_RELAY_BATCHES_IN_FLIGHT`), on
+    /// the one broker connection, each claiming and
     /// settling batch after batch until nothing is due (or a batch lost its connection, or the
     /// relay stops): while one batch waits for its receipts, the next is being claimed or
     /// marked, and a batch slowed by a suspect holds up no other.
     async fn rounds(&self) -> Result<RoundReport, Error> {
         self.link_failed.store(false, Ordering::Relaxed);
-        let reports =
-            futures::future::join_all((0..BATCHES_IN_FLIGHT).map(|_| self.worker())).await;
+        let workers = self.config.relay_batches_in_flight.max(1);
+        let reports = futures::future::join_all((0..workers).map(|_| self.worker())).await;
         let mut total = RoundReport::default();
         for report in reports {
             total += report?;

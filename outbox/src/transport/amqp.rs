@@ -48,8 +48,8 @@ use routing::{Endpoint, QueueKind};
 mod routing;
 
 /// The most publishes awaiting their confirms at once on a connection: RabbitMQ's own figures
-/// gain most between 20 and 200 in flight, and the relay keeps three batches of up to 200 rows
-/// going.
+/// gain most between 20 and 200 in flight, and the relay keeps `OUTBOX_RELAY_BATCHES_IN_FLIGHT`
+/// batches (3 by default) of up to 200 rows going.
 pub const CONFIRM_WINDOW: usize = 1024;
 /// Deliveries buffered per subscription beyond its prefetch.
 const DELIVERY_QUEUE: usize = 1024;
