@@ -588,6 +588,30 @@ mod concurrent_writers {
         test.drop_database().await;
     }
 
+    /// MariaDB without the key-lock migration: a keyed write names the migration to run.
+    #[tokio::test]
+    async fn mariadb_without_the_key_locks_names_the_migration() {
+        let test = TestDb::new(Backend::MariaDb).await;
+        test.db
+            .execute_unprepared("DROP TABLE outbox_key_lock")
+            .await
+            .unwrap();
+        let txn = test.db.begin().await.unwrap();
+        let refused = Message::from_json("/topic/race", json!({"n": 1}))
+            .key("race")
+            .enqueue(&txn)
+            .await
+            .expect_err("no lock table");
+        assert!(
+            refused
+                .to_string()
+                .contains("outbox_m20261201_000005_add_key_locks"),
+            "{refused}"
+        );
+        txn.rollback().await.unwrap();
+        test.drop_database().await;
+    }
+
     /// MariaDB: writers of different keys do not wait for each other (unless their keys share
     /// one of the 65,536 lock rows).
     #[tokio::test]
