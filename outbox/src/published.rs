@@ -465,7 +465,11 @@ async fn lock_keys<C: ConnectionTrait>(conn: &C, rows: &[Model]) -> Result<(), E
     match conn.execute_unprepared(&statement).await {
         Ok(_) => Ok(()),
         // A database the library's latest migrations did not reach: say which one is missing.
-        Err(err) if backend != sea_orm::DbBackend::Postgres && err.to_string().contains("1146") => {
+        Err(err)
+            if backend != sea_orm::DbBackend::Postgres
+                && err.to_string().contains("1146")
+                && err.to_string().contains("outbox_key_lock") =>
+        {
             Err(Error::Database(DbErr::Custom(format!(
                 "a keyed write needs the table outbox_key_lock: run the outbox's migrations \
                  (outbox_m20261201_000005_add_key_locks) ({err})"

@@ -510,24 +510,34 @@ impl Link {
                 }
             }
         }
-        // Each distinct exchange checked once, each queue a SEND would declare declared once.
-        let mut refused: HashMap<String, TransportError> = HashMap::new();
-        for (index, endpoint, _) in &plans {
-            let key = match endpoint {
-                Endpoint::Topic(_) | Endpoint::Exchange(..) => endpoint.routing().0.to_owned(),
-                Endpoint::Queue(name) => format!("queue:{name}"),
-                Endpoint::AmqQueue(_) | Endpoint::ReplyQueue(_) => continue,
+        // Each distinct exchange checked once, each queue a SEND would declare declared once,
+        // before anything is published: the refused ones by key, the others in `checked`.
+        let keys: Vec<Option<String>> = plans
+            .iter()
+            .map(|(_, endpoint, _)| match endpoint {
+                Endpoint::Topic(_) | Endpoint::Exchange(..) => {
+                    Some(endpoint.routing().0.to_owned())
+                }
+                Endpoint::Queue(name) => Some(format!("queue:{name}")),
+                Endpoint::AmqQueue(_) | Endpoint::ReplyQueue(_) => None,
+            })
+            .collect();
+        let mut checked: HashSet<&str> = HashSet::new();
+        let mut refused: HashMap<&str, TransportError> = HashMap::new();
+        for ((index, endpoint, _), key) in plans.iter().zip(&keys) {
+            let Some(key) = key.as_deref() else {
+                continue;
             };
-            if refused.contains_key(&key) {
+            if !checked.insert(key) {
                 continue;
             }
-            let checked = match endpoint {
+            let check = match endpoint {
                 Endpoint::Queue(name) => {
                     self.declare_for_send(name, &messages[*index].headers).await
                 }
-                _ => self.check_exchange(&key).await,
+                _ => self.check_exchange(key).await,
             };
-            match checked {
+            match check {
                 Ok(()) => {}
                 Err(err @ TransportError::Broker { .. }) => {
                     refused.insert(key, err);
@@ -536,12 +546,8 @@ impl Link {
             }
         }
         let mut pending = Vec::with_capacity(plans.len());
-        for (index, endpoint, properties) in plans {
-            let key = match &endpoint {
-                Endpoint::Queue(name) => format!("queue:{name}"),
-                other => other.routing().0.to_owned(),
-            };
-            if let Some(err) = refused.get(&key) {
+        for ((index, endpoint, properties), key) in plans.into_iter().zip(&keys) {
+            if let Some(err) = key.as_deref().and_then(|key| refused.get(key)) {
                 outcomes[index] = Some(Outcome::Refused(err.clone()));
                 continue;
             }
