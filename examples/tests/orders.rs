@@ -11,8 +11,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use outbox::producer::RoundReport;
+use outbox::tables::published::Status;
 use outbox::transport::{MemoryTransport, Outgoing};
-use outbox::{Consumer, OutboxConfig, Published, Received, RoundReport, Status};
+use outbox::{Consumer, OutboxConfig, Published, Received};
 use outbox_examples::orders::shipping::{self, ORDERS_DESTINATION, SHIPPING_QUEUE};
 use outbox_examples::orders::{database, order, place_order, shipment};
 use sea_orm::ActiveValue::Set;
@@ -192,7 +194,7 @@ async fn shipping_ships_an_order_once_even_when_its_message_comes_twice() {
     let consumer = shipping_consumer(&test.db, &broker).await;
     // As selling's relay would send it; twice, as after an acknowledgement lost on the way.
     for _ in 0..2 {
-        outbox::send_with(
+        outbox::send::send_with(
             &broker,
             ORDERS_DESTINATION,
             &json!({"id": 7, "customer": "grace", "total_cents": 990}),
@@ -216,7 +218,7 @@ async fn a_message_that_is_not_an_order_is_dead_lettered_and_ships_nothing() {
     let test = TestDb::new().await;
     let broker = MemoryTransport::new();
     let consumer = shipping_consumer(&test.db, &broker).await;
-    outbox::send_with(
+    outbox::send::send_with(
         &broker,
         ORDERS_DESTINATION,
         &json!({"sku": "A-1"}),

@@ -5,8 +5,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use outbox::tables::published::Status;
 use outbox::transport::{AckMode, Outgoing, StompTransport, Subscription, Transport};
-use outbox::{OutboxConfig, Producer, Published, Status};
+use outbox::{OutboxConfig, Producer, Published};
 use sea_orm::ActiveValue::Set;
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter,
@@ -99,7 +100,7 @@ impl Settings {
         match transport {
             TransportKind::Stomp => config = stomp.clone(),
             TransportKind::Amqp if config.broker_url.is_empty() => {
-                config.broker_url = vec![outbox::Secret::new(DEFAULT_AMQP_URL)];
+                config.broker_url = vec![outbox::config::Secret::new(DEFAULT_AMQP_URL)];
                 config.validate()?;
             }
             TransportKind::Amqp => {}
@@ -384,7 +385,7 @@ pub async fn relay_keyed(settings: &Settings, n: usize) -> Result<(), BoxError> 
 
 async fn sent_count(scratch: &Scratch) -> Result<u64, BoxError> {
     Ok(Published::find()
-        .filter(outbox::published::Column::Status.eq(Status::Succeeded))
+        .filter(outbox::tables::published::Column::Status.eq(Status::Succeeded))
         .count(&scratch.db)
         .await?)
 }
@@ -1061,7 +1062,7 @@ async fn fill_queue(settings: &Settings, n: usize) -> Result<(String, String), B
     let key = format!("outbox_bench_{}", uuid::Uuid::new_v4().simple());
     let destination = format!("/topic/{key}");
     let transport = StompTransport::new(&settings.config)?;
-    outbox::declare(&transport, &settings.config, &destination, Some(&key)).await?;
+    outbox::consumer::declare(&transport, &settings.config, &destination, Some(&key)).await?;
     let messages: Vec<Outgoing> = (0..n).map(|i| bench_message(&destination, i)).collect();
     for chunk in messages.chunks(settings.config.published_chunk_size as usize) {
         if let Some(err) = transport.send(chunk).await.failure().cloned() {

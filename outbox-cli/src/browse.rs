@@ -3,10 +3,10 @@
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use clap::{Args, Subcommand, ValueEnum};
-use outbox::Status;
 use outbox::ops::{FindReceived, FindRows};
-use outbox::published::Model as Row;
-use outbox::received::Model as ReceivedRow;
+use outbox::tables::published::Model as Row;
+use outbox::tables::published::Status;
+use outbox::tables::received::Model as ReceivedRow;
 use serde_json::Value;
 use uuid::Uuid;
 

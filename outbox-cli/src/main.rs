@@ -306,7 +306,7 @@ async fn main() -> ExitCode {
 }
 
 /// Takes the secrets of this run out of every error and log line: the credentials of any URL
-/// ([`outbox::redact_credentials`]), and, wherever they appear, the database password and the
+/// ([`outbox::config::redact_credentials`]), and, wherever they appear, the database password and the
 /// broker passcode this run was given, as written, percent-decoded and percent-encoded (a driver
 /// may quote any of these, and an unparsable URL is quoted whole).
 struct Redactor {
@@ -352,7 +352,7 @@ impl Redactor {
                 text = text.replace(secret.as_str(), "***");
             }
         }
-        outbox::redact_credentials(&text)
+        outbox::config::redact_credentials(&text)
     }
 }
 
@@ -426,7 +426,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Publish => {
             let db = connect(url, None).await?;
             let producer = outbox::Producer::builder(db).config(config).build()?;
-            Ok(producer.run_until(outbox::shutdown_signal()).await?)
+            Ok(producer.run_until(outbox::shutdown::signal()).await?)
         }
         Command::Status(args) if args.check => {
             let db = connect(url, Some(OPERATION_POOL)).await?;
@@ -575,7 +575,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Declare(args) => {
             let broker = outbox::transport::from_config(&config)?;
             let mut topology =
-                outbox::Topology::new(&config, &args.destination, args.queue.as_deref())?;
+                outbox::consumer::Topology::new(&config, &args.destination, args.queue.as_deref())?;
             if args.single_active_consumer {
                 topology = topology.with_single_active_consumer(true);
             }

@@ -16,8 +16,9 @@ use common::stomp_peer::{
     QueueCleanup, RABBITMQ_STOMP, StompPeer, queue_message_count, topic_reader, unique,
 };
 use common::{Backend, TestDb, eventually, on_every_backend};
-use outbox::published::{Column, Model as Row};
-use outbox::{Consumer, OutboxConfig, Payload, Published, Received, Status};
+use outbox::tables::published::Status;
+use outbox::tables::published::{Column, Model as Row};
+use outbox::{Consumer, OutboxConfig, Payload, Published, Received};
 use sea_orm::ActiveValue::Set;
 use sea_orm::sea_query::Expr;
 use sea_orm::{
@@ -132,7 +133,7 @@ async fn set(db: &DatabaseConnection, ids: &[Uuid], status: Status, days: i64) {
 /// An inbox row for `queue`.
 async fn receive(db: &DatabaseConnection, queue: &str) {
     let now = Utc::now();
-    let row = outbox::received::ActiveModel {
+    let row = outbox::tables::received::ActiveModel {
         id: Set(Uuid::new_v4()),
         queue: Set(queue.to_owned()),
         msg_id: Set(Some(Uuid::new_v4().to_string())),
@@ -1110,7 +1111,7 @@ async fn secrets_never_show_in_any_error_or_log_line() {
     let destination = format!("/topic/{queue}");
     let mut config = consumer_config();
     config.stomp_username = user.0.clone();
-    config.stomp_passcode = outbox::Secret::new(PASSCODE);
+    config.stomp_passcode = outbox::config::Secret::new(PASSCODE);
     config.consumer_max_retry_attempts = 0;
     let consumer = Consumer::builder(test.db.clone())
         .config(config)
@@ -1247,7 +1248,7 @@ async fn list_show_and_received_list_find_one_message_by_its_filters() {
     let queue = unique("cli_received");
     let inbox = Received::find().all(&test.db).await.unwrap();
     assert!(inbox.is_empty());
-    let consumed = outbox::received::ActiveModel {
+    let consumed = outbox::tables::received::ActiveModel {
         id: Set(Uuid::new_v4()),
         queue: Set(queue.clone()),
         msg_id: Set(Some(prices[0].to_string())),

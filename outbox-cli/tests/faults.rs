@@ -35,8 +35,10 @@ use common::proxy::FaultProxy;
 use common::stomp_peer::{RABBITMQ_STOMP, StompPeer, queue_message_count, unique};
 use common::{Backend, TestDb, count_with_status, eventually};
 use harness::*;
+use outbox::config::Secret;
+use outbox::tables::published::Status;
 use outbox::transport::{StompTransport, Transport, TransportError};
-use outbox::{Consumer, OutboxConfig, Payload, Producer, Secret, Status};
+use outbox::{Consumer, OutboxConfig, Payload, Producer};
 use sea_orm::{ConnectionTrait, EntityTrait, Statement, TransactionTrait};
 use serde_json::json;
 
@@ -308,7 +310,7 @@ impl PoisonProbe {
                 *self.big_len.lock().unwrap() = payload.body()["pad"].as_str().map(|pad| pad.len());
             }
             "fail" => return Err("the callback always refuses this one".into()),
-            "transient" => return Err(outbox::Transient::new("never comes back").into()),
+            "transient" => return Err(outbox::consumer::Transient::new("never comes back").into()),
             "panic" => panic!("the callback panics on this one (on purpose)"),
             "hang" => {
                 while !self.release_hang.load(Ordering::SeqCst) {
@@ -720,7 +722,7 @@ async fn hostile_configuration_is_refused_clearly_and_never_logs_the_passcode() 
     consumer.stop().await.expect("the consumer stops cleanly");
     assert_eq!(count_with_status(&test.db, Status::Schedule).await, 3);
     assert!(
-        outbox::published::Entity::find()
+        outbox::tables::published::Entity::find()
             .all(&test.db)
             .await
             .unwrap()

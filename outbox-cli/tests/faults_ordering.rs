@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 use common::stomp_peer::{RABBITMQ_STOMP, unique};
 use common::{Backend, TestDb, count_with_status};
 use harness::*;
-use outbox::{Consumer, Message, Payload, Producer, Status};
+use outbox::tables::published::Status;
+use outbox::{Consumer, Message, Payload, Producer};
 use sea_orm::{ConnectionTrait, DatabaseConnection, Statement, TransactionTrait};
 use serde_json::json;
 

@@ -21,11 +21,12 @@ use std::time::{Duration, Instant};
 use common::stomp_peer::{RABBITMQ_STOMP, unique};
 use common::{Backend, TestDb, eventually};
 use harness::*;
-use outbox::published::{Column, Model as Row};
+use outbox::tables::published::Status;
+use outbox::tables::published::{Column, Model as Row};
 use outbox::transport::{
     Delivery, Outgoing, SendReport, StompTransport, Subscription, Transport, TransportError,
 };
-use outbox::{Consumer, OutboxConfig, Producer, Published, Status};
+use outbox::{Consumer, OutboxConfig, Producer, Published};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, QueryFilter, Statement,
 };

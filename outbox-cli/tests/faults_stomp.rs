@@ -26,8 +26,9 @@ use common::{Backend, TestDb, count_with_status, eventually};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
-use outbox::published::Column;
-use outbox::{Consumer, Payload, Published, Status};
+use outbox::tables::published::Column;
+use outbox::tables::published::Status;
+use outbox::{Consumer, Payload, Published};
 use sea_orm::{ColumnTrait, Condition, EntityTrait, PaginatorTrait, QueryFilter, TransactionTrait};
 use serde_json::json;
 

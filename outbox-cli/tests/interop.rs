@@ -25,7 +25,8 @@ use common::stomp_peer::{QueueCleanup, RABBITMQ_STOMP, StompPeer, unescape, uniq
 use common::{Backend, TestDb, eventually};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
-use outbox::{Consumer, ConsumerHandle, OutboxConfig, Payload};
+use outbox::consumer::ConsumerHandle;
+use outbox::{Consumer, OutboxConfig, Payload};
 use sea_orm::{ConnectionTrait, DatabaseConnection, EntityTrait, Statement};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -774,7 +775,7 @@ async fn the_same_row_sent_by_both_relays() {
         .await
         .expect("read Django's row")
         .expect("Django's row exists");
-    let copy = outbox::published::Model {
+    let copy = outbox::tables::published::Model {
         id: row_id.parse().expect("a UUID"),
         version: row.try_get("", "version").expect("version"),
         destination: row.try_get("", "destination").expect("destination"),
@@ -783,7 +784,7 @@ async fn the_same_row_sent_by_both_relays() {
         added: row.try_get("", "added").expect("added"),
         expires_at: row.try_get("", "expires_at").expect("expires_at"),
         retry: 0,
-        status: outbox::Status::Schedule,
+        status: outbox::tables::published::Status::Schedule,
         claim_token: None,
         locked_until: None,
         next_attempt_at: None,
@@ -954,7 +955,7 @@ async fn our_relay_on_an_adopted_django_database() {
     assert_eq!(rows.len(), ids.len());
     assert!(
         rows.iter()
-            .all(|row| row.status == outbox::Status::Succeeded),
+            .all(|row| row.status == outbox::tables::published::Status::Succeeded),
         "our relay marked Django's rows sent"
     );
     let received = outbox::Received::find()

@@ -1,5 +1,5 @@
 //! Code generation: the `Publish` impl and, unless `manual`, the `ActiveModelBehavior` impl that
-//! calls `outbox::hooks`. Everything is named by absolute path, so the code compiles in any module
+//! calls `outbox::write::hooks`. Everything is named by absolute path, so the code compiles in any module
 //! whatever the user imported; type errors are steered onto the user's tokens with
 //! `quote_spanned!`, where the runtime's `#[diagnostic::on_unimplemented]` traits explain them.
 
@@ -185,7 +185,7 @@ fn publish_impl(publish: &Publish) -> TokenStream {
         };
         let on = events(route);
         quote! {
-            ::outbox::Route { destination: #destination, version: #version, on: #on }
+            ::outbox::write::Route { destination: #destination, version: #version, on: #on }
         }
     });
     let bodies = publish.routes.iter().enumerate().map(|(index, route)| {
@@ -205,9 +205,9 @@ fn publish_impl(publish: &Publish) -> TokenStream {
     let keys = ordering_keys(publish);
     quote! {
         #[automatically_derived]
-        impl ::outbox::Publish for #model {
+        impl ::outbox::write::Publish for #model {
             const ENTITY: &'static str = ::core::module_path!();
-            const ROUTES: &'static [::outbox::Route] = &[#(#routes),*];
+            const ROUTES: &'static [::outbox::write::Route] = &[#(#routes),*];
             const ALLOW_AUTOCOMMIT: bool = #allow_autocommit;
 
             fn body(
@@ -273,7 +273,7 @@ fn ordering_keys(publish: &Publish) -> TokenStream {
     } else {
         quote! {
             fn deleted_message_key(
-                active: &::outbox::ActiveModelOf<Self>,
+                active: &::outbox::write::ActiveModelOf<Self>,
                 route: usize,
             ) -> ::core::option::Option<::std::string::String> {
                 match route {
@@ -314,9 +314,9 @@ fn events(route: &validate::Route) -> TokenStream {
     let mut sets = sets.into_iter();
     let Some(first) = sets.next() else {
         // `validate` refuses an empty `on()`; an empty set would publish nothing.
-        return quote!(::outbox::Events::SAVE);
+        return quote!(::outbox::write::Events::SAVE);
     };
-    quote!(::outbox::Events::#first #(.with(::outbox::Events::#sets))*)
+    quote!(::outbox::write::Events::#first #(.with(::outbox::write::Events::#sets))*)
 }
 
 /// `{"id": key, "field": value, ...}`. Each field is added by its own call spanned at the user's
@@ -365,7 +365,7 @@ fn deleted_key(primary_key: &[Member]) -> TokenStream {
     });
     quote! {
         fn deleted_key(
-            active: &::outbox::ActiveModelOf<Self>,
+            active: &::outbox::write::ActiveModelOf<Self>,
         ) -> ::core::result::Result<
             ::core::option::Option<::outbox::__private::serde_json::Value>,
             ::outbox::__private::serde_json::Error,
@@ -376,7 +376,7 @@ fn deleted_key(primary_key: &[Member]) -> TokenStream {
 }
 
 /// `ActiveModelBehavior` with every save (and, with a delete route, every delete) going through
-/// `outbox::hooks`.
+/// `outbox::write::hooks`.
 fn behavior_impl(publish: &Publish) -> TokenStream {
     let model = &publish.model;
     let delete_hooks = if publish.routes.iter().any(|route| route.delete) {
@@ -390,7 +390,7 @@ fn behavior_impl(publish: &Publish) -> TokenStream {
             {
                 // Publishes here, only if the row exists: SeaORM's `after_delete` runs whether
                 // or not the delete removed anything.
-                ::outbox::hooks::before_delete_existing::<#model, C>(&self, db).await?;
+                ::outbox::write::hooks::before_delete_existing::<#model, C>(&self, db).await?;
                 ::core::result::Result::Ok(self)
             }
         }
@@ -409,7 +409,7 @@ fn behavior_impl(publish: &Publish) -> TokenStream {
             where
                 C: ::outbox::__private::sea_orm::ConnectionTrait,
             {
-                ::outbox::hooks::before_save::<#model, C>(db, insert)?;
+                ::outbox::write::hooks::before_save::<#model, C>(db, insert)?;
                 ::core::result::Result::Ok(self)
             }
 
@@ -421,7 +421,7 @@ fn behavior_impl(publish: &Publish) -> TokenStream {
             where
                 C: ::outbox::__private::sea_orm::ConnectionTrait,
             {
-                ::outbox::hooks::after_save::<#model, C>(&model, db, insert).await?;
+                ::outbox::write::hooks::after_save::<#model, C>(&model, db, insert).await?;
                 ::core::result::Result::Ok(model)
             }
 

@@ -68,8 +68,8 @@ use proc_macro::TokenStream;
 ///   A delete publishes `{"id": <primary key>}`, read from the `ActiveModel` being deleted.
 /// - `allow_autocommit`: saving the entity outside a transaction is allowed (for the whole
 ///   entity, if any of its attributes says so). By default such a save is refused.
-/// - `manual`: generate only the `outbox::Publish` impl, not the `ActiveModelBehavior` impl:
-///   write your own hooks and call `outbox::hooks::*` from them. All the attributes of a
+/// - `manual`: generate only the `outbox::write::Publish` impl, not the `ActiveModelBehavior` impl:
+///   write your own hooks and call `outbox::write::hooks::*` from them. All the attributes of a
 ///   struct must agree on it.
 ///
 /// Several attributes on one struct are several routes: one outbox row each, in attribute order.

@@ -13,7 +13,7 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use crate::Error;
+use crate::error::Error;
 
 /// A secret setting (a passcode): kept out of `Debug` output and logs.
 #[derive(Clone, PartialEq, Eq, Default)]
@@ -108,7 +108,7 @@ pub struct OutboxConfig {
     /// Days a row is kept: sent rows are deleted after this, unsent rows expire (FAILED).
     /// Default 30 (1 to 36,500; 0 is refused: every row would expire before it could be sent).
     /// The write path, which has no `OutboxConfig` in hand, takes it from the settings a
-    /// [`crate::Producer`] or [`crate::Consumer`] was last built with in this process
+    /// [`crate::producer::Producer`] or [`crate::consumer::Consumer`] was last built with in this process
     /// ([`OutboxConfig::install`]), else from `OUTBOX_DAYS_TO_KEEP_DATA`.
     pub days_to_keep_data: u32,
     /// At most one cleanup of old rows per this period, across all relays. Default 86400 s
@@ -306,7 +306,7 @@ impl OutboxConfig {
     /// Checks every setting: each duration and count against its range (so that none can
     /// overflow a date, a clock or a statement's bind parameters), and the relations between
     /// them that no single value shows. The error names the variable and the range. The
-    /// builders of [`crate::Producer`] and [`crate::Consumer`] call it, so settings built in code
+    /// builders of [`crate::producer::Producer`] and [`crate::consumer::Consumer`] call it, so settings built in code
     /// are checked as those read from the environment are.
     pub fn validate(&self) -> Result<(), Error> {
         let bad = |variable: &str, value: String, reason: String| Error::Config {
@@ -549,7 +549,7 @@ impl OutboxConfig {
 
     /// Makes these settings the process's for the paths that have no `OutboxConfig` in hand:
     /// today the lifetime of the rows the write path inserts (`expires_at`, from
-    /// `days_to_keep_data`). The builders of [`crate::Producer`] and [`crate::Consumer`] call
+    /// `days_to_keep_data`). The builders of [`crate::producer::Producer`] and [`crate::consumer::Consumer`] call
     /// it; a service that only writes (its relay runs elsewhere) and builds its settings in code
     /// calls it once at start. Without it the write path reads `OUTBOX_DAYS_TO_KEEP_DATA` (once).
     /// With several settings in one process, the last installed wins.
@@ -837,7 +837,7 @@ fn days_to_keep_data_from_env() -> Result<u32, (String, String)> {
 ///
 /// ```
 /// assert_eq!(
-///     outbox::redact_credentials("cannot parse postgresql+psycopg://app:Dj4ngo!@db:5432/app"),
+///     outbox::config::redact_credentials("cannot parse postgresql+psycopg://app:Dj4ngo!@db:5432/app"),
 ///     "cannot parse postgresql+psycopg://app:***@db:5432/app",
 /// );
 /// ```

@@ -89,7 +89,7 @@ pub enum Error {
     #[error("database error: {0}")]
     Database(#[source] DbErr),
 
-    /// A consumed message's body is not the JSON a callback asked for ([`crate::Payload::json`]).
+    /// A consumed message's body is not the JSON a callback asked for ([`crate::consumer::Payload::json`]).
     #[error("the body of message {message_id:?} from queue `{queue}` does not decode: {source}")]
     InvalidBody {
         /// The consumer's queue.

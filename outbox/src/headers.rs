@@ -21,8 +21,8 @@ pub const MSG_TYPE: &str = "dop-msg-type";
 pub const MSG_SENT_TIME: &str = "dop-msg-sent-time";
 /// The id that ties together the messages caused by one request or one consumed message.
 pub const CORRELATION_ID: &str = "dop-correlation-id";
-/// The message's ordering key ([`crate::Message::key`]), on keyed messages only: a consumer
-/// built with [`crate::ConsumerBuilder::ordered_by_key`] processes the messages of one key one at
+/// The message's ordering key ([`crate::write::Message::key`]), on keyed messages only: a consumer
+/// built with [`crate::consumer::ConsumerBuilder::ordered_by_key`] processes the messages of one key one at
 /// a time. Python consumers ignore it.
 pub const ORDERING_KEY: &str = "x-outbox-key";
 /// A header that a sender may set to choose the consumer's idempotency key.
@@ -35,7 +35,7 @@ tokio::task_local! {
 }
 
 /// Runs `future` with `id` as the ambient correlation id: every outbox row written inside it
-/// (by `#[publish]` or [`crate::enqueue`]) carries `dop-correlation-id: id`, unless the row sets
+/// (by `#[publish]` or [`crate::write::enqueue`]) carries `dop-correlation-id: id`, unless the row sets
 /// its own.
 ///
 /// ```
@@ -74,7 +74,7 @@ static HEADER_HOOK: OnceLock<Box<HeaderHook>> = OnceLock::new();
 
 /// Installs a function that adds headers to every outbox row this process writes (a tenant, a
 /// schema version, a trace parent): the counterpart of django-outbox-pattern's
-/// `DEFAULT_GENERATE_HEADERS`. Headers set on a [`crate::Message`] win over the hook's, and the
+/// `DEFAULT_GENERATE_HEADERS`. Headers set on a [`crate::write::Message`] win over the hook's, and the
 /// generated `dop-*` headers win over both (except `dop-correlation-id`). Returns `false`, and
 /// changes nothing, when a hook is already installed.
 ///

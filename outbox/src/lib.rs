@@ -56,9 +56,10 @@
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
-mod config;
-mod consumer;
-mod django_json;
+mod backoff;
+pub mod config;
+pub mod consumer;
+mod db;
 mod error;
 pub mod headers;
 #[cfg(feature = "metrics")]
@@ -70,42 +71,35 @@ mod metrics;
 #[cfg_attr(docsrs, doc(cfg(feature = "migration")))]
 pub mod migration;
 pub mod ops;
-mod payload;
-mod private;
-mod producer;
-mod publish;
-pub mod published;
-pub mod received;
+pub mod producer;
 mod retention;
-mod send;
-mod shutdown;
+pub mod send;
+pub mod shutdown;
+pub mod tables;
 pub mod testing;
 #[cfg(feature = "opentelemetry")]
 mod trace_context;
 pub mod transport;
 mod wake;
-mod write;
+pub mod write;
 
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::private::*;
+    pub use crate::write::generated::*;
 }
 
-pub use config::{
-    MAX_PUBLISHED_CHUNK_SIZE, MAX_RELAY_BATCHES_IN_FLIGHT, OutboxConfig, Secret, Unroutable,
-    redact_credentials,
-};
-pub use consumer::{Consumer, ConsumerBuilder, ConsumerHandle, Topology, declare, subscribe};
+pub use config::OutboxConfig;
+pub use consumer::Payload;
+pub use consumer::{Consumer, subscribe};
 pub use error::{Error, Result};
 pub use headers::{correlation_id, with_correlation_id};
 pub use outbox_macros::publish;
-pub use payload::{Payload, Transient};
-pub use producer::{
-    NOTIFY_CHANNEL, Producer, ProducerBuilder, ProducerHandle, RoundReport, run_producer,
-};
-pub use publish::{ActiveModelOf, Event, Events, Publish, Route};
-pub use published::{Entity as Published, Message, Status, enqueue, enqueue_all};
-pub use received::Entity as Received;
-pub use send::{send, send_with};
-pub use shutdown::signal as shutdown_signal;
-pub use write::{TransactionFuture, hooks, insert, save, transaction, update, without_publishing};
+pub use producer::{Producer, run_producer};
+pub use send::send;
+pub use tables::published::Entity as Published;
+pub use tables::received::Entity as Received;
+pub use write::{Message, enqueue, enqueue_all, insert, save, transaction, update};
+
+mod deprecated;
+#[allow(deprecated)]
+pub use deprecated::*;

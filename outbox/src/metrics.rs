@@ -58,7 +58,7 @@ use ::metrics::{
 use noop::{counter, gauge, histogram};
 use sea_orm::DatabaseConnection;
 
-use crate::published::Model as Row;
+use crate::tables::published::Model as Row;
 
 /// Ordering keys that a FAILED row blocks.
 pub const BLOCKED_KEYS: &str = "outbox_blocked_keys";

@@ -517,7 +517,7 @@ impl MigrationName for AddKeyLocks {
 }
 
 // The rows the writers lock (see `published::lock_keys`): 0 to 65,535, as filled below.
-const _: () = assert!(crate::published::KEY_LOCK_BUCKETS == 256 * 256);
+const _: () = assert!(crate::write::KEY_LOCK_BUCKETS == 256 * 256);
 
 const CREATE_KEY_LOCK_TABLE: &str = "CREATE TABLE IF NOT EXISTS outbox_key_lock (\
     bucket INT NOT NULL PRIMARY KEY) ENGINE=InnoDB";

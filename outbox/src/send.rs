@@ -8,8 +8,9 @@ use tokio::sync::OnceCell;
 
 use std::sync::Arc;
 
+use crate::config::OutboxConfig;
+use crate::error::Error;
 use crate::transport::{Outcome, Outgoing, Transport, TransportError};
-use crate::{Error, OutboxConfig};
 
 /// The process's broker connection for [`send`], made on first use from the environment.
 static DIRECT: OnceCell<Arc<dyn Transport>> = OnceCell::const_new();

@@ -7,7 +7,7 @@ use std::pin::Pin;
 
 use tokio::sync::watch;
 
-use crate::Error;
+use crate::error::Error;
 
 /// A relay or consumer running on a task of its own, and the means to stop it.
 pub(crate) struct Stoppable {

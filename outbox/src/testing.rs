@@ -16,8 +16,11 @@
 
 use sea_orm::DatabaseConnection;
 
+use crate::config::OutboxConfig;
+use crate::error::Error;
+use crate::producer::Producer;
+use crate::producer::RoundReport;
 use crate::transport::MemoryTransport;
-use crate::{Error, OutboxConfig, Producer, RoundReport};
 
 /// Sends every due outbox row of `db` to `broker`, with the default settings (not the
 /// environment's), and returns what the relay did.

@@ -1,5 +1,5 @@
-//! The in-process wake-up signal: commits made by the library itself ([`crate::save`],
-//! [`crate::transaction`], ...) tell the relays of this process that rows are waiting, so they
+//! The in-process wake-up signal: commits made by the library itself ([`crate::write::save`],
+//! [`crate::write::transaction`], ...) tell the relays of this process that rows are waiting, so they
 //! need not wait for their next poll. Relays in other processes learn of commits through
 //! PostgreSQL's LISTEN/NOTIFY, or by polling.
 

@@ -14,9 +14,11 @@ use common::stomp_peer::{
     QueueCleanup, RABBITMQ_STOMP, StompPeer, queue_message_count, topic_reader, unique,
 };
 use common::{Backend, TestDb, eventually};
-use outbox::published::Model as Row;
+use outbox::config::Secret;
+use outbox::tables::published::Model as Row;
+use outbox::tables::published::Status;
 use outbox::transport::{AmqpTransport, Outcome, Outgoing, StompTransport, Transport};
-use outbox::{OutboxConfig, Producer, Published, Secret, Status};
+use outbox::{OutboxConfig, Producer, Published};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
@@ -91,7 +93,7 @@ async fn an_unroutable_row_waits_without_spending_a_retry_and_goes_once_a_queue_
     // `outbox declare` over AMQP binds the queue; the next attempt delivers the message.
     let queue = format!("{key}_q");
     let _cleanup = QueueCleanup(vec![queue.clone(), format!("DLQ.{queue}")]);
-    let topology = outbox::Topology::new(&config, &destination, Some(&queue)).unwrap();
+    let topology = outbox::consumer::Topology::new(&config, &destination, Some(&queue)).unwrap();
     topology.declare(&amqp()).await.expect("declare over AMQP");
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let report = producer.drain().await.unwrap();
@@ -161,7 +163,7 @@ async fn unroutable_fail_and_drop_policies() {
         .await
         .unwrap();
     let mut config = amqp_config(RABBITMQ_AMQP);
-    config.unroutable = outbox::Unroutable::Fail;
+    config.unroutable = outbox::config::Unroutable::Fail;
     let producer = Producer::builder(test.db.clone())
         .config(config.clone())
         .build()
@@ -180,7 +182,7 @@ async fn unroutable_fail_and_drop_policies() {
     let dropped = outbox::enqueue(&test.db, &destination, &json!({"n": 2}))
         .await
         .unwrap();
-    config.unroutable = outbox::Unroutable::Drop;
+    config.unroutable = outbox::config::Unroutable::Drop;
     let producer = Producer::builder(test.db.clone())
         .config(config)
         .build()
@@ -449,7 +451,8 @@ async fn stomp_and_amqp_consumers_share_queues_in_either_declaration_order() {
         let queue = format!("{key}_q");
         let _cleanup = QueueCleanup(vec![queue.clone(), format!("DLQ.{queue}")]);
         let config = OutboxConfig::default();
-        let topology = outbox::Topology::new(&config, &destination, Some(&queue)).unwrap();
+        let topology =
+            outbox::consumer::Topology::new(&config, &destination, Some(&queue)).unwrap();
         let stomp = StompTransport::new(&config).unwrap();
         let broker = amqp();
         let order: [&dyn Transport; 2] = if stomp_first {
@@ -518,7 +521,7 @@ async fn dead_letters_are_listed_and_replayed_over_amqp() {
     let dead_letters = format!("DLQ.{queue}");
     let _cleanup = QueueCleanup(vec![queue.clone(), dead_letters.clone()]);
     let config = OutboxConfig::default();
-    let topology = outbox::Topology::new(&config, &destination, Some(&queue)).unwrap();
+    let topology = outbox::consumer::Topology::new(&config, &destination, Some(&queue)).unwrap();
     let broker = amqp();
     topology.declare(&broker).await.unwrap();
     let mut deliveries = broker.subscribe(topology.subscription("s")).await.unwrap();
@@ -570,7 +573,7 @@ async fn the_consumer_resubscribes_after_the_broker_cancels_it() {
     let queue = format!("{key}_q");
     let _cleanup = QueueCleanup(vec![queue.clone(), format!("DLQ.{queue}")]);
     let config = OutboxConfig::default();
-    let topology = outbox::Topology::new(&config, &destination, Some(&queue)).unwrap();
+    let topology = outbox::consumer::Topology::new(&config, &destination, Some(&queue)).unwrap();
     let broker = amqp();
     let mut deliveries = broker.subscribe(topology.subscription("s1")).await.unwrap();
     common::stomp_peer::delete_queue(&queue);
@@ -705,7 +708,7 @@ async fn a_single_active_consumer_is_refused_over_stomp() {
         matches!(&refused, outbox::Error::Config { variable, .. } if variable == "x-single-active-consumer"),
         "{refused}"
     );
-    let topology = outbox::Topology::new(&config, "/topic/sac_over_stomp", None)
+    let topology = outbox::consumer::Topology::new(&config, "/topic/sac_over_stomp", None)
         .unwrap()
         .with_single_active_consumer(true);
     let refused = topology

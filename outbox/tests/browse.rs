@@ -8,8 +8,9 @@ use std::time::Duration;
 use chrono::Utc;
 use common::{Backend, TestDb, on_every_backend};
 use outbox::ops::{FindReceived, FindRows, HealthCheck};
-use outbox::published::Column;
-use outbox::{Status, received};
+use outbox::tables::published::Column;
+use outbox::tables::published::Status;
+use outbox::tables::received;
 use sea_orm::ActiveValue::Set;
 use sea_orm::sea_query::Expr;
 use sea_orm::{
@@ -57,7 +58,7 @@ async fn age(db: &sea_orm::DatabaseConnection, id: Uuid, status: Status, minutes
         .unwrap();
 }
 
-fn ids(rows: &[outbox::published::Model]) -> Vec<Uuid> {
+fn ids(rows: &[outbox::tables::published::Model]) -> Vec<Uuid> {
     rows.iter().map(|row| row.id).collect()
 }
 

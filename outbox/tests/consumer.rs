@@ -14,9 +14,11 @@ use std::time::{Duration, Instant};
 use common::proxy::FaultProxy;
 use common::stomp_peer::{QueueCleanup, RABBITMQ_STOMP, StompPeer, queue_message_count, unique};
 use common::{Backend, TestDb, eventually, on_every_backend};
-use outbox::received::Column as ReceivedColumn;
+use outbox::consumer::ConsumerBuilder;
+use outbox::tables::published::Status;
+use outbox::tables::received::Column as ReceivedColumn;
 use outbox::transport::{MemoryTransport, StompTransport};
-use outbox::{Consumer, ConsumerBuilder, OutboxConfig, Payload, Producer, Received, Status};
+use outbox::{Consumer, OutboxConfig, Payload, Producer, Received};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, QueryFilter, Statement,
     TransactionTrait,
@@ -117,7 +119,7 @@ async fn effect_count(db: &DatabaseConnection, msg_id: &str) -> usize {
         .count()
 }
 
-async fn inbox(db: &DatabaseConnection) -> Vec<outbox::received::Model> {
+async fn inbox(db: &DatabaseConnection) -> Vec<outbox::tables::received::Model> {
     Received::find().all(db).await.expect("read the inbox")
 }
 
@@ -222,7 +224,10 @@ impl Probe {
             "flaky" => {
                 let failures = payload.body()["failures"].as_u64().unwrap_or(1) as usize;
                 if attempt <= failures {
-                    return Err(outbox::Transient::new("a service is briefly unavailable").into());
+                    return Err(outbox::consumer::Transient::new(
+                        "a service is briefly unavailable",
+                    )
+                    .into());
                 }
                 payload.save();
             }
@@ -269,7 +274,7 @@ async fn send_raw(destination: &str, msg_id: &str, body: Value, extra: &[(&str, 
 async fn declare_on_rabbitmq(destination: &str) {
     let settings = config(RABBITMQ_STOMP);
     let broker = StompTransport::new(&settings).expect("transport");
-    outbox::declare(&broker, &settings, destination, None)
+    outbox::consumer::declare(&broker, &settings, destination, None)
         .await
         .expect("declare the queues");
 }
@@ -519,7 +524,7 @@ async fn the_correlation_id_of_a_message_is_inherited_by_the_rows_its_callback_e
         .build()
         .unwrap();
     built.declare().await.unwrap();
-    outbox::send_with(
+    outbox::send::send_with(
         &memory,
         destination,
         &json!({"do": "enqueue"}),
@@ -527,7 +532,7 @@ async fn the_correlation_id_of_a_message_is_inherited_by_the_rows_its_callback_e
     )
     .await
     .unwrap();
-    outbox::send_with(
+    outbox::send::send_with(
         &memory,
         destination,
         &json!({"do": "enqueue"}),
@@ -591,7 +596,7 @@ async fn transient_failures_are_retried_in_a_new_transaction_then_dead_lettered(
         ("hopeless", json!({"do": "flaky", "failures": 99})),
         ("after", json!({"do": "ok"})),
     ] {
-        outbox::send_with(&memory, destination, &body, &[("dop-msg-id", id)])
+        outbox::send::send_with(&memory, destination, &body, &[("dop-msg-id", id)])
             .await
             .unwrap();
     }
@@ -661,7 +666,7 @@ async fn the_inbox_recognises_a_redelivery_and_a_concurrent_duplicate(backend: B
     let send = |id: &'static str, body: Value| {
         let memory = memory.clone();
         async move {
-            outbox::send_with(&memory, destination, &body, &[("dop-msg-id", id)])
+            outbox::send::send_with(&memory, destination, &body, &[("dop-msg-id", id)])
                 .await
                 .unwrap()
         }
@@ -731,7 +736,7 @@ async fn inbox_retention_deletes_old_rows_once_per_period(backend: Backend) {
         .unwrap();
     built.declare().await.unwrap();
     for id in ["old-1", "old-2", "recent"] {
-        outbox::send_with(
+        outbox::send::send_with(
             &memory,
             destination,
             &json!({"do": "ok"}),
@@ -906,7 +911,7 @@ async fn a_callback_past_the_shutdown_timeout_is_abandoned_and_its_message_redel
         .build()
         .unwrap();
     built.declare().await.unwrap();
-    outbox::send_with(
+    outbox::send::send_with(
         &memory,
         destination,
         &json!({"do": "gate"}),

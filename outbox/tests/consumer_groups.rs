@@ -37,7 +37,7 @@ fn fresh_destination(prefix: &str) -> (String, String, QueueCleanup) {
 async fn declare(destination: &str) {
     let settings = config();
     let broker = StompTransport::new(&settings).expect("transport");
-    outbox::declare(&broker, &settings, destination, None)
+    outbox::consumer::declare(&broker, &settings, destination, None)
         .await
         .expect("declare the queues");
 }
@@ -130,7 +130,10 @@ impl Probe {
             "nack" => payload.nack(),
             "flaky" => {
                 if attempt == 1 {
-                    return Err(outbox::Transient::new("a service is briefly unavailable").into());
+                    return Err(outbox::consumer::Transient::new(
+                        "a service is briefly unavailable",
+                    )
+                    .into());
                 }
                 payload.save();
             }

@@ -1,7 +1,9 @@
 //! What `#[outbox::publish]` generates, checked without a database: the routes, the bodies and
 //! the key of a deleted row, for each way of writing the attribute.
 
-use outbox::{Events, Publish, Route};
+use outbox::write::Events;
+use outbox::write::Publish;
+use outbox::write::Route;
 use sea_orm::ActiveValue::{NotSet, Set};
 use serde_json::{Value, json};
 
@@ -105,7 +107,7 @@ mod profile {
     }
 }
 
-/// `manual`: the `Publish` impl only; the entity writes its own hooks around `outbox::hooks`.
+/// `manual`: the `Publish` impl only; the entity writes its own hooks around `outbox::write::hooks`.
 mod invoice {
     use sea_orm::entity::prelude::*;
 
@@ -127,7 +129,7 @@ mod invoice {
         where
             C: ConnectionTrait,
         {
-            outbox::hooks::after_save::<Model, C>(&model, db, insert).await?;
+            outbox::write::hooks::after_save::<Model, C>(&model, db, insert).await?;
             Ok(model)
         }
     }

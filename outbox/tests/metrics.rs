@@ -14,9 +14,10 @@ use common::{Backend, TestDb, count_with_status, eventually};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 use metrics_util::{CompositeKey, MetricKind};
 use outbox::metrics as m;
-use outbox::published::Column;
+use outbox::tables::published::Column;
+use outbox::tables::published::Status;
 use outbox::transport::{MemoryTransport, Outgoing, Transport};
-use outbox::{Consumer, OutboxConfig, Payload, Producer, Published, Received, Status};
+use outbox::{Consumer, OutboxConfig, Payload, Producer, Published, Received};
 use sea_orm::sea_query::Expr;
 use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
 use serde_json::json;
@@ -176,7 +177,7 @@ async fn a_known_relay_and_consumer_run_is_counted_exactly() {
     // The consumer: one message of each outcome.
     let consumer_config = config();
     let destination = "/topic/metrics.c";
-    outbox::declare(&broker, &consumer_config, destination, None)
+    outbox::consumer::declare(&broker, &consumer_config, destination, None)
         .await
         .unwrap();
     let sender = broker.new_connection();
@@ -211,7 +212,9 @@ async fn a_known_relay_and_consumer_run_is_counted_exactly() {
                         Some("fail") => return Err::<(), BoxError>("refused".into()),
                         // The fourth call is the flaky message's first attempt.
                         Some("flaky") if call == 4 => {
-                            return Err(outbox::Transient::new("briefly unavailable").into());
+                            return Err(
+                                outbox::consumer::Transient::new("briefly unavailable").into()
+                            );
                         }
                         _ => payload.save(),
                     }

@@ -75,7 +75,7 @@ async fn lags_run_from_the_save_to_the_receipt_and_to_the_callback_commit() {
     let destination = format!("/topic/{queue}");
     let settings = config();
     let broker = StompTransport::new(&settings).expect("transport");
-    outbox::declare(&broker, &settings, &destination, None)
+    outbox::consumer::declare(&broker, &settings, &destination, None)
         .await
         .expect("declare the queues");
 

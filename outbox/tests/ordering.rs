@@ -12,9 +12,10 @@ use std::time::Duration;
 
 use common::stomp_peer::{QueueCleanup, RABBITMQ_STOMP, unique};
 use common::{Backend, TestDb, count_with_status, eventually, on_every_backend};
-use outbox::published::{Column, Model as Row};
+use outbox::tables::published::Status;
+use outbox::tables::published::{Column, Model as Row};
 use outbox::transport::MemoryTransport;
-use outbox::{Consumer, Message, OutboxConfig, Payload, Producer, Published, Status};
+use outbox::{Consumer, Message, OutboxConfig, Payload, Producer, Published};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder, Schema,
     Statement, TransactionTrait,

@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 use common::proxy::FaultProxy;
 use common::stomp_peer::{RABBITMQ_STOMP, topic_reader, unique};
 use common::{Backend, TestDb, count_with_status, eventually, on_every_backend};
-use outbox::published::{Column, Model as Row};
+use outbox::tables::published::Status;
+use outbox::tables::published::{Column, Model as Row};
 use outbox::transport::MemoryTransport;
-use outbox::{OutboxConfig, Producer, Published, Status};
+use outbox::{OutboxConfig, Producer, Published};
 use sea_orm::{
     ActiveEnum, ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, TransactionTrait,
 };

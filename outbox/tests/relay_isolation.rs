@@ -11,9 +11,10 @@ use std::time::Duration;
 
 use common::stomp_peer::{RABBITMQ_STOMP, topic_reader, unique};
 use common::{Backend, TestDb, on_every_backend};
-use outbox::published::Model as Row;
+use outbox::tables::published::Model as Row;
+use outbox::tables::published::Status;
 use outbox::transport::MemoryTransport;
-use outbox::{OutboxConfig, Producer, Published, Status};
+use outbox::{OutboxConfig, Producer, Published};
 use sea_orm::{ConnectionTrait, DatabaseConnection, EntityTrait, Statement, TransactionTrait};
 use serde_json::json;
 

@@ -16,8 +16,9 @@ use std::time::Duration;
 
 use common::stomp_peer::{QueueCleanup, RABBITMQ_STOMP, StompPeer, unique};
 use common::{Backend, TestDb, eventually};
+use outbox::tables::published::Status;
 use outbox::transport::StompTransport;
-use outbox::{Consumer, OutboxConfig, Payload, Producer, Received, Status};
+use outbox::{Consumer, OutboxConfig, Payload, Producer, Received};
 use sea_orm::{EntityTrait, PaginatorTrait};
 use serde_json::json;
 use tracing::field::{Field, Visit};
@@ -149,7 +150,7 @@ async fn batch_and_message_spans_carry_what_an_operator_needs() {
     let destination = format!("/topic/{queue}");
     let settings = config();
     let broker = StompTransport::new(&settings).expect("transport");
-    outbox::declare(&broker, &settings, &destination, None)
+    outbox::consumer::declare(&broker, &settings, &destination, None)
         .await
         .expect("declare the queues");
 
@@ -258,7 +259,7 @@ async fn batch_and_message_spans_carry_what_an_operator_needs() {
                     // The relayed row n = 1 fails once, transiently.
                     static FAILED_ONCE: AtomicUsize = AtomicUsize::new(0);
                     if payload.body()["n"] == 1 && FAILED_ONCE.fetch_add(1, Ordering::SeqCst) == 0 {
-                        return Err(outbox::Transient::new("briefly unavailable").into());
+                        return Err(outbox::consumer::Transient::new("briefly unavailable").into());
                     }
                     payload.save();
                     Ok::<(), BoxError>(())

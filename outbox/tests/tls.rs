@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use outbox::OutboxConfig;
+use outbox::config::Secret;
 use outbox::transport::{Outgoing, StompTransport, Transport, TransportError};
-use outbox::{OutboxConfig, Secret};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,

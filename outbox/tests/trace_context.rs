@@ -54,7 +54,7 @@ async fn the_consumer_continues_the_trace_of_the_save_that_wrote_the_message() {
     let destination = format!("/topic/{queue}");
     let settings = config();
     let broker = StompTransport::new(&settings).expect("transport");
-    outbox::declare(&broker, &settings, &destination, None)
+    outbox::consumer::declare(&broker, &settings, &destination, None)
         .await
         .expect("declare the queues");
 

@@ -4,7 +4,8 @@
 mod common;
 
 use common::{Backend, TestDb, on_every_backend};
-use outbox::{Error, Published, Status};
+use outbox::tables::published::Status;
+use outbox::{Error, Published};
 use sea_orm::ActiveValue::Set;
 use sea_orm::{
     ActiveModelTrait, ConnectionTrait, DatabaseConnection, EntityTrait, ModelTrait, PaginatorTrait,
@@ -91,9 +92,9 @@ fn new_order(customer: &str, total: i64) -> order::ActiveModel {
     }
 }
 
-async fn outbox_rows(db: &DatabaseConnection) -> Vec<outbox::published::Model> {
+async fn outbox_rows(db: &DatabaseConnection) -> Vec<outbox::tables::published::Model> {
     Published::find()
-        .order_by_asc(outbox::published::Column::Destination)
+        .order_by_asc(outbox::tables::published::Column::Destination)
         .all(db)
         .await
         .expect("read the outbox")
@@ -352,7 +353,7 @@ async fn allow_autocommit_entity_publishes_on_a_plain_connection(backend: Backen
 async fn without_publishing_saves_the_entity_alone(backend: Backend) {
     let test = setup(backend).await;
     let db = test.db.clone();
-    outbox::without_publishing(async move { new_order("backfill", 1).insert(&db).await })
+    outbox::write::without_publishing(async move { new_order("backfill", 1).insert(&db).await })
         .await
         .expect("no outbox row, so no transaction needed");
     assert_eq!(order_count(&test.db).await, 1);
@@ -403,7 +404,7 @@ async fn enqueue_writes_an_explicit_row_with_version_and_headers(backend: Backen
         .unwrap()
         .unwrap();
     // All but `seq`, which the database draws (see `Model::seq`).
-    let stored_but_seq = outbox::published::Model {
+    let stored_but_seq = outbox::tables::published::Model {
         seq: None,
         ..stored.clone()
     };

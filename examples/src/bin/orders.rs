@@ -20,8 +20,10 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use outbox::tables::published;
+use outbox::tables::published::Status;
 use outbox::transport::MemoryTransport;
-use outbox::{OutboxConfig, Producer, Published, Status, published};
+use outbox::{OutboxConfig, Producer, Published};
 use outbox_examples::orders::{self, order, shipment, shipping};
 use sea_orm::{
     ColumnTrait, DatabaseConnection, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
@@ -196,7 +198,7 @@ async fn demo(db: &DatabaseConnection, count: u32) -> Result<Demo, BoxError> {
 
 /// Until SIGINT (Ctrl-C) or SIGTERM: an order every `every`.
 async fn serve(db: &DatabaseConnection, every: Duration) -> Result<(), BoxError> {
-    let shutdown = outbox::shutdown_signal();
+    let shutdown = outbox::shutdown::signal();
     tokio::pin!(shutdown);
     let mut ticks = tokio::time::interval(every);
     for n in 0.. {

@@ -81,7 +81,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     .await?;
 
     let rows = outbox::Published::find()
-        .order_by_asc(outbox::published::Column::Added)
+        .order_by_asc(outbox::tables::published::Column::Added)
         .all(&db)
         .await?;
     println!("{} rows in the outbox, waiting for the relay:", rows.len());

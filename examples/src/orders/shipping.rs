@@ -33,7 +33,7 @@ pub struct OrderMessage {
 
 /// The consumer of shipping's queue, to finish with settings (`.config(..)`), a transport in tests
 /// (`.transport(..)`), and `.build()`.
-pub fn consumer(db: DatabaseConnection) -> outbox::ConsumerBuilder {
+pub fn consumer(db: DatabaseConnection) -> outbox::consumer::ConsumerBuilder {
     outbox::Consumer::builder(db)
         .destination(ORDERS_DESTINATION)
         .queue(SHIPPING_QUEUE)

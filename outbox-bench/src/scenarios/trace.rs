@@ -200,7 +200,7 @@ async fn consume(settings: &Settings, n: usize) -> Result<(), BoxError> {
         let key = format!("outbox_bench_{}", uuid::Uuid::new_v4().simple());
         let destination = format!("/topic/{key}");
         let transport = StompTransport::new(&settings.config)?;
-        outbox::declare(&transport, &settings.config, &destination, Some(&key)).await?;
+        outbox::consumer::declare(&transport, &settings.config, &destination, Some(&key)).await?;
         let messages: Vec<Outgoing> = (0..n)
             .map(|i| {
                 let mut message = bench_message(&destination, i);

@@ -13,8 +13,10 @@ use crate::common::stomp_peer::{
     Frame, QueueCleanup, RABBITMQ_STOMP, StompPeer, queue_message_count, unique,
 };
 use crate::common::{count_with_status, eventually};
-use outbox::published::Column;
-use outbox::{OutboxConfig, Payload, Published, Secret, Status};
+use outbox::config::Secret;
+use outbox::tables::published::Column;
+use outbox::tables::published::Status;
+use outbox::{OutboxConfig, Payload, Published};
 use sea_orm::{
     ColumnTrait, ConnectOptions, ConnectionTrait, Database, DatabaseConnection, EntityTrait,
     PaginatorTrait, QueryFilter, Statement, TransactionTrait,
@@ -349,7 +351,7 @@ pub async fn declare_consumer_queues(destination: &str) {
 pub async fn declare_consumer_queues_over(kind: TransportKind, destination: &str) {
     let settings = kind.config();
     let broker = outbox::transport::from_config(&settings).expect("transport");
-    outbox::declare(broker.as_ref(), &settings, destination, None)
+    outbox::consumer::declare(broker.as_ref(), &settings, destination, None)
         .await
         .expect("declare the queues");
 }

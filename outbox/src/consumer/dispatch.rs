@@ -17,10 +17,11 @@ use tracing::Instrument;
 
 use super::failure::{Failure, panic_message};
 use super::inbox;
+use crate::consumer::Payload;
+use crate::consumer::payload::{BoxError, Decision, Incoming};
 use crate::metrics::Outcome;
-use crate::payload::{BoxError, Decision, Incoming};
 use crate::transport::{Delivery, Transport};
-use crate::{Payload, wake};
+use crate::wake;
 
 /// A callback with its types erased.
 pub(crate) type Callback =
@@ -415,7 +416,7 @@ impl Dispatcher {
         };
         tokio::time::timeout(
             self.callback_timeout,
-            crate::with_correlation_id(correlation_id, run),
+            crate::headers::with_correlation_id(correlation_id, run),
         )
         .await
         .unwrap_or(Err(Failure::TimedOut(self.callback_timeout)))

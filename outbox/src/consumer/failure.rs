@@ -7,15 +7,12 @@
 
 use std::any::Any;
 use std::fmt;
-#[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
-use std::ops::Deref;
 
-#[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
-use sea_orm::sqlx;
 use sea_orm::{DbErr, RuntimeErr};
 
-use crate::Transient;
-use crate::payload::BoxError;
+use crate::consumer::Transient;
+use crate::consumer::payload::BoxError;
+use crate::db::errors::{db_err_is_transient, runtime_err_is_transient, sqlx_error_is_transient};
 
 /// A failed attempt at processing a message.
 pub(crate) enum Failure {
@@ -25,7 +22,7 @@ pub(crate) enum Failure {
     Callback(BoxError),
     /// The callback panicked (the message of the panic).
     Panic(String),
-    /// The callback's future ended while something still held its [`crate::Payload`], so the
+    /// The callback's future ended while something still held its [`crate::consumer::Payload`], so the
     /// transaction could not be committed.
     PayloadKept,
     /// The callback ran past the callback timeout and was abandoned: transient, since a hang
@@ -51,7 +48,7 @@ impl fmt::Display for Failure {
             Failure::Database(err) => write!(
                 f,
                 "database: {}",
-                crate::redact_credentials(&err.to_string())
+                crate::config::redact_credentials(&err.to_string())
             ),
             Failure::Callback(err) => {
                 // The causes too (the top error alone may say only "query failed"), less those
@@ -65,7 +62,11 @@ impl fmt::Display for Failure {
                     }
                     source = cause.source();
                 }
-                write!(f, "callback error: {}", crate::redact_credentials(&text))
+                write!(
+                    f,
+                    "callback error: {}",
+                    crate::config::redact_credentials(&text)
+                )
             }
             Failure::Panic(message) => write!(f, "callback panicked: {message}"),
             Failure::TimedOut(timeout) => write!(
@@ -101,7 +102,9 @@ fn error_is_transient(error: &(dyn std::error::Error + 'static)) -> bool {
     while let Some(error) = next {
         let transient = if let Some(err) = error.downcast_ref::<DbErr>() {
             db_err_is_transient(err)
-        } else if let Some(crate::Error::Database(err)) = error.downcast_ref::<crate::Error>() {
+        } else if let Some(crate::error::Error::Database(err)) =
+            error.downcast_ref::<crate::error::Error>()
+        {
             db_err_is_transient(err)
         } else if let Some(err) = error.downcast_ref::<RuntimeErr>() {
             runtime_err_is_transient(err)
@@ -116,105 +119,11 @@ fn error_is_transient(error: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-pub(crate) fn db_err_is_transient(err: &DbErr) -> bool {
-    match err {
-        DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => true,
-        DbErr::Exec(runtime) | DbErr::Query(runtime) => runtime_err_is_transient(runtime),
-        _ => false,
-    }
-}
-
-/// Whether the database refused a statement because of another transaction and undid it (a
-/// deadlock victim, a serialization failure, a lock wait that timed out, SQLite busy): the
-/// statement took no effect and can simply run again. A lost connection is not one: whether
-/// its statement took effect is unknown.
-pub(crate) fn db_err_is_conflict(err: &DbErr) -> bool {
-    match err {
-        #[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
-        DbErr::Exec(RuntimeErr::SqlxError(err)) | DbErr::Query(RuntimeErr::SqlxError(err)) => {
-            match err.deref() {
-                sqlx::Error::Database(db) => database_error_is_conflict(db.deref()),
-                _ => false,
-            }
-        }
-        _ => false,
-    }
-}
-
-#[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
-fn database_error_is_conflict(err: &dyn sqlx::error::DatabaseError) -> bool {
-    #[cfg(feature = "mysql")]
-    if let Some(mysql) = err.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
-        // Deadlock, lock wait timeout.
-        return matches!(mysql.number(), 1213 | 1205);
-    }
-    let code = err.code().unwrap_or_default();
-    #[cfg(feature = "sqlite")]
-    if err
-        .try_downcast_ref::<sqlx::sqlite::SqliteError>()
-        .is_some()
-    {
-        // SQLITE_BUSY and SQLITE_LOCKED, with their extended codes (the low byte is the primary).
-        return code
-            .parse::<i32>()
-            .is_ok_and(|code| matches!(code & 0xff, 5 | 6));
-    }
-    // PostgreSQL: serialization failure, deadlock, lock not available.
-    matches!(code.as_ref(), "40001" | "40P01" | "55P03")
-}
-
-fn runtime_err_is_transient(err: &RuntimeErr) -> bool {
-    match err {
-        #[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
-        RuntimeErr::SqlxError(err) => sqlx_is_transient(err),
-        _ => false,
-    }
-}
-
-/// Whether `error` is a transient sqlx error (never, in a build without a database driver).
-fn sqlx_error_is_transient(error: &(dyn std::error::Error + 'static)) -> bool {
-    #[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
-    if let Some(err) = error.downcast_ref::<sqlx::Error>() {
-        return sqlx_is_transient(err);
-    }
-    let _ = error;
-    false
-}
-
-#[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
-fn sqlx_is_transient(err: &sqlx::Error) -> bool {
-    match err {
-        sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::WorkerCrashed => true,
-        sqlx::Error::Database(db) => database_error_is_transient(db.deref()),
-        _ => false,
-    }
-}
-
-/// PostgreSQL SQLSTATE classes and codes, MySQL/MariaDB error numbers, SQLite result codes: a
-/// conflict ([`database_error_is_conflict`]), or the connection or the server going away.
-#[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
-fn database_error_is_transient(err: &dyn sqlx::error::DatabaseError) -> bool {
-    if database_error_is_conflict(err) {
-        return true;
-    }
-    #[cfg(feature = "mysql")]
-    if let Some(mysql) = err.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
-        // Too many connections, server shutdown, connection killed, server gone, connection
-        // lost.
-        return matches!(mysql.number(), 1040 | 1053 | 1927 | 2006 | 2013);
-    }
-    // PostgreSQL: connection exceptions (08), too many connections, the server shutting down or
-    // restarting (57P01-57P03).
-    let code = err.code().unwrap_or_default();
-    code.starts_with("08") || matches!(code.as_ref(), "53300" | "57P01" | "57P02" | "57P03")
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
+
+    use sea_orm::sqlx;
 
     use super::*;
 
@@ -235,7 +144,7 @@ mod tests {
         assert!(!db_err_is_transient(&not_found));
 
         assert!(Failure::Callback(boxed(io.clone())).is_transient());
-        assert!(Failure::Callback(boxed(crate::Error::Database(io.clone()))).is_transient());
+        assert!(Failure::Callback(boxed(crate::error::Error::Database(io.clone()))).is_transient());
         assert!(Failure::Callback(Box::new(Transient::new("busy"))).is_transient());
         assert!(!Failure::Callback("plain".into()).is_transient());
         assert!(!Failure::Panic("boom".into()).is_transient());
@@ -248,7 +157,9 @@ mod tests {
         assert_eq!(panic_message(panic), "boom 1");
         let panic = std::panic::catch_unwind(|| std::panic::panic_any(7)).unwrap_err();
         assert_eq!(panic_message(panic), "a panic without a message");
-        let failure = Failure::Callback(boxed(crate::Error::Database(DbErr::Custom("no".into()))));
+        let failure = Failure::Callback(boxed(crate::error::Error::Database(DbErr::Custom(
+            "no".into(),
+        ))));
         assert_eq!(
             failure.to_string(),
             "callback error: database error: Custom Error: no"

@@ -39,7 +39,7 @@ use tracing::Instrument;
 
 use super::dispatch::{Attempt, Dispatcher, FirstAttempt, Once, Scope};
 use super::failure::{Failure, panic_message};
-use crate::payload::Incoming;
+use crate::consumer::payload::Incoming;
 use crate::transport::Delivery;
 use crate::wake;
 

@@ -14,8 +14,9 @@ use std::collections::BTreeMap;
 
 use uuid::Uuid;
 
+use crate::config::OutboxConfig;
+use crate::error::Error;
 use crate::transport::{AckMode, Subscription, Transport, TransportError};
-use crate::{Error, OutboxConfig};
 
 /// The prefix of a queue's dead-letter queue.
 const DEAD_LETTER_PREFIX: &str = "DLQ.";
@@ -30,7 +31,7 @@ pub(crate) const SINGLE_ACTIVE_CONSUMER: &str = "x-single-active-consumer";
 /// them.
 ///
 /// ```
-/// let topology = outbox::Topology::new(&outbox::OutboxConfig::default(), "/topic/orders.v1", None)?;
+/// let topology = outbox::consumer::Topology::new(&outbox::OutboxConfig::default(), "/topic/orders.v1", None)?;
 /// assert_eq!(topology.queue(), "orders.v1");
 /// assert_eq!(topology.dead_letter_queue(), "DLQ.orders.v1");
 /// # Ok::<(), outbox::Error>(())
@@ -276,7 +277,7 @@ impl Topology {
 /// # async fn demo() -> Result<(), outbox::Error> {
 /// let config = outbox::OutboxConfig::from_env()?;
 /// let broker = outbox::transport::StompTransport::new(&config)?;
-/// outbox::declare(&broker, &config, "/topic/orders.v1", None).await?;
+/// outbox::consumer::declare(&broker, &config, "/topic/orders.v1", None).await?;
 /// # Ok(()) }
 /// ```
 pub async fn declare(

@@ -12,8 +12,10 @@ use sea_orm::{
 };
 use uuid::Uuid;
 
-use crate::published::{Column, Entity, Model as Row};
-use crate::{Error, Status, received};
+use crate::error::Error;
+use crate::received;
+use crate::tables::published::Status;
+use crate::tables::published::{Column, Entity, Model as Row};
 
 /// Rows shown when no limit is given.
 pub const DEFAULT_LIMIT: u64 = 50;
@@ -22,7 +24,7 @@ pub const DEFAULT_LIMIT: u64 = 50;
 ///
 /// ```no_run
 /// # async fn demo(db: &sea_orm::DatabaseConnection) -> Result<(), outbox::Error> {
-/// use outbox::Status;
+/// use outbox::tables::published::Status;
 /// let stuck = outbox::ops::FindRows::new()
 ///     .status(Status::Failed)
 ///     .destination("/topic/orders.v1")

@@ -17,7 +17,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use crate::Error;
+use crate::error::Error;
 use crate::transport::{
     AckMode, Delivery, Outcome, Outgoing, Subscription, Transport, TransportError,
 };
@@ -117,7 +117,7 @@ pub struct ReplayReport {
     pub stopped_at_repeat: bool,
 }
 
-/// `DLQ.<queue>`, as [`crate::Topology::dead_letter_queue`] names it.
+/// `DLQ.<queue>`, as [`crate::consumer::Topology::dead_letter_queue`] names it.
 fn dead_letter_queue(queue: &str) -> Result<String, Error> {
     if queue.trim().is_empty() {
         return Err(Error::Config {
@@ -358,8 +358,9 @@ async fn ensure_queue_exists(transport: &dyn Transport, queue: &str) -> Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::OutboxConfig;
+    use crate::consumer::Topology;
     use crate::transport::MemoryTransport;
-    use crate::{OutboxConfig, Topology};
 
     fn header_pairs(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs

@@ -7,8 +7,9 @@ use chrono::{DateTime, Utc};
 use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, PaginatorTrait, QueryFilter};
 use serde::Serialize;
 
-use crate::published::{Column, Entity};
-use crate::{Error, Status};
+use crate::error::Error;
+use crate::tables::published::Status;
+use crate::tables::published::{Column, Entity};
 
 /// Thresholds on the outbox's health; none is checked unless set.
 ///

@@ -8,9 +8,9 @@ use sea_orm::sea_query::{Condition, Expr, ExprTrait};
 use sea_orm::{ActiveEnum, DatabaseConnection};
 
 use super::{count_rows, written_before};
-use crate::producer::store;
-use crate::published::{Column, Entity};
-use crate::{Error, Status};
+use crate::error::Error;
+use crate::tables::published::Status;
+use crate::tables::published::{Column, Entity};
 
 /// Which rows [`Purge`] deletes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,6 +121,6 @@ impl Purge {
                     .into(),
             });
         }
-        Ok(store::delete_in_batches(db, Entity, Column::Id, self.condition()).await?)
+        Ok(crate::retention::delete_in_batches(db, Entity, Column::Id, self.condition()).await?)
     }
 }

@@ -8,8 +8,11 @@ use sea_orm::{ActiveEnum, ConnectionTrait, DatabaseConnection, DbBackend, IdenSt
 use uuid::Uuid;
 
 use super::{BATCH, count_rows, now, written_before};
-use crate::published::{Column, Entity};
-use crate::{Error, NOTIFY_CHANNEL, OutboxConfig, Status};
+use crate::config::OutboxConfig;
+use crate::error::Error;
+use crate::producer::NOTIFY_CHANNEL;
+use crate::tables::published::Status;
+use crate::tables::published::{Column, Entity};
 
 /// Reschedules FAILED rows: each becomes a fresh row to the relay (status SCHEDULE, no attempt
 /// spent, due at once, a new lifetime of `days_to_keep_data` from now so that an expired row is

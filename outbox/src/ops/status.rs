@@ -11,8 +11,10 @@ use sea_orm::{
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::published::{Column, Entity};
-use crate::{Error, Status, received};
+use crate::error::Error;
+use crate::received;
+use crate::tables::published::Status;
+use crate::tables::published::{Column, Entity};
 
 /// Row counts by status.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]

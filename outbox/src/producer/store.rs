@@ -1,17 +1,15 @@
 //! The relay's statements on the outbox table: claim a batch, mark it sent, release it, retry or
-//! fail a refused row, expire old rows, delete sent ones. Every statement that ends a claim
+//! fail a refused row. (Expiring and deleting old rows is retention's.) Every statement that ends a claim
 //! touches only rows that still hold the claim's token, so a relay that lost its lease (it was
 //! paused past it and another relay took the rows over) changes nothing.
 //!
 //! Times that other relays compare (`locked_until`, `next_attempt_at`, what is due) come from the
-//! database's clock, so that relays on hosts with skewed clocks agree on who holds a lease:
-//! `now()` on PostgreSQL, `UTC_TIMESTAMP(6)` on MariaDB. SQLite keeps its timestamps as text in
-//! the format sqlx writes and lives on one host anyway: there the process clock is used.
+//! database's clock ([`crate::db::clock`]).
 
 use std::time::Duration;
 
-use chrono::{DateTime, SubsecRound, Utc};
-use sea_orm::sea_query::{Condition, Expr, ExprTrait, LockBehavior, LockType, Query, SimpleExpr};
+use chrono::{DateTime, Utc};
+use sea_orm::sea_query::{Expr, ExprTrait, LockBehavior, LockType, Query};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend, DbErr, EntityTrait,
     FromQueryResult, IdenStatic, QueryFilter, SqliteTransactionMode, Statement, TransactionOptions,
@@ -21,82 +19,8 @@ use uuid::Uuid;
 
 use sea_orm::ActiveEnum;
 
-use crate::published::{Column, Entity, Model, Status};
-use crate::retention::Step;
-
-/// Also used by the purge command.
-pub(crate) use crate::retention::delete_in_batches;
-
-/// How many times a relay statement runs again after a conflict ([`again_on_conflict`]).
-const CONFLICT_RETRIES: u32 = 4;
-
-/// Runs a relay statement, and again (a few times, after a short pause) when the database undid
-/// it for a conflict with another transaction (a deadlock victim, a lock wait timeout; see
-/// `db_err_is_conflict`). Relays and writers share the table's indexes, so MariaDB can pick a
-/// relay's claim or settle as a deadlock victim; every such statement only touches rows that
-/// hold the claim's token, so running it again is safe.
-pub(crate) async fn again_on_conflict<T, F, Fut>(mut statement: F) -> Result<T, DbErr>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, DbErr>>,
-{
-    let mut conflicts = 0;
-    loop {
-        match statement().await {
-            Err(err)
-                if conflicts < CONFLICT_RETRIES
-                    && crate::consumer::failure::db_err_is_conflict(&err) =>
-            {
-                conflicts += 1;
-                let jitter = u64::from(Uuid::new_v4().as_u128() as u8 % 20);
-                tracing::debug!(error = %err, conflicts, "a relay statement met a conflict; running it again");
-                tokio::time::sleep(Duration::from_millis((10 << conflicts) + jitter)).await;
-            }
-            other => return other,
-        }
-    }
-}
-
-fn now() -> DateTime<Utc> {
-    Utc::now().trunc_subsecs(6)
-}
-
-fn to_chrono(duration: Duration) -> chrono::Duration {
-    chrono::Duration::from_std(duration).unwrap_or(chrono::Duration::MAX)
-}
-
-/// Microseconds of `duration`, for SQL interval literals (saturating far beyond any setting).
-fn micros(duration: Duration) -> i64 {
-    i64::try_from(duration.as_micros()).unwrap_or(i64::MAX / 2)
-}
-
-/// The database's current time, `offset` later (earlier when `later` is false), as an SQL
-/// expression; on SQLite the process clock's value. The interval is a literal computed here,
-/// never input.
-pub(crate) fn db_time(backend: DbBackend, offset: Duration, later: bool) -> SimpleExpr {
-    let sign = if later { '+' } else { '-' };
-    let us = micros(offset);
-    match backend {
-        DbBackend::Postgres => Expr::cust(format!("(now() {sign} interval '{us} microseconds')")),
-        DbBackend::MySql => Expr::cust(format!(
-            "(UTC_TIMESTAMP(6) {sign} INTERVAL {us} MICROSECOND)"
-        )),
-        _ => {
-            let offset = to_chrono(offset);
-            let at = if later {
-                now() + offset
-            } else {
-                now() - offset
-            };
-            Expr::value(at)
-        }
-    }
-}
-
-/// The database's current time ([`db_time`] with no offset).
-pub(crate) fn db_now(backend: DbBackend) -> SimpleExpr {
-    db_time(backend, Duration::ZERO, true)
-}
+use crate::db::clock::{db_now, db_time, micros};
+use crate::tables::published::{Column, Entity, Model, Status};
 
 /// A claimed batch: the rows, oldest first, and the token they hold.
 pub(crate) struct Claim {
@@ -420,63 +344,6 @@ pub(crate) async fn record_refusal(
         Refusal::Failed => update.value(Column::Status, Status::Failed.to_value()),
     };
     Ok(db.execute(&update).await?.rows_affected())
-}
-
-/// Marks at most `limit` unsent rows past `expires_at` FAILED, with the reason (by the
-/// database's clock).
-pub(crate) async fn expire_some(db: &DatabaseConnection, limit: u64) -> Result<Step, DbErr> {
-    let backend = db.get_database_backend();
-    let now = || db_now(backend);
-    let expired = || {
-        Condition::all()
-            .add(Expr::col(Column::Status).eq(Status::Schedule.to_value()))
-            .add(Expr::col(Column::ExpiresAt).lt(now()))
-            .add(
-                Condition::any()
-                    .add(Expr::col(Column::LockedUntil).is_null())
-                    .add(Expr::col(Column::LockedUntil).lt(now())),
-            )
-    };
-    let select = Query::select()
-        .column(Column::Id)
-        .from(Entity)
-        .cond_where(expired())
-        .limit(limit)
-        .to_owned();
-    let ids: Vec<Uuid> = db
-        .query_all(&select)
-        .await?
-        .iter()
-        .map(|row| row.try_get::<Uuid>("", Column::Id.as_str()))
-        .collect::<Result<_, _>>()?;
-    if ids.is_empty() {
-        return Ok(Step {
-            done: 0,
-            more: false,
-        });
-    }
-    // The condition again: a row claimed or sent since the select is left alone.
-    let update = Query::update()
-        .table(Entity)
-        .value(Column::Status, Status::Failed.to_value())
-        .value(
-            Column::LastError,
-            "expired: not sent before expires_at".to_owned(),
-        )
-        .and_where(Expr::col(Column::Id).is_in(ids.iter().copied()))
-        .cond_where(expired())
-        .to_owned();
-    Ok(Step {
-        done: db.execute(&update).await?.rows_affected(),
-        more: ids.len() as u64 >= limit,
-    })
-}
-
-/// The condition for old sent rows: SUCCEEDED and written more than `keep` ago.
-pub(crate) fn sent_before(backend: DbBackend, keep: Duration) -> Condition {
-    Condition::all()
-        .add(Expr::col(Column::Status).eq(Status::Succeeded.to_value()))
-        .add(Expr::col(Column::Added).lt(db_time(backend, keep, false)))
 }
 
 #[cfg(test)]

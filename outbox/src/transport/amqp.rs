@@ -42,7 +42,7 @@ use tokio::sync::{Semaphore, mpsc};
 use super::{
     AckMode, Delivery, Outcome, Outgoing, SendReport, Subscription, Transport, TransportError,
 };
-use crate::OutboxConfig;
+use crate::config::OutboxConfig;
 use routing::{Endpoint, QueueKind};
 
 mod routing;
@@ -128,8 +128,11 @@ impl AmqpTransport {
                 url.expose()
                     .parse()
                     .map_err(|reason: String| TransportError::Connect {
-                        addresses: crate::redact_credentials(url.expose()),
-                        reason: format!("not an AMQP URL: {}", crate::redact_credentials(&reason)),
+                        addresses: crate::config::redact_credentials(url.expose()),
+                        reason: format!(
+                            "not an AMQP URL: {}",
+                            crate::config::redact_credentials(&reason)
+                        ),
                     })?;
             uri.query.heartbeat.get_or_insert(heartbeat);
             uri.query.connection_timeout.get_or_insert(timeout_ms);
@@ -873,7 +876,7 @@ fn login_error(address: &str, err: lapin::Error) -> TransportError {
         },
         _ => TransportError::Connect {
             addresses: address.to_owned(),
-            reason: crate::redact_credentials(&err.to_string()),
+            reason: crate::config::redact_credentials(&err.to_string()),
         },
     }
 }

@@ -55,7 +55,7 @@ use super::{
     Unknown,
 };
 
-/// The receipt timeout of a new [`MemoryTransport`], as [`crate::OutboxConfig`]'s default.
+/// The receipt timeout of a new [`MemoryTransport`], as [`crate::config::OutboxConfig`]'s default.
 const RECEIPT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What [`TransportError::Connect`] names as the address.

@@ -22,13 +22,13 @@ pub use stomp::StompTransport;
 
 use std::sync::Arc;
 
-use crate::OutboxConfig;
+use crate::config::OutboxConfig;
 
 /// The transport the settings select: AMQP 0-9-1 when `OUTBOX_BROKER_URL` is set (which needs
 /// the `amqp` feature), else STOMP from the `OUTBOX_STOMP_*` settings. It connects on first use;
 /// the TLS files are read now, so a wrong path fails here. The relay, its isolation lane, the
 /// consumer, [`crate::send`] and the command line all build their transports with it.
-pub fn from_config(config: &OutboxConfig) -> Result<Arc<dyn Transport>, crate::Error> {
+pub fn from_config(config: &OutboxConfig) -> Result<Arc<dyn Transport>, crate::error::Error> {
     config.validate()?;
     if config.uses_amqp() {
         #[cfg(feature = "amqp")]
@@ -37,7 +37,7 @@ pub fn from_config(config: &OutboxConfig) -> Result<Arc<dyn Transport>, crate::E
         }
         #[cfg(not(feature = "amqp"))]
         {
-            return Err(crate::Error::Config {
+            return Err(crate::error::Error::Config {
                 variable: "OUTBOX_BROKER_URL".into(),
                 value: config.broker_urls_redacted(),
                 reason: "this build has no AMQP transport: enable the `amqp` feature of the outbox crate".into(),

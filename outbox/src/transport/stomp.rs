@@ -35,7 +35,7 @@ use tokio_util::codec::{Encoder, FramedRead};
 use super::{
     AckMode, Delivery, Outcome, Outgoing, SendReport, Subscription, Transport, TransportError,
 };
-use crate::OutboxConfig;
+use crate::config::OutboxConfig;
 use framing::{FrameDecoder, Inbound, Undecodable};
 
 mod framing;
@@ -85,7 +85,7 @@ struct Settings {
     addresses: Vec<(String, u16)>,
     vhost: String,
     login: String,
-    passcode: crate::Secret,
+    passcode: crate::config::Secret,
     tls: Option<tls::TlsSettings>,
     heartbeats: (Duration, Duration),
     receipt_timeout: Duration,

@@ -251,10 +251,13 @@ where
 }
 
 /// How many outbox rows have `status`.
-pub async fn count_with_status(db: &DatabaseConnection, status: outbox::Status) -> u64 {
+pub async fn count_with_status(
+    db: &DatabaseConnection,
+    status: outbox::tables::published::Status,
+) -> u64 {
     use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
     outbox::Published::find()
-        .filter(outbox::published::Column::Status.eq(status))
+        .filter(outbox::tables::published::Column::Status.eq(status))
         .count(db)
         .await
         .expect("count outbox rows")

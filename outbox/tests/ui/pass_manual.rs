@@ -1,4 +1,4 @@
-//! `manual`: the entity keeps its own `ActiveModelBehavior` and calls `outbox::hooks` itself.
+//! `manual`: the entity keeps its own `ActiveModelBehavior` and calls `outbox::write::hooks` itself.
 
 use sea_orm::entity::prelude::*;
 
@@ -21,7 +21,7 @@ impl ActiveModelBehavior for ActiveModel {
     where
         C: ConnectionTrait,
     {
-        outbox::hooks::before_save::<Model, C>(db, insert)?;
+        outbox::write::hooks::before_save::<Model, C>(db, insert)?;
         Ok(self)
     }
 
@@ -29,7 +29,7 @@ impl ActiveModelBehavior for ActiveModel {
     where
         C: ConnectionTrait,
     {
-        outbox::hooks::after_save::<Model, C>(&model, db, insert).await?;
+        outbox::write::hooks::after_save::<Model, C>(&model, db, insert).await?;
         Ok(model)
     }
 
@@ -37,7 +37,7 @@ impl ActiveModelBehavior for ActiveModel {
     where
         C: ConnectionTrait,
     {
-        outbox::hooks::after_delete::<Model, C>(&self, db).await?;
+        outbox::write::hooks::after_delete::<Model, C>(&self, db).await?;
         Ok(self)
     }
 }

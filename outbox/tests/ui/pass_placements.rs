@@ -74,7 +74,7 @@ mod below_sea_orm_model {
     }
 }
 
-fn routes<M: outbox::Publish>() -> usize {
+fn routes<M: outbox::write::Publish>() -> usize {
     M::ROUTES.len()
 }
 

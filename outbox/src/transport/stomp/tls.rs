@@ -14,7 +14,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use crate::OutboxConfig;
+use crate::config::OutboxConfig;
 use crate::transport::TransportError;
 
 /// What a TLS connection is made with.

@@ -6,16 +6,26 @@
 //!
 //! Among all the processes sharing a database, one takes a job's turn per period
 //! ([`take_housekeeping_turn`], a row per job in `outbox_housekeeping`).
+//!
+//! The jobs: [`published`] (expiry of unsent rows, deletion of old sent ones; the relay runs it),
+//! [`inbox`] (deletion of inbox rows past the deduplication window; the consumer runs it), and
+//! the purge that `outbox purge` runs by hand ([`delete_in_batches`]). Each runs on
+//! [`run_every`], the one ticker loop.
 
 use std::future::Future;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::{Condition, Expr, ExprTrait, OnConflict, Query};
-use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, EntityTrait, IdenStatic};
-use uuid::Uuid;
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, EntityTrait};
 
-use crate::producer::store::{db_now, db_time};
+use crate::db::batch;
+pub(crate) use crate::db::batch::Step;
+use crate::db::clock::{db_now, db_time};
+use crate::tables::housekeeping;
+
+pub(crate) mod inbox;
+pub(crate) mod published;
 
 /// Rows a retention statement touches at most.
 pub(crate) const BATCH: u64 = 1000;
@@ -40,15 +50,6 @@ impl Default for Pace {
             pause: PAUSE,
         }
     }
-}
-
-/// What one retention statement did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Step {
-    /// Rows it changed or deleted.
-    pub done: u64,
-    /// Whether it found a full batch, so that more may be left.
-    pub more: bool,
 }
 
 /// Runs `step` (which handles at most `pace.batch` rows) until a step finds less than a batch,
@@ -109,34 +110,14 @@ pub(crate) async fn delete_some<E: EntityTrait>(
     condition: Condition,
     limit: u64,
 ) -> Result<Step, DbErr> {
-    let select = Query::select()
-        .column(id)
-        .from(entity)
-        .cond_where(condition.clone())
-        .limit(limit)
-        .to_owned();
-    let ids: Vec<Uuid> = db
-        .query_all(&select)
-        .await?
-        .iter()
-        .map(|row| row.try_get::<Uuid>("", id.as_str()))
-        .collect::<Result<_, _>>()?;
-    if ids.is_empty() {
-        return Ok(Step {
-            done: 0,
-            more: false,
-        });
-    }
-    // The condition again: a row changed since the select (a retried send) is kept.
-    let delete = Query::delete()
-        .from_table(entity)
-        .and_where(Expr::col(id).is_in(ids.iter().copied()))
-        .cond_where(condition)
-        .to_owned();
-    Ok(Step {
-        done: db.execute(&delete).await?.rows_affected(),
-        more: ids.len() as u64 >= limit,
+    batch::act_on_some(db, entity, id, condition, limit, |ids, condition| {
+        Query::delete()
+            .from_table(entity)
+            .and_where(Expr::col(id).is_in(ids))
+            .cond_where(condition)
+            .to_owned()
     })
+    .await
 }
 
 /// Deletes every row of `entity` matching `condition`, [`delete_some`] after [`delete_some`] at
@@ -175,14 +156,19 @@ where
     delete_paced(db, entity, id, condition, pace).await
 }
 
-/// The `outbox_housekeeping` table.
-mod housekeeping {
-    #[derive(sea_orm::DeriveIden, Clone, Copy)]
-    pub enum OutboxHousekeeping {
-        Table,
-        Task,
-        LastRunAt,
+/// Runs `job` every `every` (the first time after one period) until the task is aborted. A
+/// failure is logged under `job_name` and tried again at the next tick, never fatal.
+pub(crate) async fn run_every<F, Fut>(every: Duration, job_name: &str, mut job: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), DbErr>>,
+{
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        if let Err(err) = job().await {
+            tracing::warn!(error = %err, job = job_name, "retention failed; trying again later");
+        }
     }
-
-    pub use OutboxHousekeeping::{LastRunAt, Table, Task};
 }

@@ -10,7 +10,7 @@ use sea_orm::DatabaseTransaction;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::Error;
+use crate::error::Error;
 use crate::headers::{CAP_MSG_ID, CORRELATION_ID, MSG_ID};
 use crate::transport::Delivery;
 
@@ -100,7 +100,7 @@ impl Payload {
     }
 
     /// The message's `dop-correlation-id`. While the callback runs it is the ambient
-    /// correlation id ([`crate::correlation_id`]), so outbox rows the callback writes carry it;
+    /// correlation id ([`crate::headers::correlation_id`]), so outbox rows the callback writes carry it;
     /// a message without one gets a fresh id for the callback's duration.
     pub fn correlation_id(&self) -> Option<&str> {
         self.message.correlation_id.as_deref()
@@ -237,7 +237,7 @@ impl Incoming {
 /// ```no_run
 /// # async fn reserve_stock() -> Result<(), std::io::Error> { Ok(()) }
 /// # async fn demo(payload: outbox::Payload) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-/// reserve_stock().await.map_err(outbox::Transient::new)?;
+/// reserve_stock().await.map_err(outbox::consumer::Transient::new)?;
 /// # Ok(()) }
 /// ```
 ///

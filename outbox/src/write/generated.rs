@@ -24,7 +24,7 @@ pub trait PublishField {
 
 impl<T: Serialize + ?Sized> PublishField for T {
     fn to_json(&self) -> Result<Value, serde_json::Error> {
-        crate::django_json::to_value(self)
+        super::django_json::to_value(self)
     }
 }
 

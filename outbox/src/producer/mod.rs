@@ -40,11 +40,17 @@ use tokio::sync::{Notify, RwLock};
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::Unroutable;
-use crate::published::Model as Row;
+use crate::backoff::Backoff;
+use crate::config::OutboxConfig;
+use crate::config::Unroutable;
+use crate::db::errors::again_on_conflict;
+use crate::error::Error;
+use crate::headers;
+use crate::retention;
 use crate::shutdown::Stoppable;
+use crate::tables::published::Model as Row;
 use crate::transport::{Outcome, Outgoing, Transport, TransportError, Unknown};
-use crate::{Error, OutboxConfig, headers, retention, wake};
+use crate::wake;
 
 /// The PostgreSQL channel the outbox table's trigger notifies at every commit that inserted rows.
 pub const NOTIFY_CHANNEL: &str = "outbox_published";
@@ -54,12 +60,6 @@ pub const NOTIFY_CHANNEL: &str = "outbox_published";
 /// receipt timeout already paced the attempt, and sending resumes this soon after the alarm
 /// clears, however many attempts it blocked.
 const SLOW_BROKER_PAUSE: Duration = Duration::from_secs(2);
-
-/// How often the relay looks for expired rows (and whether retention is its turn).
-const EXPIRY_CHECK_EVERY: Duration = Duration::from_secs(60);
-
-/// The housekeeping task that deletes old sent rows (a row of `outbox_housekeeping`).
-const CLEANUP_TASK: &str = "published_cleanup";
 
 /// Rows remembered as suspects of dropping their connection; beyond it the memory starts over
 /// (a suspect forgotten is only sent in a batch again).
@@ -248,7 +248,10 @@ impl Producer {
         self.stopping.store(false, Ordering::Relaxed);
         let mut commits = wake::subscribe();
         let listener = self.listen_postgres();
-        let retention = tokio::spawn(keep_tidy(self.db.clone(), self.config.clone()));
+        let retention = tokio::spawn(retention::published::keep(
+            self.db.clone(),
+            self.config.clone(),
+        ));
         let mut backoff = Backoff::new(self.config.maximum_backoff);
         let mut pending_sampler = crate::metrics::PendingSampler::default();
         tracing::info!(batch = self.config.published_chunk_size, "relay started");
@@ -352,7 +355,7 @@ impl Producer {
     /// Expires rows past their `expires_at`, and deletes old sent rows when it is this relay's
     /// turn, as the relay's retention task does once a minute (for tests and scripts).
     pub async fn tidy(&self) -> Result<(), Error> {
-        tidy_once(&self.db, &self.config, retention::Pace::default()).await?;
+        retention::published::run_once(&self.db, &self.config, retention::Pace::default()).await?;
         Ok(())
     }
 
@@ -387,7 +390,7 @@ impl Producer {
     /// One round: claim a batch, send it, settle every row of it.
     pub async fn round(&self) -> Result<RoundReport, Error> {
         let started = Instant::now();
-        let claim = store::again_on_conflict(|| {
+        let claim = again_on_conflict(|| {
             store::claim_batch(
                 &self.db,
                 self.config.published_chunk_size,
@@ -659,7 +662,7 @@ impl Producer {
         }
         let started = Instant::now();
         let ids: Vec<Uuid> = rows.iter().map(|row| row.id).collect();
-        let held: HashSet<Uuid> = store::again_on_conflict(|| {
+        let held: HashSet<Uuid> = again_on_conflict(|| {
             store::extend_lease(&self.db, &ids, lease.token, self.config.producer_lease)
         })
         .await?
@@ -705,8 +708,7 @@ impl Producer {
         }
         crate::metrics::sent(rows);
         let ids: Vec<Uuid> = rows.iter().map(|row| row.id).collect();
-        let marked =
-            store::again_on_conflict(|| store::mark_sent(&self.db, &ids, token)).await? as usize;
+        let marked = again_on_conflict(|| store::mark_sent(&self.db, &ids, token)).await? as usize;
         if marked < rows.len() {
             tracing::warn!(
                 receipted = rows.len(),
@@ -734,7 +736,7 @@ impl Producer {
         }
         crate::metrics::released(rows.len());
         let ids: Vec<Uuid> = rows.iter().map(|row| row.id).collect();
-        store::again_on_conflict(|| store::release(&self.db, &ids, token)).await?;
+        again_on_conflict(|| store::release(&self.db, &ids, token)).await?;
         Ok(rows.len())
     }
 
@@ -770,7 +772,7 @@ impl Producer {
                         "{reason}"
                     );
                     let ids = [row.id];
-                    store::again_on_conflict(|| {
+                    again_on_conflict(|| {
                         store::release_after(&self.db, &ids, token, pause, Some(&reason))
                     })
                     .await?;
@@ -783,7 +785,7 @@ impl Producer {
                         outcome = "failed",
                         "{reason}; marked FAILED (OUTBOX_UNROUTABLE=fail)"
                     );
-                    store::again_on_conflict(|| {
+                    again_on_conflict(|| {
                         store::record_refusal(
                             &self.db,
                             &row,
@@ -806,7 +808,7 @@ impl Producer {
                 }
             }
         }
-        store::again_on_conflict(|| store::mark_sent(&self.db, &dropped, token)).await?;
+        again_on_conflict(|| store::mark_sent(&self.db, &dropped, token)).await?;
         Ok(report)
     }
 
@@ -823,8 +825,7 @@ impl Producer {
             let pause = store::unroutable_pause(age, self.config.maximum_backoff);
             tracing::warn!(message_id = %row.id, destination = %row.destination, retry_in = ?pause, "the broker could not take the message now (basic.nack); given back without spending a retry");
             let ids = [row.id];
-            store::again_on_conflict(|| store::release_after(&self.db, &ids, token, pause, None))
-                .await?;
+            again_on_conflict(|| store::release_after(&self.db, &ids, token, pause, None)).await?;
         }
         Ok(rows.len())
     }
@@ -859,7 +860,7 @@ impl Producer {
                 "the broker refused the message; it will be retried, alone"
             ),
         }
-        store::again_on_conflict(|| store::record_refusal(&self.db, row, token, &decision, reason))
+        again_on_conflict(|| store::record_refusal(&self.db, row, token, &decision, reason))
             .await?;
         crate::metrics::refused(&row.destination, decision == store::Refusal::Failed);
         Ok(())
@@ -960,55 +961,6 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// The relay's retention task: every [`EXPIRY_CHECK_EVERY`], [`tidy_once`]. Runs until aborted;
-/// failures are logged, never fatal.
-async fn keep_tidy(db: DatabaseConnection, config: Arc<OutboxConfig>) {
-    let mut ticker = tokio::time::interval(EXPIRY_CHECK_EVERY);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        ticker.tick().await;
-        if let Err(err) = tidy_once(&db, &config, retention::Pace::default()).await {
-            tracing::warn!(error = %err, "outbox retention failed; trying again later");
-        }
-    }
-}
-
-/// Expires unsent rows past their `expires_at`, then, when it is this process's turn, deletes
-/// sent rows older than `days_to_keep_data`: both in bounded batches at `pace`.
-async fn tidy_once(
-    db: &DatabaseConnection,
-    config: &OutboxConfig,
-    pace: retention::Pace,
-) -> Result<(), sea_orm::DbErr> {
-    let expired = retention::in_batches(pace, |limit| store::expire_some(db, limit)).await?;
-    if expired > 0 {
-        crate::metrics::expired(expired);
-        tracing::error!(
-            expired,
-            "outbox rows expired before they could be sent; marked FAILED (see last_error)"
-        );
-    }
-    if retention::take_housekeeping_turn(db, CLEANUP_TASK, config.remove_data_cache_ttl).await? {
-        let keep = Duration::from_secs(u64::from(config.days_to_keep_data) * 86_400);
-        let old = store::sent_before(db.get_database_backend(), keep);
-        let started = Instant::now();
-        let deleted = retention::delete_paced(
-            db,
-            crate::published::Entity,
-            crate::published::Column::Id,
-            old,
-            pace,
-        )
-        .await?;
-        tracing::info!(
-            deleted,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "old sent rows deleted"
-        );
-    }
-    Ok(())
-}
-
 /// Forwards notifications to `wake` until the listener fails.
 #[cfg(feature = "postgres")]
 async fn listen(pool: &sea_orm::sqlx::PgPool, wake: &Notify) -> Result<(), sea_orm::sqlx::Error> {
@@ -1075,50 +1027,9 @@ fn outgoing(row: &Row) -> Outgoing {
     }
 }
 
-/// Reconnection pacing: `min(2^n + jitter, maximum)` seconds after the n-th failure in a row.
-#[derive(Debug)]
-pub(crate) struct Backoff {
-    failures: u32,
-    maximum: Duration,
-}
-
-impl Backoff {
-    pub(crate) fn new(maximum: Duration) -> Self {
-        Self {
-            failures: 0,
-            maximum,
-        }
-    }
-
-    pub(crate) fn next_pause(&mut self) -> Duration {
-        self.failures = self.failures.saturating_add(1);
-        let base = 2f64.powi(self.failures.min(30) as i32);
-        let jitter = (Uuid::new_v4().as_u128() % 1000) as f64 / 1000.0;
-        Duration::from_secs_f64(base + jitter).min(self.maximum)
-    }
-
-    pub(crate) fn reset(&mut self) {
-        self.failures = 0;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_doubles_up_to_the_maximum_and_resets() {
-        let mut backoff = Backoff::new(Duration::from_secs(10));
-        let first = backoff.next_pause();
-        assert!(first >= Duration::from_secs(2) && first < Duration::from_secs(3));
-        let second = backoff.next_pause();
-        assert!(second >= Duration::from_secs(4) && second < Duration::from_secs(5));
-        for _ in 0..10 {
-            assert!(backoff.next_pause() <= Duration::from_secs(10));
-        }
-        backoff.reset();
-        assert!(backoff.next_pause() < Duration::from_secs(3));
-    }
 
     #[test]
     fn a_row_goes_out_with_its_headers_persistent_and_json() {
@@ -1131,7 +1042,7 @@ mod tests {
             added: chrono::Utc::now(),
             expires_at: chrono::Utc::now(),
             retry: 0,
-            status: crate::Status::Schedule,
+            status: crate::tables::published::Status::Schedule,
             claim_token: None,
             locked_until: None,
             next_attempt_at: None,
@@ -1166,7 +1077,7 @@ mod tests {
             added,
             expires_at: added,
             retry: 0,
-            status: crate::Status::Schedule,
+            status: crate::tables::published::Status::Schedule,
             claim_token: None,
             locked_until: None,
             next_attempt_at: None,

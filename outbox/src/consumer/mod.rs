@@ -21,6 +21,7 @@ mod dispatch;
 pub(crate) mod failure;
 mod group;
 mod inbox;
+pub(crate) mod payload;
 pub(crate) mod topology;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -33,13 +34,15 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use uuid::Uuid;
 
+pub use payload::{Payload, Transient};
 pub use topology::{Topology, declare};
 
-use crate::payload::BoxError;
-use crate::producer::Backoff;
+use crate::backoff::Backoff;
+use crate::config::OutboxConfig;
+use crate::consumer::payload::BoxError;
+use crate::error::Error;
 use crate::shutdown::Stoppable;
 use crate::transport::{Delivery, Transport, TransportError};
-use crate::{Error, OutboxConfig, Payload};
 use dispatch::{Callback, Dispatcher};
 use group::Groups;
 
@@ -176,7 +179,7 @@ impl ConsumerBuilder {
     }
 
     /// Keeps each key's order: messages with the same `x-outbox-key` header (see
-    /// [`crate::Message::key`]) are processed one at a time, in the order they arrived, the next
+    /// [`crate::write::Message::key`]) are processed one at a time, in the order they arrived, the next
     /// starting only after the previous one is committed and acknowledged (or dead-lettered: a
     /// dead-lettered message does not hold its key up); messages of different keys, and messages
     /// without a key, run in parallel, at most [`ConsumerBuilder::in_flight`] at once. Messages
@@ -462,7 +465,10 @@ impl Consumer {
             self.config.consumer_group_wait,
             self.in_flight,
         );
-        let housekeeping = tokio::spawn(inbox::keep_tidy(self.db.clone(), self.config.clone()));
+        let housekeeping = tokio::spawn(crate::retention::inbox::keep(
+            self.db.clone(),
+            self.config.clone(),
+        ));
         tokio::pin!(shutdown);
         let mut tasks: JoinSet<()> = JoinSet::new();
         let mut lanes = Lanes::new(self.ordered_by_key);

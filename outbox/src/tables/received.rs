@@ -28,7 +28,7 @@ pub struct Model {
     /// Kept at 0; present for compatibility with django-outbox-pattern's table.
     pub retry: i32,
     /// `2` (SUCCEEDED) once saved.
-    pub status: crate::Status,
+    pub status: crate::tables::published::Status,
 }
 
 /// The inbox table has no relations.

@@ -39,7 +39,7 @@ use chrono::{DateTime, SubsecRound, Utc};
 use sea_orm::sea_query::{Condition, Expr, ExprTrait, Query};
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr};
 
-use crate::published::{Column, Entity};
+use crate::tables::published::{Column, Entity};
 
 /// Rows changed per statement by [`Retry`] (and deleted per statement by [`Purge`]): no
 /// statement holds locks on a large part of the table.

@@ -1,103 +1,27 @@
-//! The outbox table, `published`: one row per message to relay, and how a row is built.
-//!
-//! A row is written in the transaction of the change it announces and holds everything the relay
-//! sends: the destination (with its version suffix), the JSON body and the headers, generated
-//! once at insert. The relay's bookkeeping (`claim_token`, `locked_until`, `next_attempt_at`,
-//! `last_error`) starts empty.
+//! A message to write into the outbox by hand ([`Message`], [`enqueue`], [`enqueue_all`]), and
+//! the insert of outbox rows that `#[publish]` saves use too.
 
 use chrono::{DateTime, SubsecRound, Utc};
-use sea_orm::entity::prelude::*;
-use sea_orm::{
-    ActiveValue::{NotSet, Set},
-    ConnectionTrait,
-};
+use sea_orm::ActiveValue::{NotSet, Set};
+use sea_orm::{ConnectionTrait, DbErr, EntityTrait};
 use serde::Serialize;
 use serde_json::{Map, Value};
+use uuid::Uuid;
 
-use crate::publish::Route;
-use crate::{Error, config, headers, wake, write};
+use super::connection::{ConnectionKind, connection_kind};
+use super::key_lock::lock_keys;
+use super::publish::Route;
+use super::settings;
+use crate::error::Error;
+use crate::headers;
+use crate::tables::published::{
+    ActiveModel, Column, Entity, MAX_DESTINATION_LEN, MAX_KEY_LEN, MAX_VERSION_LEN, Model, Status,
+};
+use crate::wake;
 
-/// The longest destination, version suffix included, that the `destination` column holds.
-pub const MAX_DESTINATION_LEN: usize = 255;
-/// The longest ordering key that the `msg_key` column holds.
-pub const MAX_KEY_LEN: usize = 255;
-/// The longest version that the `version` column holds.
-pub const MAX_VERSION_LEN: usize = 100;
 /// Rows per INSERT statement when many are written at once (well under every database's limit
 /// on bound parameters).
 const ROWS_PER_INSERT: usize = 500;
-
-/// Where a row is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EnumIter, DeriveActiveEnum, Serialize)]
-#[sea_orm(rs_type = "i32", db_type = "Integer")]
-pub enum Status {
-    /// Given up: expired, or refused by the broker too many times. See `last_error`.
-    #[sea_orm(num_value = -1)]
-    Failed,
-    /// Waiting to be sent.
-    #[sea_orm(num_value = 1)]
-    Schedule,
-    /// Sent, and receipted by the broker.
-    #[sea_orm(num_value = 2)]
-    Succeeded,
-}
-
-/// A row of the outbox table.
-#[derive(Clone, Debug, PartialEq, DeriveEntityModel, Serialize)]
-#[sea_orm(table_name = "published")]
-pub struct Model {
-    /// The message id, sent as `dop-msg-id`.
-    #[sea_orm(primary_key, auto_increment = false)]
-    pub id: Uuid,
-    /// The version of `#[publish(version = ..)]`, already appended to `destination`.
-    pub version: Option<String>,
-    /// The STOMP destination, with its version suffix.
-    pub destination: String,
-    /// The message body.
-    pub body: Json,
-    /// Every header sent with the message, as a JSON object of strings.
-    pub headers: Json,
-    /// When the row was written.
-    pub added: DateTimeUtc,
-    /// After this time an unsent row is given up (FAILED), never sent.
-    pub expires_at: DateTimeUtc,
-    /// Failed sends so far.
-    pub retry: i32,
-    /// Where the row is in its life.
-    pub status: Status,
-    /// The relay that holds the row while sending it.
-    pub claim_token: Option<Uuid>,
-    /// Until when that relay holds it; after that another relay may take it.
-    pub locked_until: Option<DateTimeUtc>,
-    /// Not to be sent before this time (a retry's pause).
-    pub next_attempt_at: Option<DateTimeUtc>,
-    /// Why the last send failed, or why the row was given up.
-    #[sea_orm(column_type = "Text", nullable)]
-    pub last_error: Option<String>,
-    /// The ordering key ([`Message::key`], `#[publish(key = ..)]`), sent as `x-outbox-key`: the
-    /// rows of one key are sent one at a time, in `seq` order. `None`: no order is kept.
-    pub msg_key: Option<String>,
-    /// The insertion sequence, given by the database (`None` in the rows [`Message::enqueue`]
-    /// returns, and on SQLite, where `rowid` orders the rows instead; rows older than the column
-    /// are `None` too, before all others).
-    pub seq: Option<i64>,
-}
-
-/// The outbox table has no relations.
-#[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
-pub enum Relation {}
-
-impl ActiveModelBehavior for ActiveModel {}
-
-impl Model {
-    /// The row's `dop-correlation-id` header, for logs; `""` when it has none.
-    pub(crate) fn correlation_id(&self) -> &str {
-        self.headers
-            .get(crate::headers::CORRELATION_ID)
-            .and_then(serde_json::Value::as_str)
-            .unwrap_or("")
-    }
-}
 
 /// A message to write into the outbox: built by `#[publish]` for an entity, or by hand for
 /// [`Message::enqueue`].
@@ -166,7 +90,7 @@ impl Message {
     }
 
     /// Sets the ordering key: the messages of one key (one order, one account) are sent, and
-    /// with [`crate::ConsumerBuilder::ordered_by_key`] processed, one at a time in the order they
+    /// with [`crate::consumer::ConsumerBuilder::ordered_by_key`] processed, one at a time in the order they
     /// were written; messages of different keys, or without one, go in parallel. At most
     /// [`MAX_KEY_LEN`] characters, not empty. See README's section on ordering.
     pub fn key(mut self, key: impl ToString) -> Self {
@@ -320,7 +244,7 @@ pub async fn enqueue_all<C: ConnectionTrait>(
 }
 
 fn wake_if_committed<C: ?Sized>() {
-    if write::connection_kind::<C>() == write::ConnectionKind::Autocommit {
+    if connection_kind::<C>() == ConnectionKind::Autocommit {
         wake::committed();
     }
 }
@@ -332,7 +256,7 @@ pub(crate) async fn insert_messages<C: ConnectionTrait>(
 ) -> Result<Vec<Model>, Error> {
     // Microseconds: what every supported database stores, so the returned rows equal the stored.
     let added = Utc::now().trunc_subsecs(6);
-    let lifetime = config::row_lifetime()?;
+    let lifetime = settings::row_lifetime()?;
     let correlation = headers::current_or_new_correlation_id();
     let rows = messages
         .into_iter()
@@ -407,91 +331,6 @@ fn insert_with_sequence(rows: &[Model]) -> Result<sea_orm::sea_query::InsertStat
             .map_err(|err| Error::Database(DbErr::Custom(err.to_string())))?;
     }
     Ok(insert)
-}
-
-/// Before keyed rows are inserted, holds each key until the transaction ends, in one order, so
-/// that the writers of one key run one after the other until they commit: on PostgreSQL a
-/// transaction-scoped advisory lock per key (by hash), on MariaDB and MySQL the row of the key's
-/// bucket in `outbox_key_lock` (`SELECT .. FOR UPDATE`; migration
-/// `outbox_m20261201_000005_add_key_locks`); SQLite has one writer at a time anyway. Sequence numbers
-/// are drawn after the lock, at insert: per key, `seq` order is then commit order, and no relay
-/// can see a later row of a key while an earlier one may still commit. A statement on an
-/// autocommit connection would release the lock before its insert: a keyed row is refused there.
-async fn lock_keys<C: ConnectionTrait>(conn: &C, rows: &[Model]) -> Result<(), Error> {
-    let backend = conn.get_database_backend();
-    if backend == sea_orm::DbBackend::Sqlite {
-        return Ok(());
-    }
-    let mut hashes: Vec<i64> = rows
-        .iter()
-        .filter_map(|row| row.msg_key.as_deref())
-        .map(key_lock_id)
-        .collect();
-    if hashes.is_empty() {
-        return Ok(());
-    }
-    if write::connection_kind::<C>() == write::ConnectionKind::Autocommit {
-        return Err(Error::KeyedOutsideTransaction {
-            connection: std::any::type_name::<C>(),
-        });
-    }
-    // The ids are numbers this function computed: written into the statement, which then needs
-    // no array binding.
-    let statement = if backend == sea_orm::DbBackend::Postgres {
-        hashes.sort_unstable();
-        hashes.dedup();
-        // `unnest` yields the array in order: the locks are taken in ascending order, so two
-        // writers that lock the same keys in one call never deadlock.
-        let ids: Vec<String> = hashes.iter().map(i64::to_string).collect();
-        format!(
-            "SELECT count(pg_advisory_xact_lock(k)) FROM unnest(ARRAY[{}]::bigint[]) AS k",
-            ids.join(",")
-        )
-    } else {
-        let mut buckets: Vec<u64> = hashes
-            .iter()
-            .map(|hash| hash.unsigned_abs() % KEY_LOCK_BUCKETS)
-            .collect();
-        buckets.sort_unstable();
-        buckets.dedup();
-        // Rows of the primary key, read in ascending order: locked in that order, and only
-        // those records (no gap lock for an equality on a unique key).
-        let ids: Vec<String> = buckets.iter().map(u64::to_string).collect();
-        format!(
-            "SELECT bucket FROM outbox_key_lock WHERE bucket IN ({}) ORDER BY bucket FOR UPDATE",
-            ids.join(",")
-        )
-    };
-    match conn.execute_unprepared(&statement).await {
-        Ok(_) => Ok(()),
-        // A database the library's latest migrations did not reach: say which one is missing.
-        Err(err)
-            if backend != sea_orm::DbBackend::Postgres
-                && err.to_string().contains("1146")
-                && err.to_string().contains("outbox_key_lock") =>
-        {
-            Err(Error::Database(DbErr::Custom(format!(
-                "a keyed write needs the table outbox_key_lock: run the outbox's migrations \
-                 (outbox_m20261201_000005_add_key_locks) ({err})"
-            ))))
-        }
-        Err(err) => Err(err.into()),
-    }
-}
-
-/// The rows of `outbox_key_lock` on MariaDB and MySQL: a key locks row
-/// `|key_lock_id(key)| % KEY_LOCK_BUCKETS`.
-pub(crate) const KEY_LOCK_BUCKETS: u64 = 65_536;
-
-/// The advisory lock id of an ordering key: FNV-1a (64 bits) of its bytes, fixed so that every
-/// process of every version takes the same lock for the same key.
-pub(crate) fn key_lock_id(key: &str) -> i64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in b"outbox-key:".iter().chain(key.as_bytes()) {
-        hash ^= u64::from(*byte);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    hash as i64
 }
 
 #[cfg(test)]

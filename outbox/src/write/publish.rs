@@ -70,7 +70,7 @@ pub type ActiveModelOf<M> = <<M as ModelTrait>::Entity as EntityTrait>::ActiveMo
 
 /// A SeaORM model whose saves write outbox rows. Implemented by `#[outbox::publish]`.
 ///
-/// The write path ([`crate::hooks`]) calls [`Publish::body`] once per matching route and inserts
+/// The write path ([`crate::write::hooks`]) calls [`Publish::body`] once per matching route and inserts
 /// one outbox row per route, in route order, on the connection of the save.
 pub trait Publish: ModelTrait + Send + Sync {
     /// The entity's name in errors and logs (the module path of its `Model`).
@@ -94,7 +94,7 @@ pub trait Publish: ModelTrait + Send + Sync {
     }
 
     /// The ordering key of route `route`'s message for this model (`#[publish(.., key = ..)]`),
-    /// `None` for a route without one. See [`crate::Message::key`].
+    /// `None` for a route without one. See [`crate::write::Message::key`].
     fn key(&self, route: usize) -> Option<String> {
         let _ = route;
         None
