@@ -40,6 +40,9 @@
 //! Rows are written into the `published` table (see the `migration` module), with the `dop-*`
 //! headers that django-outbox-pattern services read.
 //!
+//! The [`guide`] explains the rest, chapter by chapter: the write path, relaying, consuming,
+//! ordering, transports, the guarantees, operating and every setting.
+//!
 //! ## Features
 //!
 //! | feature | default | what it adds |
@@ -60,6 +63,7 @@ mod config;
 mod consumer;
 mod django_json;
 mod error;
+pub mod guide;
 pub mod headers;
 #[cfg(feature = "metrics")]
 #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
