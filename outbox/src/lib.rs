@@ -40,6 +40,9 @@
 //! Rows are written into the `published` table (see the `migration` module), with the `dop-*`
 //! headers that django-outbox-pattern services read.
 //!
+//! The [`guide`] explains the rest, chapter by chapter: the write path, relaying, consuming,
+//! ordering, transports, the guarantees, operating and every setting.
+//!
 //! ## Features
 //!
 //! | feature | default | what it adds |
@@ -61,6 +64,7 @@ pub mod config;
 pub mod consumer;
 mod db;
 mod error;
+pub mod guide;
 pub mod headers;
 #[cfg(feature = "metrics")]
 #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
