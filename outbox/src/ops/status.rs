@@ -202,7 +202,7 @@ pub async fn status(db: &DatabaseConnection, failed_limit: u64) -> Result<Status
         .column(Column::Destination)
         .column_as(Expr::col(Column::Id).count(), "rows")
         .filter(Column::Status.eq(Status::Schedule))
-        .filter(Column::LastError.contains(crate::producer::UNROUTABLE_MARK))
+        .filter(Column::LastError.contains(crate::producer::settle::UNROUTABLE_MARK))
         .group_by(Column::Destination)
         .order_by_asc(Column::Destination)
         .into_tuple()
