@@ -13,7 +13,7 @@ use sea_orm::{
 use uuid::Uuid;
 
 use crate::error::Error;
-use crate::received;
+use crate::tables::received;
 use crate::tables::published::Status;
 use crate::tables::published::{Column, Entity, Model as Row};
 

@@ -12,7 +12,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::error::Error;
-use crate::received;
+use crate::tables::{received, unroutable};
 use crate::tables::published::Status;
 use crate::tables::published::{Column, Entity};
 
@@ -116,8 +116,9 @@ pub struct StatusReport {
     pub destinations: Vec<DestinationStatus>,
     /// The latest FAILED rows, newest first.
     pub latest_failed: Vec<FailedRow>,
-    /// Waiting rows whose last attempt found no queue bound to their destination (AMQP), by
-    /// destination: `(destination, rows)`. They wait for a queue without spending retries.
+    /// Destinations recorded as having no queue bound to them when the relay last sent there
+    /// (AMQP; the table `outbox_unroutable`), with their waiting rows: `(destination, rows)`.
+    /// The rows wait for a queue without spending retries.
     pub unroutable: Vec<(String, u64)>,
     /// Ordering keys that a FAILED row blocks, by key (at most `failed_limit` of them).
     pub blocked_keys: Vec<BlockedKey>,
@@ -197,21 +198,7 @@ pub async fn status(db: &DatabaseConnection, failed_limit: u64) -> Result<Status
         })
         .collect();
 
-    let unroutable: Vec<(String, i64)> = Entity::find()
-        .select_only()
-        .column(Column::Destination)
-        .column_as(Expr::col(Column::Id).count(), "rows")
-        .filter(Column::Status.eq(Status::Schedule))
-        .filter(Column::LastError.contains(crate::producer::settle::UNROUTABLE_MARK))
-        .group_by(Column::Destination)
-        .order_by_asc(Column::Destination)
-        .into_tuple()
-        .all(db)
-        .await?;
-    let unroutable = unroutable
-        .into_iter()
-        .map(|(destination, rows)| (destination, u64::try_from(rows).unwrap_or(0)))
-        .collect();
+    let unroutable = unroutable_waiting(db).await?;
 
     let blocked = blocked_keys(db).await?;
     let blocked_key_count = blocked.len() as u64;
@@ -305,4 +292,42 @@ pub(crate) async fn pending(
     Ok(found
         .map(|(rows, oldest)| (u64::try_from(rows).unwrap_or(0), oldest))
         .unwrap_or((0, None)))
+}
+
+/// The destinations recorded in `outbox_unroutable` (no queue was bound to them when the relay
+/// last sent there), with how many rows wait for each. A database the migration that adds the
+/// table did not reach has none recorded.
+async fn unroutable_waiting(db: &DatabaseConnection) -> Result<Vec<(String, u64)>, Error> {
+    let destinations: Vec<String> = match unroutable::Entity::find()
+        .select_only()
+        .column(unroutable::Column::Destination)
+        .into_tuple()
+        .all(db)
+        .await
+    {
+        Ok(destinations) => destinations,
+        Err(err) if err.to_string().contains("outbox_unroutable") => {
+            tracing::warn!(error = %err, "no outbox_unroutable table: run the outbox's migrations");
+            return Ok(Vec::new());
+        }
+        Err(err) => return Err(err.into()),
+    };
+    if destinations.is_empty() {
+        return Ok(Vec::new());
+    }
+    let waiting: Vec<(String, i64)> = Entity::find()
+        .select_only()
+        .column(Column::Destination)
+        .column_as(Expr::col(Column::Id).count(), "rows")
+        .filter(Column::Status.eq(Status::Schedule))
+        .filter(Column::Destination.is_in(destinations))
+        .group_by(Column::Destination)
+        .order_by_asc(Column::Destination)
+        .into_tuple()
+        .all(db)
+        .await?;
+    Ok(waiting
+        .into_iter()
+        .map(|(destination, rows)| (destination, u64::try_from(rows).unwrap_or(0)))
+        .collect())
 }

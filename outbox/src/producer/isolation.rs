@@ -31,7 +31,7 @@ impl Producer {
         &self,
         rows: Vec<Row>,
         lease: &mut Lease,
-        mut proven: HashSet<String>,
+        proven: &mut HashSet<String>,
     ) -> Result<RoundReport, Error> {
         let mut report = RoundReport::default();
         let _lane = self.lane.lock().await;

@@ -32,6 +32,7 @@ mod isolation;
 mod listen;
 pub(crate) mod settle;
 pub(crate) mod store;
+mod unroutable;
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -147,6 +148,7 @@ impl ProducerBuilder {
             sending: RwLock::new(()),
             lane: tokio::sync::Mutex::new(()),
             suspects: Mutex::new(HashSet::new()),
+            unroutable: Mutex::default(),
             stopping: AtomicBool::new(false),
             link_failed: AtomicBool::new(false),
         })
@@ -193,6 +195,8 @@ pub struct Producer {
     /// Rows whose batch lost its connection with them first in line, unreceipted: sent alone
     /// (alongside the batches) until they are receipted.
     suspects: Mutex<HashSet<Uuid>>,
+    /// The destinations recorded as waiting for a queue, as far as this relay knows.
+    unroutable: Mutex<unroutable::Recorded>,
     /// Set when the relay is asked to stop: no new claim is made.
     stopping: AtomicBool,
     /// Set when rows were given back because the connection failed (as opposed to a broker

@@ -11,7 +11,7 @@ use uuid::Uuid;
 use super::frame::outgoing;
 use super::store;
 use super::{Lease, Producer, RoundReport};
-use crate::config::Unroutable;
+
 use crate::db::errors::again_on_conflict;
 use crate::error::Error;
 use crate::tables::published::Model as Row;
@@ -62,8 +62,9 @@ impl Producer {
         }
         if !isolate.is_empty() {
             isolate.sort_by_key(|row| row.added);
-            report += self.isolate(isolate, &mut lease, proven).await?;
+            report += self.isolate(isolate, &mut lease, &mut proven).await?;
         }
+        self.routed(&proven).await;
         Ok(report)
     }
 
@@ -169,78 +170,6 @@ impl Producer {
         Ok(rows.len())
     }
 
-    /// Settles the rows whose message no queue took, as `OUTBOX_UNROUTABLE` says: kept waiting
-    /// (a pause of their own, no retry spent, `last_error` saying why), marked FAILED, or marked
-    /// sent (dropped, as over STOMP).
-    pub(super) async fn unroutable(
-        &self,
-        rows: Vec<(Row, String)>,
-        token: Uuid,
-    ) -> Result<RoundReport, Error> {
-        let mut report = RoundReport::default();
-        if rows.is_empty() {
-            return Ok(report);
-        }
-        report.unroutable = rows.len();
-        let mut dropped = Vec::new();
-        for (row, reply) in rows {
-            crate::metrics::unroutable(&row.destination);
-            let reason = unroutable_error(&row.destination, &reply);
-            match self.config.unroutable {
-                Unroutable::Retry => {
-                    let age = (chrono::Utc::now() - row.added)
-                        .to_std()
-                        .unwrap_or_default();
-                    let pause = store::unroutable_pause(age, self.config.maximum_backoff);
-                    tracing::warn!(
-                        message_id = %row.id,
-                        destination = %row.destination,
-                        correlation_id = row.correlation_id(),
-                        outcome = "unroutable",
-                        retry_in = ?pause,
-                        "{reason}"
-                    );
-                    let ids = [row.id];
-                    again_on_conflict(|| {
-                        store::release_after(&self.db, &ids, token, pause, Some(&reason))
-                    })
-                    .await?;
-                }
-                Unroutable::Fail => {
-                    tracing::error!(
-                        message_id = %row.id,
-                        destination = %row.destination,
-                        correlation_id = row.correlation_id(),
-                        outcome = "failed",
-                        "{reason}; marked FAILED (OUTBOX_UNROUTABLE=fail)"
-                    );
-                    again_on_conflict(|| {
-                        store::record_refusal(
-                            &self.db,
-                            &row,
-                            token,
-                            &store::Refusal::Failed,
-                            &reason,
-                        )
-                    })
-                    .await?;
-                }
-                Unroutable::Drop => {
-                    tracing::warn!(
-                        message_id = %row.id,
-                        destination = %row.destination,
-                        correlation_id = row.correlation_id(),
-                        outcome = "dropped",
-                        "{reason}; dropped (OUTBOX_UNROUTABLE=drop)"
-                    );
-                    dropped.push(row.id);
-                }
-            }
-        }
-        again_on_conflict(|| store::mark_sent(&self.db, &dropped, token)).await?;
-        Ok(report)
-    }
-
     /// Gives back the rows the broker nacked (back-pressure), after a pause, charging nothing.
     pub(super) async fn nacked(&self, rows: &[Row], token: Uuid) -> Result<usize, Error> {
         if rows.is_empty() {
@@ -307,18 +236,6 @@ pub(super) struct Settled {
 
 /// The start of `last_error` for a row charged for being passed over (see [`passed_over`]).
 pub(super) const PASSED_OVER: &str = "not receipted while later messages on the connection were: ";
-
-/// The `last_error` of a row the broker passed over silently.
-/// The `last_error` of a row whose message no queue took: names the destination, and says
-/// "no queue is bound to it" (which `outbox status` looks for).
-pub(crate) fn unroutable_error(destination: &str, reply: &str) -> String {
-    format!(
-        "unroutable: the broker returned the message sent to `{destination}` ({reply}): {UNROUTABLE_MARK}; it waits for one without spending a retry"
-    )
-}
-
-/// The words of an unroutable row's `last_error` that `outbox status` counts by.
-pub(crate) const UNROUTABLE_MARK: &str = "no queue is bound to it";
 
 pub(super) fn passed_over(reason: &TransportError) -> String {
     format!("{PASSED_OVER}{reason}")

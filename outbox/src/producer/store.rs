@@ -9,10 +9,10 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sea_orm::sea_query::{Expr, ExprTrait, LockBehavior, LockType, Query};
+use sea_orm::sea_query::{Expr, ExprTrait, LockBehavior, LockType, OnConflict, Query};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend, DbErr, EntityTrait,
-    FromQueryResult, IdenStatic, QueryFilter, SqliteTransactionMode, Statement, TransactionOptions,
+    FromQueryResult, IdenStatic, QueryFilter, QuerySelect, SqliteTransactionMode, Statement, TransactionOptions,
     TransactionTrait,
 };
 use uuid::Uuid;
@@ -21,6 +21,7 @@ use sea_orm::ActiveEnum;
 
 use crate::db::clock::{db_now, db_time, micros};
 use crate::tables::published::{Column, Entity, Model, Status};
+use crate::tables::unroutable;
 
 /// A claimed batch: the rows, oldest first, and the token they hold.
 pub(crate) struct Claim {
@@ -250,6 +251,60 @@ pub(crate) async fn release_after(
         update.value(Column::LastError, error.to_owned());
     }
     Ok(db.execute(&update).await?.rows_affected())
+}
+
+/// Records that a message to `destination` came back because no queue was bound to it: a row
+/// of `outbox_unroutable`, whose `since` is kept while the destination stays unroutable.
+pub(crate) async fn record_unroutable(
+    db: &DatabaseConnection,
+    destination: &str,
+    reply: &str,
+) -> Result<(), DbErr> {
+    let backend = db.get_database_backend();
+    let insert = Query::insert()
+        .into_table(unroutable::Entity)
+        .columns([
+            unroutable::Column::Destination,
+            unroutable::Column::Reply,
+            unroutable::Column::Since,
+            unroutable::Column::LastReturnedAt,
+        ])
+        .values_panic([
+            destination.into(),
+            reply.into(),
+            db_now(backend),
+            db_now(backend),
+        ])
+        .on_conflict(
+            OnConflict::column(unroutable::Column::Destination)
+                .update_columns([unroutable::Column::Reply, unroutable::Column::LastReturnedAt])
+                .to_owned(),
+        )
+        .to_owned();
+    db.execute(&insert).await?;
+    Ok(())
+}
+
+/// Deletes the rows of `outbox_unroutable` of `destinations`: messages to them routed again.
+pub(crate) async fn clear_unroutable(
+    db: &DatabaseConnection,
+    destinations: &[String],
+) -> Result<u64, DbErr> {
+    let delete = Query::delete()
+        .from_table(unroutable::Entity)
+        .and_where(Expr::col(unroutable::Column::Destination).is_in(destinations.iter().cloned()))
+        .to_owned();
+    Ok(db.execute(&delete).await?.rows_affected())
+}
+
+/// The destinations recorded in `outbox_unroutable`.
+pub(crate) async fn unroutable_destinations(db: &DatabaseConnection) -> Result<Vec<String>, DbErr> {
+    unroutable::Entity::find()
+        .select_only()
+        .column(unroutable::Column::Destination)
+        .into_tuple()
+        .all(db)
+        .await
 }
 
 /// The pause before the next attempt of a row that no queue took, or that the broker nacked,
