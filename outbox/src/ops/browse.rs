@@ -13,9 +13,9 @@ use sea_orm::{
 use uuid::Uuid;
 
 use crate::error::Error;
-use crate::tables::received;
 use crate::tables::published::Status;
 use crate::tables::published::{Column, Entity, Model as Row};
+use crate::tables::received;
 
 /// Rows shown when no limit is given.
 pub const DEFAULT_LIMIT: u64 = 50;

@@ -12,9 +12,9 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::error::Error;
-use crate::tables::{received, unroutable};
 use crate::tables::published::Status;
 use crate::tables::published::{Column, Entity};
+use crate::tables::{received, unroutable};
 
 /// Row counts by status.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]

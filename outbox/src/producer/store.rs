@@ -12,8 +12,8 @@ use chrono::{DateTime, Utc};
 use sea_orm::sea_query::{Expr, ExprTrait, LockBehavior, LockType, OnConflict, Query};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend, DbErr, EntityTrait,
-    FromQueryResult, IdenStatic, QueryFilter, QuerySelect, SqliteTransactionMode, Statement, TransactionOptions,
-    TransactionTrait,
+    FromQueryResult, IdenStatic, QueryFilter, QuerySelect, SqliteTransactionMode, Statement,
+    TransactionOptions, TransactionTrait,
 };
 use uuid::Uuid;
 
@@ -277,7 +277,10 @@ pub(crate) async fn record_unroutable(
         ])
         .on_conflict(
             OnConflict::column(unroutable::Column::Destination)
-                .update_columns([unroutable::Column::Reply, unroutable::Column::LastReturnedAt])
+                .update_columns([
+                    unroutable::Column::Reply,
+                    unroutable::Column::LastReturnedAt,
+                ])
                 .to_owned(),
         )
         .to_owned();

@@ -108,7 +108,6 @@ impl Producer {
         Ok(report)
     }
 
-
     /// Records each destination of `rows` as waiting for a queue.
     async fn record_unroutable(&self, destinations: Vec<(String, String)>) {
         for (destination, reply) in destinations {
@@ -159,7 +158,10 @@ impl Producer {
     async fn refresh_recorded(&self) {
         let due = {
             let recorded = super::isolation::lock(&self.unroutable);
-            !recorded.missing && recorded.read_at.is_none_or(|at| at.elapsed() >= REFRESH_EVERY)
+            !recorded.missing
+                && recorded
+                    .read_at
+                    .is_none_or(|at| at.elapsed() >= REFRESH_EVERY)
         };
         if !due {
             return;
@@ -205,5 +207,3 @@ fn unroutable_error(destination: &str, reply: &str) -> String {
         "unroutable: the broker returned the message sent to `{destination}` ({reply}): no queue is bound to it; it waits for one without spending a retry"
     )
 }
-
-
