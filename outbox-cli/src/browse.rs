@@ -3,12 +3,16 @@
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use clap::{Args, Subcommand, ValueEnum};
-use outbox::ops::{FindReceived, FindRows};
-use outbox::tables::published::Model as Row;
 use outbox::tables::published::Status;
+use outbox::ops::{self, FindReceived, FindRows};
+use outbox::tables::published::Model as Row;
 use outbox::tables::received::Model as ReceivedRow;
 use serde_json::Value;
 use uuid::Uuid;
+
+use crate::database::{OPERATION_POOL, connect};
+use crate::duration::parse_duration;
+use crate::failure::Failure;
 
 /// Characters of a body shown on a line of `list` (`--full` shows it whole).
 const BODY_WIDTH: usize = 60;
@@ -289,12 +293,39 @@ fn body_text(body: &Value, full: bool) -> String {
     format!("{cut}... ({} bytes; --full shows it)", text.len())
 }
 
+/// `list`: the outbox rows `args` finds.
+pub async fn list(args: ListArgs, url: Option<String>) -> Result<(), Failure> {
+    let db = connect(url, Some(OPERATION_POOL)).await?;
+    let rows = args.search().run(&db).await?;
+    args.print(&rows).map_err(Failure::Operation)
+}
+
+/// `show`: one outbox row whole.
+pub async fn show(args: ShowArgs, url: Option<String>) -> Result<(), Failure> {
+    let db = connect(url, Some(OPERATION_POOL)).await?;
+    match ops::show(&db, args.id()).await? {
+        Some(row) => args.print(&row).map_err(Failure::Operation),
+        None => Err(Failure::Operation(format!(
+            "no outbox row has id {} (it may have been sent and cleaned up)",
+            args.id()
+        ))),
+    }
+}
+
+/// `received list`: the inbox rows `args` finds.
+pub async fn received(command: ReceivedCommand, url: Option<String>) -> Result<(), Failure> {
+    let ReceivedCommand::List(args) = command;
+    let db = connect(url, Some(OPERATION_POOL)).await?;
+    let rows = args.search().run(&db).await?;
+    args.print(&rows).map_err(Failure::Operation)
+}
+
 /// `--since`/`--until`: an RFC 3339 time, or a duration ago.
 fn parse_time(text: &str) -> Result<DateTime<Utc>, String> {
     if let Ok(at) = DateTime::parse_from_rfc3339(text.trim()) {
         return Ok(at.with_timezone(&Utc));
     }
-    let ago = crate::parse_duration(text).map_err(|duration| {
+    let ago = parse_duration(text).map_err(|duration| {
         format!("not an RFC 3339 time (2026-12-01T08:00:00Z) nor a duration ago: {duration}")
     })?;
     let ago = chrono::Duration::from_std(ago).map_err(|_| "the duration is too long".to_owned())?;
