@@ -3,9 +3,9 @@
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use clap::{Args, Subcommand, ValueEnum};
-use outbox::tables::published::Status;
 use outbox::ops::{self, FindReceived, FindRows};
 use outbox::tables::published::Model as Row;
+use outbox::tables::published::Status;
 use outbox::tables::received::Model as ReceivedRow;
 use serde_json::Value;
 use uuid::Uuid;

@@ -22,7 +22,8 @@ pub(crate) struct DeclareArgs {
 /// Declares the queue and dead-letter queue `args` names on the broker `config` names.
 pub(crate) async fn run(args: DeclareArgs, config: &OutboxConfig) -> Result<(), Failure> {
     let broker = outbox::transport::from_config(config)?;
-    let mut topology = outbox::consumer::Topology::new(config, &args.destination, args.queue.as_deref())?;
+    let mut topology =
+        outbox::consumer::Topology::new(config, &args.destination, args.queue.as_deref())?;
     if args.single_active_consumer {
         topology = topology.with_single_active_consumer(true);
     }

@@ -5,7 +5,6 @@
 //! other four `dop-*` headers are always generated.
 
 use std::future::Future;
-use std::sync::OnceLock;
 
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
@@ -68,31 +67,18 @@ pub struct HeaderContext<'a> {
     pub body: &'a Value,
 }
 
-type HeaderHook = dyn Fn(&HeaderContext<'_>) -> Vec<(String, String)> + Send + Sync;
-
-static HEADER_HOOK: OnceLock<Box<HeaderHook>> = OnceLock::new();
-
-/// Installs a function that adds headers to every outbox row this process writes (a tenant, a
-/// schema version, a trace parent): the counterpart of django-outbox-pattern's
-/// `DEFAULT_GENERATE_HEADERS`. Headers set on a [`crate::write::Message`] win over the hook's, and the
-/// generated `dop-*` headers win over both (except `dop-correlation-id`). Returns `false`, and
-/// changes nothing, when a hook is already installed.
-///
-/// ```
-/// outbox::headers::set_header_hook(|row| vec![("x-origin".into(), format!("billing:{}", row.entity))]);
-/// ```
+/// Installs a function that adds headers to every outbox row this process writes; `false`, and
+/// nothing changed, when a hook is installed already. The same as
+/// [`WriteSettings::header_hook`](crate::write::WriteSettings::header_hook), the one place the
+/// write path's settings are set.
+#[deprecated(
+    since = "0.2.0",
+    note = "use outbox::write::WriteSettings::new().header_hook(..).install()"
+)]
 pub fn set_header_hook(
     hook: impl Fn(&HeaderContext<'_>) -> Vec<(String, String)> + Send + Sync + 'static,
 ) -> bool {
-    HEADER_HOOK.set(Box::new(hook)).is_ok()
-}
-
-/// The hook's headers for a row, if a hook is installed.
-pub(crate) fn hook_headers(context: &HeaderContext<'_>) -> Vec<(String, String)> {
-    HEADER_HOOK
-        .get()
-        .map(|hook| hook(context))
-        .unwrap_or_default()
+    crate::write::settings::set_header_hook_once(Box::new(hook))
 }
 
 /// Formats a time as `dop-msg-sent-time` does: `2026-11-26T18:03:13.484Z`.

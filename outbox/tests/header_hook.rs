@@ -4,24 +4,27 @@
 mod common;
 
 use common::{Backend, TestDb};
+use outbox::write::WriteSettings;
 use serde_json::json;
 
 #[tokio::test]
 async fn the_header_hook_adds_headers_below_custom_and_generated_ones() {
-    assert!(outbox::headers::set_header_hook(|row| {
-        vec![
-            (
-                "x-origin".into(),
-                format!("{} -> {}", row.entity, row.destination),
-            ),
-            ("x-tenant".into(), "from-hook".into()),
-            ("dop-msg-id".into(), "hook-cannot-override".into()),
-        ]
-    }));
-    assert!(
-        !outbox::headers::set_header_hook(|_| Vec::new()),
-        "a second hook is refused"
-    );
+    WriteSettings::new()
+        .header_hook(|row| {
+            vec![
+                (
+                    "x-origin".into(),
+                    format!("{} -> {}", row.entity, row.destination),
+                ),
+                ("x-tenant".into(), "from-hook".into()),
+                ("dop-msg-id".into(), "hook-cannot-override".into()),
+            ]
+        })
+        .install()
+        .unwrap();
+    let second = WriteSettings::new().header_hook(|_| Vec::new()).install();
+    let err = second.expect_err("a second hook is refused").to_string();
+    assert!(err.contains("header hook is installed already"), "{err}");
     let test = TestDb::new(Backend::Sqlite).await;
     let row = outbox::Message::new("/topic/hooked", &json!({"n": 1}))
         .unwrap()

@@ -1,13 +1,15 @@
-//! Settings built in code reach the write path: the lifetime of the rows a service writes
-//! (`expires_at`) comes from the `days_to_keep_data` its `Producer` or `Consumer` was built with,
-//! or that it installed, not only from `OUTBOX_DAYS_TO_KEEP_DATA`. The setting is process-wide:
-//! this file is its own test binary, with one test, so that no other test installs settings
-//! meanwhile.
+//! Settings built in code reach the write path through `WriteSettings`, the one place they are
+//! set: the lifetime of the rows a service writes (`expires_at`) comes from the
+//! `days_to_keep_data` it installed, not only from `OUTBOX_DAYS_TO_KEEP_DATA`; building a
+//! `Producer` or a `Consumer` does not change it (it did before 0.2.0). The setting is
+//! process-wide: this file is its own test binary, with one test, so that no other test installs
+//! settings meanwhile.
 
 mod common;
 
 use common::{Backend, TestDb};
 use outbox::transport::MemoryTransport;
+use outbox::write::WriteSettings;
 use outbox::{Consumer, OutboxConfig, Producer};
 use sea_orm::TransactionTrait;
 use serde_json::json;
@@ -44,7 +46,8 @@ async fn rows_written_live_as_long_as_the_settings_built_in_code_say() {
         .unwrap();
     assert_eq!(
         lifetime_of_a_new_row(&test).await,
-        chrono::Duration::days(3)
+        chrono::Duration::days(30),
+        "building a producer leaves what writers write alone"
     );
 
     Consumer::builder(test.db.clone())
@@ -55,10 +58,19 @@ async fn rows_written_live_as_long_as_the_settings_built_in_code_say() {
         .unwrap();
     assert_eq!(
         lifetime_of_a_new_row(&test).await,
-        chrono::Duration::days(5)
+        chrono::Duration::days(30),
+        "building a consumer leaves what writers write alone"
     );
 
-    keeping(36_500).install().unwrap();
+    WriteSettings::from_config(&keeping(3)).install().unwrap();
+    assert_eq!(
+        lifetime_of_a_new_row(&test).await,
+        chrono::Duration::days(3)
+    );
+    WriteSettings::new()
+        .days_to_keep_data(36_500)
+        .install()
+        .unwrap();
     assert_eq!(
         lifetime_of_a_new_row(&test).await,
         chrono::Duration::days(36_500)
@@ -66,7 +78,10 @@ async fn rows_written_live_as_long_as_the_settings_built_in_code_say() {
 
     // Refused settings change nothing.
     let refused = keeping(0);
-    let err = refused.install().unwrap_err().to_string();
+    let err = WriteSettings::from_config(&refused)
+        .install()
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("OUTBOX_DAYS_TO_KEEP_DATA"), "{err}");
     let err = Producer::builder(test.db.clone())
         .config(refused)

@@ -9,7 +9,6 @@
 //! - `env.rs`: reading and parsing the `OUTBOX_*` variables.
 //! - `bounds.rs`: the range of every duration and count, and the `MAX_*` limits.
 //! - `secret.rs`: [`Secret`] and the redaction of credentials.
-//! - `row_lifetime.rs`: the process-wide row lifetime the write path reads.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -22,13 +21,11 @@ use env::check_broker_url;
 
 mod bounds;
 mod env;
-mod row_lifetime;
 mod secret;
 #[cfg(test)]
 mod tests;
 
 pub use bounds::{MAX_PUBLISHED_CHUNK_SIZE, MAX_RELAY_BATCHES_IN_FLIGHT};
-pub(crate) use row_lifetime::row_lifetime;
 pub use secret::{Secret, redact_credentials};
 
 /// Every setting of the outbox. `OutboxConfig::default()` has the documented defaults;
@@ -101,9 +98,9 @@ pub struct OutboxConfig {
     pub producer_lease: Duration,
     /// Days a row is kept: sent rows are deleted after this, unsent rows expire (FAILED).
     /// Default 30 (1 to 36,500; 0 is refused: every row would expire before it could be sent).
-    /// The write path, which has no `OutboxConfig` in hand, takes it from the settings a
-    /// [`crate::producer::Producer`] or [`crate::consumer::Consumer`] was last built with in this process
-    /// ([`OutboxConfig::install`]), else from `OUTBOX_DAYS_TO_KEEP_DATA`.
+    /// The write path, which has no `OutboxConfig` in hand, takes it from the
+    /// [`crate::write::WriteSettings`] the process installed, else from
+    /// `OUTBOX_DAYS_TO_KEEP_DATA`: building a `Producer` or `Consumer` does not change it.
     pub days_to_keep_data: u32,
     /// At most one cleanup of old rows per this period, across all relays. Default 86400 s
     /// (0 to 30 days).
@@ -319,5 +316,16 @@ impl FromStr for Unroutable {
             "drop" => Ok(Unroutable::Drop),
             _ => Err("expected retry, fail or drop".into()),
         }
+    }
+}
+
+impl OutboxConfig {
+    /// Makes `days_to_keep_data` the lifetime of the rows this process writes.
+    #[deprecated(
+        since = "0.2.0",
+        note = "use outbox::write::WriteSettings::from_config(&config).install()"
+    )]
+    pub fn install(&self) -> Result<(), Error> {
+        crate::write::WriteSettings::from_config(self).install()
     }
 }

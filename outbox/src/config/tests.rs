@@ -295,7 +295,11 @@ fn settings_built_in_code_are_checked_too() {
         ),
         ..OutboxConfig::default()
     };
-    assert!(c.install().is_err());
+    assert!(
+        crate::write::WriteSettings::from_config(&c)
+            .install()
+            .is_err()
+    );
 }
 
 #[test]

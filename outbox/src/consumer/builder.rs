@@ -160,8 +160,8 @@ impl ConsumerBuilder {
         self
     }
 
-    /// The consumer; checks the settings, makes them the process's ([`OutboxConfig::install`])
-    /// and reads the TLS files they name.
+    /// The consumer; checks the settings and reads the TLS files they name. The write path's
+    /// settings are not changed (see [`crate::write::WriteSettings`]).
     pub fn build(self) -> Result<Consumer, Error> {
         let mut config = match self.config {
             Some(config) => config,
@@ -173,7 +173,7 @@ impl ConsumerBuilder {
         if let Some(wait) = self.group_wait {
             config.consumer_group_wait = wait;
         }
-        config.install()?;
+        config.validate()?;
         if self.in_flight == 0 {
             return Err(Error::Config {
                 variable: "in_flight".into(),

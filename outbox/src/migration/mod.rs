@@ -1,9 +1,11 @@
 //! The outbox's own tables, as SeaORM migrations that a service runs next to its own.
 //!
-//! The library owns three tables: `published` (the outbox: one row per event waiting to be, or
+//! The library owns these tables: `published` (the outbox: one row per event waiting to be, or
 //! already, relayed to the broker), `received` (the inbox: one row per consumed message, unique per
-//! queue and message id, so a redelivered message is processed once) and `outbox_housekeeping` (one
-//! row per periodic cleanup task, through which relays agree on who runs it next). On PostgreSQL
+//! queue and message id, so a redelivered message is processed once), `outbox_housekeeping` (one
+//! row per periodic cleanup task, through which relays agree on who runs it next) and
+//! `outbox_unroutable` (one row per destination the broker had no queue for when the relay last
+//! sent there). On PostgreSQL
 //! an insert into `published` also fires a `NOTIFY outbox_published` at commit while a relay has
 //! announced itself idle (in `outbox_idle_relay`), so idle relays wake at once instead of waiting
 //! for their next poll, and busy periods queue no notification.
@@ -35,12 +37,14 @@ mod m20261201_000001_adopt_django_tables;
 mod m20261201_000002_add_message_keys;
 mod m20261201_000004_notify_idle_relays_only;
 mod m20261201_000005_add_key_locks;
+mod m20261206_000006_add_unroutable_destinations;
 
 pub use m20261126_000001_create_outbox_tables::CreateOutboxTables;
 pub use m20261201_000001_adopt_django_tables::AdoptDjangoTables;
 pub use m20261201_000002_add_message_keys::AddMessageKeys;
 pub use m20261201_000004_notify_idle_relays_only::NotifyIdleRelaysOnly;
 pub use m20261201_000005_add_key_locks::AddKeyLocks;
+pub use m20261206_000006_add_unroutable_destinations::AddUnroutableDestinations;
 
 use m20261201_000001_adopt_django_tables::UNDO_ADOPTION;
 
@@ -92,6 +96,7 @@ pub fn migrations() -> Vec<Box<dyn MigrationTrait>> {
         Box::new(AddMessageKeys),
         Box::new(NotifyIdleRelaysOnly),
         Box::new(AddKeyLocks),
+        Box::new(AddUnroutableDestinations),
     ]
 }
 
@@ -121,6 +126,7 @@ pub fn adopt_django() -> Vec<Box<dyn MigrationTrait>> {
         Box::new(AdoptDjangoTables),
         Box::new(NotifyIdleRelaysOnly),
         Box::new(AddKeyLocks),
+        Box::new(AddUnroutableDestinations),
     ]
 }
 

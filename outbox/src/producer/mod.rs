@@ -123,14 +123,14 @@ impl ProducerBuilder {
         self
     }
 
-    /// The producer; checks the settings, makes them the process's ([`OutboxConfig::install`])
-    /// and reads the TLS files they name.
+    /// The producer; checks the settings and reads the TLS files they name. The write path's
+    /// settings are not changed (see [`crate::write::WriteSettings`]).
     pub fn build(self) -> Result<Producer, Error> {
         let config = match self.config {
             Some(config) => config,
             None => OutboxConfig::from_env()?,
         };
-        config.install()?;
+        config.validate()?;
         let (transport, isolation) = match self.transport {
             Some(transport) => (transport, self.isolation),
             None => {

@@ -32,6 +32,7 @@ pub use hooks::without_publishing;
 pub(crate) use key_lock::KEY_LOCK_BUCKETS;
 pub use message::{Message, enqueue, enqueue_all};
 pub use publish::{ActiveModelOf, Event, Events, Publish, Route};
+pub use settings::WriteSettings;
 
 /// The future a [`transaction`] callback returns.
 pub type TransactionFuture<'c, T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send + 'c>>;
