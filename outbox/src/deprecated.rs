@@ -130,3 +130,14 @@ pub mod published {
 pub mod received {
     pub use crate::tables::received::*;
 }
+
+impl config::OutboxConfig {
+    /// Makes `days_to_keep_data` the lifetime of the rows this process writes.
+    #[deprecated(
+        since = "0.2.0",
+        note = "use outbox::write::WriteSettings::from_config(&config).install()"
+    )]
+    pub fn install(&self) -> Result<(), Error> {
+        write::WriteSettings::from_config(self).install()
+    }
+}

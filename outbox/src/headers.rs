@@ -5,6 +5,7 @@
 //! other four `dop-*` headers are always generated.
 
 use std::future::Future;
+use std::sync::OnceLock;
 
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
@@ -78,7 +79,26 @@ pub struct HeaderContext<'a> {
 pub fn set_header_hook(
     hook: impl Fn(&HeaderContext<'_>) -> Vec<(String, String)> + Send + Sync + 'static,
 ) -> bool {
-    crate::write::settings::set_header_hook_once(Box::new(hook))
+    set_hook_once(Box::new(hook))
+}
+
+/// A function that adds headers to every outbox row the process writes.
+pub(crate) type HeaderHook = dyn Fn(&HeaderContext<'_>) -> Vec<(String, String)> + Send + Sync;
+
+/// The header hook, once installed (through `WriteSettings`).
+static HEADER_HOOK: OnceLock<Box<HeaderHook>> = OnceLock::new();
+
+/// Installs `hook` as the header hook unless one is; whether it was installed.
+pub(crate) fn set_hook_once(hook: Box<HeaderHook>) -> bool {
+    HEADER_HOOK.set(hook).is_ok()
+}
+
+/// The hook's headers for a row, if a hook is installed.
+pub(crate) fn hook_headers(context: &HeaderContext<'_>) -> Vec<(String, String)> {
+    HEADER_HOOK
+        .get()
+        .map(|hook| hook(context))
+        .unwrap_or_default()
 }
 
 /// Formats a time as `dop-msg-sent-time` does: `2026-11-26T18:03:13.484Z`.

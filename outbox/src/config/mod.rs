@@ -318,14 +318,3 @@ impl FromStr for Unroutable {
         }
     }
 }
-
-impl OutboxConfig {
-    /// Makes `days_to_keep_data` the lifetime of the rows this process writes.
-    #[deprecated(
-        since = "0.2.0",
-        note = "use outbox::write::WriteSettings::from_config(&config).install()"
-    )]
-    pub fn install(&self) -> Result<(), Error> {
-        crate::write::WriteSettings::from_config(self).install()
-    }
-}

@@ -177,7 +177,7 @@ impl Message {
             destination: &destination,
             body: &self.body,
         };
-        for (name, value) in settings::hook_headers(&context) {
+        for (name, value) in headers::hook_headers(&context) {
             custom.entry(name).or_insert(Value::String(value));
         }
         // The writer's trace, unless the message or the hook set one.

@@ -11,19 +11,13 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::config::OutboxConfig;
 use crate::error::Error;
-use crate::headers::HeaderContext;
-
-/// A function that adds headers to every outbox row the process writes.
-pub(crate) type HeaderHook = dyn Fn(&HeaderContext<'_>) -> Vec<(String, String)> + Send + Sync;
+use crate::headers::{self, HeaderContext, HeaderHook};
 
 /// `days_to_keep_data` last installed; 0: none yet.
 static INSTALLED_DAYS_TO_KEEP_DATA: AtomicU32 = AtomicU32::new(0);
 
 /// `OUTBOX_DAYS_TO_KEEP_DATA` as read (once) from the environment, checked as `from_env` would.
 static ENV_DAYS_TO_KEEP_DATA: OnceLock<Result<u32, (String, String)>> = OnceLock::new();
-
-/// The header hook, once installed.
-static HEADER_HOOK: OnceLock<Box<HeaderHook>> = OnceLock::new();
 
 /// What the write path needs that a save does not say: how long the rows it writes may wait to
 /// be sent (`expires_at`), and a hook that adds headers to each (a tenant, a schema version): the
@@ -95,7 +89,7 @@ impl WriteSettings {
             check.validate()?;
         }
         if let Some(hook) = self.header_hook
-            && HEADER_HOOK.set(hook).is_err()
+            && !headers::set_hook_once(hook)
         {
             return Err(Error::Config {
                 variable: "WriteSettings::header_hook".into(),
@@ -108,19 +102,6 @@ impl WriteSettings {
         }
         Ok(())
     }
-}
-
-/// Installs `hook` as the header hook unless one is; whether it was installed.
-pub(crate) fn set_header_hook_once(hook: Box<HeaderHook>) -> bool {
-    HEADER_HOOK.set(hook).is_ok()
-}
-
-/// The hook's headers for a row, if a hook is installed.
-pub(crate) fn hook_headers(context: &HeaderContext<'_>) -> Vec<(String, String)> {
-    HEADER_HOOK
-        .get()
-        .map(|hook| hook(context))
-        .unwrap_or_default()
 }
 
 /// How long a newly written outbox row may wait to be sent (`added` to `expires_at`):
