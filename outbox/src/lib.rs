@@ -85,6 +85,8 @@ pub mod testing;
 mod trace_context;
 pub mod transport;
 mod wake;
+#[cfg(test)]
+mod walls;
 pub mod write;
 
 #[doc(hidden)]

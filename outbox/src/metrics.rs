@@ -48,7 +48,7 @@
 #![cfg_attr(not(feature = "metrics"), allow(unused_variables, dead_code))]
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 #[cfg(feature = "metrics")]
 use ::metrics::{
@@ -56,7 +56,6 @@ use ::metrics::{
 };
 #[cfg(not(feature = "metrics"))]
 use noop::{counter, gauge, histogram};
-use sea_orm::DatabaseConnection;
 
 use crate::tables::published::Model as Row;
 
@@ -96,9 +95,6 @@ pub const CONSUMER_GROUP_SIZE: &str = "outbox_consumer_group_size";
 pub const RELAY_LAG: &str = "outbox_relay_lag_seconds";
 /// Seconds from a message's save (`dop-msg-sent-time`) to the commit of its callback.
 pub const CONSUMER_LAG: &str = "outbox_consumer_lag_seconds";
-
-/// How often a relay samples the pending gauges.
-const PENDING_SAMPLE_EVERY: Duration = Duration::from_secs(10);
 
 /// Recording that compiles to nothing, for a build without the `metrics` feature.
 #[cfg(not(feature = "metrics"))]
@@ -271,42 +267,12 @@ pub(crate) fn batch_relayed(claimed: usize, elapsed: Duration) {
     histogram!(RELAY_BATCH_DURATION).record(elapsed.as_secs_f64());
 }
 
-/// Samples the pending gauges at most every 10 s; a relay keeps one and calls it every loop.
-#[derive(Debug, Default)]
-pub(crate) struct PendingSampler {
-    last: Option<Instant>,
-}
-
-impl PendingSampler {
-    /// Runs the sampling query if the last sample is 10 s old. A failure is logged: the gauges
-    /// keep their last values.
-    pub(crate) async fn sample_if_due(&mut self, db: &DatabaseConnection) {
-        if cfg!(not(feature = "metrics")) {
-            return;
-        }
-        if self
-            .last
-            .is_some_and(|at| at.elapsed() < PENDING_SAMPLE_EVERY)
-        {
-            return;
-        }
-        self.last = Some(Instant::now());
-        match crate::ops::pending(db).await {
-            Ok((rows, oldest)) => {
-                let age = oldest
-                    .map(|added| {
-                        (chrono::Utc::now() - added).num_milliseconds().max(0) as f64 / 1000.0
-                    })
-                    .unwrap_or(0.0);
-                gauge!(PENDING_MESSAGES).set(rows as f64);
-                gauge!(OLDEST_PENDING_AGE).set(age);
-            }
-            Err(err) => tracing::debug!(error = %err, "sampling the pending rows failed"),
-        }
-        match crate::ops::blocked_keys(db).await {
-            Ok(keys) => gauge!(BLOCKED_KEYS).set(keys.len() as f64),
-            Err(err) => tracing::debug!(error = %err, "counting the blocked keys failed"),
-        }
+/// Sets the pending gauges: the rows waiting, the age of the oldest in seconds, the blocked keys.
+pub(crate) fn pending(rows: u64, oldest_age_seconds: f64, blocked_keys: Option<usize>) {
+    gauge!(PENDING_MESSAGES).set(rows as f64);
+    gauge!(OLDEST_PENDING_AGE).set(oldest_age_seconds);
+    if let Some(keys) = blocked_keys {
+        gauge!(BLOCKED_KEYS).set(keys as f64);
     }
 }
 

@@ -295,11 +295,7 @@ fn settings_built_in_code_are_checked_too() {
         ),
         ..OutboxConfig::default()
     };
-    assert!(
-        crate::write::WriteSettings::from_config(&c)
-            .install()
-            .is_err()
-    );
+    assert!(c.validate().is_err());
 }
 
 #[test]

@@ -2,9 +2,11 @@
 //! conflict (another transaction made the database undo a statement, which can simply run again).
 
 use std::future::Future;
+#[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
 use std::ops::Deref;
 use std::time::Duration;
 
+#[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
 use sea_orm::sqlx;
 use sea_orm::{DbErr, RuntimeErr};
 use uuid::Uuid;

@@ -10,9 +10,8 @@ use uuid::Uuid;
 use super::{BATCH, count_rows, now, written_before};
 use crate::config::OutboxConfig;
 use crate::error::Error;
-use crate::producer::NOTIFY_CHANNEL;
 use crate::tables::published::Status;
-use crate::tables::published::{Column, Entity};
+use crate::tables::published::{Column, Entity, NOTIFY_CHANNEL};
 
 /// Reschedules FAILED rows: each becomes a fresh row to the relay (status SCHEDULE, no attempt
 /// spent, due at once, a new lifetime of `days_to_keep_data` from now so that an expired row is

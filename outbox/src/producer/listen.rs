@@ -2,11 +2,16 @@
 //! [`super::NOTIFY_CHANNEL`], which the outbox table's trigger notifies at every commit that
 //! inserted rows; elsewhere it polls.
 
+#[cfg(feature = "postgres")]
 use std::time::Duration;
 
+#[cfg(feature = "postgres")]
 use tokio::sync::Notify;
 
-use super::{NOTIFY_CHANNEL, Producer};
+#[cfg(feature = "postgres")]
+use super::NOTIFY_CHANNEL;
+use super::Producer;
+#[cfg(feature = "postgres")]
 use crate::backoff::Backoff;
 
 impl Producer {

@@ -29,6 +29,7 @@
 mod frame;
 mod idle;
 mod isolation;
+mod lag;
 mod listen;
 pub(crate) mod settle;
 pub(crate) mod store;
@@ -54,8 +55,7 @@ use crate::shutdown::Stoppable;
 use crate::transport::Transport;
 use crate::wake;
 
-/// The PostgreSQL channel the outbox table's trigger notifies at every commit that inserted rows.
-pub const NOTIFY_CHANNEL: &str = "outbox_published";
+pub use crate::tables::published::NOTIFY_CHANNEL;
 
 /// The longest pause after rows were given back by a broker that was reachable but did not
 /// keep up (receipts late, or a connection it stopped reading during a memory alarm): the
@@ -254,7 +254,7 @@ impl Producer {
             self.config.clone(),
         ));
         let mut backoff = Backoff::new(self.config.maximum_backoff);
-        let mut pending_sampler = crate::metrics::PendingSampler::default();
+        let mut pending_sampler = lag::PendingSampler::default();
         tracing::info!(batch = self.config.published_chunk_size, "relay started");
         let mut idle = idle::Idle::new(&self.db);
         loop {

@@ -8,6 +8,10 @@
 use sea_orm::entity::prelude::*;
 use serde::Serialize;
 
+/// The PostgreSQL channel the outbox table's trigger notifies at every commit that inserted rows
+/// while a relay waits idle (the relay's wake-up, `outbox retry`'s nudge).
+pub const NOTIFY_CHANNEL: &str = "outbox_published";
+
 /// The longest destination, version suffix included, that the `destination` column holds.
 pub const MAX_DESTINATION_LEN: usize = 255;
 /// The longest ordering key that the `msg_key` column holds.

@@ -29,6 +29,7 @@ use crate::wake;
 pub(crate) use connection::{ConnectionKind, connection_kind};
 pub(crate) use hooks::take_hook_error;
 pub use hooks::without_publishing;
+#[cfg(feature = "migration")]
 pub(crate) use key_lock::KEY_LOCK_BUCKETS;
 pub use message::{Message, enqueue, enqueue_all};
 pub use publish::{ActiveModelOf, Event, Events, Publish, Route};
