@@ -47,7 +47,7 @@ fn check(sources: &[Source]) -> Vec<String> {
         };
         let at = format!("{}:{}", reference.file, reference.line);
         let shown = format!("crate::{}", reference.to.join("::"));
-        if !top.contains(to) && from != "" && from != "deprecated" && to != "__private" {
+        if !top.contains(to) && !from.is_empty() && from != "deprecated" && to != "__private" {
             breaches.push(format!(
                 "{at}: `{shown}` goes through the crate root: import from the defining module"
             ));
