@@ -6,15 +6,15 @@
 //! headers table, the same queue declared for a `/queue/` or bare destination, so that a STOMP
 //! subscriber sees the same message whichever transport the relay uses. What it adds is what
 //! STOMP cannot say: every publish is `mandatory` and confirmed, so a message that no queue
-//! takes comes back ([`Outcome::Unroutable`]) instead of being dropped after its receipt, and a
-//! broker that cannot take a message says so ([`Outcome::Nacked`]).
+//! takes comes back ([`Outcome::Unroutable`](super::Outcome::Unroutable)) instead of being dropped after its receipt, and a
+//! broker that cannot take a message says so ([`Outcome::Nacked`](super::Outcome::Nacked)).
 //!
 //! One connection at a time, opened on first use, failing over across the configured URLs in
 //! order; after it fails, the next call opens a new one. Publishes share one channel in confirm
 //! mode, pipelined: up to [`CONFIRM_WINDOW`] may await their confirms at once, across every
 //! caller, and each caller waits only for its own. Before the first publish to an exchange on a
 //! connection, a passive `exchange.declare` (on a channel of its own, which a 404 closes) checks
-//! that it exists: a missing exchange is then [`Outcome::Refused`] for exactly its messages,
+//! that it exists: a missing exchange is then [`Outcome::Refused`](super::Outcome::Refused) for exactly its messages,
 //! instead of a channel closed under every unconfirmed publish. While the broker blocks the
 //! connection (a memory or disk alarm), nothing is published: the messages are given back,
 //! unknown and not overtaken, which charges them nothing.

@@ -57,6 +57,7 @@ use broker::{Broker, lost};
 
 mod broker;
 mod faults;
+mod queues;
 #[cfg(test)]
 mod tests;
 
