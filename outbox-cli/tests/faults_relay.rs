@@ -23,7 +23,8 @@ use common::{Backend, TestDb, eventually};
 use harness::*;
 use outbox::published::{Column, Model as Row};
 use outbox::transport::{
-    Delivery, Outgoing, SendReport, StompTransport, Subscription, Transport, TransportError,
+    Deliveries, Delivery, Outgoing, SendReport, StompTransport, Subscription, Transport,
+    TransportError,
 };
 use outbox::{Consumer, OutboxConfig, Producer, Published, Status};
 use sea_orm::{
@@ -32,7 +33,6 @@ use sea_orm::{
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
 
 async fn rows(db: &DatabaseConnection) -> Vec<Row> {
     Published::find().all(db).await.expect("read the outbox")
@@ -524,10 +524,7 @@ impl Transport for Pausing {
         report
     }
 
-    async fn subscribe(
-        &self,
-        subscription: Subscription,
-    ) -> Result<mpsc::Receiver<Delivery>, TransportError> {
+    async fn subscribe(&self, subscription: Subscription) -> Result<Deliveries, TransportError> {
         self.inner.subscribe(subscription).await
     }
 

@@ -29,7 +29,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sea_orm::DatabaseConnection;
-use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use uuid::Uuid;
 
@@ -38,7 +37,7 @@ pub use topology::{Topology, declare};
 use crate::payload::BoxError;
 use crate::producer::Backoff;
 use crate::shutdown::Stoppable;
-use crate::transport::{Delivery, Transport, TransportError};
+use crate::transport::{Deliveries, Delivery, SubscriptionEvent, Transport, TransportError};
 use crate::{Error, OutboxConfig, Payload};
 use dispatch::{Callback, Dispatcher};
 use group::Groups;
@@ -518,9 +517,13 @@ impl Consumer {
                         report(joined.map(|_| ()));
                         groups.task_ended(&mut tasks);
                     }
-                    delivery = deliveries.recv(), if accepting => match delivery {
-                        Some(delivery) if self.ordered_by_key => lanes.push(delivery),
-                        Some(delivery) => groups.take(delivery, &mut tasks),
+                    event = deliveries.next_event(), if accepting => match event {
+                        Some(SubscriptionEvent::Delivery(delivery)) if self.ordered_by_key => lanes.push(delivery),
+                        Some(SubscriptionEvent::Delivery(delivery)) => groups.take(delivery, &mut tasks),
+                        // Rejected by the transport already: only counted here.
+                        Some(SubscriptionEvent::Undecodable(message)) => {
+                            crate::metrics::consumed(&message.queue, crate::metrics::Outcome::Undecodable);
+                        }
                         None => break,
                     },
                 }
@@ -554,9 +557,7 @@ impl Consumer {
     }
 
     /// Connects, declares the dead-letter queue, and subscribes to the main queue with a fresh id.
-    async fn open_subscription(
-        &self,
-    ) -> Result<(String, mpsc::Receiver<Delivery>), TransportError> {
+    async fn open_subscription(&self) -> Result<(String, Deliveries), TransportError> {
         let transport = self.transport.as_ref();
         transport.connect().await?;
         self.topology.declare_dead_letter_queue(transport).await?;

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 
 use uuid::Uuid;
 
-use crate::transport::{AckMode, Subscription, Transport, TransportError};
+use crate::transport::{AckMode, SINGLE_ACTIVE_CONSUMER, Subscription, Transport, TransportError};
 use crate::{Error, OutboxConfig};
 
 /// The prefix of a queue's dead-letter queue.
@@ -22,9 +22,6 @@ const DEAD_LETTER_PREFIX: &str = "DLQ.";
 
 /// AMQP's limit on a queue name, in bytes.
 const MAX_QUEUE_NAME: usize = 255;
-
-/// The queue argument of RabbitMQ's single active consumer.
-pub(crate) const SINGLE_ACTIVE_CONSUMER: &str = "x-single-active-consumer";
 
 /// A consumer's destination, queue and dead-letter queue, and the SUBSCRIBE headers that declare
 /// them.

@@ -15,6 +15,7 @@ mod stomp;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TryRecvError;
 
 #[cfg(feature = "amqp")]
 pub use amqp::{AmqpTransport, CONFIRM_WINDOW};
@@ -226,6 +227,88 @@ impl Delivery {
     }
 }
 
+/// What a subscription hands its reader, in the order the broker sent it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SubscriptionEvent {
+    /// A message.
+    Delivery(Delivery),
+    /// A message the transport could not decode, already rejected: a consumer records it, there
+    /// is nothing to acknowledge.
+    Undecodable(UndecodableMessage),
+}
+
+impl SubscriptionEvent {
+    /// The id of the subscription it came through.
+    pub fn subscription(&self) -> &str {
+        match self {
+            SubscriptionEvent::Delivery(delivery) => &delivery.subscription,
+            SubscriptionEvent::Undecodable(message) => &message.subscription,
+        }
+    }
+}
+
+/// A message that came to a consumer's subscription (one that declares a dead-letter route) but
+/// did not decode, or exceeded the maximum frame size. The transport has rejected it to the
+/// dead-letter queue (a NACK with `requeue:false`), or dropped it under automatic
+/// acknowledgement, without handing it over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UndecodableMessage {
+    /// The id of the subscription it came through.
+    pub subscription: String,
+    /// The queue the subscription reads (`x-queue-name`, else the destination's last `/`
+    /// segment).
+    pub queue: String,
+    /// The broker's id of the delivery, when it could be read.
+    pub message_id: Option<String>,
+    /// Why it did not decode.
+    pub reason: String,
+}
+
+/// The receiving end of a subscription: its deliveries, and the transport's reports of
+/// messages it could not decode. Ends when the connection is lost (subscribe again after
+/// reconnecting).
+#[derive(Debug)]
+pub struct Deliveries {
+    events: mpsc::Receiver<SubscriptionEvent>,
+}
+
+impl Deliveries {
+    /// The receiving end of `events`, for an implementation of [`Transport::subscribe`].
+    pub fn new(events: mpsc::Receiver<SubscriptionEvent>) -> Deliveries {
+        Deliveries { events }
+    }
+
+    /// The next delivery, passing over reports of undecodable messages; `None` once the
+    /// subscription ended. Cancel-safe.
+    pub async fn recv(&mut self) -> Option<Delivery> {
+        loop {
+            match self.events.recv().await? {
+                SubscriptionEvent::Delivery(delivery) => return Some(delivery),
+                SubscriptionEvent::Undecodable(_) => {}
+            }
+        }
+    }
+
+    /// The next delivery waiting now, passing over reports of undecodable messages; an error
+    /// when none waits ([`TryRecvError::Empty`]) or the subscription ended
+    /// ([`TryRecvError::Disconnected`]).
+    pub fn try_recv(&mut self) -> Result<Delivery, TryRecvError> {
+        loop {
+            match self.events.try_recv()? {
+                SubscriptionEvent::Delivery(delivery) => return Ok(delivery),
+                SubscriptionEvent::Undecodable(_) => {}
+            }
+        }
+    }
+
+    /// The next event, deliveries and reports alike; `None` once the subscription ended.
+    /// Cancel-safe.
+    pub async fn next_event(&mut self) -> Option<SubscriptionEvent> {
+        self.events.recv().await
+    }
+}
+
 /// Errors of a transport. They never contain a passcode or a key.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -298,6 +381,10 @@ impl TransportError {
     }
 }
 
+/// The queue argument of RabbitMQ's single active consumer, as a SUBSCRIBE header
+/// ([`Transport::declares_single_active_consumer`]).
+pub(crate) const SINGLE_ACTIVE_CONSUMER: &str = "x-single-active-consumer";
+
 /// A broker connection: what the relay and the consumer need from a broker.
 ///
 /// Implementations reconnect lazily: after a failure the next call opens a new connection
@@ -314,11 +401,10 @@ pub trait Transport: Send + Sync {
     async fn send(&self, messages: &[Outgoing]) -> SendReport;
 
     /// Opens a subscription; its deliveries arrive on the receiver, which ends when the
-    /// connection is lost (subscribe again after reconnecting).
-    async fn subscribe(
-        &self,
-        subscription: Subscription,
-    ) -> Result<mpsc::Receiver<Delivery>, TransportError>;
+    /// connection is lost (subscribe again after reconnecting). A subscription that declares a
+    /// dead-letter route also receives [`SubscriptionEvent::Undecodable`] for each message the
+    /// transport could not decode and rejected.
+    async fn subscribe(&self, subscription: Subscription) -> Result<Deliveries, TransportError>;
 
     /// Closes a subscription (UNSUBSCRIBE carries only the id: with RabbitMQ, queue headers
     /// there would delete a durable queue).

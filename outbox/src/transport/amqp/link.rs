@@ -20,7 +20,8 @@ use tokio::sync::{Semaphore, mpsc};
 use super::routing::{self, Endpoint, QueueKind};
 use super::{BLOCKED_POLL, CONFIRM_WINDOW, Settings, lock};
 use crate::transport::{
-    AckMode, Delivery, Outcome, Outgoing, SendReport, Subscription, TransportError,
+    AckMode, Deliveries, Delivery, Outcome, Outgoing, SendReport, Subscription, SubscriptionEvent,
+    TransportError,
 };
 
 /// Deliveries buffered per subscription beyond its prefetch.
@@ -381,7 +382,7 @@ impl Link {
     pub(super) async fn subscribe(
         &self,
         subscription: Subscription,
-    ) -> Result<mpsc::Receiver<Delivery>, TransportError> {
+    ) -> Result<Deliveries, TransportError> {
         let endpoint = Endpoint::parse(&subscription.destination).map_err(|detail| {
             TransportError::Broker {
                 message: format!("cannot subscribe to `{}`", subscription.destination),
@@ -489,14 +490,18 @@ impl Link {
                     body: delivery.data,
                     connection: generation,
                 };
-                if tx.send(delivery).await.is_err() {
+                if tx
+                    .send(SubscriptionEvent::Delivery(delivery))
+                    .await
+                    .is_err()
+                {
                     break;
                 }
             }
             tracing::debug!(subscription = %id, "the AMQP consumer ended");
         });
         tracing::debug!(broker = %self.address, queue = %queue, "subscribed over AMQP");
-        Ok(rx)
+        Ok(Deliveries::new(rx))
     }
 }
 

@@ -32,9 +32,8 @@ use lapin::Channel;
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicRejectOptions};
 use lapin::tcp::RustlsConnector;
 use lapin::uri::{AMQPScheme, AMQPUri};
-use tokio::sync::mpsc;
 
-use super::{Delivery, Outgoing, SendReport, Subscription, Transport, TransportError};
+use super::{Deliveries, Delivery, Outgoing, SendReport, Subscription, Transport, TransportError};
 use crate::OutboxConfig;
 use link::Link;
 
@@ -196,10 +195,7 @@ impl Transport for AmqpTransport {
         }
     }
 
-    async fn subscribe(
-        &self,
-        subscription: Subscription,
-    ) -> Result<mpsc::Receiver<Delivery>, TransportError> {
+    async fn subscribe(&self, subscription: Subscription) -> Result<Deliveries, TransportError> {
         self.bounded(async {
             let link = self.link().await?;
             link.subscribe(subscription).await

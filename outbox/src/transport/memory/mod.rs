@@ -51,7 +51,8 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    Delivery, Outcome, Outgoing, SendReport, Subscription, Transport, TransportError, Unknown,
+    Deliveries, Delivery, Outcome, Outgoing, SendReport, Subscription, SubscriptionEvent,
+    Transport, TransportError, Unknown,
 };
 use broker::{Broker, lost};
 
@@ -274,10 +275,7 @@ impl Transport for MemoryTransport {
         SendReport { outcomes }
     }
 
-    async fn subscribe(
-        &self,
-        subscription: Subscription,
-    ) -> Result<mpsc::Receiver<Delivery>, TransportError> {
+    async fn subscribe(&self, subscription: Subscription) -> Result<Deliveries, TransportError> {
         let mut broker = self.broker();
         broker.open_connection(self.connection)?;
         let (outbox, receiver) = mpsc::channel(RECEIVER_CAPACITY);
@@ -287,7 +285,7 @@ impl Transport for MemoryTransport {
             Ok(queue) => {
                 tokio::spawn(forward(forwarded, outbox, on_close));
                 broker.dispatch(&queue);
-                Ok(receiver)
+                Ok(Deliveries::new(receiver))
             }
             Err(error) => {
                 broker.close_connection(self.connection);
@@ -345,7 +343,7 @@ impl Transport for MemoryTransport {
 /// and a client would; stops as soon as the subscription or its connection ends.
 async fn forward(
     mut inbox: mpsc::UnboundedReceiver<Delivery>,
-    outbox: mpsc::Sender<Delivery>,
+    outbox: mpsc::Sender<SubscriptionEvent>,
     mut closed: oneshot::Receiver<()>,
 ) {
     loop {
@@ -360,7 +358,7 @@ async fn forward(
         tokio::select! {
             biased;
             _ = &mut closed => return,
-            sent = outbox.send(delivery) => if sent.is_err() { return },
+            sent = outbox.send(SubscriptionEvent::Delivery(delivery)) => if sent.is_err() { return },
         }
     }
 }

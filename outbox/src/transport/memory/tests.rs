@@ -54,14 +54,14 @@ async fn send_ok(broker: &MemoryTransport, messages: &[Outgoing]) {
     assert!(report.failure().is_none());
 }
 
-async fn next(receiver: &mut mpsc::Receiver<Delivery>) -> Delivery {
+async fn next(receiver: &mut Deliveries) -> Delivery {
     tokio::time::timeout(WAIT, receiver.recv())
         .await
         .expect("a delivery within 2 s")
         .expect("the subscription is open")
 }
 
-async fn nothing_more(receiver: &mut mpsc::Receiver<Delivery>) {
+async fn nothing_more(receiver: &mut Deliveries) {
     if let Ok(Some(delivery)) =
         tokio::time::timeout(Duration::from_millis(100), receiver.recv()).await
     {
@@ -69,7 +69,7 @@ async fn nothing_more(receiver: &mut mpsc::Receiver<Delivery>) {
     }
 }
 
-async fn closes(receiver: &mut mpsc::Receiver<Delivery>) {
+async fn closes(receiver: &mut Deliveries) {
     let end = tokio::time::timeout(WAIT, receiver.recv()).await;
     assert!(
         matches!(end, Ok(None)),

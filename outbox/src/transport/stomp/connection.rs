@@ -18,7 +18,8 @@ use super::framing::{FrameDecoder, Inbound};
 use super::socket::{Stream, Watched, Writer};
 use super::{Settings, lock};
 use crate::transport::{
-    AckMode, Delivery, Outcome, Outgoing, SendReport, Subscription, TransportError,
+    AckMode, Deliveries, Outcome, Outgoing, SendReport, Subscription, SubscriptionEvent,
+    TransportError,
 };
 
 /// Frames a caller may queue before the writer catches up: plenty for a pipelined batch.
@@ -46,7 +47,7 @@ pub(super) struct Shared {
 
 /// Where a subscription's deliveries go.
 pub(super) struct Route {
-    pub(super) sender: mpsc::Sender<Delivery>,
+    pub(super) sender: mpsc::Sender<SubscriptionEvent>,
     /// The queue it reads (`x-queue-name`, else the destination's last `/` segment): the label
     /// of what it counts.
     pub(super) queue: String,
@@ -391,7 +392,7 @@ impl Connection {
         &self,
         subscription: Subscription,
         timeout: Duration,
-    ) -> Result<mpsc::Receiver<Delivery>, TransportError> {
+    ) -> Result<Deliveries, TransportError> {
         let (tx, rx) = mpsc::channel(delivery_queue(&subscription.headers));
         let route = Route {
             sender: tx,
@@ -422,7 +423,7 @@ impl Connection {
             self.subscriptions().remove(&subscription.id);
             return Err(err);
         }
-        Ok(rx)
+        Ok(Deliveries::new(rx))
     }
 }
 

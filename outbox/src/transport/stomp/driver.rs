@@ -28,7 +28,7 @@ use super::connection::Shared;
 use super::framing::{FrameDecoder, Inbound, Undecodable};
 use super::lock;
 use super::socket::{Watched, Writer};
-use crate::transport::{AckMode, Delivery, TransportError};
+use crate::transport::{AckMode, Delivery, SubscriptionEvent, TransportError, UndecodableMessage};
 
 /// Encoded bytes waiting for the socket past which the task stops taking queued frames: callers
 /// then wait on the queue (with a deadline) instead of the task's memory growing.
@@ -40,32 +40,32 @@ const REJECT_AFTER: Duration = Duration::from_millis(100);
 /// reading (heartbeats, receipts) and hands these over as room appears.
 #[derive(Default)]
 pub(super) struct Backlog {
-    waiting: VecDeque<(mpsc::Sender<Delivery>, Delivery)>,
+    waiting: VecDeque<(mpsc::Sender<SubscriptionEvent>, SubscriptionEvent)>,
     /// Warned about on this connection already.
     warned: bool,
 }
 
 impl Backlog {
-    /// Hands the delivery over now if its buffer has room and nothing waits before it.
-    fn deliver(&mut self, sender: mpsc::Sender<Delivery>, delivery: Delivery) {
+    /// Hands the event over now if its buffer has room and nothing waits before it.
+    fn deliver(&mut self, sender: mpsc::Sender<SubscriptionEvent>, event: SubscriptionEvent) {
         if self.waiting.is_empty() {
-            match sender.try_send(delivery) {
+            match sender.try_send(event) {
                 Ok(()) => {}
                 // The subscriber went away: the broker redelivers what it did not settle.
                 Err(mpsc::error::TrySendError::Closed(_)) => {}
-                Err(mpsc::error::TrySendError::Full(delivery)) => {
+                Err(mpsc::error::TrySendError::Full(event)) => {
                     if !self.warned {
                         self.warned = true;
                         tracing::warn!(
-                            subscription = %delivery.subscription,
+                            subscription = %event.subscription(),
                             "the broker delivers more than the subscription's buffer holds (no or a huge prefetch-count); the rest wait in memory"
                         );
                     }
-                    self.waiting.push_back((sender, delivery));
+                    self.waiting.push_back((sender, event));
                 }
             }
         } else {
-            self.waiting.push_back((sender, delivery));
+            self.waiting.push_back((sender, event));
         }
     }
 
@@ -79,10 +79,10 @@ impl Backlog {
             return std::future::pending().await;
         };
         let permit = sender.clone().reserve_owned().await;
-        if let Some((_, delivery)) = self.waiting.pop_front()
+        if let Some((_, event)) = self.waiting.pop_front()
             && let Ok(permit) = permit
         {
-            permit.send(delivery);
+            permit.send(event);
         }
     }
 }
@@ -247,7 +247,8 @@ impl Driver {
                         body: body.unwrap_or_default(),
                         connection: self.generation,
                     };
-                    self.backlog.deliver(sender, delivery);
+                    self.backlog
+                        .deliver(sender, SubscriptionEvent::Delivery(delivery));
                 }
                 None
             }
@@ -294,7 +295,7 @@ impl Driver {
 
     /// Rejects a MESSAGE that did not decode: to a consumer's subscription (one that reads its
     /// deliveries and declares a dead-letter route) a NACK with `requeue:false`, logged and
-    /// counted; to any other it is left unacknowledged, and goes back to its queue when the
+    /// reported to the subscriber ([`SubscriptionEvent::Undecodable`]); to any other it is left unacknowledged, and goes back to its queue when the
     /// connection closes, as a message that decodes does.
     fn reject(&mut self, frame: Undecodable) -> Option<TransportError> {
         let route = frame.subscription.as_ref().and_then(|id| {
@@ -302,12 +303,17 @@ impl Driver {
                 // A subscription nobody reads (one that only declares a queue) leaves it
                 // unacknowledged, as it does a message that decodes: it goes back to its queue.
                 let consumed = route.dead_letters && !route.sender.is_closed();
-                (route.queue.clone(), route.ack, consumed)
+                (
+                    route.queue.clone(),
+                    route.ack,
+                    consumed,
+                    route.sender.clone(),
+                )
             })
         });
         let message_id = frame.message_id.as_deref().unwrap_or("");
         let destination = frame.destination.as_deref().unwrap_or("");
-        let Some((queue, ack, true)) = route else {
+        let Some((queue, ack, true, sender)) = route else {
             tracing::warn!(
                 subscription = ?frame.subscription,
                 message_id,
@@ -317,7 +323,15 @@ impl Driver {
             );
             return None;
         };
-        crate::metrics::consumed(&queue, crate::metrics::Outcome::Undecodable);
+        // The consumer records it: the transport knows no metrics.
+        let report = UndecodableMessage {
+            subscription: frame.subscription.clone().unwrap_or_default(),
+            queue: queue.clone(),
+            message_id: frame.message_id.clone(),
+            reason: frame.reason.clone(),
+        };
+        self.backlog
+            .deliver(sender, SubscriptionEvent::Undecodable(report));
         let ack_id = frame.ack.clone().or_else(|| frame.message_id.clone());
         match (ack, ack_id) {
             (AckMode::ClientIndividual, Some(id)) => {

@@ -17,9 +17,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_stomp::{Message, ToServer};
-use tokio::sync::mpsc;
 
-use super::{Delivery, Outgoing, SendReport, Subscription, Transport, TransportError};
+use super::{Deliveries, Delivery, Outgoing, SendReport, Subscription, Transport, TransportError};
 use crate::OutboxConfig;
 use connection::Connection;
 
@@ -142,10 +141,7 @@ impl Transport for StompTransport {
             .await
     }
 
-    async fn subscribe(
-        &self,
-        subscription: Subscription,
-    ) -> Result<mpsc::Receiver<Delivery>, TransportError> {
+    async fn subscribe(&self, subscription: Subscription) -> Result<Deliveries, TransportError> {
         let connection = self.connection().await?;
         connection
             .subscribe(subscription, self.settings.receipt_timeout)
