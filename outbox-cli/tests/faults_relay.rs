@@ -23,8 +23,8 @@ use common::{Backend, TestDb, eventually};
 use harness::*;
 use outbox::published::{Column, Model as Row};
 use outbox::transport::{
-    Deliveries, Delivery, Outgoing, SendReport, StompTransport, Subscription, Transport,
-    TransportError,
+    Deliveries, Delivery, Outgoing, SendReport, StompSettings, StompTransport, Subscription,
+    Transport, TransportError,
 };
 use outbox::{Consumer, OutboxConfig, Producer, Published, Status};
 use sea_orm::{
@@ -565,7 +565,7 @@ async fn lease_overrun() {
     let culprit = poison_row(&test.db, &format!("/exchange/{}/x", unique("missing"))).await;
     good_rows(&test.db, &destination, 99, 100).await;
     let paused = Arc::new(Pausing {
-        inner: StompTransport::new(&settings).unwrap(),
+        inner: StompTransport::new(StompSettings::from(&settings)).unwrap(),
         armed: AtomicBool::new(true),
         resume: tokio::sync::Notify::new(),
         paused: tokio::sync::Notify::new(),

@@ -15,7 +15,7 @@ use common::proxy::FaultProxy;
 use common::stomp_peer::{QueueCleanup, RABBITMQ_STOMP, StompPeer, queue_message_count, unique};
 use common::{Backend, TestDb, eventually, on_every_backend};
 use outbox::received::Column as ReceivedColumn;
-use outbox::transport::{MemoryTransport, StompTransport};
+use outbox::transport::{MemoryTransport, StompSettings, StompTransport};
 use outbox::{Consumer, ConsumerBuilder, OutboxConfig, Payload, Producer, Received, Status};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, QueryFilter, Statement,
@@ -268,7 +268,7 @@ async fn send_raw(destination: &str, msg_id: &str, body: Value, extra: &[(&str, 
 
 async fn declare_on_rabbitmq(destination: &str) {
     let settings = config(RABBITMQ_STOMP);
-    let broker = StompTransport::new(&settings).expect("transport");
+    let broker = StompTransport::new(StompSettings::from(&settings)).expect("transport");
     outbox::declare(&broker, &settings, destination, None)
         .await
         .expect("declare the queues");

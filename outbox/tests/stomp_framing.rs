@@ -7,7 +7,9 @@
 use std::time::Duration;
 
 use outbox::OutboxConfig;
-use outbox::transport::{AckMode, StompTransport, Subscription, SubscriptionEvent, Transport};
+use outbox::transport::{
+    AckMode, StompSettings, StompTransport, Subscription, SubscriptionEvent, Transport,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -111,7 +113,7 @@ async fn undecodable_and_oversized_messages_are_nacked_reported_and_the_next_one
     config.stomp_heartbeats = (Duration::ZERO, Duration::ZERO);
     config.stomp_max_frame_size = 1024;
     config.receipt_timeout = Duration::from_secs(5);
-    let transport = StompTransport::new(&config).unwrap();
+    let transport = StompTransport::new(StompSettings::from(&config)).unwrap();
     let mut deliveries = transport
         .subscribe(Subscription {
             destination: "/topic/t".into(),
@@ -195,7 +197,7 @@ async fn an_undecodable_message_to_a_reader_without_a_dead_letter_route_is_left_
     let mut config = OutboxConfig::default();
     config.stomp_host_and_ports = vec![("127.0.0.1".into(), port)];
     config.stomp_heartbeats = (Duration::ZERO, Duration::ZERO);
-    let transport = StompTransport::new(&config).unwrap();
+    let transport = StompTransport::new(StompSettings::from(&config)).unwrap();
     let mut deliveries = transport
         .subscribe(Subscription {
             destination: "/amq/queue/DLQ.x".into(),

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use outbox::transport::{Outgoing, StompTransport, Transport, TransportError};
+use outbox::transport::{Outgoing, StompSettings, StompTransport, Transport, TransportError};
 use outbox::{OutboxConfig, Secret};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -426,7 +426,7 @@ fn message(n: u32) -> Outgoing {
 
 /// `StompTransport::new` that must succeed.
 fn new_transport(config: &OutboxConfig) -> StompTransport {
-    match StompTransport::new(config) {
+    match StompTransport::new(StompSettings::from(config)) {
         Ok(transport) => transport,
         Err(err) => panic!("StompTransport::new failed: {err}"),
     }
@@ -434,7 +434,7 @@ fn new_transport(config: &OutboxConfig) -> StompTransport {
 
 /// `StompTransport::new` that must fail.
 fn new_error(config: &OutboxConfig) -> TransportError {
-    match StompTransport::new(config) {
+    match StompTransport::new(StompSettings::from(config)) {
         Ok(_) => panic!("StompTransport::new accepted {config:?}"),
         Err(err) => err,
     }

@@ -272,7 +272,9 @@ impl Topology {
 /// ```no_run
 /// # async fn demo() -> Result<(), outbox::Error> {
 /// let config = outbox::OutboxConfig::from_env()?;
-/// let broker = outbox::transport::StompTransport::new(&config)?;
+/// let broker = outbox::transport::StompTransport::new(
+///     outbox::transport::StompSettings::from(&config),
+/// )?;
 /// outbox::declare(&broker, &config, "/topic/orders.v1", None).await?;
 /// # Ok(()) }
 /// ```

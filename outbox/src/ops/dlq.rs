@@ -173,7 +173,9 @@ async fn next(deliveries: &mut Deliveries) -> Option<Delivery> {
 /// ```no_run
 /// # async fn demo() -> Result<(), outbox::Error> {
 /// let config = outbox::OutboxConfig::from_env()?;
-/// let broker = outbox::transport::StompTransport::new(&config)?;
+/// let broker = outbox::transport::StompTransport::new(
+///     outbox::transport::StompSettings::from(&config),
+/// )?;
 /// for dead in outbox::ops::dlq_list(&broker, "orders.v1", 20).await? {
 ///     println!("{:?}: {:?}", dead.message_key(), dead.reason());
 /// }
@@ -219,7 +221,9 @@ pub async fn dlq_list(
 /// ```no_run
 /// # async fn demo() -> Result<(), outbox::Error> {
 /// let config = outbox::OutboxConfig::from_env()?;
-/// let broker = outbox::transport::StompTransport::new(&config)?;
+/// let broker = outbox::transport::StompTransport::new(
+///     outbox::transport::StompSettings::from(&config),
+/// )?;
 /// let report = outbox::ops::dlq_replay(&broker, "orders.v1", None).await?;
 /// println!("{} messages back in orders.v1", report.replayed);
 /// # Ok(()) }

@@ -18,10 +18,10 @@ use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TryRecvError;
 
 #[cfg(feature = "amqp")]
-pub use amqp::{AmqpTransport, CONFIRM_WINDOW};
+pub use amqp::{AmqpSettings, AmqpTransport, CONFIRM_WINDOW};
 pub use memory::MemoryTransport;
 pub use select::from_config;
-pub use stomp::StompTransport;
+pub use stomp::{StompSettings, StompTransport, TlsOptions};
 
 /// A message to send.
 #[derive(Debug, Clone, PartialEq, Eq)]

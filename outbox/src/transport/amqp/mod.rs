@@ -33,12 +33,16 @@ use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicRejectOptions};
 use lapin::tcp::RustlsConnector;
 use lapin::uri::{AMQPScheme, AMQPUri};
 
+use super::stomp::tls::ClientTls;
 use super::{Deliveries, Delivery, Outgoing, SendReport, Subscription, Transport, TransportError};
-use crate::OutboxConfig;
+use crate::redact_credentials;
 use link::Link;
 
 mod link;
 mod routing;
+mod settings;
+
+pub use settings::AmqpSettings;
 
 /// The most publishes awaiting their confirms at once on a connection: RabbitMQ's own figures
 /// gain most between 20 and 200 in flight, and the relay keeps `OUTBOX_RELAY_BATCHES_IN_FLIGHT`
@@ -53,13 +57,12 @@ const BLOCKED_POLL: Duration = Duration::from_millis(50);
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-/// use outbox::transport::{AmqpTransport, Outgoing, Transport};
+/// use outbox::Secret;
+/// use outbox::transport::{AmqpSettings, AmqpTransport, Outgoing, Transport};
 ///
-/// let config = outbox::OutboxConfig::from_vars([(
-///     "OUTBOX_BROKER_URL".to_owned(),
-///     "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned(),
-/// )])?;
-/// let broker = AmqpTransport::new(&config)?;
+/// let mut settings = AmqpSettings::default();
+/// settings.urls = vec![Secret::new("amqp://guest:guest@127.0.0.1:5672/%2f")];
+/// let broker = AmqpTransport::new(settings)?;
 /// let report = broker
 ///     .send(&[Outgoing {
 ///         destination: "/topic/orders".into(),
@@ -78,7 +81,7 @@ pub struct AmqpTransport {
     connections_opened: AtomicU64,
 }
 
-/// What a connection needs from [`OutboxConfig`].
+/// What a connection is opened with: the [`AmqpSettings`], their URLs parsed and TLS files read.
 struct Settings {
     urls: Vec<AMQPUri>,
     tls: Option<TlsClient>,
@@ -92,35 +95,28 @@ struct TlsClient {
 }
 
 impl AmqpTransport {
-    /// A transport for the broker URLs of `config` (`OUTBOX_BROKER_URL`); it connects on first
-    /// use. The URLs are parsed and the TLS files read now, so a mistake fails here.
-    pub fn new(config: &OutboxConfig) -> Result<Self, TransportError> {
-        config.validate().map_err(|err| TransportError::Connect {
-            addresses: config.broker_urls_redacted(),
-            reason: err.to_string(),
-        })?;
-        if config.broker_url.is_empty() {
+    /// A transport for the broker URLs of `settings`; it connects on first use. The URLs are
+    /// parsed and the TLS files read now, so a mistake fails here.
+    pub fn new(settings: AmqpSettings) -> Result<Self, TransportError> {
+        if settings.urls.is_empty() {
             return Err(TransportError::Connect {
                 addresses: String::new(),
                 reason: "no OUTBOX_BROKER_URL configured".into(),
             });
         }
-        let heartbeat = {
-            let (outgoing, incoming) = config.stomp_heartbeats;
-            let longest = outgoing.max(incoming);
-            // AMQP heartbeats are whole seconds; 0 turns them off, as in STOMP.
-            u16::try_from(longest.as_millis().div_ceil(1000)).unwrap_or(u16::MAX)
-        };
-        let timeout_ms = u64::try_from(config.receipt_timeout.as_millis()).unwrap_or(u64::MAX);
-        let mut urls = Vec::with_capacity(config.broker_url.len());
+        // AMQP heartbeats are whole seconds; 0 turns them off, as in STOMP.
+        let heartbeat =
+            u16::try_from(settings.heartbeat.as_millis().div_ceil(1000)).unwrap_or(u16::MAX);
+        let timeout_ms = u64::try_from(settings.receipt_timeout.as_millis()).unwrap_or(u64::MAX);
+        let mut urls = Vec::with_capacity(settings.urls.len());
         let mut tls_wanted = false;
-        for url in &config.broker_url {
+        for url in &settings.urls {
             let mut uri: AMQPUri =
                 url.expose()
                     .parse()
                     .map_err(|reason: String| TransportError::Connect {
-                        addresses: crate::redact_credentials(url.expose()),
-                        reason: format!("not an AMQP URL: {}", crate::redact_credentials(&reason)),
+                        addresses: redact_credentials(url.expose()),
+                        reason: format!("not an AMQP URL: {}", redact_credentials(&reason)),
                     })?;
             uri.query.heartbeat.get_or_insert(heartbeat);
             uri.query.connection_timeout.get_or_insert(timeout_ms);
@@ -128,10 +124,10 @@ impl AmqpTransport {
             urls.push(uri);
         }
         let tls = if tls_wanted {
-            let settings = super::stomp::tls::TlsSettings::from_config(config)?;
+            let client = ClientTls::new(&settings.tls)?;
             Some(TlsClient {
-                connector: RustlsConnector::from(settings.client_config()),
-                server_name: config.stomp_tls_server_name.clone(),
+                connector: RustlsConnector::from(client.client_config()),
+                server_name: settings.tls.server_name.clone(),
             })
         } else {
             None
@@ -140,7 +136,7 @@ impl AmqpTransport {
             settings: Arc::new(Settings {
                 urls,
                 tls,
-                receipt_timeout: config.receipt_timeout,
+                receipt_timeout: settings.receipt_timeout,
             }),
             link: tokio::sync::Mutex::new(None),
             connections_opened: AtomicU64::new(0),

@@ -62,7 +62,7 @@ mod queues;
 #[cfg(test)]
 mod tests;
 
-/// The receipt timeout of a new [`MemoryTransport`], as [`crate::OutboxConfig`]'s default.
+/// The receipt timeout of a new [`MemoryTransport`], as `OUTBOX_RECEIPT_TIMEOUT`'s default.
 const RECEIPT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Deliveries a subscription's receiver buffers before its forwarding task waits.

@@ -10,7 +10,8 @@
 //!   declares the connection dead;
 //! - [`socket`]: the TCP or TLS stream and its non-blocking write side;
 //! - [`framing`]: frames that do not decode, or exceed the maximum size, set apart from the rest;
-//! - [`tls`]: the rustls client.
+//! - [`tls`]: the rustls client;
+//! - [`settings`]: what [`StompTransport::new`] takes.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,14 +20,16 @@ use std::time::Duration;
 use async_stomp::{Message, ToServer};
 
 use super::{Deliveries, Delivery, Outgoing, SendReport, Subscription, Transport, TransportError};
-use crate::OutboxConfig;
 use connection::Connection;
 
 mod connection;
 mod driver;
 mod framing;
+mod settings;
 mod socket;
 pub(crate) mod tls;
+
+pub use settings::{StompSettings, TlsOptions};
 
 /// How long a DISCONNECT waits for its receipt on a connection where one already timed out.
 const UNANSWERED_DISCONNECT_WAIT: Duration = Duration::from_secs(1);
@@ -35,9 +38,10 @@ const UNANSWERED_DISCONNECT_WAIT: Duration = Duration::from_secs(1);
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-/// use outbox::transport::{Outgoing, StompTransport, Transport};
+/// use outbox::transport::{Outgoing, StompSettings, StompTransport, Transport};
 ///
-/// let broker = StompTransport::new(&outbox::OutboxConfig::from_env()?)?;
+/// // guest:guest@127.0.0.1:61613; `StompSettings::from(&config)` reads them from the settings.
+/// let broker = StompTransport::new(StompSettings::default())?;
 /// let report = broker
 ///     .send(&[Outgoing {
 ///         destination: "/topic/orders".into(),
@@ -55,37 +59,43 @@ pub struct StompTransport {
     connections_opened: AtomicU64,
 }
 
-/// What a connection needs from [`OutboxConfig`].
+/// What a connection is opened with: the [`StompSettings`], their TLS files read.
 struct Settings {
     addresses: Vec<(String, u16)>,
     vhost: String,
     login: String,
     passcode: crate::Secret,
-    tls: Option<tls::TlsSettings>,
+    tls: Option<tls::ClientTls>,
     heartbeats: (Duration, Duration),
     receipt_timeout: Duration,
     max_frame_size: usize,
 }
 
 impl StompTransport {
-    /// A transport for the broker of `config`; it connects on first use. TLS files are read now,
-    /// so a wrong path fails here.
-    pub fn new(config: &OutboxConfig) -> Result<Self, TransportError> {
-        let tls = if config.stomp_use_ssl {
-            Some(tls::TlsSettings::from_config(config)?)
-        } else {
-            None
-        };
+    /// A transport for the broker `settings` name; it connects on first use. TLS files are
+    /// read now, so a wrong path fails here.
+    pub fn new(settings: StompSettings) -> Result<Self, TransportError> {
+        let StompSettings {
+            addresses,
+            vhost,
+            login,
+            passcode,
+            tls,
+            heartbeats,
+            receipt_timeout,
+            max_frame_size,
+        } = settings;
+        let tls = tls.as_ref().map(tls::ClientTls::new).transpose()?;
         Ok(Self {
             settings: Arc::new(Settings {
-                addresses: config.stomp_host_and_ports.clone(),
-                vhost: config.stomp_vhost.clone(),
-                login: config.stomp_username.clone(),
-                passcode: config.stomp_passcode.clone(),
+                addresses,
+                vhost,
+                login,
+                passcode,
                 tls,
-                heartbeats: config.stomp_heartbeats,
-                receipt_timeout: config.receipt_timeout,
-                max_frame_size: config.stomp_max_frame_size,
+                heartbeats,
+                receipt_timeout,
+                max_frame_size,
             }),
             connection: tokio::sync::Mutex::new(None),
             connections_opened: AtomicU64::new(0),
