@@ -11,6 +11,8 @@ mod amqp;
 mod memory;
 mod select;
 mod stomp;
+#[cfg(test)]
+mod walls;
 
 use std::time::Duration;
 
