@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::transport::{AckMode, Delivery, Outgoing, TransportError};
+use crate::transport::{AckMode, Delivery, Outgoing, SubscriptionEvent, TransportError};
 
 /// What [`TransportError::Connect`] names as the address.
 pub(super) const ADDRESS: &str = "memory";
@@ -41,6 +41,8 @@ pub(super) struct Broker {
     pub(super) refused: Vec<String>,
     /// Destination prefixes whose SENDs are dropped without a receipt or an error.
     pub(super) discarded: Vec<String>,
+    /// Destination prefixes whose messages reach consumers as ones that do not decode.
+    pub(super) undecodable: Vec<String>,
     /// Publishers are blocked: frames wait on their connection, unread.
     pub(super) blocked: bool,
     /// Publishes are `mandatory` (AMQP): a message no queue takes is returned, not receipted.
@@ -83,7 +85,10 @@ pub(super) struct Consumer {
     pub(super) prefetch: Option<usize>,
     /// Unacked deliveries of this subscription.
     pub(super) in_flight: usize,
-    pub(super) inbox: mpsc::UnboundedSender<Delivery>,
+    /// It declares a dead-letter route (`x-dead-letter-*`), as a consumer's subscription does:
+    /// only then is a message that does not decode rejected and reported.
+    pub(super) dead_letters: bool,
+    pub(super) inbox: mpsc::UnboundedSender<SubscriptionEvent>,
     /// Dropped with the consumer: stops its forwarding task at once.
     pub(super) _closed: oneshot::Sender<()>,
 }
@@ -124,6 +129,9 @@ pub(super) struct Message {
     pub(super) headers: Vec<(String, String)>,
     pub(super) body: Vec<u8>,
     pub(super) redelivered: bool,
+    /// It reaches consumers as a message that does not decode
+    /// ([`MemoryTransport::undecodable`](super::MemoryTransport::undecodable)).
+    pub(super) undecodable: bool,
 }
 
 impl Message {
@@ -315,6 +323,10 @@ impl Broker {
                 exchange_name(&outgoing.destination)
             )));
         }
+        let undecodable = self
+            .undecodable
+            .iter()
+            .any(|prefix| outgoing.destination.starts_with(prefix.as_str()));
         let headers: Vec<(String, String)> = outgoing
             .headers
             .iter()
@@ -329,6 +341,7 @@ impl Broker {
                     headers,
                     body: outgoing.body.clone(),
                     redelivered: false,
+                    undecodable,
                 };
                 let routed = self.route_topic(message);
                 self.sent.push(outgoing.clone());
@@ -350,6 +363,7 @@ impl Broker {
                     headers,
                     body: outgoing.body.clone(),
                     redelivered: false,
+                    undecodable,
                 };
                 let routed = self.enqueue(&name, message);
                 self.sent.push(outgoing.clone());

@@ -1,11 +1,12 @@
 //! The faults a test can inject into the in-memory broker: refusals, an outage, silently
-//! discarded SENDs, blocked publishers (a resource alarm), late receipts, `mandatory` publishes.
+//! discarded SENDs, blocked publishers (a resource alarm), late receipts, `mandatory` publishes,
+//! messages that do not decode.
 
 use std::time::Duration;
 
 use super::MemoryTransport;
 #[cfg(doc)]
-use crate::transport::{Outcome, Transport, TransportError};
+use crate::transport::{Outcome, SubscriptionEvent, Transport, TransportError};
 
 impl MemoryTransport {
     /// From now on a SEND to a destination starting with `destination_prefix` is refused as
@@ -77,5 +78,25 @@ impl MemoryTransport {
     /// `OUTBOX_RECEIPT_TIMEOUT`).
     pub fn set_receipt_timeout(&self, timeout: Duration) {
         self.broker().receipt_timeout = Some(timeout);
+    }
+
+    /// From now on a message sent to a destination starting with `destination_prefix` reaches
+    /// its consumers as one that does not decode (over STOMP: a header value that is not UTF-8,
+    /// a frame above the maximum size), and is treated as the STOMP transport treats one: a
+    /// subscription that declares a dead-letter route (`x-dead-letter-*`, as a consumer's does)
+    /// receives [`SubscriptionEvent::Undecodable`] instead of the message, which goes to the
+    /// dead-letter queue (dropped under automatic acknowledgement); any other subscription is
+    /// not handed it and holds it unacknowledged until the connection closes. Where the STOMP
+    /// transport decides a moment later, the broker decides as it hands the message over, so a
+    /// subscription that only declares its queue rejects one waiting there too.
+    pub fn undecodable(&self, destination_prefix: &str) {
+        self.broker()
+            .undecodable
+            .push(destination_prefix.to_owned());
+    }
+
+    /// Undoes every [`MemoryTransport::undecodable`].
+    pub fn clear_undecodable(&self) {
+        self.broker().undecodable.clear();
     }
 }

@@ -342,7 +342,7 @@ impl Transport for MemoryTransport {
 /// Moves a subscription's deliveries to its receiver, in order, as the socket between RabbitMQ
 /// and a client would; stops as soon as the subscription or its connection ends.
 async fn forward(
-    mut inbox: mpsc::UnboundedReceiver<Delivery>,
+    mut inbox: mpsc::UnboundedReceiver<SubscriptionEvent>,
     outbox: mpsc::Sender<SubscriptionEvent>,
     mut closed: oneshot::Receiver<()>,
 ) {
@@ -358,7 +358,7 @@ async fn forward(
         tokio::select! {
             biased;
             _ = &mut closed => return,
-            sent = outbox.send(SubscriptionEvent::Delivery(delivery)) => if sent.is_err() { return },
+            sent = outbox.send(delivery) => if sent.is_err() { return },
         }
     }
 }

@@ -10,7 +10,12 @@ use super::broker::{
     Broker, Consumer, Declaration, Message, Queue, Target, Unacked, lookup, not_found,
     precondition_failed, target,
 };
-use crate::transport::{AckMode, Delivery, Subscription, TransportError};
+use crate::transport::{
+    AckMode, Delivery, Subscription, SubscriptionEvent, TransportError, UndecodableMessage,
+};
+
+/// Why a message marked undecodable did not decode, as the report says.
+const UNDECODABLE: &str = "the message does not decode (MemoryTransport::undecodable)";
 
 /// The SUBSCRIBE headers RabbitMQ's STOMP plugin turns into queue arguments (and the broker
 /// compares on redeclaration); it drops any other `x-*` header (`x-overflow`, `x-queue-mode`,
@@ -93,7 +98,7 @@ impl Broker {
         &mut self,
         connection: u64,
         subscription: &Subscription,
-        inbox: mpsc::UnboundedSender<Delivery>,
+        inbox: mpsc::UnboundedSender<SubscriptionEvent>,
         closed: oneshot::Sender<()>,
     ) -> Result<String, TransportError> {
         let open = self.connections.get(&connection);
@@ -170,6 +175,10 @@ impl Broker {
             ack: subscription.ack,
             prefetch,
             in_flight: 0,
+            dead_letters: subscription
+                .headers
+                .iter()
+                .any(|(name, _)| name.starts_with("x-dead-letter-")),
             inbox,
             _closed: closed,
         };
@@ -294,6 +303,33 @@ impl Broker {
                 return;
             };
             let message_id = format!("T_{id}@@session-memory-{connection}@@{tag}");
+            if message.undecodable {
+                if consumer.ack == AckMode::ClientIndividual && !consumer.dead_letters {
+                    // Never handed over, and never acknowledged: back to its queue when the
+                    // connection closes.
+                    consumer.in_flight += 1;
+                    open.unacked.push(Unacked {
+                        ack_id: message_id,
+                        subscription: id,
+                        queue: queue_name.to_owned(),
+                        message,
+                    });
+                    continue;
+                }
+                if consumer.dead_letters {
+                    let report = UndecodableMessage {
+                        subscription: id,
+                        queue: queue_name.to_owned(),
+                        message_id: Some(message_id),
+                        reason: UNDECODABLE.to_owned(),
+                    };
+                    let _ = consumer.inbox.send(SubscriptionEvent::Undecodable(report));
+                    if consumer.ack == AckMode::ClientIndividual {
+                        self.dead_letter(queue_name, message);
+                    }
+                }
+                continue;
+            }
             let mut delivery = delivery(&id, &message_id, consumer.ack, &message);
             delivery.connection = generation;
             if consumer.ack == AckMode::ClientIndividual {
@@ -307,7 +343,7 @@ impl Broker {
             }
             // A receiver the client dropped loses the delivery (auto) or holds it unacked
             // (client), as a client that stopped reading its socket would.
-            let _ = consumer.inbox.send(delivery);
+            let _ = consumer.inbox.send(SubscriptionEvent::Delivery(delivery));
         }
     }
 }

@@ -822,3 +822,64 @@ async fn a_dropped_receiver_holds_its_client_deliveries_until_disconnect() {
     broker.disconnect().await.unwrap();
     assert_eq!(broker.queue_len("gone"), 1);
 }
+
+#[tokio::test]
+async fn an_undecodable_message_is_reported_to_a_consumer_and_dead_lettered() {
+    let broker = MemoryTransport::new();
+    broker.undecodable("/topic/orders.bad");
+    let dlq = Subscription {
+        headers: python_queue_headers("DLQ.orders_q", "1"),
+        ..subscription("DLQ.orders_q", "dlq", &[])
+    };
+    broker.subscribe(dlq).await.unwrap();
+    broker.unsubscribe("dlq").await.unwrap();
+    let mut consumer = broker
+        .subscribe(Subscription {
+            headers: python_queue_headers("orders_q", "5"),
+            ..subscription("/topic/orders.*", "s", &[])
+        })
+        .await
+        .unwrap();
+    send_ok(
+        &broker,
+        &[
+            message("/topic/orders.bad", "garbled"),
+            message("/topic/orders.good", "fine"),
+        ],
+    )
+    .await;
+    let first = tokio::time::timeout(WAIT, consumer.next_event())
+        .await
+        .expect("an event within 2 s")
+        .expect("the subscription is open");
+    let SubscriptionEvent::Undecodable(report) = first else {
+        panic!("expected the undecodable report first, got {first:?}");
+    };
+    assert_eq!(
+        (report.subscription.as_str(), report.queue.as_str()),
+        ("s", "orders_q")
+    );
+    assert_eq!(next(&mut consumer).await.body, b"fine");
+    assert_eq!(broker.unacked_len("orders_q"), 1, "only the good message");
+    let dead = broker.queue_messages("DLQ.orders_q");
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].body, b"garbled");
+}
+
+#[tokio::test]
+async fn an_undecodable_message_to_a_reader_without_a_dead_letter_route_stays_unacknowledged() {
+    let broker = MemoryTransport::new();
+    broker.undecodable("/queue/plain");
+    send_ok(&broker, &[message("/queue/plain", "garbled")]).await;
+    // The same queue, by a destination the fault does not name.
+    send_ok(&broker, &[message("plain", "fine")]).await;
+    let mut reader = broker
+        .subscribe(subscription("/queue/plain", "r", &[]))
+        .await
+        .unwrap();
+    assert_eq!(next(&mut reader).await.body, b"fine");
+    nothing_more(&mut reader).await;
+    assert_eq!(broker.unacked_len("plain"), 2);
+    broker.disconnect().await.unwrap();
+    assert_eq!(broker.queue_len("plain"), 2, "both back in their queue");
+}
