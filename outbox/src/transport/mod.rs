@@ -5,7 +5,18 @@
 //! are kept rather than dropped) and [`MemoryTransport`] (in-process, for tests and for running
 //! without a broker). The relay and the consumer use only this trait, so a service's own tests
 //! can run them against memory. [`from_config`] builds the one the settings select.
-
+//!
+//! Where each part lives:
+//! - this file: the trait and the types every transport shares;
+//! - `select.rs`: the one place that reads the configuration for a transport;
+//! - `stomp/`: the facade, the connection, the task that drives it, its socket, framing, TLS and
+//!   [`StompSettings`];
+//! - `amqp/`: the facade, the link (connection and channels), routing and `AmqpSettings`;
+//! - `memory/`: the handle, the broker, its queues, the faults a test injects, and its tests.
+//!
+//! Transport code names no table, producer, consumer, ops or metrics module (a test reads the
+//! sources to hold it): what a consumer must record, such as a message that does not decode,
+//! reaches it as a [`SubscriptionEvent`].
 #[cfg(feature = "amqp")]
 mod amqp;
 mod memory;

@@ -303,36 +303,30 @@ impl Broker {
                 return;
             };
             let message_id = format!("T_{id}@@session-memory-{connection}@@{tag}");
-            if message.undecodable {
-                if consumer.ack == AckMode::ClientIndividual && !consumer.dead_letters {
-                    // Never handed over, and never acknowledged: back to its queue when the
-                    // connection closes.
-                    consumer.in_flight += 1;
-                    open.unacked.push(Unacked {
-                        ack_id: message_id,
-                        subscription: id,
-                        queue: queue_name.to_owned(),
-                        message,
-                    });
-                    continue;
+            let client = consumer.ack == AckMode::ClientIndividual;
+            // What the consumer is handed, and whether the message then awaits its ack. One that
+            // does not decode is reported instead, where the subscription dead-letters, and
+            // rejected at once (client) or dropped (auto); elsewhere it is never handed over,
+            // and waits unacknowledged (client) or is dropped (auto).
+            let (event, awaits_ack) = match (message.undecodable, consumer.dead_letters) {
+                (false, _) => {
+                    let mut delivery = delivery(&id, &message_id, consumer.ack, &message);
+                    delivery.connection = generation;
+                    (Some(SubscriptionEvent::Delivery(delivery)), client)
                 }
-                if consumer.dead_letters {
+                (true, true) => {
                     let report = UndecodableMessage {
-                        subscription: id,
+                        subscription: id.clone(),
                         queue: queue_name.to_owned(),
-                        message_id: Some(message_id),
+                        message_id: Some(message_id.clone()),
                         reason: UNDECODABLE.to_owned(),
                     };
-                    let _ = consumer.inbox.send(SubscriptionEvent::Undecodable(report));
-                    if consumer.ack == AckMode::ClientIndividual {
-                        self.dead_letter(queue_name, message);
-                    }
+                    (Some(SubscriptionEvent::Undecodable(report)), false)
                 }
-                continue;
-            }
-            let mut delivery = delivery(&id, &message_id, consumer.ack, &message);
-            delivery.connection = generation;
-            if consumer.ack == AckMode::ClientIndividual {
+                (true, false) => (None, client),
+            };
+            let rejected = message.undecodable && consumer.dead_letters && client;
+            let settled = if awaits_ack {
                 consumer.in_flight += 1;
                 open.unacked.push(Unacked {
                     ack_id: message_id,
@@ -340,10 +334,18 @@ impl Broker {
                     queue: queue_name.to_owned(),
                     message,
                 });
-            }
+                None
+            } else {
+                Some(message)
+            };
             // A receiver the client dropped loses the delivery (auto) or holds it unacked
             // (client), as a client that stopped reading its socket would.
-            let _ = consumer.inbox.send(SubscriptionEvent::Delivery(delivery));
+            if let Some(event) = event {
+                let _ = consumer.inbox.send(event);
+            }
+            if rejected && let Some(message) = settled {
+                self.dead_letter(queue_name, message);
+            }
         }
     }
 }

@@ -15,8 +15,10 @@ use tokio_util::codec::FramedRead;
 
 use super::driver::{Backlog, Driver};
 use super::framing::{FrameDecoder, Inbound};
+use super::lock;
+use super::settings::StompSettings;
 use super::socket::{Stream, Watched, Writer};
-use super::{Settings, lock};
+use super::tls::ClientTls;
 use crate::transport::{
     AckMode, Deliveries, Outcome, Outgoing, SendReport, Subscription, SubscriptionEvent,
     TransportError,
@@ -75,11 +77,15 @@ impl Drop for Connection {
 }
 
 impl Connection {
-    /// Connects to the first address that answers, and logs in.
-    pub(super) async fn open(settings: &Settings, generation: u64) -> Result<Self, TransportError> {
+    /// Connects to the first address that answers (with TLS when `tls` is given), and logs in.
+    pub(super) async fn open(
+        settings: &StompSettings,
+        tls: Option<&ClientTls>,
+        generation: u64,
+    ) -> Result<Self, TransportError> {
         let mut last_error = None;
         for (host, port) in &settings.addresses {
-            match Self::open_one(settings, host, *port, generation).await {
+            match Self::open_one(settings, tls, host, *port, generation).await {
                 Ok(connection) => return Ok(connection),
                 // A refused login is the same everywhere: say so rather than try the others.
                 Err(err @ TransportError::Refused { .. }) | Err(err @ TransportError::Tls(_)) => {
@@ -113,7 +119,8 @@ impl Connection {
     }
 
     async fn open_one(
-        settings: &Settings,
+        settings: &StompSettings,
+        tls: Option<&ClientTls>,
         host: &str,
         port: u16,
         generation: u64,
@@ -129,7 +136,7 @@ impl Connection {
             .map_err(|_| connect_failed(format!("no answer within {timeout:?}")))?
             .map_err(|e| connect_failed(e.to_string()))?;
         let _ = tcp.set_nodelay(true);
-        let stream = match &settings.tls {
+        let stream = match tls {
             Some(tls) => {
                 let stream = tokio::time::timeout(timeout, tls.connect(host, tcp))
                     .await

@@ -53,50 +53,22 @@ const UNANSWERED_DISCONNECT_WAIT: Duration = Duration::from_secs(1);
 /// # Ok(()) }
 /// ```
 pub struct StompTransport {
-    settings: Arc<Settings>,
+    settings: StompSettings,
+    /// The TLS client of `settings.tls`, its files read.
+    tls: Option<tls::ClientTls>,
     connection: tokio::sync::Mutex<Option<Arc<Connection>>>,
     /// Numbers the connections this transport opens ([`Delivery::connection`]).
     connections_opened: AtomicU64,
-}
-
-/// What a connection is opened with: the [`StompSettings`], their TLS files read.
-struct Settings {
-    addresses: Vec<(String, u16)>,
-    vhost: String,
-    login: String,
-    passcode: crate::Secret,
-    tls: Option<tls::ClientTls>,
-    heartbeats: (Duration, Duration),
-    receipt_timeout: Duration,
-    max_frame_size: usize,
 }
 
 impl StompTransport {
     /// A transport for the broker `settings` name; it connects on first use. TLS files are
     /// read now, so a wrong path fails here.
     pub fn new(settings: StompSettings) -> Result<Self, TransportError> {
-        let StompSettings {
-            addresses,
-            vhost,
-            login,
-            passcode,
-            tls,
-            heartbeats,
-            receipt_timeout,
-            max_frame_size,
-        } = settings;
-        let tls = tls.as_ref().map(tls::ClientTls::new).transpose()?;
+        let tls = settings.tls.as_ref().map(tls::ClientTls::new).transpose()?;
         Ok(Self {
-            settings: Arc::new(Settings {
-                addresses,
-                vhost,
-                login,
-                passcode,
-                tls,
-                heartbeats,
-                receipt_timeout,
-                max_frame_size,
-            }),
+            settings,
+            tls,
             connection: tokio::sync::Mutex::new(None),
             connections_opened: AtomicU64::new(0),
         })
@@ -112,7 +84,8 @@ impl StompTransport {
         }
         *slot = None;
         let generation = self.connections_opened.fetch_add(1, Ordering::Relaxed) + 1;
-        let connection = Arc::new(Connection::open(&self.settings, generation).await?);
+        let connection =
+            Arc::new(Connection::open(&self.settings, self.tls.as_ref(), generation).await?);
         *slot = Some(connection.clone());
         Ok(connection)
     }

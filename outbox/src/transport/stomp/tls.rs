@@ -1,5 +1,7 @@
-//! TLS for the STOMP connection: a private CA bundle or the public web roots, an optional client
-//! certificate, and server-name verification (on by default).
+//! TLS for a broker connection, built from [`TlsOptions`]: a private CA bundle or the public web
+//! roots, an optional client certificate, and server-name verification (on by default). The
+//! STOMP transport runs the handshake here; the AMQP transport takes the rustls client for
+//! `amqps://`.
 
 use std::path::Path;
 use std::sync::Arc;
