@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use outbox::tables::published::Status;
-use outbox::transport::{AckMode, Outgoing, StompTransport, Subscription, Transport};
+use outbox::transport::{
+    AckMode, Outgoing, StompSettings, StompTransport, Subscription, Transport,
+};
 use outbox::{OutboxConfig, Producer, Published};
 use sea_orm::ActiveValue::Set;
 use sea_orm::{
@@ -160,7 +162,7 @@ impl Reader {
 
     async fn open(config: &OutboxConfig, deferred: bool) -> Result<Reader, BoxError> {
         let key = format!("outbox_bench_{}", uuid::Uuid::new_v4().simple());
-        let transport = Arc::new(StompTransport::new(config)?);
+        let transport = Arc::new(StompTransport::new(StompSettings::from(config))?);
         // Not durable: RabbitMQ deletes the queue when this subscription ends.
         let mut headers = vec![("x-queue-name".to_owned(), key.clone())];
         if deferred {
@@ -939,7 +941,7 @@ pub async fn consume_worker(
 /// (`client-individual`, the consumer's mode) with the same prefetch, no database work.
 async fn consume_bare(settings: &Settings, n: usize, prefetch: u32) -> Result<f64, BoxError> {
     let (destination, queue) = fill_queue(settings, n).await?;
-    let transport = StompTransport::new(&settings.config)?;
+    let transport = StompTransport::new(StompSettings::from(&settings.config))?;
     transport.connect().await?;
     let mut headers: Vec<(String, String)> = settings
         .config
@@ -1061,7 +1063,7 @@ impl metrics::Recorder for Recording {
 async fn fill_queue(settings: &Settings, n: usize) -> Result<(String, String), BoxError> {
     let key = format!("outbox_bench_{}", uuid::Uuid::new_v4().simple());
     let destination = format!("/topic/{key}");
-    let transport = StompTransport::new(&settings.config)?;
+    let transport = StompTransport::new(StompSettings::from(&settings.config))?;
     outbox::consumer::declare(&transport, &settings.config, &destination, Some(&key)).await?;
     let messages: Vec<Outgoing> = (0..n).map(|i| bench_message(&destination, i)).collect();
     for chunk in messages.chunks(settings.config.published_chunk_size as usize) {

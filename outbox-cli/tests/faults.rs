@@ -37,7 +37,7 @@ use common::{Backend, TestDb, count_with_status, eventually};
 use harness::*;
 use outbox::config::Secret;
 use outbox::tables::published::Status;
-use outbox::transport::{StompTransport, Transport, TransportError};
+use outbox::transport::{StompSettings, StompTransport, Transport, TransportError};
 use outbox::{Consumer, OutboxConfig, Payload, Producer};
 use sea_orm::{ConnectionTrait, EntityTrait, Statement, TransactionTrait};
 use serde_json::json;
@@ -670,7 +670,7 @@ async fn hostile_configuration_is_refused_clearly_and_never_logs_the_passcode() 
 
     // Each refused with an error naming the cause.
     let connect = async |settings: &OutboxConfig| {
-        let transport = StompTransport::new(settings).expect("a transport");
+        let transport = StompTransport::new(StompSettings::from(settings)).expect("a transport");
         let result = tokio::time::timeout(Duration::from_secs(15), transport.connect())
             .await
             .expect("connect gives up in time");

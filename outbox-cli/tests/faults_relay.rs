@@ -24,7 +24,8 @@ use harness::*;
 use outbox::tables::published::Status;
 use outbox::tables::published::{Column, Model as Row};
 use outbox::transport::{
-    Delivery, Outgoing, SendReport, StompTransport, Subscription, Transport, TransportError,
+    Deliveries, Delivery, Outgoing, SendReport, StompSettings, StompTransport, Subscription,
+    Transport, TransportError,
 };
 use outbox::{Consumer, OutboxConfig, Producer, Published};
 use sea_orm::{
@@ -33,7 +34,6 @@ use sea_orm::{
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
 
 async fn rows(db: &DatabaseConnection) -> Vec<Row> {
     Published::find().all(db).await.expect("read the outbox")
@@ -525,10 +525,7 @@ impl Transport for Pausing {
         report
     }
 
-    async fn subscribe(
-        &self,
-        subscription: Subscription,
-    ) -> Result<mpsc::Receiver<Delivery>, TransportError> {
+    async fn subscribe(&self, subscription: Subscription) -> Result<Deliveries, TransportError> {
         self.inner.subscribe(subscription).await
     }
 
@@ -569,7 +566,7 @@ async fn lease_overrun() {
     let culprit = poison_row(&test.db, &format!("/exchange/{}/x", unique("missing"))).await;
     good_rows(&test.db, &destination, 99, 100).await;
     let paused = Arc::new(Pausing {
-        inner: StompTransport::new(&settings).unwrap(),
+        inner: StompTransport::new(StompSettings::from(&settings)).unwrap(),
         armed: AtomicBool::new(true),
         resume: tokio::sync::Notify::new(),
         paused: tokio::sync::Notify::new(),

@@ -7,6 +7,7 @@
 //!   record reaches it as an event;
 //! - `producer` and `consumer` never reach each other;
 //! - `ops` never reaches the producer: state it needs is data in the tables;
+//! - transports take their own settings: in `transport`, only `select.rs` names `OutboxConfig`;
 //! - a module imports from the defining module, never through the crate root's re-exports;
 //! - no import loops between the crate's top-level modules. `error` is the vocabulary every
 //!   module speaks: paths into it are not counted as edges (its own `From` conversions name the
@@ -54,6 +55,13 @@ fn check(sources: &[Source]) -> Vec<String> {
             continue;
         }
         let forbidden = match from {
+            "transport" if to == "config" => {
+                reference
+                    .to
+                    .get(1)
+                    .is_some_and(|item| item == "OutboxConfig")
+                    && reference.file != "src/transport/select.rs"
+            }
             "transport" => ["tables", "producer", "consumer", "ops", "metrics"].contains(&to),
             "producer" => to == "consumer",
             "consumer" => to == "producer",
@@ -450,9 +458,10 @@ mod fixtures {
         let mut sources = vec![
             source(
                 "lib.rs",
-                "pub mod consumer;\npub mod error;\npub mod ops;\npub mod producer;\n\
-                 pub mod tables;\npub mod transport;\npub use error::Error;\n",
+                "pub mod config;\npub mod consumer;\npub mod error;\npub mod ops;\n\
+                 pub mod producer;\npub mod tables;\npub mod transport;\npub use error::Error;\n",
             ),
+            source("config/mod.rs", "pub struct OutboxConfig;\n"),
             source("consumer/mod.rs", "pub mod topology;\n"),
             source("consumer/topology.rs", "pub const SAC: &str = \"x\";\n"),
             source("error.rs", "pub struct Error;\n"),
@@ -460,7 +469,11 @@ mod fixtures {
             source("producer/mod.rs", "pub struct Producer;\n"),
             source("tables/mod.rs", "pub mod published;\n"),
             source("tables/published.rs", "pub struct Model;\n"),
-            source("transport/mod.rs", "mod stomp;\npub use stomp::Stomp;\n"),
+            source(
+                "transport/mod.rs",
+                "mod select;\nmod stomp;\npub use stomp::Stomp;\n",
+            ),
+            source("transport/select.rs", "\n"),
             source("transport/stomp.rs", "pub struct Stomp;\n"),
         ];
         sources.retain(|s| s.file != format!("src/{file}"));
@@ -533,6 +546,25 @@ mod fixtures {
                 .any(|b| b.contains("must not reach `crate::ops`")),
             "{found:?}"
         );
+    }
+
+    #[test]
+    fn a_transport_reading_the_settings_outside_select_is_a_breach() {
+        let found = breaches(
+            "transport/stomp.rs",
+            "pub struct Stomp;\nfn f(c: &crate::config::OutboxConfig) {}\n",
+        );
+        assert!(
+            found
+                .iter()
+                .any(|b| b.contains("`transport` must not reach `crate::config::OutboxConfig`")),
+            "{found:?}"
+        );
+        let allowed = breaches(
+            "transport/select.rs",
+            "fn f(c: &crate::config::OutboxConfig) {}\n",
+        );
+        assert_eq!(allowed, Vec::<String>::new());
     }
 
     #[test]

@@ -17,7 +17,9 @@ use common::{Backend, TestDb, eventually};
 use outbox::config::Secret;
 use outbox::tables::published::Model as Row;
 use outbox::tables::published::Status;
-use outbox::transport::{AmqpTransport, Outcome, Outgoing, StompTransport, Transport};
+use outbox::transport::{
+    AmqpSettings, AmqpTransport, Outcome, Outgoing, StompSettings, StompTransport, Transport,
+};
 use outbox::{OutboxConfig, Producer, Published};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -44,7 +46,9 @@ fn amqp_config(urls: &str) -> OutboxConfig {
 }
 
 fn amqp() -> AmqpTransport {
-    AmqpTransport::new(&amqp_config(RABBITMQ_AMQP)).expect("an AMQP transport")
+    AmqpSettings::try_from(&amqp_config(RABBITMQ_AMQP))
+        .and_then(AmqpTransport::new)
+        .expect("an AMQP transport")
 }
 
 async fn rows(db: &DatabaseConnection) -> Vec<Row> {
@@ -259,7 +263,8 @@ async fn a_stomp_subscriber_sees_the_same_message_from_either_transport() {
     let key = unique("amqp_wire");
     let (mut reader, _cleanup) = topic_reader(&key).await;
     let message = relay_like_message(&format!("/topic/{key}"));
-    let stomp = StompTransport::new(&OutboxConfig::default()).expect("a STOMP transport");
+    let stomp = StompTransport::new(StompSettings::from(&OutboxConfig::default()))
+        .expect("a STOMP transport");
     assert!(
         stomp
             .send(std::slice::from_ref(&message))
@@ -422,7 +427,9 @@ async fn fails_over_past_a_refused_address() {
     let port = closed.local_addr().unwrap().port();
     drop(closed);
     let urls = format!("amqp://guest:guest@127.0.0.1:{port}/%2f,{RABBITMQ_AMQP}");
-    let broker = AmqpTransport::new(&amqp_config(&urls)).unwrap();
+    let broker = AmqpSettings::try_from(&amqp_config(&urls))
+        .and_then(AmqpTransport::new)
+        .unwrap();
     let queue = unique("amqp_failover");
     let _cleanup = QueueCleanup(vec![queue.clone()]);
     let report = broker
@@ -436,7 +443,9 @@ async fn fails_over_past_a_refused_address() {
 
     // Only refused addresses: a connection error naming them, without the password.
     let secret_urls = format!("amqp://guest:Zebra-s3cr3t@127.0.0.1:{port}/%2f");
-    let broker = AmqpTransport::new(&amqp_config(&secret_urls)).unwrap();
+    let broker = AmqpSettings::try_from(&amqp_config(&secret_urls))
+        .and_then(AmqpTransport::new)
+        .unwrap();
     let err = broker.connect().await.expect_err("nothing listens there");
     let text = err.to_string();
     assert!(text.contains(&port.to_string()), "{text}");
@@ -453,7 +462,7 @@ async fn stomp_and_amqp_consumers_share_queues_in_either_declaration_order() {
         let config = OutboxConfig::default();
         let topology =
             outbox::consumer::Topology::new(&config, &destination, Some(&queue)).unwrap();
-        let stomp = StompTransport::new(&config).unwrap();
+        let stomp = StompTransport::new(StompSettings::from(&config)).unwrap();
         let broker = amqp();
         let order: [&dyn Transport; 2] = if stomp_first {
             [&stomp, &broker]
@@ -699,7 +708,7 @@ async fn a_single_active_consumer_is_refused_over_stomp() {
     let refused = outbox::Consumer::builder(test.db.clone())
         .destination("/topic/sac_over_stomp")
         .config(config.clone())
-        .transport(StompTransport::new(&config).unwrap())
+        .transport(StompTransport::new(StompSettings::from(&config)).unwrap())
         .single_active_consumer()
         .build()
         .err()
@@ -712,7 +721,7 @@ async fn a_single_active_consumer_is_refused_over_stomp() {
         .unwrap()
         .with_single_active_consumer(true);
     let refused = topology
-        .declare(&StompTransport::new(&config).unwrap())
+        .declare(&StompTransport::new(StompSettings::from(&config)).unwrap())
         .await
         .expect_err("declare refuses it over STOMP");
     assert!(refused.to_string().contains("AMQP"), "{refused}");
@@ -855,7 +864,9 @@ async fn amqps_with_a_private_ca_and_a_client_certificate() {
     config.stomp_cert_file = Some(files.write("client.pem", &client_pem));
     config.stomp_key_file = Some(files.write("client.key", &client_key_pem));
     config.stomp_tls_server_name = Some("broker.test".into());
-    let broker = AmqpTransport::new(&config).expect("TLS settings read");
+    let broker = AmqpSettings::try_from(&config)
+        .and_then(AmqpTransport::new)
+        .expect("TLS settings read");
     let queue = unique("amqp_tls");
     let _cleanup = QueueCleanup(vec![queue.clone()]);
     let report = broker
@@ -872,7 +883,8 @@ async fn amqps_with_a_private_ca_and_a_client_certificate() {
     let mut anonymous = config.clone();
     anonymous.stomp_cert_file = None;
     anonymous.stomp_key_file = None;
-    let err = AmqpTransport::new(&anonymous)
+    let err = AmqpSettings::try_from(&anonymous)
+        .and_then(AmqpTransport::new)
         .unwrap()
         .connect()
         .await
@@ -884,7 +896,8 @@ async fn amqps_with_a_private_ca_and_a_client_certificate() {
     // A server name the certificate does not carry is refused too.
     let mut wrong_name = config.clone();
     wrong_name.stomp_tls_server_name = Some("other.test".into());
-    AmqpTransport::new(&wrong_name)
+    AmqpSettings::try_from(&wrong_name)
+        .and_then(AmqpTransport::new)
         .unwrap()
         .connect()
         .await

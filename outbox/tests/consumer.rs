@@ -17,7 +17,7 @@ use common::{Backend, TestDb, eventually, on_every_backend};
 use outbox::consumer::ConsumerBuilder;
 use outbox::tables::published::Status;
 use outbox::tables::received::Column as ReceivedColumn;
-use outbox::transport::{MemoryTransport, StompTransport};
+use outbox::transport::{MemoryTransport, StompSettings, StompTransport};
 use outbox::{Consumer, OutboxConfig, Payload, Producer, Received};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, QueryFilter, Statement,
@@ -273,7 +273,7 @@ async fn send_raw(destination: &str, msg_id: &str, body: Value, extra: &[(&str, 
 
 async fn declare_on_rabbitmq(destination: &str) {
     let settings = config(RABBITMQ_STOMP);
-    let broker = StompTransport::new(&settings).expect("transport");
+    let broker = StompTransport::new(StompSettings::from(&settings)).expect("transport");
     outbox::consumer::declare(&broker, &settings, destination, None)
         .await
         .expect("declare the queues");

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::stomp_peer::{QueueCleanup, RABBITMQ_STOMP, StompPeer, queue_message_count, unique};
 use common::{Backend, TestDb, eventually, on_every_backend};
-use outbox::transport::StompTransport;
+use outbox::transport::{StompSettings, StompTransport};
 use outbox::{Consumer, OutboxConfig, Payload};
 use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
 use serde_json::{Value, json};
@@ -36,7 +36,7 @@ fn fresh_destination(prefix: &str) -> (String, String, QueueCleanup) {
 
 async fn declare(destination: &str) {
     let settings = config();
-    let broker = StompTransport::new(&settings).expect("transport");
+    let broker = StompTransport::new(StompSettings::from(&settings)).expect("transport");
     outbox::consumer::declare(&broker, &settings, destination, None)
         .await
         .expect("declare the queues");

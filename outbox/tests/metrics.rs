@@ -181,6 +181,16 @@ async fn a_known_relay_and_consumer_run_is_counted_exactly() {
         .await
         .unwrap();
     let sender = broker.new_connection();
+    // A message that does not decode: rejected by the transport, counted by the consumer.
+    broker.undecodable("/amq/queue/metrics.c");
+    let report = sender
+        .send(&[Outgoing {
+            destination: "/amq/queue/metrics.c".into(),
+            headers: vec![],
+            body: b"{}".to_vec(),
+        }])
+        .await;
+    assert!(report.all_receipted());
     for (id, action) in [
         ("m-ok", "ok"),
         ("m-ok", "ok"),
@@ -232,7 +242,7 @@ async fn a_known_relay_and_consumer_run_is_counted_exactly() {
     )
     .await;
     consumer.stop().await.unwrap();
-    assert_eq!(broker.queue_len("DLQ.metrics.c"), 2);
+    assert_eq!(broker.queue_len("DLQ.metrics.c"), 3);
 
     let recorded = Recorded(
         snapshotter
@@ -288,6 +298,10 @@ async fn a_known_relay_and_consumer_run_is_counted_exactly() {
     );
     assert_eq!(
         recorded.counter(m::CONSUMER_MESSAGES, &outcome("retried")),
+        1
+    );
+    assert_eq!(
+        recorded.counter(m::CONSUMER_MESSAGES, &outcome("undecodable")),
         1
     );
     let callbacks = recorded.histogram(m::CONSUMER_CALLBACK_DURATION, &[("queue", "metrics.c")]);

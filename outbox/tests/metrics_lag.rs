@@ -14,7 +14,7 @@ use common::{Backend, TestDb, eventually};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use metrics_util::{CompositeKey, MetricKind};
 use outbox::metrics as m;
-use outbox::transport::StompTransport;
+use outbox::transport::{StompSettings, StompTransport};
 use outbox::{Consumer, OutboxConfig, Payload, Producer, Published, Received};
 use sea_orm::{ActiveModelTrait, EntityTrait, IntoActiveModel, PaginatorTrait, Set};
 use serde_json::{Value, json};
@@ -74,7 +74,7 @@ async fn lags_run_from_the_save_to_the_receipt_and_to_the_callback_commit() {
     let _cleanup = QueueCleanup(vec![queue.clone(), format!("DLQ.{queue}")]);
     let destination = format!("/topic/{queue}");
     let settings = config();
-    let broker = StompTransport::new(&settings).expect("transport");
+    let broker = StompTransport::new(StompSettings::from(&settings)).expect("transport");
     outbox::consumer::declare(&broker, &settings, &destination, None)
         .await
         .expect("declare the queues");

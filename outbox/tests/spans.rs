@@ -17,7 +17,7 @@ use std::time::Duration;
 use common::stomp_peer::{QueueCleanup, RABBITMQ_STOMP, StompPeer, unique};
 use common::{Backend, TestDb, eventually};
 use outbox::tables::published::Status;
-use outbox::transport::StompTransport;
+use outbox::transport::{StompSettings, StompTransport};
 use outbox::{Consumer, OutboxConfig, Payload, Producer, Received};
 use sea_orm::{EntityTrait, PaginatorTrait};
 use serde_json::json;
@@ -149,7 +149,7 @@ async fn batch_and_message_spans_carry_what_an_operator_needs() {
     let _cleanup = QueueCleanup(vec![queue.clone(), format!("DLQ.{queue}")]);
     let destination = format!("/topic/{queue}");
     let settings = config();
-    let broker = StompTransport::new(&settings).expect("transport");
+    let broker = StompTransport::new(StompSettings::from(&settings)).expect("transport");
     outbox::consumer::declare(&broker, &settings, &destination, None)
         .await
         .expect("declare the queues");

@@ -1,14 +1,15 @@
 //! The STOMP transport against a scripted broker on a local socket, for what RabbitMQ cannot be
 //! made to send on cue: the exact NACK frames written for messages that do not decode or exceed
-//! the maximum frame size, and the outcome counted for them. (The same cases against the real
-//! RabbitMQ, end to end with the dead-letter queue, are `fault.undecodable` in
+//! the maximum frame size, and the report of them that the consumer counts. (The same cases
+//! against the real RabbitMQ, end to end with the dead-letter queue, are `fault.undecodable` in
 //! `outbox-cli/tests/faults_stomp.rs`.)
 
 use std::time::Duration;
 
-use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 use outbox::OutboxConfig;
-use outbox::transport::{AckMode, StompTransport, Subscription, Transport};
+use outbox::transport::{
+    AckMode, StompSettings, StompTransport, Subscription, SubscriptionEvent, Transport,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -62,13 +63,7 @@ fn message(ack: &str, extra: &[u8], body: &[u8]) -> Vec<u8> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn undecodable_and_oversized_messages_are_nacked_counted_and_the_next_one_delivered() {
-    let recorder = DebuggingRecorder::new();
-    let snapshotter = recorder.snapshotter();
-    recorder
-        .install()
-        .expect("the only recorder of this test binary");
-
+async fn undecodable_and_oversized_messages_are_nacked_reported_and_the_next_one_delivered() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let broker = tokio::spawn(async move {
@@ -118,7 +113,7 @@ async fn undecodable_and_oversized_messages_are_nacked_counted_and_the_next_one_
     config.stomp_heartbeats = (Duration::ZERO, Duration::ZERO);
     config.stomp_max_frame_size = 1024;
     config.receipt_timeout = Duration::from_secs(5);
-    let transport = StompTransport::new(&config).unwrap();
+    let transport = StompTransport::new(StompSettings::from(&config)).unwrap();
     let mut deliveries = transport
         .subscribe(Subscription {
             destination: "/topic/t".into(),
@@ -132,32 +127,48 @@ async fn undecodable_and_oversized_messages_are_nacked_counted_and_the_next_one_
         })
         .await
         .unwrap();
-    let delivery = tokio::time::timeout(Duration::from_secs(10), deliveries.recv())
-        .await
-        .expect("the good message in time")
-        .expect("a delivery");
-    assert_eq!(delivery.ack_id, "good");
-    assert_eq!(delivery.body, b"{\"ok\": true}");
-    transport.ack(&delivery).await.unwrap();
+    // The good message, then word of the two rejected ones, which the consumer counts.
+    let mut undecodable = Vec::new();
+    let mut delivered = Vec::new();
+    while delivered.len() + undecodable.len() < 3 {
+        let event = tokio::time::timeout(Duration::from_secs(10), deliveries.next_event())
+            .await
+            .expect("the next event in time")
+            .expect("the subscription is open");
+        match event {
+            SubscriptionEvent::Delivery(delivery) => {
+                assert_eq!(delivery.ack_id, "good");
+                assert_eq!(delivery.body, b"{\"ok\": true}");
+                transport.ack(&delivery).await.unwrap();
+                delivered.push(delivery.ack_id);
+            }
+            SubscriptionEvent::Undecodable(message) => undecodable.push(message),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(delivered, ["good"]);
     let nacks = tokio::time::timeout(Duration::from_secs(10), broker)
         .await
         .expect("the scripted broker finished")
         .unwrap();
     assert_eq!(nacks, ["bad", "big"]);
-
-    let undecodable = snapshotter
-        .snapshot()
-        .into_vec()
-        .into_iter()
-        .find(|(key, _, _, _)| {
-            let labels: Vec<(&str, &str)> =
-                key.key().labels().map(|l| (l.key(), l.value())).collect();
-            key.key().name() == outbox::metrics::CONSUMER_MESSAGES
-                && labels.contains(&("queue", "framing_q"))
-                && labels.contains(&("outcome", "undecodable"))
+    let reported: Vec<(&str, &str, Option<&str>)> = undecodable
+        .iter()
+        .map(|m| {
+            (
+                m.subscription.as_str(),
+                m.queue.as_str(),
+                m.message_id.as_deref(),
+            )
         })
-        .map(|(_, _, _, value)| value);
-    assert_eq!(undecodable, Some(DebugValue::Counter(2)));
+        .collect();
+    assert_eq!(
+        reported,
+        [
+            ("s1", "framing_q", Some("id-bad")),
+            ("s1", "framing_q", Some("id-big")),
+        ]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -186,7 +197,7 @@ async fn an_undecodable_message_to_a_reader_without_a_dead_letter_route_is_left_
     let mut config = OutboxConfig::default();
     config.stomp_host_and_ports = vec![("127.0.0.1".into(), port)];
     config.stomp_heartbeats = (Duration::ZERO, Duration::ZERO);
-    let transport = StompTransport::new(&config).unwrap();
+    let transport = StompTransport::new(StompSettings::from(&config)).unwrap();
     let mut deliveries = transport
         .subscribe(Subscription {
             destination: "/amq/queue/DLQ.x".into(),

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use outbox::OutboxConfig;
 use outbox::config::Secret;
-use outbox::transport::{Outgoing, StompTransport, Transport, TransportError};
+use outbox::transport::{Outgoing, StompSettings, StompTransport, Transport, TransportError};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
@@ -427,7 +427,7 @@ fn message(n: u32) -> Outgoing {
 
 /// `StompTransport::new` that must succeed.
 fn new_transport(config: &OutboxConfig) -> StompTransport {
-    match StompTransport::new(config) {
+    match StompTransport::new(StompSettings::from(config)) {
         Ok(transport) => transport,
         Err(err) => panic!("StompTransport::new failed: {err}"),
     }
@@ -435,7 +435,7 @@ fn new_transport(config: &OutboxConfig) -> StompTransport {
 
 /// `StompTransport::new` that must fail.
 fn new_error(config: &OutboxConfig) -> TransportError {
-    match StompTransport::new(config) {
+    match StompTransport::new(StompSettings::from(config)) {
         Ok(_) => panic!("StompTransport::new accepted {config:?}"),
         Err(err) => err,
     }

@@ -15,7 +15,7 @@ use common::stomp_peer::{QueueCleanup, RABBITMQ_STOMP, unique};
 use common::{Backend, TestDb, eventually};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
-use outbox::transport::StompTransport;
+use outbox::transport::{StompSettings, StompTransport};
 use outbox::{Consumer, OutboxConfig, Payload, Producer, Received};
 use sea_orm::{EntityTrait, PaginatorTrait};
 use serde_json::json;
@@ -53,7 +53,7 @@ async fn the_consumer_continues_the_trace_of_the_save_that_wrote_the_message() {
     let _cleanup = QueueCleanup(vec![queue.clone(), format!("DLQ.{queue}")]);
     let destination = format!("/topic/{queue}");
     let settings = config();
-    let broker = StompTransport::new(&settings).expect("transport");
+    let broker = StompTransport::new(StompSettings::from(&settings)).expect("transport");
     outbox::consumer::declare(&broker, &settings, &destination, None)
         .await
         .expect("declare the queues");

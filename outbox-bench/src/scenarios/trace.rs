@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
-use outbox::transport::{Outgoing, StompTransport, Transport};
+use outbox::transport::{Outgoing, StompSettings, StompTransport, Transport};
 use sea_orm::ActiveValue::Set;
 use sea_orm::EntityTrait;
 use tracing::Instrument;
@@ -199,7 +199,7 @@ async fn consume(settings: &Settings, n: usize) -> Result<(), BoxError> {
         let traced = traced_round(round);
         let key = format!("outbox_bench_{}", uuid::Uuid::new_v4().simple());
         let destination = format!("/topic/{key}");
-        let transport = StompTransport::new(&settings.config)?;
+        let transport = StompTransport::new(StompSettings::from(&settings.config))?;
         outbox::consumer::declare(&transport, &settings.config, &destination, Some(&key)).await?;
         let messages: Vec<Outgoing> = (0..n)
             .map(|i| {

@@ -62,7 +62,7 @@ pub(super) fn shown_value(name: &str, raw: &str) -> String {
 ///
 /// ```
 /// assert_eq!(
-///     outbox::redact_credentials("cannot parse postgresql+psycopg://app:Dj4ngo!@db:5432/app"),
+///     outbox::config::redact_credentials("cannot parse postgresql+psycopg://app:Dj4ngo!@db:5432/app"),
 ///     "cannot parse postgresql+psycopg://app:***@db:5432/app",
 /// );
 /// ```

@@ -6,7 +6,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use uuid::Uuid;
 
@@ -17,7 +16,7 @@ use super::lanes::Lanes;
 use super::payload::{BoxError, Payload};
 use crate::backoff::Backoff;
 use crate::error::Error;
-use crate::transport::{Delivery, TransportError};
+use crate::transport::{Deliveries, SubscriptionEvent, TransportError};
 
 /// A subscription that lived this long was healthy: after it drops, reconnect at once.
 const STABLE_SUBSCRIPTION: Duration = Duration::from_secs(30);
@@ -116,9 +115,13 @@ impl Consumer {
                         report(joined.map(|_| ()));
                         groups.task_ended(&mut tasks);
                     }
-                    delivery = deliveries.recv(), if accepting => match delivery {
-                        Some(delivery) if self.ordered_by_key => lanes.push(delivery),
-                        Some(delivery) => groups.take(delivery, &mut tasks),
+                    event = deliveries.next_event(), if accepting => match event {
+                        Some(SubscriptionEvent::Delivery(delivery)) if self.ordered_by_key => lanes.push(delivery),
+                        Some(SubscriptionEvent::Delivery(delivery)) => groups.take(delivery, &mut tasks),
+                        // Rejected by the transport already: only counted here.
+                        Some(SubscriptionEvent::Undecodable(message)) => {
+                            crate::metrics::consumed(&message.queue, crate::metrics::Outcome::Undecodable);
+                        }
                         None => break,
                     },
                 }
@@ -152,9 +155,7 @@ impl Consumer {
     }
 
     /// Connects, declares the dead-letter queue, and subscribes to the main queue with a fresh id.
-    async fn open_subscription(
-        &self,
-    ) -> Result<(String, mpsc::Receiver<Delivery>), TransportError> {
+    async fn open_subscription(&self) -> Result<(String, Deliveries), TransportError> {
         let transport = self.transport.as_ref();
         transport.connect().await?;
         self.topology.declare_dead_letter_queue(transport).await?;

@@ -16,16 +16,13 @@ use uuid::Uuid;
 
 use crate::config::OutboxConfig;
 use crate::error::Error;
-use crate::transport::{AckMode, Subscription, Transport, TransportError};
+use crate::transport::{AckMode, SINGLE_ACTIVE_CONSUMER, Subscription, Transport, TransportError};
 
 /// The prefix of a queue's dead-letter queue.
 const DEAD_LETTER_PREFIX: &str = "DLQ.";
 
 /// AMQP's limit on a queue name, in bytes.
 const MAX_QUEUE_NAME: usize = 255;
-
-/// The queue argument of RabbitMQ's single active consumer.
-pub(crate) const SINGLE_ACTIVE_CONSUMER: &str = "x-single-active-consumer";
 
 /// A consumer's destination, queue and dead-letter queue, and the SUBSCRIBE headers that declare
 /// them.
@@ -276,7 +273,9 @@ impl Topology {
 /// ```no_run
 /// # async fn demo() -> Result<(), outbox::Error> {
 /// let config = outbox::OutboxConfig::from_env()?;
-/// let broker = outbox::transport::StompTransport::new(&config)?;
+/// let broker = outbox::transport::StompTransport::new(
+///     outbox::transport::StompSettings::from(&config),
+/// )?;
 /// outbox::consumer::declare(&broker, &config, "/topic/orders.v1", None).await?;
 /// # Ok(()) }
 /// ```

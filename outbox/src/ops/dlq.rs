@@ -14,12 +14,11 @@
 
 use std::time::Duration;
 
-use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use crate::error::Error;
 use crate::transport::{
-    AckMode, Delivery, Outcome, Outgoing, Subscription, Transport, TransportError,
+    AckMode, Deliveries, Delivery, Outcome, Outgoing, Subscription, Transport, TransportError,
 };
 
 /// How long to wait for the next dead letter before concluding that the queue has no more.
@@ -146,7 +145,7 @@ async fn read_queue(
     transport: &dyn Transport,
     queue: &str,
     prefetch: usize,
-) -> Result<(String, mpsc::Receiver<Delivery>), TransportError> {
+) -> Result<(String, Deliveries), TransportError> {
     let id = Uuid::new_v4().to_string();
     let deliveries = transport
         .subscribe(Subscription {
@@ -160,7 +159,7 @@ async fn read_queue(
 }
 
 /// The next delivery, or `None` when none came within [`IDLE`] or the connection ended.
-async fn next(deliveries: &mut mpsc::Receiver<Delivery>) -> Option<Delivery> {
+async fn next(deliveries: &mut Deliveries) -> Option<Delivery> {
     tokio::time::timeout(IDLE, deliveries.recv())
         .await
         .ok()
@@ -174,7 +173,9 @@ async fn next(deliveries: &mut mpsc::Receiver<Delivery>) -> Option<Delivery> {
 /// ```no_run
 /// # async fn demo() -> Result<(), outbox::Error> {
 /// let config = outbox::OutboxConfig::from_env()?;
-/// let broker = outbox::transport::StompTransport::new(&config)?;
+/// let broker = outbox::transport::StompTransport::new(
+///     outbox::transport::StompSettings::from(&config),
+/// )?;
 /// for dead in outbox::ops::dlq_list(&broker, "orders.v1", 20).await? {
 ///     println!("{:?}: {:?}", dead.message_key(), dead.reason());
 /// }
@@ -220,7 +221,9 @@ pub async fn dlq_list(
 /// ```no_run
 /// # async fn demo() -> Result<(), outbox::Error> {
 /// let config = outbox::OutboxConfig::from_env()?;
-/// let broker = outbox::transport::StompTransport::new(&config)?;
+/// let broker = outbox::transport::StompTransport::new(
+///     outbox::transport::StompSettings::from(&config),
+/// )?;
 /// let report = outbox::ops::dlq_replay(&broker, "orders.v1", None).await?;
 /// println!("{} messages back in orders.v1", report.replayed);
 /// # Ok(()) }
@@ -256,7 +259,7 @@ async fn replay(
     transport: &dyn Transport,
     queue: &str,
     limit: Option<usize>,
-    deliveries: &mut mpsc::Receiver<Delivery>,
+    deliveries: &mut Deliveries,
 ) -> Result<ReplayReport, Error> {
     let mut report = ReplayReport::default();
     let run = Uuid::new_v4().to_string();
@@ -458,7 +461,7 @@ mod tests {
         async fn subscribe(
             &self,
             subscription: Subscription,
-        ) -> Result<mpsc::Receiver<Delivery>, TransportError> {
+        ) -> Result<Deliveries, TransportError> {
             self.0.subscribe(subscription).await
         }
         async fn unsubscribe(&self, id: &str) -> Result<(), TransportError> {

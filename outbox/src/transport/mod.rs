@@ -5,47 +5,34 @@
 //! are kept rather than dropped) and [`MemoryTransport`] (in-process, for tests and for running
 //! without a broker). The relay and the consumer use only this trait, so a service's own tests
 //! can run them against memory. [`from_config`] builds the one the settings select.
-
+//!
+//! Where each part lives:
+//! - this file: the trait and the types every transport shares;
+//! - `select.rs`: the one place that reads the configuration for a transport;
+//! - `stomp/`: the facade, the connection, the task that drives it, its socket, framing, TLS and
+//!   [`StompSettings`];
+//! - `amqp/`: the facade, the link (connection and channels), routing and `AmqpSettings`;
+//! - `memory/`: the handle, the broker, its queues, the faults a test injects, and its tests.
+//!
+//! Transport code names no table, producer, consumer, ops or metrics module (a test reads the
+//! sources to hold it): what a consumer must record, such as a message that does not decode,
+//! reaches it as a [`SubscriptionEvent`].
 #[cfg(feature = "amqp")]
 mod amqp;
 mod memory;
+mod select;
 mod stomp;
 
 use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TryRecvError;
 
 #[cfg(feature = "amqp")]
-pub use amqp::{AmqpTransport, CONFIRM_WINDOW};
+pub use amqp::{AmqpSettings, AmqpTransport, CONFIRM_WINDOW};
 pub use memory::MemoryTransport;
-pub use stomp::StompTransport;
-
-use std::sync::Arc;
-
-use crate::config::OutboxConfig;
-
-/// The transport the settings select: AMQP 0-9-1 when `OUTBOX_BROKER_URL` is set (which needs
-/// the `amqp` feature), else STOMP from the `OUTBOX_STOMP_*` settings. It connects on first use;
-/// the TLS files are read now, so a wrong path fails here. The relay, its isolation lane, the
-/// consumer, [`crate::send`] and the command line all build their transports with it.
-pub fn from_config(config: &OutboxConfig) -> Result<Arc<dyn Transport>, crate::error::Error> {
-    config.validate()?;
-    if config.uses_amqp() {
-        #[cfg(feature = "amqp")]
-        {
-            return Ok(Arc::new(AmqpTransport::new(config)?));
-        }
-        #[cfg(not(feature = "amqp"))]
-        {
-            return Err(crate::error::Error::Config {
-                variable: "OUTBOX_BROKER_URL".into(),
-                value: config.broker_urls_redacted(),
-                reason: "this build has no AMQP transport: enable the `amqp` feature of the outbox crate".into(),
-            });
-        }
-    }
-    Ok(Arc::new(StompTransport::new(config)?))
-}
+pub use select::from_config;
+pub use stomp::{StompSettings, StompTransport, TlsOptions};
 
 /// A message to send.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -251,6 +238,88 @@ impl Delivery {
     }
 }
 
+/// What a subscription hands its reader, in the order the broker sent it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SubscriptionEvent {
+    /// A message.
+    Delivery(Delivery),
+    /// A message the transport could not decode, already rejected: a consumer records it, there
+    /// is nothing to acknowledge.
+    Undecodable(UndecodableMessage),
+}
+
+impl SubscriptionEvent {
+    /// The id of the subscription it came through.
+    pub fn subscription(&self) -> &str {
+        match self {
+            SubscriptionEvent::Delivery(delivery) => &delivery.subscription,
+            SubscriptionEvent::Undecodable(message) => &message.subscription,
+        }
+    }
+}
+
+/// A message that came to a consumer's subscription (one that declares a dead-letter route) but
+/// did not decode, or exceeded the maximum frame size. The transport has rejected it to the
+/// dead-letter queue (a NACK with `requeue:false`), or dropped it under automatic
+/// acknowledgement, without handing it over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UndecodableMessage {
+    /// The id of the subscription it came through.
+    pub subscription: String,
+    /// The queue the subscription reads (`x-queue-name`, else the destination's last `/`
+    /// segment).
+    pub queue: String,
+    /// The broker's id of the delivery, when it could be read.
+    pub message_id: Option<String>,
+    /// Why it did not decode.
+    pub reason: String,
+}
+
+/// The receiving end of a subscription: its deliveries, and the transport's reports of
+/// messages it could not decode. Ends when the connection is lost (subscribe again after
+/// reconnecting).
+#[derive(Debug)]
+pub struct Deliveries {
+    events: mpsc::Receiver<SubscriptionEvent>,
+}
+
+impl Deliveries {
+    /// The receiving end of `events`, for an implementation of [`Transport::subscribe`].
+    pub fn new(events: mpsc::Receiver<SubscriptionEvent>) -> Deliveries {
+        Deliveries { events }
+    }
+
+    /// The next delivery, passing over reports of undecodable messages; `None` once the
+    /// subscription ended. Cancel-safe.
+    pub async fn recv(&mut self) -> Option<Delivery> {
+        loop {
+            match self.events.recv().await? {
+                SubscriptionEvent::Delivery(delivery) => return Some(delivery),
+                SubscriptionEvent::Undecodable(_) => {}
+            }
+        }
+    }
+
+    /// The next delivery waiting now, passing over reports of undecodable messages; an error
+    /// when none waits ([`TryRecvError::Empty`]) or the subscription ended
+    /// ([`TryRecvError::Disconnected`]).
+    pub fn try_recv(&mut self) -> Result<Delivery, TryRecvError> {
+        loop {
+            match self.events.try_recv()? {
+                SubscriptionEvent::Delivery(delivery) => return Ok(delivery),
+                SubscriptionEvent::Undecodable(_) => {}
+            }
+        }
+    }
+
+    /// The next event, deliveries and reports alike; `None` once the subscription ended.
+    /// Cancel-safe.
+    pub async fn next_event(&mut self) -> Option<SubscriptionEvent> {
+        self.events.recv().await
+    }
+}
+
 /// Errors of a transport. They never contain a passcode or a key.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -323,6 +392,10 @@ impl TransportError {
     }
 }
 
+/// The queue argument of RabbitMQ's single active consumer, as a SUBSCRIBE header
+/// ([`Transport::declares_single_active_consumer`]).
+pub(crate) const SINGLE_ACTIVE_CONSUMER: &str = "x-single-active-consumer";
+
 /// A broker connection: what the relay and the consumer need from a broker.
 ///
 /// Implementations reconnect lazily: after a failure the next call opens a new connection
@@ -339,11 +412,10 @@ pub trait Transport: Send + Sync {
     async fn send(&self, messages: &[Outgoing]) -> SendReport;
 
     /// Opens a subscription; its deliveries arrive on the receiver, which ends when the
-    /// connection is lost (subscribe again after reconnecting).
-    async fn subscribe(
-        &self,
-        subscription: Subscription,
-    ) -> Result<mpsc::Receiver<Delivery>, TransportError>;
+    /// connection is lost (subscribe again after reconnecting). A subscription that declares a
+    /// dead-letter route also receives [`SubscriptionEvent::Undecodable`] for each message the
+    /// transport could not decode and rejected.
+    async fn subscribe(&self, subscription: Subscription) -> Result<Deliveries, TransportError>;
 
     /// Closes a subscription (UNSUBSCRIBE carries only the id: with RabbitMQ, queue headers
     /// there would delete a durable queue).

@@ -68,7 +68,7 @@ impl WriteSettings {
     }
 
     /// Adds the hook's headers to every outbox row the process writes. Headers set on a
-    /// [`crate::Message`] win over the hook's, and the generated `dop-*` headers win over both
+    /// [`crate::write::Message`] win over the hook's, and the generated `dop-*` headers win over both
     /// (except `dop-correlation-id`). A process has one hook: installing a second is refused.
     pub fn header_hook(
         mut self,

@@ -363,7 +363,7 @@ pub(crate) fn consumer_queue_declare(
     headers: &[(String, String)],
 ) -> Result<QueueDeclare, String> {
     let mut declare = queue_declare(queue, kind, headers)?;
-    let name = crate::consumer::topology::SINGLE_ACTIVE_CONSUMER;
+    let name = crate::transport::SINGLE_ACTIVE_CONSUMER;
     if let Some(value) = header(headers, name) {
         let on = boolean(value.trim())
             .ok_or_else(|| format!("header `{name}` is `{value}`, not `true` or `false`"))?;

@@ -1,5 +1,7 @@
-//! TLS for the STOMP connection: a private CA bundle or the public web roots, an optional client
-//! certificate, and server-name verification (on by default).
+//! TLS for a broker connection, built from [`TlsOptions`]: a private CA bundle or the public web
+//! roots, an optional client certificate, and server-name verification (on by default). The
+//! STOMP transport runs the handshake here; the AMQP transport takes the rustls client for
+//! `amqps://`.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -14,22 +16,21 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use crate::config::OutboxConfig;
-use crate::transport::TransportError;
+use crate::transport::{TlsOptions, TransportError};
 
 /// What a TLS connection is made with.
-pub(crate) struct TlsSettings {
+pub(crate) struct ClientTls {
     connector: TlsConnector,
     server_name: Option<String>,
 }
 
-impl TlsSettings {
-    /// Reads the CA bundle, certificate and key named by `config`.
-    pub(crate) fn from_config(config: &OutboxConfig) -> Result<Self, TransportError> {
+impl ClientTls {
+    /// Reads the CA bundle, certificate and key that `options` name.
+    pub(crate) fn new(options: &TlsOptions) -> Result<Self, TransportError> {
         // Explicit provider: the process may link both of rustls's providers.
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut roots = RootCertStore::empty();
-        match &config.stomp_ca_certs {
+        match &options.ca_certs {
             Some(path) => {
                 for cert in read_certs(path)? {
                     roots.add(cert).map_err(|e| {
@@ -43,7 +44,7 @@ impl TlsSettings {
         let builder = ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| TransportError::Tls(e.to_string()))?;
-        let builder = if config.stomp_tls_verify_hostname {
+        let builder = if options.verify_hostname {
             builder.with_root_certificates(roots)
         } else {
             let inner = WebPkiServerVerifier::builder_with_provider(roots, provider)
@@ -53,7 +54,7 @@ impl TlsSettings {
                 .dangerous()
                 .with_custom_certificate_verifier(Arc::new(AnyName { inner }))
         };
-        let client = match (&config.stomp_cert_file, &config.stomp_key_file) {
+        let client = match (&options.cert_file, &options.key_file) {
             (Some(cert_path), Some(key_path)) => {
                 let chain = read_certs(cert_path)?;
                 let key = PrivateKeyDer::from_pem_file(key_path).map_err(|e| {
@@ -74,14 +75,14 @@ impl TlsSettings {
                 ));
             }
         };
-        if let Some(name) = &config.stomp_tls_server_name {
+        if let Some(name) = &options.server_name {
             ServerName::try_from(name.clone()).map_err(|e| {
                 TransportError::Tls(format!("OUTBOX_STOMP_TLS_SERVER_NAME `{name}`: {e}"))
             })?;
         }
         Ok(Self {
             connector: TlsConnector::from(Arc::new(client)),
-            server_name: config.stomp_tls_server_name.clone(),
+            server_name: options.server_name.clone(),
         })
     }
 
