@@ -43,6 +43,39 @@
 //! The [`guide`] explains the rest, chapter by chapter: the write path, relaying, consuming,
 //! ordering, transports, the guarantees, operating and every setting.
 //!
+//! ## Where each behaviour lives
+//!
+//! | module | what it does |
+//! | --- | --- |
+//! | [`write`](mod@write) | the atomic write path: `#[publish]`'s hooks, [`save`]/[`insert`]/[`update`]/[`transaction`], [`Message`] and [`enqueue`], ordering keys' write locks, Django's JSON encodings, [`write::WriteSettings`] |
+//! | [`tables`] | the tables as SeaORM entities: `published` (the outbox), `received` (the inbox), `outbox_unroutable` |
+//! | [`producer`] | the relay: claim a batch, send it, settle each row (sent, given back, charged, kept as unroutable), isolate suspects, wake on commits |
+//! | [`consumer`] | the consumer: queues and dead-letter queues, key lanes, dispatch, group commits, the inbox row, the failure policy, [`Payload`] |
+//! | [`transport`] | the broker behind a trait: STOMP, AMQP 0-9-1 and in memory; `select` turns the settings into one |
+//! | [`config`] | [`OutboxConfig`]: every `OUTBOX_*` setting, its range, secrets and their redaction |
+//! | [`migration`] | the tables' migrations, one file each (feature `migration`) |
+//! | [`ops`] | what the `outbox` command does: status, list, retry, purge, dead-letter queues |
+//! | [`headers`], [`metrics`], [`send`](mod@send), [`shutdown`], [`testing`] | the `dop-*` headers, the metrics, a direct send, signals, helpers for a service's tests |
+//!
+//! Inside the crate, `db` holds what the relay, the consumer and retention share about the
+//! database (its clock, error classes, bounded batches by id), and `retention` every cleanup
+//! (expiry, old sent rows, old inbox rows, the purge's deletes). A test that reads the sources
+//! keeps the walls between them: the transport reaches no table, relay, consumer, ops or
+//! metrics; the relay and the consumer never reach each other; ops never reach the relay.
+//!
+//! ## Glossary
+//!
+//! - **publish**: write a message into the outbox, in the transaction of the change it announces
+//!   (`#[publish]` on an entity, or [`enqueue`]). Nothing reaches the broker yet.
+//! - **published**: the outbox table (the name django-outbox-pattern gave it); a row there is
+//!   a message waiting to be relayed, or relayed.
+//! - **relay**: move outbox rows to the broker, each marked sent only after the broker's receipt
+//!   or confirm.
+//! - **producer**: the relay's process-side type ([`Producer`], [`run_producer`]); the name
+//!   django-outbox-pattern's `publish` command has for it.
+//! - **received**: the inbox table; a row there is a message a consumer processed, its unique
+//!   `(queue, msg_id)` the point where a redelivered copy is recognised.
+//!
 //! ## Features
 //!
 //! | feature | default | what it adds |

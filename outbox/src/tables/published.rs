@@ -66,10 +66,10 @@ pub struct Model {
     /// Why the last send failed, or why the row was given up.
     #[sea_orm(column_type = "Text", nullable)]
     pub last_error: Option<String>,
-    /// The ordering key ([`Message::key`], `#[publish(key = ..)]`), sent as `x-outbox-key`: the
+    /// The ordering key ([`Message::key`](crate::write::Message::key), `#[publish(key = ..)]`), sent as `x-outbox-key`: the
     /// rows of one key are sent one at a time, in `seq` order. `None`: no order is kept.
     pub msg_key: Option<String>,
-    /// The insertion sequence, given by the database (`None` in the rows [`Message::enqueue`]
+    /// The insertion sequence, given by the database (`None` in the rows [`Message::enqueue`](crate::write::Message::enqueue)
     /// returns, and on SQLite, where `rowid` orders the rows instead; rows older than the column
     /// are `None` too, before all others).
     pub seq: Option<i64>,
