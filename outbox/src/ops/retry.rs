@@ -4,11 +4,12 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::{Condition, Expr, ExprTrait, Query};
-use sea_orm::{ActiveEnum, ConnectionTrait, DatabaseConnection, DbBackend, IdenStatic};
+use sea_orm::{ActiveEnum, ConnectionTrait, DatabaseConnection, DbBackend};
 use uuid::Uuid;
 
 use super::{BATCH, count_rows, now, written_before};
 use crate::config::OutboxConfig;
+use crate::db::batch;
 use crate::error::Error;
 use crate::tables::published::Status;
 use crate::tables::published::{Column, Entity, NOTIFY_CHANNEL};
@@ -104,35 +105,30 @@ impl Retry {
         let condition = self.condition();
         let mut rescheduled = 0;
         loop {
-            let select = Query::select()
-                .column(Column::Id)
-                .from(Entity)
-                .cond_where(condition.clone())
-                .limit(BATCH)
-                .to_owned();
-            let ids: Vec<Uuid> = db
-                .query_all(&select)
-                .await?
-                .iter()
-                .map(|row| row.try_get::<Uuid>("", Column::Id.as_str()))
-                .collect::<Result<_, _>>()?;
-            if ids.is_empty() {
-                break;
-            }
             // The condition again: a row changed since the select is left alone.
-            let update = Query::update()
-                .table(Entity)
-                .value(Column::Status, Status::Schedule.to_value())
-                .value(Column::Retry, 0)
-                .value(Column::NextAttemptAt, Option::<DateTime<Utc>>::None)
-                .value(Column::ClaimToken, Option::<Uuid>::None)
-                .value(Column::LockedUntil, Option::<DateTime<Utc>>::None)
-                .value(Column::ExpiresAt, now() + self.lifetime)
-                .and_where(Expr::col(Column::Id).is_in(ids.iter().copied()))
-                .cond_where(condition.clone())
-                .to_owned();
-            rescheduled += db.execute(&update).await?.rows_affected();
-            if (ids.len() as u64) < BATCH {
+            let step = batch::act_on_some(
+                db,
+                Entity,
+                Column::Id,
+                condition.clone(),
+                BATCH,
+                |ids, condition| {
+                    Query::update()
+                        .table(Entity)
+                        .value(Column::Status, Status::Schedule.to_value())
+                        .value(Column::Retry, 0)
+                        .value(Column::NextAttemptAt, Option::<DateTime<Utc>>::None)
+                        .value(Column::ClaimToken, Option::<Uuid>::None)
+                        .value(Column::LockedUntil, Option::<DateTime<Utc>>::None)
+                        .value(Column::ExpiresAt, now() + self.lifetime)
+                        .and_where(Expr::col(Column::Id).is_in(ids))
+                        .cond_where(condition)
+                        .to_owned()
+                },
+            )
+            .await?;
+            rescheduled += step.done;
+            if !step.more {
                 break;
             }
         }
