@@ -3,17 +3,10 @@
 //! a poison publish charged to its row alone, failover, TLS with a private CA and a client
 //! certificate, and STOMP and AMQP consumers sharing queues in either declaration order.
 
-mod common;
-
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::stomp_peer::{
-    QueueCleanup, RABBITMQ_STOMP, StompPeer, queue_message_count, topic_reader, unique,
-};
-use common::{Backend, TestDb, eventually};
 use outbox::config::Secret;
 use outbox::tables::published::Model as Row;
 use outbox::tables::published::Status;
@@ -21,11 +14,11 @@ use outbox::transport::{
     AmqpSettings, AmqpTransport, Outcome, Outgoing, StompSettings, StompTransport, Transport,
 };
 use outbox::{OutboxConfig, Producer, Published};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
+use outbox_tests::certs::{Ca, Files};
+use outbox_tests::stomp_peer::{
+    QueueCleanup, RABBITMQ_STOMP, StompPeer, queue_message_count, topic_reader, unique,
 };
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use outbox_tests::{Backend, TestDb, eventually};
 use sea_orm::{DatabaseConnection, EntityTrait, TransactionTrait};
 use serde_json::json;
 
@@ -585,7 +578,7 @@ async fn the_consumer_resubscribes_after_the_broker_cancels_it() {
     let topology = outbox::consumer::Topology::new(&config, &destination, Some(&queue)).unwrap();
     let broker = amqp();
     let mut deliveries = broker.subscribe(topology.subscription("s1")).await.unwrap();
-    common::stomp_peer::delete_queue(&queue);
+    outbox_tests::stomp_peer::delete_queue(&queue);
     // The broker cancels the consumer: the deliveries end, and subscribing again declares the
     // queue again on the same connection.
     let ended = tokio::time::timeout(Duration::from_secs(10), deliveries.recv()).await;
@@ -731,59 +724,6 @@ async fn a_single_active_consumer_is_refused_over_stomp() {
 // TLS: a tokio-rustls acceptor in front of RabbitMQ's AMQP port, asking for a client certificate
 // ---------------------------------------------------------------------------------------------
 
-struct Ca {
-    issuer: Issuer<'static, KeyPair>,
-    der: CertificateDer<'static>,
-    pem: String,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let key = KeyPair::generate().expect("CA key");
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let cert = params.self_signed(&key).expect("self-signed CA");
-        Ca {
-            der: cert.der().clone(),
-            pem: cert.pem(),
-            issuer: Issuer::new(params, key),
-        }
-    }
-
-    /// A certificate and its key: `(der, cert pem, key der, key pem)`.
-    fn leaf(
-        &self,
-        names: &[&str],
-        usage: ExtendedKeyUsagePurpose,
-    ) -> (CertificateDer<'static>, String, Vec<u8>, String) {
-        let key = KeyPair::generate().expect("leaf key");
-        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
-        let mut params = CertificateParams::new(names).expect("leaf params");
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "outbox test");
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        params.extended_key_usages = vec![usage];
-        params.use_authority_key_identifier_extension = true;
-        let cert = params.signed_by(&key, &self.issuer).expect("signed leaf");
-        (
-            cert.der().clone(),
-            cert.pem(),
-            key.serialize_der(),
-            key.serialize_pem(),
-        )
-    }
-}
-
 /// A TLS front for 127.0.0.1:5672 that requires a client certificate of `client_ca`; returns
 /// its port and how many handshakes succeeded.
 async fn tls_front(ca: &Ca) -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
@@ -796,15 +736,12 @@ async fn tls_front(ca: &Ca) -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
     )
     .build()
     .unwrap();
-    let (der, _, key, _) = ca.leaf(&["broker.test"], ExtendedKeyUsagePurpose::ServerAuth);
+    let server = ca.server(&["broker.test"]);
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_client_cert_verifier(verifier)
-        .with_single_cert(
-            vec![der],
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key)),
-        )
+        .with_single_cert(vec![server.der.clone()], server.key())
         .unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -830,39 +767,16 @@ async fn tls_front(ca: &Ca) -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
     (port, handshakes)
 }
 
-struct Files(PathBuf);
-
-impl Files {
-    fn new() -> Files {
-        let dir =
-            std::env::temp_dir().join(format!("outbox-amqp-tls-{}", uuid::Uuid::new_v4().simple()));
-        std::fs::create_dir_all(&dir).unwrap();
-        Files(dir)
-    }
-
-    fn write(&self, name: &str, contents: &str) -> PathBuf {
-        let path = self.0.join(name);
-        std::fs::write(&path, contents).unwrap();
-        path
-    }
-}
-
-impl Drop for Files {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 #[tokio::test]
 async fn amqps_with_a_private_ca_and_a_client_certificate() {
     let ca = Ca::new("outbox amqp test CA");
     let (port, handshakes) = tls_front(&ca).await;
     let files = Files::new();
-    let (_, client_pem, _, client_key_pem) = ca.leaf(&[], ExtendedKeyUsagePurpose::ClientAuth);
+    let client = ca.client("outbox test");
     let mut config = amqp_config(&format!("amqps://guest:guest@127.0.0.1:{port}/%2f"));
     config.stomp_ca_certs = Some(files.write("ca.pem", &ca.pem));
-    config.stomp_cert_file = Some(files.write("client.pem", &client_pem));
-    config.stomp_key_file = Some(files.write("client.key", &client_key_pem));
+    config.stomp_cert_file = Some(files.write("client.pem", &client.cert_pem));
+    config.stomp_key_file = Some(files.write("client.key", &client.key_pem));
     config.stomp_tls_server_name = Some("broker.test".into());
     let broker = AmqpSettings::try_from(&config)
         .and_then(AmqpTransport::new)

@@ -1,16 +1,14 @@
 //! Finding messages (`ops::FindRows`, `ops::show`, `ops::FindReceived`) and checking the outbox's
 //! health (`ops::HealthCheck`) on a seeded table, on every backend.
 
-mod common;
-
 use std::time::Duration;
 
 use chrono::Utc;
-use common::{Backend, TestDb, on_every_backend};
 use outbox::ops::{FindReceived, FindRows, HealthCheck};
 use outbox::tables::published::Column;
 use outbox::tables::published::Status;
 use outbox::tables::received;
+use outbox_tests::{Backend, TestDb, on_every_backend};
 use sea_orm::ActiveValue::Set;
 use sea_orm::sea_query::Expr;
 use sea_orm::{

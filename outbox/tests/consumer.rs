@@ -3,22 +3,22 @@
 //! once in effect, failures dead-lettered, transient failures retried, queues compatible with
 //! django-outbox-pattern's, broker drops survived, shutdown without loss.
 
-mod common;
-
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::proxy::FaultProxy;
-use common::stomp_peer::{QueueCleanup, RABBITMQ_STOMP, StompPeer, queue_message_count, unique};
-use common::{Backend, TestDb, eventually, on_every_backend};
 use outbox::consumer::ConsumerBuilder;
 use outbox::tables::published::Status;
 use outbox::tables::received::Column as ReceivedColumn;
 use outbox::transport::{MemoryTransport, StompSettings, StompTransport};
 use outbox::{Consumer, OutboxConfig, Payload, Producer, Received};
+use outbox_tests::proxy::FaultProxy;
+use outbox_tests::stomp_peer::{
+    QueueCleanup, RABBITMQ_STOMP, StompPeer, queue_message_count, unique,
+};
+use outbox_tests::{Backend, TestDb, eventually, on_every_backend};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, QueryFilter, Statement,
     TransactionTrait,
@@ -1028,7 +1028,7 @@ async fn serve_recording(
                 let value = if command == "CONNECT" || command == "STOMP" {
                     value.to_owned()
                 } else {
-                    common::stomp_peer::unescape(value).unwrap()
+                    outbox_tests::stomp_peer::unescape(value).unwrap()
                 };
                 headers.entry(key.to_owned()).or_insert(value);
             }

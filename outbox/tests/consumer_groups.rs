@@ -3,16 +3,16 @@
 //! others committed together and each message settled exactly once; duplicates spread over
 //! concurrent groups (unique-index waits, deadlocks) with one effect each and none dead-lettered.
 
-mod common;
-
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::stomp_peer::{QueueCleanup, RABBITMQ_STOMP, StompPeer, queue_message_count, unique};
-use common::{Backend, TestDb, eventually, on_every_backend};
 use outbox::transport::{StompSettings, StompTransport};
 use outbox::{Consumer, OutboxConfig, Payload};
+use outbox_tests::stomp_peer::{
+    QueueCleanup, RABBITMQ_STOMP, StompPeer, queue_message_count, unique,
+};
+use outbox_tests::{Backend, TestDb, eventually, on_every_backend};
 use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
 use serde_json::{Value, json};
 

@@ -5,14 +5,12 @@
 //! PostgreSQL, MariaDB and SQLite, and the body read back from the outbox. Bodies are compared as
 //! JSON values: key order and spacing differ by design.
 
-mod common;
-
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
 use chrono::{DateTime, FixedOffset, NaiveDate, NaiveDateTime, NaiveTime, Utc};
-use common::{Backend, TestDb, on_every_backend};
+use outbox_tests::{Backend, TestDb, on_every_backend};
 use sea_orm::ActiveValue::Set;
 use sea_orm::prelude::Decimal;
 use sea_orm::{ConnectionTrait, EntityTrait};

@@ -2,9 +2,7 @@
 //! and SQLite: the expanded format (`DeriveEntity` with separate `Column` and `PrimaryKey`
 //! enums), the dense `#[sea_orm::model]` format, and UUID, String and composite primary keys.
 
-mod common;
-
-use common::{Backend, TestDb, on_every_backend};
+use outbox_tests::{Backend, TestDb, on_every_backend};
 use sea_orm::ActiveValue::Set;
 use std::collections::BTreeSet;
 

@@ -5,17 +5,15 @@
 //! A recorder is global to the process: this file is its own test binary, with one test, so
 //! nothing else records into it.
 
-mod common;
-
 use std::time::Duration;
 
-use common::stomp_peer::{QueueCleanup, RABBITMQ_STOMP, StompPeer, unique};
-use common::{Backend, TestDb, eventually};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use metrics_util::{CompositeKey, MetricKind};
 use outbox::metrics as m;
 use outbox::transport::{StompSettings, StompTransport};
 use outbox::{Consumer, OutboxConfig, Payload, Producer, Published, Received};
+use outbox_tests::stomp_peer::{QueueCleanup, RABBITMQ_STOMP, StompPeer, unique};
+use outbox_tests::{Backend, TestDb, eventually};
 use sea_orm::{ActiveModelTrait, EntityTrait, IntoActiveModel, PaginatorTrait, Set};
 use serde_json::{Value, json};
 

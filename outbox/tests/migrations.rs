@@ -3,12 +3,10 @@
 //! Rows are written with plain SQL, as another service (or the Python library sharing the tables)
 //! would write them: the schema, not our entities, must enforce these rules.
 
-mod common;
-
 use std::time::Duration;
 
 use chrono::{DateTime, FixedOffset, SubsecRound, Utc};
-use common::{Backend, Migrator, TestDb};
+use outbox_tests::{Backend, Migrator, TestDb, on_every_backend};
 use sea_orm::sqlx::postgres::PgListener;
 use sea_orm::{
     ConnectionTrait, DbBackend, DbErr, EntityTrait, ExecResult, Statement, TransactionTrait, Value,
@@ -27,31 +25,6 @@ const IDLE_MIGRATION_NAME: &str = "outbox_m20261201_000004_notify_idle_relays_on
 /// The rows keyed writers lock (MariaDB and MySQL; nothing elsewhere).
 const KEY_LOCKS_MIGRATION_NAME: &str = "outbox_m20261201_000005_add_key_locks";
 const TABLES: [&str; 3] = ["published", "received", "outbox_housekeeping"];
-
-/// Runs one specification against each backend, as `<spec>::postgres`, `<spec>::mariadb` and
-/// `<spec>::sqlite`.
-macro_rules! on_every_backend {
-    ($($spec:ident),* $(,)?) => {$(
-        mod $spec {
-            use super::*;
-
-            #[tokio::test]
-            async fn postgres() {
-                super::$spec(Backend::Postgres).await
-            }
-
-            #[tokio::test]
-            async fn mariadb() {
-                super::$spec(Backend::MariaDb).await
-            }
-
-            #[tokio::test]
-            async fn sqlite() {
-                super::$spec(Backend::Sqlite).await
-            }
-        }
-    )*};
-}
 
 on_every_backend!(
     up_creates_the_three_outbox_tables,

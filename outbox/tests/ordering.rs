@@ -4,18 +4,16 @@
 //! FAILED row blocking its key until it is retried, concurrent writers of one key, and a consumer
 //! that processes each key's messages one at a time.
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::stomp_peer::{QueueCleanup, RABBITMQ_STOMP, unique};
-use common::{Backend, TestDb, count_with_status, eventually, on_every_backend};
 use outbox::tables::published::Status;
 use outbox::tables::published::{Column, Model as Row};
 use outbox::transport::MemoryTransport;
 use outbox::{Consumer, Message, OutboxConfig, Payload, Producer, Published};
+use outbox_tests::stomp_peer::{QueueCleanup, RABBITMQ_STOMP, unique};
+use outbox_tests::{Backend, TestDb, count_with_status, eventually, on_every_backend};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder, Schema,
     Statement, TransactionTrait,
@@ -346,7 +344,7 @@ mod migration {
     #[tokio::test]
     async fn postgres_adds_the_key_columns_without_rewriting_the_table() {
         let test = TestDb::bare(Backend::Postgres).await;
-        common::Migrator::up(&test.db, Some(2)).await.unwrap();
+        outbox_tests::Migrator::up(&test.db, Some(2)).await.unwrap();
         test.db
             .execute_unprepared(
                 "INSERT INTO published (id, destination, body, headers, added, expires_at, retry, status) \
@@ -368,9 +366,9 @@ mod migration {
                 .unwrap()
         };
         let before = node().await;
-        common::Migrator::up(&test.db, None).await.unwrap();
+        outbox_tests::Migrator::up(&test.db, None).await.unwrap();
         assert_eq!(node().await, before, "the table was rewritten");
-        let applied: Vec<String> = common::Migrator::get_applied_migrations(&test.db)
+        let applied: Vec<String> = outbox_tests::Migrator::get_applied_migrations(&test.db)
             .await
             .unwrap()
             .iter()
@@ -414,8 +412,10 @@ mod migration {
             .unwrap();
         assert!(row.seq.is_some());
         // And back down, and up again.
-        common::Migrator::down(&test.db, Some(1)).await.unwrap();
-        common::Migrator::up(&test.db, None).await.unwrap();
+        outbox_tests::Migrator::down(&test.db, Some(1))
+            .await
+            .unwrap();
+        outbox_tests::Migrator::up(&test.db, None).await.unwrap();
         test.drop_database().await;
     }
 
@@ -424,7 +424,7 @@ mod migration {
     #[tokio::test]
     async fn mariadb_adds_the_key_columns_instantly() {
         let test = TestDb::bare(Backend::MariaDb).await;
-        common::Migrator::up(&test.db, Some(2)).await.unwrap();
+        outbox_tests::Migrator::up(&test.db, Some(2)).await.unwrap();
         test.db
             .execute_unprepared(
                 "INSERT INTO published (id, destination, body, headers, added, expires_at, retry, status) \
@@ -433,7 +433,7 @@ mod migration {
             )
             .await
             .unwrap();
-        common::Migrator::up(&test.db, None).await.unwrap();
+        outbox_tests::Migrator::up(&test.db, None).await.unwrap();
         write(
             &test.db,
             vec![Message::from_json("/topic/new", json!({})).key("k")],
@@ -446,8 +446,10 @@ mod migration {
             .unwrap();
         assert_eq!(rows[0].seq, None);
         assert!(rows[1].seq.is_some());
-        common::Migrator::down(&test.db, Some(1)).await.unwrap();
-        common::Migrator::up(&test.db, None).await.unwrap();
+        outbox_tests::Migrator::down(&test.db, Some(1))
+            .await
+            .unwrap();
+        outbox_tests::Migrator::up(&test.db, None).await.unwrap();
         test.drop_database().await;
     }
 
@@ -477,7 +479,7 @@ mod migration {
             test.db.execute_unprepared(statement).await.unwrap();
         }
         Adopt::up(&test.db, None).await.unwrap();
-        let pending = common::Migrator::get_pending_migrations(&test.db)
+        let pending = outbox_tests::Migrator::get_pending_migrations(&test.db)
             .await
             .unwrap();
         assert!(
@@ -504,8 +506,10 @@ mod migration {
     #[tokio::test]
     async fn sqlite_adds_the_key_columns_and_down_removes_them() {
         let test = TestDb::new(Backend::Sqlite).await;
-        common::Migrator::down(&test.db, Some(1)).await.unwrap();
-        common::Migrator::up(&test.db, None).await.unwrap();
+        outbox_tests::Migrator::down(&test.db, Some(1))
+            .await
+            .unwrap();
+        outbox_tests::Migrator::up(&test.db, None).await.unwrap();
         write(
             &test.db,
             vec![Message::from_json("/topic/new", json!({})).key("k")],

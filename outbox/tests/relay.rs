@@ -1,19 +1,17 @@
 //! The relay against real databases and the real RabbitMQ: what it sends, when it marks a row
 //! sent, and how it survives a broker that is down, stalls, or refuses a message.
 
-mod common;
-
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::proxy::FaultProxy;
-use common::stomp_peer::{RABBITMQ_STOMP, topic_reader, unique};
-use common::{Backend, TestDb, count_with_status, eventually, on_every_backend};
 use outbox::tables::published::Status;
 use outbox::tables::published::{Column, Model as Row};
 use outbox::transport::MemoryTransport;
 use outbox::{OutboxConfig, Producer, Published};
+use outbox_tests::proxy::FaultProxy;
+use outbox_tests::stomp_peer::{RABBITMQ_STOMP, topic_reader, unique};
+use outbox_tests::{Backend, TestDb, count_with_status, eventually, on_every_backend};
 use sea_orm::{
     ActiveEnum, ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, TransactionTrait,
 };

@@ -4,17 +4,15 @@
 //! generated headers, on every backend and through the real RabbitMQ. (The same faults against
 //! the real RabbitMQ: `outbox-cli/tests/faults_relay.rs`.)
 
-mod common;
-
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::stomp_peer::{RABBITMQ_STOMP, topic_reader, unique};
-use common::{Backend, TestDb, on_every_backend};
 use outbox::tables::published::Model as Row;
 use outbox::tables::published::Status;
 use outbox::transport::MemoryTransport;
 use outbox::{OutboxConfig, Producer, Published};
+use outbox_tests::stomp_peer::{RABBITMQ_STOMP, topic_reader, unique};
+use outbox_tests::{Backend, TestDb, on_every_backend};
 use sea_orm::{ConnectionTrait, DatabaseConnection, EntityTrait, Statement, TransactionTrait};
 use serde_json::json;
 

@@ -2,13 +2,11 @@
 //! announced itself idle, so that busy periods take no commit lock for it, and an idle relay
 //! is still woken within milliseconds.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::stomp_peer::{RABBITMQ_STOMP, topic_reader, unique};
-use common::{Backend, TestDb, eventually};
 use outbox::{OutboxConfig, Producer};
+use outbox_tests::stomp_peer::{RABBITMQ_STOMP, topic_reader, unique};
+use outbox_tests::{Backend, TestDb, eventually};
 use sea_orm::sqlx::postgres::PgListener;
 use sea_orm::{ConnectionTrait, DatabaseConnection, Statement, TransactionTrait};
 use serde_json::json;

@@ -5,12 +5,10 @@
 //! process-wide: this file is its own test binary, with one test, so that no other test installs
 //! settings meanwhile.
 
-mod common;
-
-use common::{Backend, TestDb};
 use outbox::transport::MemoryTransport;
 use outbox::write::WriteSettings;
 use outbox::{Consumer, OutboxConfig, Producer};
+use outbox_tests::{Backend, TestDb};
 use sea_orm::TransactionTrait;
 use serde_json::json;
 

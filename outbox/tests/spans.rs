@@ -6,19 +6,17 @@
 //! A global subscriber is needed (the relay and the consumer run in tasks of their own), and
 //! there is one per process: this file is its own test binary, with one test.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::stomp_peer::{QueueCleanup, RABBITMQ_STOMP, StompPeer, unique};
-use common::{Backend, TestDb, eventually};
 use outbox::tables::published::Status;
 use outbox::transport::{StompSettings, StompTransport};
 use outbox::{Consumer, OutboxConfig, Payload, Producer, Received};
+use outbox_tests::stomp_peer::{QueueCleanup, RABBITMQ_STOMP, StompPeer, unique};
+use outbox_tests::{Backend, TestDb, eventually};
 use sea_orm::{EntityTrait, PaginatorTrait};
 use serde_json::json;
 use tracing::field::{Field, Visit};
@@ -176,7 +174,7 @@ async fn batch_and_message_spans_carry_what_an_operator_needs() {
     })
     .await;
     assert_eq!(producer.drain().await.unwrap().refused, 2);
-    assert_eq!(common::count_with_status(db, Status::Failed).await, 1);
+    assert_eq!(outbox_tests::count_with_status(db, Status::Failed).await, 1);
 
     let batches = capture.spans("outbox.batch");
     assert_eq!(

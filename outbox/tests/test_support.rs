@@ -1,13 +1,11 @@
 //! The test tools checked against the real RabbitMQ (127.0.0.1:61613): the raw STOMP peer that
 //! other tests use as an independent witness, and the fault proxy they break links with.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::proxy::FaultProxy;
-use common::stomp_peer::{
+use outbox_tests::proxy::FaultProxy;
+use outbox_tests::stomp_peer::{
     QueueCleanup, RABBITMQ_STOMP, StompPeer, delete_queue, queue_message_count, unique,
 };
 

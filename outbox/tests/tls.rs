@@ -3,20 +3,16 @@
 //! certificates, unreadable TLS files, a refused login, and failover. No broker is needed.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use outbox::OutboxConfig;
 use outbox::config::Secret;
 use outbox::transport::{Outgoing, StompSettings, StompTransport, Transport, TransportError};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
+use outbox_tests::certs::{Ca, Files, Leaf};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -31,112 +27,6 @@ const PASSCODE: &str = "pw-Xq7-zebra-41-s3cr3t";
 // ---------------------------------------------------------------------------------------------
 // Certificates
 // ---------------------------------------------------------------------------------------------
-
-/// A certificate authority made for one test.
-struct Ca {
-    issuer: Issuer<'static, KeyPair>,
-    der: CertificateDer<'static>,
-    pem: String,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let key = KeyPair::generate().expect("CA key");
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let cert = params.self_signed(&key).expect("self-signed CA");
-        Ca {
-            der: cert.der().clone(),
-            pem: cert.pem(),
-            issuer: Issuer::new(params, key),
-        }
-    }
-
-    /// A server certificate for `names` (DNS names or IP addresses).
-    fn server(&self, names: &[&str]) -> Leaf {
-        self.leaf(
-            names,
-            "outbox test broker",
-            ExtendedKeyUsagePurpose::ServerAuth,
-        )
-    }
-
-    /// A client certificate.
-    fn client(&self, name: &str) -> Leaf {
-        self.leaf(&[], name, ExtendedKeyUsagePurpose::ClientAuth)
-    }
-
-    fn leaf(&self, names: &[&str], common_name: &str, usage: ExtendedKeyUsagePurpose) -> Leaf {
-        let key = KeyPair::generate().expect("leaf key");
-        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
-        let mut params = CertificateParams::new(names).expect("leaf params");
-        params
-            .distinguished_name
-            .push(DnType::CommonName, common_name);
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        params.extended_key_usages = vec![usage];
-        params.use_authority_key_identifier_extension = true;
-        let cert = params.signed_by(&key, &self.issuer).expect("signed leaf");
-        Leaf {
-            der: cert.der().clone(),
-            cert_pem: cert.pem(),
-            key_der: key.serialize_der(),
-            key_pem: key.serialize_pem(),
-        }
-    }
-}
-
-/// A certificate signed by a [`Ca`], with its private key.
-struct Leaf {
-    der: CertificateDer<'static>,
-    cert_pem: String,
-    key_der: Vec<u8>,
-    key_pem: String,
-}
-
-impl Leaf {
-    fn key(&self) -> PrivateKeyDer<'static> {
-        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()))
-    }
-}
-
-/// A directory of PEM files for one test, removed when dropped.
-struct Files(PathBuf);
-
-impl Files {
-    fn new() -> Files {
-        let dir =
-            std::env::temp_dir().join(format!("outbox-tls-{}", uuid::Uuid::new_v4().simple()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        Files(dir)
-    }
-
-    fn write(&self, name: &str, contents: &str) -> PathBuf {
-        let path = self.0.join(name);
-        std::fs::write(&path, contents).expect("write a PEM file");
-        path
-    }
-
-    /// A path in the directory that holds no file.
-    fn missing(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Files {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // The stub broker

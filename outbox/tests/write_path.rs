@@ -1,11 +1,9 @@
 //! The atomic write path against real databases: a `#[publish]` entity and its outbox rows are
 //! committed together or not at all, on PostgreSQL, MariaDB and SQLite.
 
-mod common;
-
-use common::{Backend, TestDb, on_every_backend};
 use outbox::tables::published::Status;
 use outbox::{Error, Published};
+use outbox_tests::{Backend, TestDb, on_every_backend};
 use sea_orm::ActiveValue::Set;
 use sea_orm::{
     ActiveModelTrait, ConnectionTrait, DatabaseConnection, EntityTrait, ModelTrait, PaginatorTrait,

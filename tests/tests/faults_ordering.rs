@@ -11,20 +11,16 @@
 //!
 //! The outbox is on PostgreSQL, MariaDB or SQLite; the consumer's inbox and effects on PostgreSQL.
 
-#[path = "../../outbox/tests/common/mod.rs"]
-mod common;
-mod harness;
-
 use std::collections::HashMap;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::stomp_peer::{RABBITMQ_STOMP, unique};
-use common::{Backend, TestDb, count_with_status};
-use harness::*;
 use outbox::tables::published::Status;
 use outbox::{Consumer, Message, Payload, Producer};
+use outbox_tests::faults::*;
+use outbox_tests::stomp_peer::{RABBITMQ_STOMP, unique};
+use outbox_tests::{Backend, TestDb, count_with_status};
 use sea_orm::{ConnectionTrait, DatabaseConnection, Statement, TransactionTrait};
 use serde_json::json;
 
@@ -203,7 +199,7 @@ async fn ordered_relay_killed(backend: Backend, name: &str) {
 
     // Relay A: `outbox publish`, killed and restarted while the writers write.
     let relay = || {
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_outbox"))
+        tokio::process::Command::new(outbox_tests::binaries::outbox_command())
             .arg("publish")
             .env("DATABASE_URL", &test.url)
             .env("OUTBOX_STOMP_HOST_AND_PORTS", RABBITMQ_STOMP)

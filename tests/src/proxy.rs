@@ -7,8 +7,6 @@
 //! once to the open connections as well as to those opened later. Nothing polls: a stalled task
 //! waits on the channel, a reading task on its socket.
 
-#![allow(dead_code)]
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

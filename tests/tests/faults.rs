@@ -20,10 +20,6 @@
 //! the same time on the one shared RabbitMQ; the proxy's cut/refuse stands in for it. TLS to an
 //! untrusted server is covered by `tests/tls.rs`.
 
-#[path = "../../outbox/tests/common/mod.rs"]
-mod common;
-mod harness;
-
 use std::collections::HashSet;
 use std::io::Write;
 use std::process::Stdio;
@@ -31,14 +27,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use common::proxy::FaultProxy;
-use common::stomp_peer::{RABBITMQ_STOMP, StompPeer, queue_message_count, unique};
-use common::{Backend, TestDb, count_with_status, eventually};
-use harness::*;
 use outbox::config::Secret;
 use outbox::tables::published::Status;
 use outbox::transport::{StompSettings, StompTransport, Transport, TransportError};
 use outbox::{Consumer, OutboxConfig, Payload, Producer};
+use outbox_tests::faults::*;
+use outbox_tests::proxy::FaultProxy;
+use outbox_tests::stomp_peer::{RABBITMQ_STOMP, StompPeer, queue_message_count, unique};
+use outbox_tests::{Backend, TestDb, count_with_status, eventually};
 use sea_orm::{ConnectionTrait, EntityTrait, Statement, TransactionTrait};
 use serde_json::json;
 
@@ -80,7 +76,7 @@ async fn relay_killed_repeatedly(kind: TransportKind) {
         .unwrap();
 
     let relay = |proxy: &FaultProxy| {
-        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_outbox"));
+        let mut command = tokio::process::Command::new(outbox_tests::binaries::outbox_command());
         kind.point_command(&mut command, proxy.addr())
             .arg("publish")
             .env("DATABASE_URL", &test.url)
@@ -734,7 +730,7 @@ async fn hostile_configuration_is_refused_clearly_and_never_logs_the_passcode() 
 
     // The command line: a usage error (exit 2) naming the cause, for a one-shot command; the
     // relay retries, logging why, and exits 0 on SIGTERM.
-    let declare = tokio::process::Command::new(env!("CARGO_BIN_EXE_outbox"))
+    let declare = tokio::process::Command::new(outbox_tests::binaries::outbox_command())
         .args(["declare", "/topic/fault_hostile_declare"])
         .env("OUTBOX_STOMP_HOST_AND_PORTS", RABBITMQ_STOMP)
         .env("OUTBOX_STOMP_PASSCODE", &passcode)
@@ -747,7 +743,7 @@ async fn hostile_configuration_is_refused_clearly_and_never_logs_the_passcode() 
     assert_eq!(declare.status.code(), Some(2), "{declare_err}");
     assert!(declare_err.contains("refused"), "{declare_err}");
     checked += 1;
-    let mut publish = tokio::process::Command::new(env!("CARGO_BIN_EXE_outbox"))
+    let mut publish = tokio::process::Command::new(outbox_tests::binaries::outbox_command())
         .arg("publish")
         .env("DATABASE_URL", &test.url)
         .env("OUTBOX_STOMP_HOST_AND_PORTS", RABBITMQ_STOMP)

@@ -1,4 +1,4 @@
-//! The harness every integration test uses: a fresh, uniquely named database per test, on a real
+//! A fresh database per test: a fresh, uniquely named database per test, on a real
 //! PostgreSQL, MariaDB or SQLite, with the outbox's migrations applied.
 //!
 //! Server databases are named `outbox_t_<uuid>` and are created through an admin URL:
@@ -10,11 +10,6 @@
 //!
 //! A test that panics leaves its server database behind; `.ci/run` drops every `outbox_t_%`
 //! database before it starts.
-
-#![allow(dead_code)]
-
-pub mod proxy;
-pub mod stomp_peer;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -73,7 +68,7 @@ pub struct TestDb {
     /// The server's admin URL (`None` for SQLite).
     admin_url: Option<String>,
     /// The SQLite file, deleted when dropped.
-    file: Option<TempDbFile>,
+    _file: Option<TempDbFile>,
 }
 
 impl TestDb {
@@ -123,7 +118,7 @@ impl TestDb {
             backend,
             name,
             admin_url,
-            file,
+            _file: file,
         }
     }
 
@@ -265,13 +260,11 @@ pub async fn count_with_status(
 
 /// Runs each scenario, an `async fn(Backend)` of the test file, on every backend, as the tests
 /// `postgres::<scenario>`, `mariadb::<scenario>` and `sqlite::<scenario>`.
-#[allow(unused_macros)]
+#[macro_export]
 macro_rules! on_every_backend {
     ($($scenario:ident),* $(,)?) => {
-        mod postgres { $( #[tokio::test] async fn $scenario() { super::$scenario(super::Backend::Postgres).await } )* }
-        mod mariadb { $( #[tokio::test] async fn $scenario() { super::$scenario(super::Backend::MariaDb).await } )* }
-        mod sqlite { $( #[tokio::test] async fn $scenario() { super::$scenario(super::Backend::Sqlite).await } )* }
+        mod postgres { $( #[tokio::test] async fn $scenario() { super::$scenario($crate::db::Backend::Postgres).await } )* }
+        mod mariadb { $( #[tokio::test] async fn $scenario() { super::$scenario($crate::db::Backend::MariaDb).await } )* }
+        mod sqlite { $( #[tokio::test] async fn $scenario() { super::$scenario($crate::db::Backend::Sqlite).await } )* }
     };
 }
-#[allow(unused_imports)]
-pub(crate) use on_every_backend;

@@ -7,8 +7,6 @@
 //! `tokio::time::timeout` and go on using the peer afterwards). Frames that arrive while it waits
 //! for something else (a MESSAGE while waiting for a RECEIPT) are kept, not lost.
 
-#![allow(dead_code)]
-
 use std::collections::{HashSet, VecDeque};
 use std::io;
 use std::process::Command;
@@ -18,7 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, ToSocketAddrs};
 
 /// The broker the tests use: RabbitMQ's STOMP plugin, guest/guest, vhost `/`.
-pub const RABBITMQ_STOMP: &str = "127.0.0.1:61613";
+pub use crate::settings::RABBITMQ_STOMP;
 
 /// How long [`StompPeer::send`] and the other round trips wait for their RECEIPT.
 const ROUND_TRIP: Duration = Duration::from_secs(10);

@@ -12,21 +12,18 @@
 //! opentelemetry-instrumentation-django-outbox-pattern, its spans written to a file that the test
 //! reads, and record ours through OpenTelemetry's in-memory exporter.
 
-#[path = "../../outbox/tests/common/mod.rs"]
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use common::stomp_peer::{QueueCleanup, RABBITMQ_STOMP, StompPeer, unescape, unique};
-use common::{Backend, TestDb, eventually};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
 use outbox::consumer::ConsumerHandle;
 use outbox::{Consumer, OutboxConfig, Payload};
+use outbox_tests::stomp_peer::{QueueCleanup, RABBITMQ_STOMP, StompPeer, unescape, unique};
+use outbox_tests::{Backend, TestDb, eventually};
 use sea_orm::{ConnectionTrait, DatabaseConnection, EntityTrait, Statement};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -313,7 +310,7 @@ fn our_consumer(
 
 /// The `outbox publish` binary on `database_url`, sending through `stomp`.
 fn our_relay(database_url: &str, stomp: &str) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_outbox"))
+    Command::new(outbox_tests::binaries::outbox_command())
         .arg("publish")
         .env("DATABASE_URL", database_url)
         .env("OUTBOX_STOMP_HOST_AND_PORTS", stomp)
@@ -897,7 +894,7 @@ async fn our_relay_on_an_adopted_django_database() {
     .expect("write_orders prints the ids");
 
     Adopt::up(&django.db.db, None).await.expect("adopt");
-    let pending = common::Migrator::get_pending_migrations(&django.db.db)
+    let pending = outbox_tests::Migrator::get_pending_migrations(&django.db.db)
         .await
         .expect("pending migrations");
     assert!(
@@ -908,7 +905,7 @@ async fn our_relay_on_an_adopted_django_database() {
             .map(|m| m.name().to_owned())
             .collect::<Vec<_>>()
     );
-    common::Migrator::up(&django.db.db, None)
+    outbox_tests::Migrator::up(&django.db.db, None)
         .await
         .expect("migrate up after adopting");
 
@@ -1006,7 +1003,7 @@ async fn our_relay_on_an_adopted_django_database() {
     );
 
     // Migrating down would go on to drop Django's tables: refused, and nothing is dropped.
-    let error = common::Migrator::down(&django.db.db, None)
+    let error = outbox_tests::Migrator::down(&django.db.db, None)
         .await
         .expect_err("migrating an adopted database down is refused");
     assert!(error.to_string().contains("refusing"), "{error}");

@@ -5,19 +5,15 @@
 //! `fault.hung_callback sent=N effects=N lost=0 duplicate_effects=0 wire_duplicates=K ...`
 //! `fault.consumer_killed_mid_group sent=N effects=N lost=0 duplicate_effects=0 ...`
 
-#[path = "../../outbox/tests/common/mod.rs"]
-mod common;
-mod harness;
-
 use std::collections::HashMap;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::stomp_peer::{RABBITMQ_STOMP, queue_message_count};
-use common::{Backend, TestDb};
-use harness::*;
 use outbox::{Consumer, Payload, Producer};
+use outbox_tests::faults::*;
+use outbox_tests::stomp_peer::{RABBITMQ_STOMP, queue_message_count};
+use outbox_tests::{Backend, TestDb};
 
 /// How many of its first attempts hang, for the message with this key: one in eight hangs once,
 /// one in twenty-five twice (the consumer retries three times: all of them get through).

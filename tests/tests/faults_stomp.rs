@@ -10,10 +10,7 @@
 //!   SIGTERM within the receipt timeout + 5 s, charges no row, and resumes within 10 s of the
 //!   alarm clearing.
 
-#[path = "../../outbox/tests/common/mod.rs"]
-mod common;
-mod harness;
-use harness::*;
+use outbox_tests::faults::*;
 
 use std::collections::HashSet;
 use std::process::{Command, Stdio};
@@ -21,14 +18,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::stomp_peer::{RABBITMQ_STOMP, StompPeer, queue_message_count};
-use common::{Backend, TestDb, count_with_status, eventually};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use outbox::tables::published::Column;
 use outbox::tables::published::Status;
 use outbox::{Consumer, Payload, Published};
+use outbox_tests::stomp_peer::{RABBITMQ_STOMP, StompPeer, queue_message_count};
+use outbox_tests::{Backend, TestDb, count_with_status, eventually};
 use sea_orm::{ColumnTrait, Condition, EntityTrait, PaginatorTrait, QueryFilter, TransactionTrait};
 use serde_json::json;
 
@@ -458,7 +455,7 @@ async fn broker_blocked(amqp: bool) {
     txn.commit().await.unwrap();
 
     let relay = || {
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_outbox"))
+        tokio::process::Command::new(outbox_tests::binaries::outbox_command())
             .arg("publish")
             .env("DATABASE_URL", &test.url)
             .env("OUTBOX_STOMP_HOST_AND_PORTS", RABBITMQ_STOMP)

@@ -2,24 +2,27 @@
 //! message's effect, a second queue that counts copies on the wire, and the summary line every
 //! scenario prints. Each fault test binary includes it with `mod harness;`.
 
-#![allow(dead_code)]
-
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use crate::common::stomp_peer::{
+use crate::db::{count_with_status, eventually};
+pub use crate::effects::{
+    create_effects_table, distinct_effects, effect_counts, effect_notes, insert_effect,
+};
+use crate::settings::{self};
+pub use crate::settings::{RABBITMQ_AMQP, amqp_url, short_timings};
+use crate::stomp_peer::{
     Frame, QueueCleanup, RABBITMQ_STOMP, StompPeer, queue_message_count, unique,
 };
-use crate::common::{count_with_status, eventually};
-use outbox::config::Secret;
+pub use crate::transports::TransportKind;
 use outbox::tables::published::Column;
 use outbox::tables::published::Status;
 use outbox::{OutboxConfig, Payload, Published};
 use sea_orm::{
-    ColumnTrait, ConnectOptions, ConnectionTrait, Database, DatabaseConnection, EntityTrait,
-    PaginatorTrait, QueryFilter, Statement, TransactionTrait,
+    ColumnTrait, ConnectOptions, Database, DatabaseConnection, EntityTrait, PaginatorTrait,
+    QueryFilter, TransactionTrait,
 };
 use serde_json::json;
 
@@ -46,111 +49,22 @@ pub fn stomp_addr() -> SocketAddr {
     RABBITMQ_STOMP.parse().expect("an address")
 }
 
-/// RabbitMQ's AMQP 0-9-1 listener (guest/guest, vhost `/`).
-pub const RABBITMQ_AMQP: &str = "127.0.0.1:5672";
-
-/// The protocol a scenario's relay and consumer speak to RabbitMQ. Both reach the same queues:
-/// a queue declared over one is consumed over the other.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TransportKind {
-    /// STOMP 1.2 through RabbitMQ's STOMP plugin (`OUTBOX_STOMP_HOST_AND_PORTS`).
-    Stomp,
-    /// AMQP 0-9-1 (`OUTBOX_BROKER_URL`).
-    Amqp,
-}
-
-impl TransportKind {
-    /// Its name, as a child process is told it ([`TransportKind::from_name`]).
-    pub fn name(self) -> &'static str {
-        match self {
-            TransportKind::Stomp => "stomp",
-            TransportKind::Amqp => "amqp",
-        }
-    }
-
-    /// The kind named `name` by [`TransportKind::name`].
-    pub fn from_name(name: &str) -> Option<TransportKind> {
-        [TransportKind::Stomp, TransportKind::Amqp]
-            .into_iter()
-            .find(|kind| kind.name() == name)
-    }
-
-    /// A scenario's summary name: `scenario` over STOMP, `scenario_amqp` over AMQP.
-    pub fn summary_name(self, scenario: &str) -> String {
-        match self {
-            TransportKind::Stomp => scenario.to_owned(),
-            TransportKind::Amqp => format!("{scenario}_amqp"),
-        }
-    }
-
-    /// RabbitMQ's listener for this protocol.
-    pub fn broker_addr(self) -> SocketAddr {
-        match self {
-            TransportKind::Stomp => stomp_addr(),
-            TransportKind::Amqp => RABBITMQ_AMQP.parse().expect("an address"),
-        }
-    }
-
-    /// Settings for tests ([`config`]'s short timings) for the broker at `addr`: RabbitMQ
-    /// itself, or a proxy in front of it.
-    pub fn config_at(self, addr: SocketAddr) -> OutboxConfig {
-        match self {
-            TransportKind::Stomp => config(&addr.to_string()),
-            TransportKind::Amqp => {
-                let mut config = short_timings(OutboxConfig::default());
-                config.broker_url = vec![Secret::new(amqp_url(addr))];
-                config
-            }
-        }
-    }
-
-    /// Settings for tests for RabbitMQ itself.
-    pub fn config(self) -> OutboxConfig {
-        self.config_at(self.broker_addr())
-    }
-
-    /// Points an `outbox` command at the broker at `addr` over this protocol, removing the
-    /// other protocol's variable (inherited, it would contradict this one).
-    pub fn point_command(
-        self,
-        command: &mut tokio::process::Command,
-        addr: SocketAddr,
-    ) -> &mut tokio::process::Command {
-        match self {
-            TransportKind::Stomp => command
-                .env_remove("OUTBOX_BROKER_URL")
-                .env("OUTBOX_STOMP_HOST_AND_PORTS", addr.to_string()),
-            TransportKind::Amqp => command
-                .env_remove("OUTBOX_STOMP_HOST_AND_PORTS")
-                .env("OUTBOX_BROKER_URL", amqp_url(addr)),
-        }
-    }
-}
-
-/// The AMQP URL of RabbitMQ's guest user and vhost `/` at `addr`.
-fn amqp_url(addr: SocketAddr) -> String {
-    format!("amqp://guest:guest@{addr}/%2f")
-}
-
-/// Settings for tests: the given broker, short timings.
+/// Settings for tests: the STOMP broker at `broker`, short timings.
 pub fn config(broker: &str) -> OutboxConfig {
-    let (host, port) = broker.rsplit_once(':').expect("host:port");
-    let mut config = OutboxConfig::default();
-    config.stomp_host_and_ports = vec![(host.to_owned(), port.parse().expect("port"))];
-    short_timings(config)
+    settings::stomp(broker)
 }
 
-/// `config` with the tests' short timings.
-fn short_timings(mut config: OutboxConfig) -> OutboxConfig {
-    config.receipt_timeout = Duration::from_secs(2);
-    config.producer_lease = Duration::from_secs(4);
-    config.maximum_backoff = Duration::from_millis(300);
-    config.producer_waiting_time = Duration::from_millis(100);
-    config.pause_for_retry = Duration::ZERO;
-    config.wait_retry = Duration::ZERO;
-    config.consumer_retry_wait = Duration::from_millis(100);
-    config.consumer_shutdown_timeout = Duration::from_secs(5);
-    config
+/// `$CARGO_TARGET_DIR/tmp/fault-summary.txt`: the test binary runs from
+/// `$CARGO_TARGET_DIR/<profile>/deps/`.
+pub fn summary_file() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("this test binary");
+    let target = exe
+        .ancestors()
+        .nth(3)
+        .expect("a test binary in <target>/<profile>/deps");
+    let dir = target.join("tmp");
+    let _ = std::fs::create_dir_all(&dir);
+    dir.join("fault-summary.txt")
 }
 
 /// Prints a scenario's summary line and appends it to the suite's summary file.
@@ -164,7 +78,7 @@ pub fn summary(name: &str, counted: &Counted, wire_duplicates: usize, extra: &st
         if extra.is_empty() { "" } else { " " },
     );
     println!("{line}");
-    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("fault-summary.txt");
+    let path = summary_file();
     if let Ok(mut file) = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -215,66 +129,6 @@ pub async fn wait_until_all_sent(db: &DatabaseConnection, n: usize, limit: Durat
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-/// The business table the callbacks write to, in the message's transaction. No unique key: a
-/// message processed twice shows as two rows.
-pub async fn create_effects_table(db: &DatabaseConnection) {
-    db.execute_unprepared(
-        "CREATE TABLE effects (msg_id VARCHAR(100) NOT NULL, note VARCHAR(100) NOT NULL)",
-    )
-    .await
-    .expect("create the effects table");
-}
-
-pub async fn insert_effect(
-    db: &impl ConnectionTrait,
-    msg_id: &str,
-    note: &str,
-) -> Result<(), sea_orm::DbErr> {
-    db.execute_raw(Statement::from_sql_and_values(
-        db.get_database_backend(),
-        "INSERT INTO effects (msg_id, note) VALUES ($1, $2)",
-        [msg_id.into(), note.into()],
-    ))
-    .await
-    .map(|_| ())
-}
-
-/// Effect rows per message id.
-pub async fn effect_counts(db: &DatabaseConnection) -> HashMap<String, usize> {
-    let rows = db
-        .query_all_raw(Statement::from_string(
-            db.get_database_backend(),
-            "SELECT msg_id, COUNT(*) FROM effects GROUP BY msg_id",
-        ))
-        .await
-        .expect("read effects");
-    rows.iter()
-        .map(|row| {
-            (
-                row.try_get_by_index::<String>(0).unwrap(),
-                row.try_get_by_index::<i64>(1).unwrap() as usize,
-            )
-        })
-        .collect()
-}
-
-pub async fn effect_notes(db: &DatabaseConnection, note: &str) -> usize {
-    let row = db
-        .query_one_raw(Statement::from_sql_and_values(
-            db.get_database_backend(),
-            "SELECT COUNT(*) FROM effects WHERE note = $1",
-            [note.into()],
-        ))
-        .await
-        .expect("count effects")
-        .expect("a row");
-    row.try_get_by_index::<i64>(0).unwrap() as usize
-}
-
-pub async fn distinct_effects(db: &DatabaseConnection) -> usize {
-    effect_counts(db).await.len()
 }
 
 /// What the business table says about the messages in `expected`.

@@ -8,19 +8,12 @@
 //! rows past retention, a destination broken for 5 minutes of relaying, 20,000 rows through a
 //! broker restart).
 
-#[path = "../../outbox/tests/common/mod.rs"]
-mod common;
-mod harness;
-
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::stomp_peer::{RABBITMQ_STOMP, unique};
-use common::{Backend, TestDb, eventually};
-use harness::*;
 use outbox::tables::published::Status;
 use outbox::tables::published::{Column, Model as Row};
 use outbox::transport::{
@@ -28,6 +21,9 @@ use outbox::transport::{
     Transport, TransportError,
 };
 use outbox::{Consumer, OutboxConfig, Producer, Published};
+use outbox_tests::faults::*;
+use outbox_tests::stomp_peer::{RABBITMQ_STOMP, unique};
+use outbox_tests::{Backend, TestDb, eventually};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, QueryFilter, Statement,
 };
@@ -356,7 +352,7 @@ async fn silent_poison() {
     )
     .await;
     relay.stop().await.unwrap();
-    common::stomp_peer::delete_queue("fault_silent_tick");
+    outbox_tests::stomp_peer::delete_queue("fault_silent_tick");
     let mut charged_good = 0;
     for row in rows(&test.db).await {
         if row.id == silent {
@@ -402,7 +398,7 @@ async fn retention_backlog() {
     let old = counts(100_000, 1_000_000);
     let test = TestDb::new(Backend::Postgres).await;
     let key = unique("fault_retention");
-    let (mut reader, _cleanup) = common::stomp_peer::topic_reader(&key).await;
+    let (mut reader, _cleanup) = outbox_tests::stomp_peer::topic_reader(&key).await;
     let destination = format!("/topic/{key}");
     test.db
         .execute_raw(Statement::from_string(
