@@ -1,3 +1,5 @@
+//! A test binary of its own: it installs the process-wide metrics recorder.
+//!
 //! The metrics a relay and a consumer record, read through a debugging recorder after a run
 //! whose every outcome is known in advance.
 //!

@@ -1,3 +1,5 @@
+//! A test binary of its own: it installs the process-wide metrics recorder.
+//!
 //! The lag histograms, read through a debugging recorder after a run on PostgreSQL and RabbitMQ
 //! whose lags are known in advance: rows saved just now, a row saved an hour ago, and messages
 //! from another sender whose `dop-msg-sent-time` is missing or unreadable.

@@ -1,3 +1,5 @@
+//! A test binary of its own: it sets the global tracing subscriber.
+//!
 //! The spans and events an operator reads, captured by a tracing layer during a run on
 //! PostgreSQL and RabbitMQ: the relay's batch span with its size and claim token, its
 //! per-message events with their correlation id and outcome, and the consumer's message span

@@ -1,3 +1,5 @@
+//! A test binary of its own: it sets the global tracing subscriber.
+//!
 //! Trace context across the broker (the `opentelemetry` feature), on PostgreSQL and RabbitMQ,
 //! with OpenTelemetry's in-memory exporter: a row saved in a span carries its `traceparent`, and
 //! the consumer's message span, with the callback's own span under it, continues that trace,

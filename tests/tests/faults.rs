@@ -1,3 +1,5 @@
+//! A test binary of its own: one scenario sets the global tracing subscriber.
+//!
 //! The fault and bad-input suite (issue 6): publish a known set of messages, inject a fault,
 //! let the system recover, then count at the consumer's business table: every message's effect
 //! exactly once. Each scenario prints (and appends to `$CARGO_TARGET_TMPDIR/fault-summary.txt`)

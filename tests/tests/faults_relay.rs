@@ -1,3 +1,5 @@
+//! A test binary of its own: CI runs its broker_restart and database_restart scenarios alone.
+//!
 //! The relay under what a real RabbitMQ does: a destination the broker refuses while batches are
 //! in flight, a message the broker never receipts, a retention backlog, a relay that overruns
 //! its lease, and (run alone, see `.ci/run`) the broker and the database restarted during a run.

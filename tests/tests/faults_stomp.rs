@@ -1,3 +1,5 @@
+//! A test binary of its own: CI runs its broker_blocked scenarios alone.
+//!
 //! The STOMP connection under hostile input and a blocked broker, against the real RabbitMQ:
 //!
 //! - `fault.undecodable`: a message the codec cannot decode (a header value that is not UTF-8,

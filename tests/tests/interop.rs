@@ -1,3 +1,5 @@
+//! A test binary of its own: the trace tests set the global tracing subscriber.
+//!
 //! Side by side with the Python library itself: django-outbox-pattern (the version pinned in
 //! `interop/requirements.txt`) running the Django project of `interop/`, on the real PostgreSQL
 //! and RabbitMQ, against our consumer, our relay (the `outbox` binary) and our queues.

@@ -1539,7 +1539,7 @@ fn spawn_signal_child(
     use tokio::io::AsyncBufReadExt;
     let mut child = tokio::process::Command::new(std::env::current_exe().expect("this binary"))
         .args([
-            "signal_child_consumer",
+            "consumer::signal_child_consumer",
             "--exact",
             "--ignored",
             "--nocapture",

@@ -166,7 +166,7 @@ async fn consumer_killed_mid_group_loses_nothing_and_duplicates_no_effect() {
     let spawn = || {
         tokio::process::Command::new(std::env::current_exe().expect("this test binary"))
             .args([
-                "fault_child_group_consumer",
+                "faults_consumer::fault_child_group_consumer",
                 "--exact",
                 "--ignored",
                 "--nocapture",
