@@ -161,7 +161,7 @@ fn stacked_attributes_are_routes_in_attribute_order() {
         ]
     );
     const { assert!(!order::Model::ALLOW_AUTOCOMMIT) };
-    assert_eq!(order::Model::ENTITY, "macro_expansion::order");
+    assert_eq!(order::Model::ENTITY, "it::macro_expansion::order");
 }
 
 #[test]
