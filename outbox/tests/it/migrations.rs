@@ -24,6 +24,8 @@ const KEYS_MIGRATION_NAME: &str = "outbox_m20261201_000002_add_message_keys";
 const IDLE_MIGRATION_NAME: &str = "outbox_m20261201_000004_notify_idle_relays_only";
 /// The rows keyed writers lock (MariaDB and MySQL; nothing elsewhere).
 const KEY_LOCKS_MIGRATION_NAME: &str = "outbox_m20261201_000005_add_key_locks";
+/// The table of destinations the broker could not route to.
+const UNROUTABLE_MIGRATION_NAME: &str = "outbox_m20261206_000006_add_unroutable_destinations";
 const TABLES: [&str; 3] = ["published", "received", "outbox_housekeeping"];
 
 on_every_backend!(
@@ -276,7 +278,8 @@ async fn applied_migration_is_recorded_under_its_namespaced_name(backend: Backen
             ADOPT_MIGRATION_NAME,
             KEYS_MIGRATION_NAME,
             IDLE_MIGRATION_NAME,
-            KEY_LOCKS_MIGRATION_NAME
+            KEY_LOCKS_MIGRATION_NAME,
+            UNROUTABLE_MIGRATION_NAME,
         ]
     );
     assert!(
