@@ -2,9 +2,6 @@
 //! `OUTBOX_*` in its environment) against real databases and the real RabbitMQ: what each
 //! command reports, changes and leaves alone, and its exit codes.
 
-#[path = "../../outbox/tests/common/mod.rs"]
-mod common;
-
 use std::collections::BTreeMap;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -12,13 +9,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use chrono::Utc;
-use common::stomp_peer::{
-    QueueCleanup, RABBITMQ_STOMP, StompPeer, queue_message_count, topic_reader, unique,
-};
-use common::{Backend, TestDb, eventually, on_every_backend};
 use outbox::tables::published::Status;
 use outbox::tables::published::{Column, Model as Row};
 use outbox::{Consumer, OutboxConfig, Payload, Published, Received};
+use outbox_tests::stomp_peer::{
+    QueueCleanup, RABBITMQ_STOMP, StompPeer, queue_message_count, topic_reader, unique,
+};
+use outbox_tests::{Backend, TestDb, eventually, on_every_backend};
 use sea_orm::ActiveValue::Set;
 use sea_orm::sea_query::Expr;
 use sea_orm::{

@@ -1,10 +1,8 @@
 //! The header hook adds headers to every row; a process-wide setting, so it has a test binary of
 //! its own.
 
-mod common;
-
-use common::{Backend, TestDb};
 use outbox::write::WriteSettings;
+use outbox_tests::{Backend, TestDb};
 use serde_json::json;
 
 #[tokio::test]

@@ -1,16 +1,15 @@
+//! A test binary of its own: it installs the process-wide metrics recorder.
+//!
 //! The metrics a relay and a consumer record, read through a debugging recorder after a run
 //! whose every outcome is known in advance.
 //!
 //! A recorder is global to the process: this file is its own test binary, with one test, so
 //! nothing else records into it.
 
-mod common;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::{Backend, TestDb, count_with_status, eventually};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 use metrics_util::{CompositeKey, MetricKind};
 use outbox::metrics as m;
@@ -18,6 +17,7 @@ use outbox::tables::published::Column;
 use outbox::tables::published::Status;
 use outbox::transport::{MemoryTransport, Outgoing, Transport};
 use outbox::{Consumer, OutboxConfig, Payload, Producer, Published, Received};
+use outbox_tests::{Backend, TestDb, count_with_status, eventually};
 use sea_orm::sea_query::Expr;
 use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
 use serde_json::json;

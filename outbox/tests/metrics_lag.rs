@@ -1,3 +1,5 @@
+//! A test binary of its own: it installs the process-wide metrics recorder.
+//!
 //! The lag histograms, read through a debugging recorder after a run on PostgreSQL and RabbitMQ
 //! whose lags are known in advance: rows saved just now, a row saved an hour ago, and messages
 //! from another sender whose `dop-msg-sent-time` is missing or unreadable.
@@ -5,17 +7,15 @@
 //! A recorder is global to the process: this file is its own test binary, with one test, so
 //! nothing else records into it.
 
-mod common;
-
 use std::time::Duration;
 
-use common::stomp_peer::{QueueCleanup, RABBITMQ_STOMP, StompPeer, unique};
-use common::{Backend, TestDb, eventually};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use metrics_util::{CompositeKey, MetricKind};
 use outbox::metrics as m;
 use outbox::transport::{StompSettings, StompTransport};
 use outbox::{Consumer, OutboxConfig, Payload, Producer, Published, Received};
+use outbox_tests::stomp_peer::{QueueCleanup, RABBITMQ_STOMP, StompPeer, unique};
+use outbox_tests::{Backend, TestDb, eventually};
 use sea_orm::{ActiveModelTrait, EntityTrait, IntoActiveModel, PaginatorTrait, Set};
 use serde_json::{Value, json};
 

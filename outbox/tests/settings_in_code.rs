@@ -1,3 +1,5 @@
+//! A test binary of its own: it sets the process-wide write settings.
+//!
 //! Settings built in code reach the write path through `WriteSettings`, the one place they are
 //! set: the lifetime of the rows a service writes (`expires_at`) comes from the
 //! `days_to_keep_data` it installed, not only from `OUTBOX_DAYS_TO_KEEP_DATA`; building a
@@ -5,12 +7,10 @@
 //! process-wide: this file is its own test binary, with one test, so that no other test installs
 //! settings meanwhile.
 
-mod common;
-
-use common::{Backend, TestDb};
 use outbox::transport::MemoryTransport;
 use outbox::write::WriteSettings;
 use outbox::{Consumer, OutboxConfig, Producer};
+use outbox_tests::{Backend, TestDb};
 use sea_orm::TransactionTrait;
 use serde_json::json;
 

@@ -1,3 +1,5 @@
+//! A test binary of its own: it sets the global tracing subscriber.
+//!
 //! The spans and events an operator reads, captured by a tracing layer during a run on
 //! PostgreSQL and RabbitMQ: the relay's batch span with its size and claim token, its
 //! per-message events with their correlation id and outcome, and the consumer's message span
@@ -6,19 +8,17 @@
 //! A global subscriber is needed (the relay and the consumer run in tasks of their own), and
 //! there is one per process: this file is its own test binary, with one test.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::stomp_peer::{QueueCleanup, RABBITMQ_STOMP, StompPeer, unique};
-use common::{Backend, TestDb, eventually};
 use outbox::tables::published::Status;
 use outbox::transport::{StompSettings, StompTransport};
 use outbox::{Consumer, OutboxConfig, Payload, Producer, Received};
+use outbox_tests::stomp_peer::{QueueCleanup, RABBITMQ_STOMP, StompPeer, unique};
+use outbox_tests::{Backend, TestDb, eventually};
 use sea_orm::{EntityTrait, PaginatorTrait};
 use serde_json::json;
 use tracing::field::{Field, Visit};
@@ -176,7 +176,7 @@ async fn batch_and_message_spans_carry_what_an_operator_needs() {
     })
     .await;
     assert_eq!(producer.drain().await.unwrap().refused, 2);
-    assert_eq!(common::count_with_status(db, Status::Failed).await, 1);
+    assert_eq!(outbox_tests::count_with_status(db, Status::Failed).await, 1);
 
     let batches = capture.spans("outbox.batch");
     assert_eq!(

@@ -1,3 +1,5 @@
+//! A test binary of its own: it sets the global tracing subscriber.
+//!
 //! Trace context across the broker (the `opentelemetry` feature), on PostgreSQL and RabbitMQ,
 //! with OpenTelemetry's in-memory exporter: a row saved in a span carries its `traceparent`, and
 //! the consumer's message span, with the callback's own span under it, continues that trace,
@@ -7,16 +9,14 @@
 //! The tracing subscriber is global (the consumer runs in tasks of its own), one per process:
 //! this file is its own test binary, with one test.
 
-mod common;
-
 use std::time::Duration;
 
-use common::stomp_peer::{QueueCleanup, RABBITMQ_STOMP, unique};
-use common::{Backend, TestDb, eventually};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
 use outbox::transport::{StompSettings, StompTransport};
 use outbox::{Consumer, OutboxConfig, Payload, Producer, Received};
+use outbox_tests::stomp_peer::{QueueCleanup, RABBITMQ_STOMP, unique};
+use outbox_tests::{Backend, TestDb, eventually};
 use sea_orm::{EntityTrait, PaginatorTrait};
 use serde_json::json;
 use tracing::Instrument;

@@ -1,3 +1,5 @@
+//! A test binary of its own: trybuild compiles each case as a crate of its own.
+//!
 //! The compile errors of `#[outbox::publish]`: every mistake it reports has a case in `tests/ui/`
 //! with the diagnostics the compiler must print (`<case>.stderr`); `pass_*.rs` cases must build.
 

@@ -1,0 +1,788 @@
+//! A test binary of its own: CI runs its broker_restart and database_restart scenarios alone.
+//!
+//! The relay under what a real RabbitMQ does: a destination the broker refuses while batches are
+//! in flight, a message the broker never receipts, a retention backlog, a relay that overruns
+//! its lease, and (run alone, see `.ci/run`) the broker and the database restarted during a run.
+//! Each scenario prints its summary line (`fault.<name> sent=N effects=N lost=0
+//! duplicate_effects=0 ...`) and appends it to the suite's summary file.
+//!
+//! Counts are small by default (CI); `OUTBOX_TEST_FAULT_FULL=1` runs the full ones (1,000,000
+//! rows past retention, a destination broken for 5 minutes of relaying, 20,000 rows through a
+//! broker restart).
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use outbox::tables::published::Status;
+use outbox::tables::published::{Column, Model as Row};
+use outbox::transport::{
+    Deliveries, Delivery, Outgoing, SendReport, StompSettings, StompTransport, Subscription,
+    Transport, TransportError,
+};
+use outbox::{Consumer, OutboxConfig, Producer, Published};
+use outbox_tests::faults::*;
+use outbox_tests::stomp_peer::{RABBITMQ_STOMP, unique};
+use outbox_tests::{Backend, TestDb, eventually};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, QueryFilter, Statement,
+};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+async fn rows(db: &DatabaseConnection) -> Vec<Row> {
+    Published::find().all(db).await.expect("read the outbox")
+}
+
+/// The default settings, only the broker's address changed: what a deployment runs with.
+fn default_settings() -> OutboxConfig {
+    let mut settings = OutboxConfig::default();
+    settings.stomp_host_and_ports = vec![(stomp_addr().ip().to_string(), stomp_addr().port())];
+    settings
+}
+
+/// Enqueues `count` good rows, numbered from `from`, in one call per 500 (their `added` order is
+/// the order of the calls).
+async fn good_rows(db: &DatabaseConnection, destination: &str, count: usize, from: usize) {
+    enqueue_many(db, destination, count, from).await;
+}
+
+async fn poison_row(db: &DatabaseConnection, destination: &str) -> uuid::Uuid {
+    outbox::enqueue(db, destination, &json!({"do": "ok", "tag": "poison"}))
+        .await
+        .expect("enqueue the poison row")
+        .id
+}
+
+/// Waits until `n` rows are SUCCEEDED; returns how long it took.
+async fn time_until_sent(db: &DatabaseConnection, n: usize, limit: Duration) -> Duration {
+    let started = Instant::now();
+    wait_until_all_sent(db, n, limit).await;
+    started.elapsed()
+}
+
+// ---------------------------------------------------------------------------------------------
+// poison_destination: a SEND RabbitMQ refuses, with batches in flight
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_destination_on_postgres() {
+    poison_destination(Backend::Postgres, "poison_destination").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_destination_on_mariadb() {
+    poison_destination(Backend::MariaDb, "poison_destination_mariadb").await;
+}
+
+/// Three runs of 3,000 good rows on one consumer: without a culprit (the reference rate); with
+/// one row to a missing exchange in the middle, on the default settings (only the culprit is
+/// charged, copies on the wire bounded by the batches in flight); with two culprits in different batches
+/// retried without pauses (the good rows' rate, printed beside the reference).
+async fn poison_destination(backend: Backend, name: &str) {
+    let started = Instant::now();
+    let per_run = 3000;
+    let test = TestDb::new(backend).await;
+    // The consuming service has a PostgreSQL database of its own, whatever the relay's is.
+    let sink = TestDb::new(Backend::Postgres).await;
+    create_effects_table(&sink.db).await;
+    let (destination, queue, wire_queue, _cleanup) = fresh_destination("fault_poison_dest");
+    declare_consumer_queues(&destination).await;
+    let mut wire = WireCounter::start(&destination, &wire_queue).await;
+    let consumer = Consumer::builder(pool(&sink.url, 4).await)
+        .config(config(RABBITMQ_STOMP))
+        .destination(&destination)
+        .in_flight(8)
+        .start(record_effect)
+        .unwrap();
+    let missing = || format!("/exchange/{}/x", unique("missing"));
+    let mut no_pauses = default_settings();
+    no_pauses.pause_for_retry = Duration::ZERO;
+    no_pauses.wait_retry = Duration::ZERO;
+
+    // 1. The reference: no culprit.
+    good_rows(&test.db, &destination, per_run, 0).await;
+    let relay = Producer::builder(pool(&test.url, 4).await)
+        .config(no_pauses.clone())
+        .start()
+        .unwrap();
+    let clean = time_until_sent(&test.db, per_run, Duration::from_secs(120)).await;
+    relay.stop().await.unwrap();
+
+    // 2. One culprit in the middle, default settings.
+    good_rows(&test.db, &destination, per_run / 2, per_run).await;
+    let culprit = poison_row(&test.db, &missing()).await;
+    good_rows(&test.db, &destination, per_run / 2, per_run + per_run / 2).await;
+    let relay = Producer::builder(pool(&test.url, 4).await)
+        .config(default_settings())
+        .start()
+        .unwrap();
+    wait_until_all_sent(&test.db, 2 * per_run, Duration::from_secs(120)).await;
+    relay.stop().await.unwrap();
+    for row in rows(&test.db).await {
+        if row.id == culprit {
+            assert!(row.retry >= 1, "the culprit is charged: {row:?}");
+            assert_ne!(row.status, Status::Succeeded);
+            let reason = row.last_error.clone().unwrap_or_default();
+            assert!(
+                reason.contains("not_found"),
+                "the broker's reason: {reason}"
+            );
+        } else {
+            assert_eq!(row.status, Status::Succeeded);
+            assert_eq!(row.retry, 0, "a good row was charged: {row:?}");
+            assert_eq!(row.last_error, None, "a good row has an error: {row:?}");
+        }
+    }
+    let first_two: HashSet<String> = rows(&test.db)
+        .await
+        .into_iter()
+        .filter(|row| row.id != culprit)
+        .map(|row| row.id.to_string())
+        .collect();
+    let copies_beyond = wire.duplicates(&first_two).await;
+    let chunk = default_settings().published_chunk_size as usize;
+    let in_flight = default_settings().relay_batches_in_flight as usize;
+    assert!(
+        copies_beyond <= in_flight * chunk,
+        "{copies_beyond} copies beyond one per row; at most {in_flight} x {chunk}"
+    );
+    let culprit_retry = rows(&test.db)
+        .await
+        .iter()
+        .find(|row| row.id == culprit)
+        .map_or(0, |row| row.retry);
+
+    // 3. Two culprits in different batches, retried at once: the good rows keep flowing.
+    good_rows(&test.db, &destination, 700, 2 * per_run).await;
+    let first = poison_row(&test.db, &missing()).await;
+    good_rows(&test.db, &destination, 1600, 2 * per_run + 700).await;
+    let second = poison_row(&test.db, &missing()).await;
+    good_rows(&test.db, &destination, 700, 2 * per_run + 2300).await;
+    let relay = Producer::builder(pool(&test.url, 4).await)
+        .config(no_pauses.clone())
+        .start()
+        .unwrap();
+    let poisoned = time_until_sent(&test.db, 3 * per_run, Duration::from_secs(180)).await;
+    relay.stop().await.unwrap();
+    let culprits = [culprit, first, second];
+    for row in rows(&test.db).await {
+        if !culprits.contains(&row.id) {
+            assert_eq!((row.status, row.retry), (Status::Succeeded, 0), "{row:?}");
+        }
+    }
+
+    // Full mode: a destination broken for 5 minutes of relaying, rows to it written all along.
+    let mut broken_extra = String::new();
+    if full() {
+        let broken = missing();
+        let relay = Producer::builder(pool(&test.url, 4).await)
+            .config(no_pauses.clone())
+            .start()
+            .unwrap();
+        let until = Instant::now() + Duration::from_secs(300);
+        let mut written = 3 * per_run;
+        let mut bad = 0;
+        while Instant::now() < until {
+            good_rows(&test.db, &destination, 100, written).await;
+            poison_row(&test.db, &broken).await;
+            written += 100;
+            bad += 1;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        wait_until_all_sent(&test.db, written, Duration::from_secs(120)).await;
+        relay.stop().await.unwrap();
+        let good_failed = rows(&test.db)
+            .await
+            .iter()
+            .filter(|row| row.status == Status::Failed && row.destination == destination)
+            .count();
+        assert_eq!(
+            good_failed, 0,
+            "good rows FAILED next to a broken destination"
+        );
+        broken_extra = format!(" broken_for_s=300 broken_rows={bad} good_failed={good_failed}");
+    }
+
+    let expected: HashSet<String> = rows(&test.db)
+        .await
+        .into_iter()
+        .filter(|row| row.destination == destination)
+        .map(|row| row.id.to_string())
+        .collect();
+    wait_until_consumed(&sink.db, &queue, expected.len(), Duration::from_secs(120)).await;
+    consumer.stop().await.unwrap();
+    let counted = count(&expected, &effect_counts(&sink.db).await);
+    let wire_duplicates = wire.duplicates(&expected).await;
+    let clean_rate = per_run as f64 / clean.as_secs_f64();
+    let poisoned_rate = per_run as f64 / poisoned.as_secs_f64();
+    summary(
+        name,
+        &counted,
+        wire_duplicates,
+        &format!(
+            "culprit_retry={culprit_retry} copies_beyond_one={copies_beyond} bound={} \
+             clean_rate={clean_rate:.0}/s two_culprits_rate={poisoned_rate:.0}/s ratio={:.2}{broken_extra} secs={:.1}",
+            in_flight * chunk,
+            poisoned_rate / clean_rate,
+            started.elapsed().as_secs_f64()
+        ),
+    );
+    assert_eq!(counted.lost, 0, "messages lost");
+    assert_eq!(counted.duplicate_effects, 0, "effects done twice");
+    test.drop_database().await;
+    sink.drop_database().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// silent_poison: a frame that never reaches the broker, on a connection that stays up
+
+/// A TCP proxy to RabbitMQ's STOMP port that drops, from the client's side of every connection,
+/// each frame containing `marker` (and forwards everything else as it came): a message the
+/// broker never sees, never receipts, and never complains about.
+struct Swallower {
+    addr: SocketAddr,
+    swallowed: Arc<AtomicUsize>,
+}
+
+impl Swallower {
+    async fn start(marker: &'static [u8]) -> Swallower {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let swallowed = Arc::new(AtomicUsize::new(0));
+        let count = swallowed.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(broker) = TcpStream::connect(stomp_addr()).await else {
+                    continue;
+                };
+                let count = count.clone();
+                tokio::spawn(async move {
+                    let (mut client_read, mut client_write) = client.into_split();
+                    let (mut broker_read, mut broker_write) = broker.into_split();
+                    let down = tokio::spawn(async move {
+                        let _ = tokio::io::copy(&mut broker_read, &mut client_write).await;
+                    });
+                    let mut pending: Vec<u8> = Vec::new();
+                    let mut buffer = vec![0u8; 64 * 1024];
+                    while let Ok(read) = client_read.read(&mut buffer).await {
+                        if read == 0 {
+                            break;
+                        }
+                        pending.extend_from_slice(&buffer[..read]);
+                        // Frames end with NUL; the bodies here are JSON, without NUL.
+                        let mut out = Vec::new();
+                        while let Some(end) = pending.iter().position(|b| *b == 0) {
+                            let frame: Vec<u8> = pending.drain(..=end).collect();
+                            if frame.windows(marker.len()).any(|w| w == marker) {
+                                count.fetch_add(1, Ordering::Relaxed);
+                            } else {
+                                out.extend_from_slice(&frame);
+                            }
+                        }
+                        if broker_write.write_all(&out).await.is_err() {
+                            break;
+                        }
+                    }
+                    down.abort();
+                });
+            }
+        });
+        Swallower { addr, swallowed }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_poison() {
+    let started = Instant::now();
+    let waves = counts(8, 30);
+    let per_wave = 200;
+    let test = TestDb::new(Backend::Postgres).await;
+    create_effects_table(&test.db).await;
+    let (destination, queue, wire_queue, _cleanup) = fresh_destination("fault_silent");
+    declare_consumer_queues(&destination).await;
+    let mut wire = WireCounter::start(&destination, &wire_queue).await;
+    let proxy = Swallower::start(b"SWALLOW-ME").await;
+    let mut settings = config(&proxy.addr.to_string());
+    settings.maximum_retry_attempts = 3;
+    let consumer = Consumer::builder(pool(&test.url, 4).await)
+        .config(config(RABBITMQ_STOMP))
+        .destination(&destination)
+        .in_flight(8)
+        .start(record_effect)
+        .unwrap();
+    good_rows(&test.db, &destination, per_wave / 2, 0).await;
+    let silent = outbox::enqueue(
+        &test.db,
+        &destination,
+        &json!({"do": "ok", "tag": "SWALLOW-ME"}),
+    )
+    .await
+    .unwrap()
+    .id;
+    let relay = Producer::builder(pool(&test.url, 4).await)
+        .config(settings)
+        .start()
+        .unwrap();
+    // Traffic behind it all along: later frames on the connection are receipted.
+    let mut written = per_wave / 2;
+    for _ in 0..waves {
+        good_rows(&test.db, &destination, per_wave, written).await;
+        written += per_wave;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    wait_until_all_sent(&test.db, written, Duration::from_secs(120)).await;
+    let db = test.db.clone();
+    eventually(
+        Duration::from_secs(60),
+        "the silent row spent its attempts",
+        || {
+            let db = db.clone();
+            async move {
+                // Keep later frames coming while the silent row is retried alone.
+                let _ = outbox::enqueue(&db, "/queue/fault_silent_tick", &json!({})).await;
+                Published::find_by_id(silent)
+                    .one(&db)
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_some_and(|row| row.status == Status::Failed)
+            }
+        },
+    )
+    .await;
+    relay.stop().await.unwrap();
+    outbox_tests::stomp_peer::delete_queue("fault_silent_tick");
+    let mut charged_good = 0;
+    for row in rows(&test.db).await {
+        if row.id == silent {
+            assert_eq!(row.retry, 3, "{row:?}");
+            let reason = row.last_error.unwrap_or_default();
+            assert!(reason.starts_with("not receipted while later"), "{reason}");
+        } else if row.retry > 0 || row.last_error.is_some() {
+            charged_good += 1;
+        }
+    }
+    assert_eq!(charged_good, 0, "good rows were charged");
+    let expected: HashSet<String> = rows(&test.db)
+        .await
+        .into_iter()
+        .filter(|row| row.destination == destination && row.id != silent)
+        .map(|row| row.id.to_string())
+        .collect();
+    wait_until_consumed(&test.db, &queue, expected.len(), Duration::from_secs(60)).await;
+    consumer.stop().await.unwrap();
+    let counted = count(&expected, &effect_counts(&test.db).await);
+    let wire_duplicates = wire.duplicates(&expected).await;
+    summary(
+        "silent_poison",
+        &counted,
+        wire_duplicates,
+        &format!(
+            "swallowed={} charged_good={charged_good} secs={:.1}",
+            proxy.swallowed.load(Ordering::Relaxed),
+            started.elapsed().as_secs_f64()
+        ),
+    );
+    assert_eq!(counted.lost, 0);
+    assert_eq!(counted.duplicate_effects, 0);
+    test.drop_database().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// retention_backlog: many sent rows past retention, a row committed during the cleanup
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_backlog() {
+    let started = Instant::now();
+    let old = counts(100_000, 1_000_000);
+    let test = TestDb::new(Backend::Postgres).await;
+    let key = unique("fault_retention");
+    let (mut reader, _cleanup) = outbox_tests::stomp_peer::topic_reader(&key).await;
+    let destination = format!("/topic/{key}");
+    test.db
+        .execute_raw(Statement::from_string(
+            test.db.get_database_backend(),
+            format!(
+                "INSERT INTO published (id, destination, body, headers, added, expires_at, retry, status) \
+                 SELECT gen_random_uuid(), '{destination}', '{{}}'::jsonb, '{{}}'::jsonb, \
+                        now() - interval '40 days', now() - interval '39 days', 0, 2 \
+                 FROM generate_series(1, {old})"
+            ),
+        ))
+        .await
+        .expect("insert the backlog");
+    let mut settings = config(RABBITMQ_STOMP);
+    settings.days_to_keep_data = 30;
+    let relay = Producer::builder(pool(&test.url, 4).await)
+        .config(settings)
+        .start()
+        .unwrap();
+    let count_sent = || async {
+        test.db
+            .query_one_raw(Statement::from_string(
+                test.db.get_database_backend(),
+                "SELECT count(*) AS n FROM published WHERE status = 2".to_owned(),
+            ))
+            .await
+            .ok()
+            .flatten()
+            .and_then(|row| row.try_get::<i64>("", "n").ok())
+            .unwrap_or(-1)
+    };
+    eventually(Duration::from_secs(60), "the cleanup started", || async {
+        let n = count_sent().await;
+        n >= 0 && (n as usize) < old
+    })
+    .await;
+    let committed = Instant::now();
+    let row = outbox::enqueue(&test.db, &destination, &json!({"during": "cleanup"}))
+        .await
+        .unwrap();
+    let frame = reader
+        .next_message(Duration::from_secs(30))
+        .await
+        .expect("the new row is sent during the cleanup");
+    let delay = committed.elapsed();
+    assert_eq!(
+        frame.header("dop-msg-id"),
+        Some(row.id.to_string().as_str())
+    );
+    let left_when_sent = count_sent().await;
+    eventually(
+        Duration::from_secs(600),
+        "every old row deleted",
+        || async { count_sent().await <= 1 },
+    )
+    .await;
+    let cleanup_secs = started.elapsed().as_secs_f64();
+    relay.stop().await.unwrap();
+    let left = Published::find()
+        .filter(Column::Status.eq(Status::Succeeded))
+        .all(&test.db)
+        .await
+        .unwrap();
+    assert_eq!(left.len(), 1, "only the new row is left");
+    assert_eq!(left[0].id, row.id);
+    let counted = Counted {
+        sent: 1,
+        effects: 1,
+        lost: 0,
+        duplicate_effects: 0,
+    };
+    summary(
+        "retention_backlog",
+        &counted,
+        0,
+        &format!(
+            "old_rows={old} sent_during_cleanup_ms={} old_rows_left_when_sent={left_when_sent} secs={cleanup_secs:.1}",
+            delay.as_millis()
+        ),
+    );
+    test.drop_database().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// lease_overrun: a relay paused past its lease while another takes over
+
+/// A transport that, once armed, holds the first send it finishes (its receipts already in)
+/// until released, as a relay paused (a stop signal, a long GC, a swapped-out host) between
+/// hearing from the broker and carrying on; and counts what it sends after that.
+struct Pausing {
+    inner: StompTransport,
+    armed: AtomicBool,
+    resume: tokio::sync::Notify,
+    paused: tokio::sync::Notify,
+    resumed: AtomicBool,
+    sent_after_resume: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+#[async_trait::async_trait]
+impl Transport for Pausing {
+    async fn connect(&self) -> Result<(), TransportError> {
+        self.inner.connect().await
+    }
+
+    async fn send(&self, messages: &[Outgoing]) -> SendReport {
+        if self.resumed.load(Ordering::SeqCst) {
+            let mut sent = self.sent_after_resume.lock().unwrap();
+            sent.extend(
+                messages
+                    .iter()
+                    .filter_map(|m| m.header("dop-msg-id").map(str::to_owned)),
+            );
+        }
+        let report = self.inner.send(messages).await;
+        if self.armed.swap(false, Ordering::SeqCst) {
+            self.paused.notify_one();
+            self.resume.notified().await;
+            self.resumed.store(true, Ordering::SeqCst);
+        }
+        report
+    }
+
+    async fn subscribe(&self, subscription: Subscription) -> Result<Deliveries, TransportError> {
+        self.inner.subscribe(subscription).await
+    }
+
+    async fn unsubscribe(&self, id: &str) -> Result<(), TransportError> {
+        self.inner.unsubscribe(id).await
+    }
+
+    async fn ack(&self, delivery: &Delivery) -> Result<(), TransportError> {
+        self.inner.ack(delivery).await
+    }
+
+    async fn nack(&self, delivery: &Delivery) -> Result<(), TransportError> {
+        self.inner.nack(delivery).await
+    }
+
+    async fn disconnect(&self) -> Result<(), TransportError> {
+        self.inner.disconnect().await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_overrun() {
+    let started = Instant::now();
+    let test = TestDb::new(Backend::Postgres).await;
+    create_effects_table(&test.db).await;
+    let (destination, queue, wire_queue, _cleanup) = fresh_destination("fault_lease");
+    declare_consumer_queues(&destination).await;
+    let mut wire = WireCounter::start(&destination, &wire_queue).await;
+    let settings = config(RABBITMQ_STOMP);
+    let consumer = Consumer::builder(pool(&test.url, 2).await)
+        .config(config(RABBITMQ_STOMP))
+        .destination(&destination)
+        .in_flight(8)
+        .start(record_effect)
+        .unwrap();
+    // A batch whose settling needs more sends after the pause: suspects of a refusal.
+    good_rows(&test.db, &destination, 100, 0).await;
+    let culprit = poison_row(&test.db, &format!("/exchange/{}/x", unique("missing"))).await;
+    good_rows(&test.db, &destination, 99, 100).await;
+    let paused = Arc::new(Pausing {
+        inner: StompTransport::new(StompSettings::from(&settings)).unwrap(),
+        armed: AtomicBool::new(true),
+        resume: tokio::sync::Notify::new(),
+        paused: tokio::sync::Notify::new(),
+        resumed: AtomicBool::new(false),
+        sent_after_resume: Arc::default(),
+    });
+    let first = Producer::builder(pool(&test.url, 3).await)
+        .config(settings.clone())
+        .shared_transport(paused.clone())
+        .start()
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(30), paused.paused.notified())
+        .await
+        .expect("the first relay sent its batch");
+    // Past its lease: a second relay takes the rows over and settles them.
+    tokio::time::sleep(settings.producer_lease + Duration::from_secs(1)).await;
+    let second = Producer::builder(pool(&test.url, 3).await)
+        .config(settings.clone())
+        .start()
+        .unwrap();
+    wait_until_all_sent(&test.db, 199, Duration::from_secs(60)).await;
+    paused.resume.notify_one();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    first.stop().await.unwrap();
+    second.stop().await.unwrap();
+    let sent_by_both: Vec<String> = paused.sent_after_resume.lock().unwrap().clone();
+    let expected: HashSet<String> = rows(&test.db)
+        .await
+        .into_iter()
+        .filter(|row| row.id != culprit)
+        .map(|row| row.id.to_string())
+        .collect();
+    let after_takeover = sent_by_both
+        .iter()
+        .filter(|id| expected.contains(*id))
+        .count();
+    wait_until_consumed(&test.db, &queue, expected.len(), Duration::from_secs(60)).await;
+    consumer.stop().await.unwrap();
+    let counted = count(&expected, &effect_counts(&test.db).await);
+    let wire_duplicates = wire.duplicates(&expected).await;
+    summary(
+        "lease_overrun",
+        &counted,
+        wire_duplicates,
+        &format!(
+            "sent_by_both_after_takeover={after_takeover} secs={:.1}",
+            started.elapsed().as_secs_f64()
+        ),
+    );
+    assert_eq!(
+        after_takeover, 0,
+        "rows sent by both relays after the takeover"
+    );
+    assert_eq!(counted.lost, 0);
+    assert_eq!(counted.duplicate_effects, 0);
+    test.drop_database().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Run alone (`.ci/run`, under `flock -x -o /tmp/outbox-broker.lock`, so that a restarted server does not inherit the lock): the broker and the database
+// restarted under a relay and a consumer. Each puts the service back on every exit path.
+
+/// Runs a shell command, saying what failed.
+fn shell(command: &str) -> bool {
+    match std::process::Command::new("sh")
+        .args(["-c", command])
+        .status()
+    {
+        Ok(status) if status.success() => true,
+        Ok(status) => {
+            eprintln!("`{command}` exited with {status}");
+            false
+        }
+        Err(err) => {
+            eprintln!("`{command}` could not run: {err}");
+            false
+        }
+    }
+}
+
+/// Runs `restore` when dropped, also when the test panics: the shared service comes back.
+struct Restore(&'static str);
+
+impl Drop for Restore {
+    fn drop(&mut self) {
+        shell(self.0);
+    }
+}
+
+const RABBITMQ_START: &str = "rabbitmqctl start_app";
+const POSTGRES_START: &str = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start 2>/dev/null; \
+     pg_isready -q -h 127.0.0.1 -p 5432 -t 60";
+
+/// Rows written by SQL, without the generated `dop-*` headers (`dop-msg-id` is filled in by the
+/// relay from the row's id, the consumer's only stable key across a broker restart).
+async fn bare_rows(db: &DatabaseConnection, destination: &str, count: usize, from: usize) {
+    db.execute_raw(Statement::from_string(
+        db.get_database_backend(),
+        format!(
+            "INSERT INTO published (id, destination, body, headers, added, expires_at, retry, status) \
+             SELECT gen_random_uuid(), '{destination}', \
+                    jsonb_build_object('do', 'ok', 'tag', 'ok', 'n', g), '{{}}'::jsonb, \
+                    clock_timestamp(), now() + interval '1 day', 0, 1 \
+             FROM generate_series({from}, {}) AS g",
+            from + count - 1
+        ),
+    ))
+    .await
+    .expect("insert rows by SQL");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "stops the shared RabbitMQ: run alone by .ci/run under flock -x -o"]
+async fn broker_restart() {
+    let started = Instant::now();
+    let n = counts(2_000, 20_000);
+    let test = TestDb::new(Backend::Postgres).await;
+    create_effects_table(&test.db).await;
+    let (destination, queue, _wire_queue, _cleanup) = fresh_destination("fault_broker_restart");
+    declare_consumer_queues(&destination).await;
+    let relay = Producer::builder(pool(&test.url, 4).await)
+        .config(config(RABBITMQ_STOMP))
+        .start()
+        .unwrap();
+    let consumer = Consumer::builder(pool(&test.url, 4).await)
+        .config(config(RABBITMQ_STOMP))
+        .destination(&destination)
+        .in_flight(8)
+        .start(record_effect)
+        .unwrap();
+    bare_rows(&test.db, &destination, n / 2, 0).await;
+    {
+        let _restore = Restore(RABBITMQ_START);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(shell("rabbitmqctl stop_app"), "rabbitmqctl stop_app");
+        bare_rows(&test.db, &destination, n / 2, n / 2).await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(shell(RABBITMQ_START), "rabbitmqctl start_app");
+    }
+    wait_until_all_sent(&test.db, n, Duration::from_secs(180)).await;
+    wait_until_consumed(&test.db, &queue, n, Duration::from_secs(180)).await;
+    relay.stop().await.unwrap();
+    consumer.stop().await.unwrap();
+    let charged = rows(&test.db)
+        .await
+        .iter()
+        .filter(|row| row.retry > 0)
+        .count();
+    let expected = outbox_ids(&test.db).await;
+    let counted = count(&expected, &effect_counts(&test.db).await);
+    summary(
+        "broker_restart",
+        &counted,
+        0,
+        &format!(
+            "wire=not_counted rows_without_headers={n} charged={charged} secs={:.1}",
+            started.elapsed().as_secs_f64()
+        ),
+    );
+    assert_eq!(counted.lost, 0, "messages lost");
+    assert_eq!(counted.duplicate_effects, 0, "effects done twice");
+    assert_eq!(charged, 0, "rows charged for a broker restart");
+    test.drop_database().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "restarts the shared PostgreSQL: run alone by .ci/run under flock -x -o"]
+async fn database_restart() {
+    let started = Instant::now();
+    let waves = counts(6, 20);
+    let per_wave = 200;
+    let n = waves * per_wave;
+    let test = TestDb::new(Backend::Postgres).await;
+    create_effects_table(&test.db).await;
+    let (destination, queue, _wire_queue, _cleanup) = fresh_destination("fault_db_restart");
+    declare_consumer_queues(&destination).await;
+    let relay = Producer::builder(pool(&test.url, 4).await)
+        .config(config(RABBITMQ_STOMP))
+        .start()
+        .unwrap();
+    let consumer = Consumer::builder(pool(&test.url, 4).await)
+        .config(config(RABBITMQ_STOMP))
+        .destination(&destination)
+        .in_flight(8)
+        .start(record_effect)
+        .unwrap();
+    {
+        let _restore = Restore(POSTGRES_START);
+        for wave in 0..waves {
+            enqueue_many(&test.db, &destination, per_wave, wave * per_wave).await;
+            if wave == waves / 2 {
+                assert!(
+                    shell(
+                        "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main restart"
+                    ),
+                    "restarting PostgreSQL"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    wait_until_all_sent(&test.db, n, Duration::from_secs(180)).await;
+    wait_until_consumed(&test.db, &queue, n, Duration::from_secs(180)).await;
+    relay.stop().await.unwrap();
+    consumer.stop().await.unwrap();
+    let expected = outbox_ids(&test.db).await;
+    let counted = count(&expected, &effect_counts(&test.db).await);
+    summary(
+        "database_restart",
+        &counted,
+        0,
+        &format!(
+            "wire=not_counted secs={:.1}",
+            started.elapsed().as_secs_f64()
+        ),
+    );
+    assert_eq!(counted.sent, n);
+    assert_eq!(counted.lost, 0, "messages lost");
+    assert_eq!(counted.duplicate_effects, 0, "effects done twice");
+    test.drop_database().await;
+}
