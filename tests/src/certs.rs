@@ -89,7 +89,14 @@ impl Leaf {
 /// A directory of PEM files for one test, removed when dropped.
 pub struct Files(pub PathBuf);
 
+impl Default for Files {
+    fn default() -> Files {
+        Files::new()
+    }
+}
+
 impl Files {
+    /// A new, empty directory under the system's temporary directory.
     pub fn new() -> Files {
         let dir =
             std::env::temp_dir().join(format!("outbox-tls-{}", uuid::Uuid::new_v4().simple()));
