@@ -1,9 +1,11 @@
-//! The protocols a scenario speaks to RabbitMQ, and [`on_every_transport!`], which runs a
-//! scenario over each.
+//! The protocols a scenario speaks to RabbitMQ, [`on_every_transport!`], which runs a
+//! scenario over each, and the waits a test of a `Transport` makes on its subscriptions.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use outbox::OutboxConfig;
+use outbox::transport::{Deliveries, Delivery, Outgoing, SubscriptionEvent};
 
 use crate::settings::{self, RABBITMQ_AMQP, RABBITMQ_STOMP, amqp_url};
 
@@ -89,4 +91,41 @@ macro_rules! on_every_transport {
         mod stomp { $( #[tokio::test] async fn $scenario() { super::$scenario($crate::transports::TransportKind::Stomp).await } )* }
         mod amqp { $( #[tokio::test] async fn $scenario() { super::$scenario($crate::transports::TransportKind::Amqp).await } )* }
     };
+}
+
+/// How long a test waits for a delivery it expects.
+pub const DELIVERY_WAIT: Duration = Duration::from_secs(10);
+
+/// A message to `destination` with `body` and no further headers.
+pub fn outgoing(destination: &str, body: &str) -> Outgoing {
+    Outgoing {
+        destination: destination.to_owned(),
+        headers: Vec::new(),
+        body: body.as_bytes().to_vec(),
+    }
+}
+
+/// The next event of a subscription; panics if none comes within [`DELIVERY_WAIT`] or the
+/// subscription ended.
+pub async fn next_event(deliveries: &mut Deliveries) -> SubscriptionEvent {
+    tokio::time::timeout(DELIVERY_WAIT, deliveries.next_event())
+        .await
+        .expect("an event within the wait")
+        .expect("the subscription is open")
+}
+
+/// The next delivery of a subscription, passing over undecodable reports; panics if none comes
+/// within [`DELIVERY_WAIT`] or the subscription ended.
+pub async fn next_delivery(deliveries: &mut Deliveries) -> Delivery {
+    tokio::time::timeout(DELIVERY_WAIT, deliveries.recv())
+        .await
+        .expect("a delivery within the wait")
+        .expect("the subscription is open")
+}
+
+/// Panics if a delivery arrives within `quiet` (the subscription ending is not a delivery).
+pub async fn no_delivery(deliveries: &mut Deliveries, quiet: Duration) {
+    if let Ok(Some(delivery)) = tokio::time::timeout(quiet, deliveries.recv()).await {
+        panic!("unexpected delivery {delivery:?}");
+    }
 }
