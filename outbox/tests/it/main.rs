@@ -4,6 +4,7 @@
 
 mod amqp;
 mod browse;
+mod conformance;
 mod consumer;
 mod consumer_groups;
 mod django_bodies;

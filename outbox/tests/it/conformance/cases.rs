@@ -1,0 +1,427 @@
+//! The conformance cases, one function per case, each taking the subject under test. Queue and
+//! destination names are unique per run.
+
+use std::time::Duration;
+
+use outbox::consumer::Topology;
+use outbox::transport::{AckMode, Outcome, Outgoing, Subscription, SubscriptionEvent};
+use outbox_tests::eventually;
+use outbox_tests::stomp_peer::unique;
+use outbox_tests::transports::{next_delivery, next_event, no_delivery, outgoing};
+
+use super::subject::{Refusal, Subject, Unroutable};
+
+/// A subscription with client acknowledgements and no queue arguments.
+fn reader(destination: &str, id: &str, headers: &[(&str, &str)]) -> Subscription {
+    Subscription {
+        destination: destination.to_owned(),
+        id: id.to_owned(),
+        ack: AckMode::ClientIndividual,
+        headers: headers
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+    }
+}
+
+/// The topology a consumer of `/topic/<key>` declares, reading `<key>_q`.
+fn topology(subject: &Subject, destination: &str, key: &str) -> Topology {
+    Topology::new(subject.config(), destination, Some(&format!("{key}_q"))).expect("a topology")
+}
+
+/// Every message of a batch is receipted (confirmed), and reaches its queue in order.
+pub(super) async fn a_batch_is_receipted_in_order(subject: Subject) {
+    let queue = unique("conformance_batch");
+    let _cleanup = subject.cleanup(&[&queue]);
+    let destination = format!("/queue/{queue}");
+    let batch: Vec<Outgoing> = (0..20)
+        .map(|n| outgoing(&destination, &n.to_string()))
+        .collect();
+    let report = subject.transport().send(&batch).await;
+    assert_eq!(report.outcomes, vec![Outcome::Receipted; batch.len()]);
+    let connection = subject.connection();
+    let mut deliveries = connection
+        .subscribe(reader(&destination, "reader", &[]))
+        .await
+        .expect("subscribe");
+    for sent in &batch {
+        let delivery = next_delivery(&mut deliveries).await;
+        assert_eq!(delivery.body, sent.body);
+        connection.ack(&delivery).await.expect("ack");
+    }
+    no_delivery(&mut deliveries, subject.quiet()).await;
+}
+
+/// A SEND the broker refuses (to an exchange that does not exist) is never reported receipted,
+/// nor is any message whose receipt the refusal failed, in its batch or in another batch
+/// pending on the same connection; and every message reported receipted is in its queue.
+pub(super) async fn a_refusal_fails_the_pending_receipts_of_its_connection(subject: Subject) {
+    if !subject.runs("a_refusal_fails_the_pending_receipts_of_its_connection") {
+        return;
+    }
+    let refusal = subject.refusal().expect("a refusal behaviour");
+    let queue = unique("conformance_refusal");
+    let _cleanup = subject.cleanup(&[&queue]);
+    let good = format!("/queue/{queue}");
+    let missing = format!("/exchange/{}/k", unique("missing"));
+    let batch = [
+        outgoing(&good, "0"),
+        outgoing(&missing, "poison"),
+        outgoing(&good, "2"),
+        outgoing(&good, "3"),
+    ];
+    let report = subject.transport().send(&batch).await;
+    match refusal {
+        Refusal::ClosesTheConnection => {
+            // The message before the refused one is receipted, or still pending when the
+            // refusal came (RabbitMQ receipts after routing) and failed with it.
+            assert!(
+                report.outcomes[0].is_receipted()
+                    || refused_with_the_connection(&report.outcomes[0]),
+                "{report:?}"
+            );
+            assert!(
+                report.outcomes[1..].iter().all(refused_with_the_connection),
+                "failed with the refusal: {report:?}"
+            );
+        }
+        Refusal::RefusesTheMessage => {
+            assert_eq!(report.receipted(), vec![true, false, true, true]);
+            assert!(
+                matches!(&report.outcomes[1], Outcome::Refused(_)),
+                "{report:?}"
+            );
+        }
+    }
+    let mut sent = vec![(batch[0].body.clone(), report.outcomes[0].clone())];
+    if refusal == Refusal::RefusesTheMessage {
+        sent.extend([2, 3].map(|n| (batch[n].body.clone(), report.outcomes[n].clone())));
+    }
+
+    // Two batches in flight on the one connection, the second refused.
+    let first = [outgoing(&good, "a"), outgoing(&good, "b")];
+    let second = [outgoing(&missing, "poison"), outgoing(&good, "c")];
+    let (first_report, second_report) = tokio::join!(
+        subject.transport().send(&first),
+        subject.transport().send(&second)
+    );
+    assert!(
+        !second_report.outcomes[0].is_receipted(),
+        "{second_report:?}"
+    );
+    if refusal == Refusal::ClosesTheConnection {
+        assert!(
+            refused_with_the_connection(&second_report.outcomes[1]),
+            "{second_report:?}"
+        );
+    }
+    for (message, outcome) in first.iter().chain(&second[1..]).zip(
+        first_report
+            .outcomes
+            .iter()
+            .chain(&second_report.outcomes[1..]),
+    ) {
+        sent.push((message.body.clone(), outcome.clone()));
+    }
+
+    // Every message reported receipted is in the queue; besides them, only messages whose
+    // outcome is unknown may be, never one after the refusal in its batch.
+    let connection = subject.connection();
+    let mut deliveries = connection
+        .subscribe(reader(&good, "reader", &[]))
+        .await
+        .expect("subscribe");
+    let mut delivered = Vec::new();
+    while let Ok(Some(delivery)) = tokio::time::timeout(subject.quiet(), deliveries.recv()).await {
+        connection.ack(&delivery).await.expect("ack");
+        delivered.push(delivery.body);
+    }
+    for (body, outcome) in &sent {
+        let text = String::from_utf8_lossy(body);
+        match outcome {
+            Outcome::Receipted => assert!(delivered.contains(body), "{text} receipted, not stored"),
+            Outcome::Unknown(_) => {}
+            other => assert!(!delivered.contains(body), "{text} {other:?}, yet stored"),
+        }
+    }
+    for body in &delivered {
+        assert!(
+            sent.iter().any(|(sent, _)| sent == body),
+            "{} stored, sent after the refusal in its batch",
+            String::from_utf8_lossy(body)
+        );
+    }
+}
+
+/// Whether the outcome is a message left unknown by a refusal that closed its connection.
+fn refused_with_the_connection(outcome: &Outcome) -> bool {
+    matches!(outcome, Outcome::Unknown(unknown) if unknown.reason.is_broker_refusal())
+}
+
+/// A message no queue takes is receipted and dropped (STOMP), or returned unroutable (AMQP's
+/// `mandatory` publish); a queue bound afterwards receives only what is sent after it.
+pub(super) async fn an_unroutable_message_is_dropped_or_returned(subject: Subject) {
+    let key = unique("conformance_unroutable");
+    let queue = format!("{key}_q");
+    let _cleanup = subject.cleanup(&[&queue]);
+    let destination = format!("/topic/{key}");
+    let report = subject
+        .transport()
+        .send(&[outgoing(&destination, "before")])
+        .await;
+    match subject.unroutable() {
+        Unroutable::Dropped => assert_eq!(report.outcomes, vec![Outcome::Receipted]),
+        Unroutable::Returned => assert!(
+            matches!(&report.outcomes[..], [Outcome::Unroutable(_)]),
+            "{report:?}"
+        ),
+    }
+    let connection = subject.connection();
+    let mut deliveries = connection
+        .subscribe(reader(
+            &destination,
+            "late",
+            &[
+                ("durable", "true"),
+                ("auto-delete", "false"),
+                ("x-queue-name", &queue),
+            ],
+        ))
+        .await
+        .expect("subscribe");
+    let report = subject
+        .transport()
+        .send(&[outgoing(&destination, "after")])
+        .await;
+    assert_eq!(report.outcomes, vec![Outcome::Receipted]);
+    let delivery = next_delivery(&mut deliveries).await;
+    assert_eq!(delivery.body, b"after");
+    connection.ack(&delivery).await.expect("ack");
+    no_delivery(&mut deliveries, subject.quiet()).await;
+}
+
+/// A nacked message goes to the dead-letter queue the consumer's topology declares, marked as
+/// rejected from its queue; an acked one is gone, and neither comes back.
+pub(super) async fn a_nacked_message_is_dead_lettered_and_an_acked_one_is_gone(subject: Subject) {
+    let key = unique("conformance_dead_letter");
+    let destination = format!("/topic/{key}");
+    let topology = topology(&subject, &destination, &key);
+    let dead_letter_queue = topology.dead_letter_queue();
+    let _cleanup = subject.cleanup(&[topology.queue(), &dead_letter_queue]);
+    topology
+        .declare(subject.transport())
+        .await
+        .expect("declare");
+    let consumer = subject.connection();
+    let mut deliveries = consumer
+        .subscribe(topology.subscription("consumer"))
+        .await
+        .expect("subscribe");
+    let report = subject
+        .transport()
+        .send(&[
+            outgoing(&destination, "kept"),
+            outgoing(&destination, "rejected"),
+        ])
+        .await;
+    assert!(report.all_receipted(), "{report:?}");
+    let kept = next_delivery(&mut deliveries).await;
+    assert_eq!(kept.body, b"kept");
+    consumer.ack(&kept).await.expect("ack");
+    let rejected = next_delivery(&mut deliveries).await;
+    assert_eq!(rejected.body, b"rejected");
+    consumer.nack(&rejected).await.expect("nack");
+
+    let dead_reader = subject.connection();
+    let mut dead = dead_reader
+        .subscribe(topology.dead_letter_subscription("dead"))
+        .await
+        .expect("subscribe to the dead-letter queue");
+    let dead_letter = next_delivery(&mut dead).await;
+    assert_eq!(dead_letter.body, b"rejected");
+    assert_eq!(
+        dead_letter.header("x-first-death-queue"),
+        Some(topology.queue())
+    );
+    assert_eq!(dead_letter.header("x-first-death-reason"), Some("rejected"));
+    dead_reader.ack(&dead_letter).await.expect("ack");
+    no_delivery(&mut dead, subject.quiet()).await;
+
+    consumer.disconnect().await.expect("disconnect");
+    let again = subject.connection();
+    let mut deliveries = again
+        .subscribe(topology.subscription("again"))
+        .await
+        .expect("subscribe again");
+    no_delivery(&mut deliveries, subject.quiet()).await;
+}
+
+/// A delivery left unacknowledged comes again, marked redelivered, once its subscriber's
+/// connection closes; the earlier delivery can no longer be settled.
+pub(super) async fn an_unacked_delivery_comes_again_after_its_connection_closes(subject: Subject) {
+    let queue = unique("conformance_redelivery");
+    let _cleanup = subject.cleanup(&[&queue]);
+    let destination = format!("/queue/{queue}");
+    let connection = subject.connection();
+    let mut deliveries = connection
+        .subscribe(reader(&destination, "reader", &[]))
+        .await
+        .expect("subscribe");
+    let report = subject
+        .transport()
+        .send(&[outgoing(&destination, "a"), outgoing(&destination, "b")])
+        .await;
+    assert!(report.all_receipted(), "{report:?}");
+    let first = next_delivery(&mut deliveries).await;
+    let second = next_delivery(&mut deliveries).await;
+    assert_eq!((&first.body[..], &second.body[..]), (&b"a"[..], &b"b"[..]));
+    assert_eq!(second.header("redelivered"), Some("false"));
+    connection.ack(&first).await.expect("ack");
+    connection.disconnect().await.expect("disconnect");
+
+    let mut again = connection
+        .subscribe(reader(&destination, "reader", &[]))
+        .await
+        .expect("subscribe after reconnecting");
+    let redelivered = next_delivery(&mut again).await;
+    assert_eq!(redelivered.body, b"b");
+    assert_eq!(redelivered.header("redelivered"), Some("true"));
+    assert_ne!(redelivered.connection, second.connection);
+    assert!(
+        connection.ack(&second).await.is_err(),
+        "a delivery of the closed connection"
+    );
+    connection.ack(&redelivered).await.expect("ack");
+    no_delivery(&mut again, subject.quiet()).await;
+}
+
+/// Declaring an existing queue with other arguments is refused (`PRECONDITION_FAILED`) and
+/// delivers nothing; the queue and its consumer are untouched.
+pub(super) async fn redeclaring_a_queue_with_other_arguments_is_a_precondition_failure(
+    subject: Subject,
+) {
+    let key = unique("conformance_conflict");
+    let destination = format!("/topic/{key}");
+    let topology = topology(&subject, &destination, &key);
+    let _cleanup = subject.cleanup(&[topology.queue(), &topology.dead_letter_queue()]);
+    let consumer = subject.connection();
+    let mut deliveries = consumer
+        .subscribe(topology.subscription("consumer"))
+        .await
+        .expect("subscribe");
+    let other = subject.connection();
+    let conflicting = reader(
+        &destination,
+        "conflicting",
+        &[
+            ("durable", "true"),
+            ("auto-delete", "false"),
+            ("x-queue-name", topology.queue()),
+            ("x-dead-letter-exchange", ""),
+        ],
+    );
+    let error = other
+        .subscribe(conflicting)
+        .await
+        .expect_err("a conflicting declaration is refused");
+    let text = error.to_string();
+    assert!(text.contains("PRECONDITION_FAILED"), "{text}");
+    assert!(text.contains("inequivalent arg"), "{text}");
+
+    let report = subject
+        .transport()
+        .send(&[outgoing(&destination, "after")])
+        .await;
+    assert!(report.all_receipted(), "{report:?}");
+    let delivery = next_delivery(&mut deliveries).await;
+    assert_eq!(delivery.body, b"after");
+    consumer.ack(&delivery).await.expect("ack");
+    no_delivery(&mut deliveries, subject.quiet()).await;
+}
+
+/// A message a consumer's subscription cannot decode is reported to it
+/// ([`SubscriptionEvent::Undecodable`]) and dead-lettered, and the next one is delivered.
+pub(super) async fn an_undecodable_message_is_reported_and_dead_lettered(subject: Subject) {
+    if !subject.runs("an_undecodable_message_is_reported_and_dead_lettered") {
+        return;
+    }
+    let key = unique("conformance_undecodable");
+    let destination = format!("/topic/{key}.*");
+    let topology = topology(&subject, &destination, &key);
+    let dead_letter_queue = topology.dead_letter_queue();
+    let _cleanup = subject.cleanup(&[topology.queue(), &dead_letter_queue]);
+    topology
+        .declare(subject.transport())
+        .await
+        .expect("declare");
+    let consumer = subject.connection();
+    let mut deliveries = consumer
+        .subscribe(topology.subscription("consumer"))
+        .await
+        .expect("subscribe");
+    let bad = subject
+        .undecodable_message(&format!("/topic/{key}.bad"))
+        .expect("an undecodable message");
+    let report = subject
+        .transport()
+        .send(&[bad, outgoing(&format!("/topic/{key}.good"), "fine")])
+        .await;
+    assert!(report.all_receipted(), "{report:?}");
+    let event = next_event(&mut deliveries).await;
+    let SubscriptionEvent::Undecodable(undecodable) = event else {
+        panic!("expected the report of the undecodable message first, got {event:?}");
+    };
+    assert_eq!(undecodable.subscription, "consumer");
+    assert_eq!(undecodable.queue, topology.queue());
+    let fine = next_delivery(&mut deliveries).await;
+    assert_eq!(fine.body, b"fine");
+    consumer.ack(&fine).await.expect("ack");
+    eventually(
+        Duration::from_secs(10),
+        "the undecodable message is in the dead-letter queue",
+        || async { subject.queue_message_count(&dead_letter_queue) == Some(1) },
+    )
+    .await;
+}
+
+/// While the broker blocks publishers (a memory alarm) nothing is receipted, and the sender
+/// learns it from a slow broker, not a refusal; once unblocked, the waiting frames are read in
+/// order and the next send is receipted.
+pub(super) async fn a_blocked_connection_holds_its_messages_until_unblocked(subject: Subject) {
+    if !subject.runs("a_blocked_connection_holds_its_messages_until_unblocked") {
+        return;
+    }
+    let alarm = subject.alarm().expect("an alarm to raise");
+    let destination = format!("/queue/{}", unique("conformance_blocked"));
+    let connection = subject.connection();
+    let mut deliveries = connection
+        .subscribe(reader(&destination, "reader", &[]))
+        .await
+        .expect("subscribe");
+    alarm.set_receipt_timeout(Duration::from_millis(300));
+    alarm.set_blocked(true);
+    let report = subject
+        .transport()
+        .send(&[outgoing(&destination, "a"), outgoing(&destination, "b")])
+        .await;
+    assert_eq!(report.receipted(), vec![false, false]);
+    assert!(
+        report
+            .outcomes
+            .iter()
+            .all(|outcome| outcome.error().is_some_and(|e| e.is_slow_broker())),
+        "{report:?}"
+    );
+    no_delivery(&mut deliveries, subject.quiet()).await;
+    alarm.set_blocked(false);
+    let report = subject
+        .transport()
+        .send(&[outgoing(&destination, "c")])
+        .await;
+    assert!(report.all_receipted(), "{report:?}");
+    for body in ["a", "b", "c"] {
+        let delivery = next_delivery(&mut deliveries).await;
+        assert_eq!(delivery.body, body.as_bytes());
+        connection.ack(&delivery).await.expect("ack");
+    }
+}
