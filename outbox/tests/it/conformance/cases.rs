@@ -165,14 +165,21 @@ pub(super) async fn an_unroutable_message_is_dropped_or_returned(subject: Subjec
     let queue = format!("{key}_q");
     let _cleanup = subject.cleanup(&[&queue]);
     let destination = format!("/topic/{key}");
+    let missing_queue = format!("/amq/queue/{}", unique("missing"));
     let report = subject
         .transport()
-        .send(&[outgoing(&destination, "before")])
+        .send(&[
+            outgoing(&destination, "before"),
+            outgoing(&missing_queue, "before"),
+        ])
         .await;
     match subject.unroutable() {
-        Unroutable::Dropped => assert_eq!(report.outcomes, vec![Outcome::Receipted]),
+        Unroutable::Dropped => assert_eq!(report.outcomes, vec![Outcome::Receipted; 2]),
         Unroutable::Returned => assert!(
-            matches!(&report.outcomes[..], [Outcome::Unroutable(_)]),
+            matches!(
+                &report.outcomes[..],
+                [Outcome::Unroutable(_), Outcome::Unroutable(_)]
+            ),
             "{report:?}"
         ),
     }
@@ -239,6 +246,10 @@ pub(super) async fn a_nacked_message_is_dead_lettered_and_an_acked_one_is_gone(s
         .expect("subscribe to the dead-letter queue");
     let dead_letter = next_delivery(&mut dead).await;
     assert_eq!(dead_letter.body, b"rejected");
+    assert_eq!(
+        dead_letter.destination,
+        format!("/queue/{dead_letter_queue}")
+    );
     assert_eq!(
         dead_letter.header("x-first-death-queue"),
         Some(topology.queue())
@@ -325,8 +336,37 @@ pub(super) async fn redeclaring_a_queue_with_other_arguments_is_a_precondition_f
         .await
         .expect_err("a conflicting declaration is refused");
     let text = error.to_string();
-    assert!(text.contains("PRECONDITION_FAILED"), "{text}");
-    assert!(text.contains("inequivalent arg"), "{text}");
+    let expected = format!(
+        "PRECONDITION_FAILED - inequivalent arg 'x-dead-letter-routing-key' for queue '{}' in \
+         vhost '/': received none but current is the value '{}'",
+        topology.queue(),
+        topology.dead_letter_queue()
+    );
+    assert!(text.contains(&expected), "{text}");
+    // A SEND to `/queue/<q>` declares the queue with no arguments: refused the same way;
+    // `/amq/queue/<q>` reaches it without declaring.
+    let report = other
+        .send(&[outgoing(
+            &format!("/queue/{}", topology.queue()),
+            "declaring",
+        )])
+        .await;
+    assert!(!report.outcomes[0].is_receipted(), "{report:?}");
+    let failure = report
+        .failure()
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    assert!(failure.contains("PRECONDITION_FAILED"), "{report:?}");
+    let report = other
+        .send(&[outgoing(
+            &format!("/amq/queue/{}", topology.queue()),
+            "direct",
+        )])
+        .await;
+    assert!(report.all_receipted(), "{report:?}");
+    let delivery = next_delivery(&mut deliveries).await;
+    assert_eq!(delivery.body, b"direct");
+    consumer.ack(&delivery).await.expect("ack");
 
     let report = subject
         .transport()
