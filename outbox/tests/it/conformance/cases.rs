@@ -4,9 +4,11 @@
 use std::time::Duration;
 
 use outbox::consumer::Topology;
-use outbox::transport::{AckMode, Outcome, Outgoing, Subscription, SubscriptionEvent};
+use outbox::transport::{
+    AckMode, Deliveries, Outcome, Outgoing, Subscription, SubscriptionEvent, Transport,
+};
 use outbox_tests::eventually;
-use outbox_tests::stomp_peer::unique;
+use outbox_tests::stomp_peer::{QueueCleanup, unique};
 use outbox_tests::transports::{next_delivery, next_event, no_delivery, outgoing};
 
 use super::subject::{Refusal, Subject, Unroutable};
@@ -24,9 +26,36 @@ fn reader(destination: &str, id: &str, headers: &[(&str, &str)]) -> Subscription
     }
 }
 
-/// The topology a consumer of `/topic/<key>` declares, reading `<key>_q`.
-fn topology(subject: &Subject, destination: &str, key: &str) -> Topology {
-    Topology::new(subject.config(), destination, Some(&format!("{key}_q"))).expect("a topology")
+/// A consumer of `destination` reading `<key>_q`: its queues declared as the consumer declares
+/// them, and its subscription on a connection of its own.
+struct Consumer {
+    topology: Topology,
+    connection: Box<dyn Transport>,
+    deliveries: Deliveries,
+    _cleanup: QueueCleanup,
+}
+
+impl Consumer {
+    async fn start(subject: &Subject, destination: &str, key: &str) -> Consumer {
+        let topology = Topology::new(subject.config(), destination, Some(&format!("{key}_q")))
+            .expect("a topology");
+        let _cleanup = subject.cleanup(&[topology.queue(), &topology.dead_letter_queue()]);
+        topology
+            .declare(subject.transport())
+            .await
+            .expect("declare");
+        let connection = subject.connection();
+        let deliveries = connection
+            .subscribe(topology.subscription("consumer"))
+            .await
+            .expect("subscribe");
+        Consumer {
+            topology,
+            connection,
+            deliveries,
+            _cleanup,
+        }
+    }
 }
 
 /// Every message of a batch is receipted (confirmed), and reaches its queue in order.
@@ -212,18 +241,8 @@ pub(super) async fn an_unroutable_message_is_dropped_or_returned(subject: Subjec
 pub(super) async fn a_nacked_message_is_dead_lettered_and_an_acked_one_is_gone(subject: Subject) {
     let key = unique("conformance_dead_letter");
     let destination = format!("/topic/{key}");
-    let topology = topology(&subject, &destination, &key);
-    let dead_letter_queue = topology.dead_letter_queue();
-    let _cleanup = subject.cleanup(&[topology.queue(), &dead_letter_queue]);
-    topology
-        .declare(subject.transport())
-        .await
-        .expect("declare");
-    let consumer = subject.connection();
-    let mut deliveries = consumer
-        .subscribe(topology.subscription("consumer"))
-        .await
-        .expect("subscribe");
+    let mut consumer = Consumer::start(&subject, &destination, &key).await;
+    let dead_letter_queue = consumer.topology.dead_letter_queue();
     let report = subject
         .transport()
         .send(&[
@@ -232,16 +251,16 @@ pub(super) async fn a_nacked_message_is_dead_lettered_and_an_acked_one_is_gone(s
         ])
         .await;
     assert!(report.all_receipted(), "{report:?}");
-    let kept = next_delivery(&mut deliveries).await;
+    let kept = next_delivery(&mut consumer.deliveries).await;
     assert_eq!(kept.body, b"kept");
-    consumer.ack(&kept).await.expect("ack");
-    let rejected = next_delivery(&mut deliveries).await;
+    consumer.connection.ack(&kept).await.expect("ack");
+    let rejected = next_delivery(&mut consumer.deliveries).await;
     assert_eq!(rejected.body, b"rejected");
-    consumer.nack(&rejected).await.expect("nack");
+    consumer.connection.nack(&rejected).await.expect("nack");
 
     let dead_reader = subject.connection();
     let mut dead = dead_reader
-        .subscribe(topology.dead_letter_subscription("dead"))
+        .subscribe(consumer.topology.dead_letter_subscription("dead"))
         .await
         .expect("subscribe to the dead-letter queue");
     let dead_letter = next_delivery(&mut dead).await;
@@ -252,16 +271,16 @@ pub(super) async fn a_nacked_message_is_dead_lettered_and_an_acked_one_is_gone(s
     );
     assert_eq!(
         dead_letter.header("x-first-death-queue"),
-        Some(topology.queue())
+        Some(consumer.topology.queue())
     );
     assert_eq!(dead_letter.header("x-first-death-reason"), Some("rejected"));
     dead_reader.ack(&dead_letter).await.expect("ack");
     no_delivery(&mut dead, subject.quiet()).await;
 
-    consumer.disconnect().await.expect("disconnect");
+    consumer.connection.disconnect().await.expect("disconnect");
     let again = subject.connection();
     let mut deliveries = again
-        .subscribe(topology.subscription("again"))
+        .subscribe(consumer.topology.subscription("again"))
         .await
         .expect("subscribe again");
     no_delivery(&mut deliveries, subject.quiet()).await;
@@ -313,13 +332,7 @@ pub(super) async fn redeclaring_a_queue_with_other_arguments_is_a_precondition_f
 ) {
     let key = unique("conformance_conflict");
     let destination = format!("/topic/{key}");
-    let topology = topology(&subject, &destination, &key);
-    let _cleanup = subject.cleanup(&[topology.queue(), &topology.dead_letter_queue()]);
-    let consumer = subject.connection();
-    let mut deliveries = consumer
-        .subscribe(topology.subscription("consumer"))
-        .await
-        .expect("subscribe");
+    let mut consumer = Consumer::start(&subject, &destination, &key).await;
     let other = subject.connection();
     let conflicting = reader(
         &destination,
@@ -327,7 +340,7 @@ pub(super) async fn redeclaring_a_queue_with_other_arguments_is_a_precondition_f
         &[
             ("durable", "true"),
             ("auto-delete", "false"),
-            ("x-queue-name", topology.queue()),
+            ("x-queue-name", consumer.topology.queue()),
             ("x-dead-letter-exchange", ""),
         ],
     );
@@ -339,15 +352,15 @@ pub(super) async fn redeclaring_a_queue_with_other_arguments_is_a_precondition_f
     let expected = format!(
         "PRECONDITION_FAILED - inequivalent arg 'x-dead-letter-routing-key' for queue '{}' in \
          vhost '/': received none but current is the value '{}'",
-        topology.queue(),
-        topology.dead_letter_queue()
+        consumer.topology.queue(),
+        consumer.topology.dead_letter_queue()
     );
     assert!(text.contains(&expected), "{text}");
     // A SEND to `/queue/<q>` declares the queue with no arguments: refused the same way;
     // `/amq/queue/<q>` reaches it without declaring.
     let report = other
         .send(&[outgoing(
-            &format!("/queue/{}", topology.queue()),
+            &format!("/queue/{}", consumer.topology.queue()),
             "declaring",
         )])
         .await;
@@ -359,24 +372,24 @@ pub(super) async fn redeclaring_a_queue_with_other_arguments_is_a_precondition_f
     assert!(failure.contains("PRECONDITION_FAILED"), "{report:?}");
     let report = other
         .send(&[outgoing(
-            &format!("/amq/queue/{}", topology.queue()),
+            &format!("/amq/queue/{}", consumer.topology.queue()),
             "direct",
         )])
         .await;
     assert!(report.all_receipted(), "{report:?}");
-    let delivery = next_delivery(&mut deliveries).await;
+    let delivery = next_delivery(&mut consumer.deliveries).await;
     assert_eq!(delivery.body, b"direct");
-    consumer.ack(&delivery).await.expect("ack");
+    consumer.connection.ack(&delivery).await.expect("ack");
 
     let report = subject
         .transport()
         .send(&[outgoing(&destination, "after")])
         .await;
     assert!(report.all_receipted(), "{report:?}");
-    let delivery = next_delivery(&mut deliveries).await;
+    let delivery = next_delivery(&mut consumer.deliveries).await;
     assert_eq!(delivery.body, b"after");
-    consumer.ack(&delivery).await.expect("ack");
-    no_delivery(&mut deliveries, subject.quiet()).await;
+    consumer.connection.ack(&delivery).await.expect("ack");
+    no_delivery(&mut consumer.deliveries, subject.quiet()).await;
 }
 
 /// A message a consumer's subscription cannot decode is reported to it
@@ -387,18 +400,8 @@ pub(super) async fn an_undecodable_message_is_reported_and_dead_lettered(subject
     }
     let key = unique("conformance_undecodable");
     let destination = format!("/topic/{key}.*");
-    let topology = topology(&subject, &destination, &key);
-    let dead_letter_queue = topology.dead_letter_queue();
-    let _cleanup = subject.cleanup(&[topology.queue(), &dead_letter_queue]);
-    topology
-        .declare(subject.transport())
-        .await
-        .expect("declare");
-    let consumer = subject.connection();
-    let mut deliveries = consumer
-        .subscribe(topology.subscription("consumer"))
-        .await
-        .expect("subscribe");
+    let mut consumer = Consumer::start(&subject, &destination, &key).await;
+    let dead_letter_queue = consumer.topology.dead_letter_queue();
     let bad = subject
         .undecodable_message(&format!("/topic/{key}.bad"))
         .expect("an undecodable message");
@@ -407,15 +410,15 @@ pub(super) async fn an_undecodable_message_is_reported_and_dead_lettered(subject
         .send(&[bad, outgoing(&format!("/topic/{key}.good"), "fine")])
         .await;
     assert!(report.all_receipted(), "{report:?}");
-    let event = next_event(&mut deliveries).await;
+    let event = next_event(&mut consumer.deliveries).await;
     let SubscriptionEvent::Undecodable(undecodable) = event else {
         panic!("expected the report of the undecodable message first, got {event:?}");
     };
     assert_eq!(undecodable.subscription, "consumer");
-    assert_eq!(undecodable.queue, topology.queue());
-    let fine = next_delivery(&mut deliveries).await;
+    assert_eq!(undecodable.queue, consumer.topology.queue());
+    let fine = next_delivery(&mut consumer.deliveries).await;
     assert_eq!(fine.body, b"fine");
-    consumer.ack(&fine).await.expect("ack");
+    consumer.connection.ack(&fine).await.expect("ack");
     eventually(
         Duration::from_secs(10),
         "the undecodable message is in the dead-letter queue",
