@@ -32,14 +32,15 @@ pub(crate) const DIFFERENCES: &[(&str, &str)] = &[
     (
         "stomp::a_blocked_connection_holds_its_messages_until_unblocked",
         "needs RabbitMQ's memory alarm, which a shared run must not raise: covered by the \
-         isolated CI step broker_blocked_by_a_memory_alarm_charges_nothing_stops_and_resumes \
+         isolated CI step broker_blocked, test \
+         broker_blocked_by_a_memory_alarm_charges_nothing_stops_and_resumes \
          (tests/tests/faults_stomp.rs)",
     ),
     (
         "amqp::a_blocked_connection_holds_its_messages_until_unblocked",
         "needs RabbitMQ's memory alarm, which a shared run must not raise: covered by the \
-         isolated CI step broker_blocked_over_amqp_charges_nothing_stops_and_resumes \
-         (tests/tests/faults_stomp.rs)",
+         isolated CI step broker_blocked, test \
+         broker_blocked_over_amqp_charges_nothing_stops_and_resumes (tests/tests/faults_stomp.rs)",
     ),
 ];
 
