@@ -3,14 +3,14 @@
 //! scenario on every backend or transport.
 //!
 //! - [`binaries`]: the `outbox` command, for suites that run it.
-//! - [`db`]: a fresh database per test (`TestDb`), `eventually`, and [`on_every_backend!`].
+//! - [`db`]: a fresh database per test (`TestDb`), `eventually`, and [`on_every_backend!`](crate::on_every_backend).
 //! - [`settings`]: `OutboxConfig`s for STOMP and AMQP with the tests' short timings.
 //! - [`stomp_peer`]: a raw STOMP client for RabbitMQ, queue names and clean-up.
 //! - [`proxy`]: a TCP proxy that cuts, stalls, slows or refuses a link.
 //! - [`certs`]: certificate authorities and leaves made for one test.
 //! - [`effects`]: the business table a consumer's callback writes to, and its counts.
 //! - [`faults`]: the fault suite's known sets, wire counter and summary lines.
-//! - [`transports`]: the transports a scenario runs over, and [`on_every_transport!`].
+//! - [`transports`]: the transports a scenario runs over, and [`on_every_transport!`](crate::on_every_transport).
 
 pub mod binaries;
 pub mod certs;

@@ -1,4 +1,4 @@
-//! The protocols a scenario speaks to RabbitMQ, [`on_every_transport!`], which runs a
+//! The protocols a scenario speaks to RabbitMQ, [`on_every_transport!`](crate::on_every_transport), which runs a
 //! scenario over each, and the waits a test of a `Transport` makes on its subscriptions.
 
 use std::net::SocketAddr;
