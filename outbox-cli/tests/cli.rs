@@ -13,7 +13,8 @@ use outbox::tables::published::Status;
 use outbox::tables::published::{Column, Model as Row};
 use outbox::{Consumer, OutboxConfig, Payload, Published, Received};
 use outbox_tests::stomp_peer::{
-    QueueCleanup, RABBITMQ_STOMP, StompPeer, queue_message_count, topic_reader, unique,
+    QueueCleanup, RABBITMQ_STOMP, StompPeer, queue_figure, queue_message_count, topic_reader,
+    unique,
 };
 use outbox_tests::{Backend, TestDb, eventually, on_every_backend};
 use sea_orm::ActiveValue::Set;
@@ -533,21 +534,7 @@ fn consumer_config() -> OutboxConfig {
 
 /// The messages of a queue ready for a consumer (not those handed out and unacknowledged).
 fn ready_messages(queue: &str) -> Option<usize> {
-    let output = std::process::Command::new("rabbitmqctl")
-        .args([
-            "--quiet",
-            "list_queues",
-            "--no-table-headers",
-            "name",
-            "messages_ready",
-        ])
-        .output()
-        .ok()?;
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter_map(|line| line.split_once('\t'))
-        .find(|(name, _)| *name == queue)
-        .and_then(|(_, count)| count.trim().parse().ok())
+    queue_figure(queue, "messages_ready")
 }
 
 #[tokio::test]

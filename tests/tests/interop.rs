@@ -24,7 +24,9 @@ use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
 use outbox::consumer::ConsumerHandle;
 use outbox::{Consumer, OutboxConfig, Payload};
-use outbox_tests::stomp_peer::{QueueCleanup, RABBITMQ_STOMP, StompPeer, unescape, unique};
+use outbox_tests::stomp_peer::{
+    QueueCleanup, RABBITMQ_STOMP, StompPeer, queue_figure, unescape, unique,
+};
 use outbox_tests::{Backend, TestDb, eventually};
 use sea_orm::{ConnectionTrait, DatabaseConnection, EntityTrait, Statement};
 use serde_json::Value;
@@ -327,21 +329,7 @@ fn our_relay(database_url: &str, stomp: &str) -> Child {
 
 /// The consumers RabbitMQ counts on `queue`, `None` when the queue does not exist.
 fn queue_consumers(queue: &str) -> Option<usize> {
-    let output = std::process::Command::new("rabbitmqctl")
-        .args([
-            "--quiet",
-            "list_queues",
-            "--no-table-headers",
-            "name",
-            "consumers",
-        ])
-        .output()
-        .ok()?;
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter_map(|line| line.split_once('\t'))
-        .find(|(name, _)| *name == queue)
-        .and_then(|(_, count)| count.trim().parse().ok())
+    queue_figure(queue, "consumers")
 }
 
 async fn wait_consumers(queue: &str, count: usize) {
