@@ -15,11 +15,12 @@ use outbox::transport::{
 };
 use outbox::{OutboxConfig, Producer, Published};
 use outbox_tests::certs::{Ca, Files};
+use outbox_tests::rows::enqueue_poison_between_goods;
 use outbox_tests::stomp_peer::{
     QueueCleanup, RABBITMQ_STOMP, StompPeer, queue_message_count, topic_reader, unique,
 };
 use outbox_tests::{Backend, TestDb, eventually};
-use sea_orm::{DatabaseConnection, EntityTrait, TransactionTrait};
+use sea_orm::{DatabaseConnection, EntityTrait};
 use serde_json::json;
 
 /// RabbitMQ's AMQP listener, guest/guest, vhost `/`.
@@ -367,21 +368,7 @@ async fn a_poison_publish_charges_only_its_row() {
     let (mut reader, _cleanup) = topic_reader(&key).await;
     let good = format!("/topic/{key}");
     let poison = format!("/exchange/{}/x", unique("missing"));
-    let txn = test.db.begin().await.unwrap();
-    for n in 0..3 {
-        outbox::enqueue(&txn, &good, &json!({ "n": n }))
-            .await
-            .unwrap();
-    }
-    let bad = outbox::enqueue(&txn, &poison, &json!({"poison": true}))
-        .await
-        .unwrap();
-    for n in 3..6 {
-        outbox::enqueue(&txn, &good, &json!({ "n": n }))
-            .await
-            .unwrap();
-    }
-    txn.commit().await.unwrap();
+    let bad = enqueue_poison_between_goods(&test.db, &good, &poison).await;
     let mut config = amqp_config(RABBITMQ_AMQP);
     config.maximum_retry_attempts = 3;
     let producer = Producer::builder(test.db.clone())
