@@ -5,9 +5,10 @@
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::net::SocketAddr;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use crate::db::{count_with_status, eventually};
+use crate::db::{Backend, TestDb, count_with_status, eventually};
 pub use crate::effects::{
     create_effects_table, distinct_effects, effect_counts, effect_notes, insert_effect,
 };
@@ -19,7 +20,7 @@ use crate::stomp_peer::{
 pub use crate::transports::TransportKind;
 use outbox::tables::published::Column;
 use outbox::tables::published::Status;
-use outbox::{OutboxConfig, Payload, Published};
+use outbox::{OutboxConfig, Payload, Producer, Published};
 use sea_orm::{
     ColumnTrait, ConnectOptions, Database, DatabaseConnection, EntityTrait, PaginatorTrait,
     QueryFilter, TransactionTrait,
@@ -330,4 +331,95 @@ pub async fn wait_until_consumed(db: &DatabaseConnection, queue: &str, n: usize,
         queue_message_count(queue) == Some(0)
     })
     .await;
+}
+
+/// The start of a fault scenario: a PostgreSQL database with the effects table, and a fresh
+/// destination (see [`fresh_destination`]) with its consumer queues declared over `kind`.
+pub async fn fault_start(
+    prefix: &str,
+    kind: TransportKind,
+) -> (TestDb, (String, String, String, QueueCleanup)) {
+    let test = TestDb::new(Backend::Postgres).await;
+    create_effects_table(&test.db).await;
+    let destination = fresh_destination(prefix);
+    declare_consumer_queues_over(kind, &destination.0).await;
+    (test, destination)
+}
+
+/// Relays every pending row with `config` in one drain, which must send `n`.
+pub async fn relay_everything(db: &DatabaseConnection, config: OutboxConfig, n: usize) {
+    let report = Producer::builder(db.clone())
+        .config(config)
+        .build()
+        .unwrap()
+        .drain()
+        .await
+        .unwrap();
+    assert_eq!(report.sent, n);
+}
+
+/// `outbox publish` on the database at `url` with the fault suite's short timings and chunks of
+/// `chunk_size`, its output dropped, killed when dropped; the caller points it at a broker.
+pub fn publish_command(url: &str, chunk_size: usize) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(crate::binaries::outbox_command());
+    command
+        .arg("publish")
+        .env("DATABASE_URL", url)
+        .env("OUTBOX_PRODUCER_WAITING_TIME", "0.1")
+        .env("OUTBOX_PUBLISHED_CHUNK_SIZE", chunk_size.to_string())
+        .env("OUTBOX_PRODUCER_LEASE", "2")
+        .env("OUTBOX_RECEIPT_TIMEOUT", "1")
+        .env("OUTBOX_MAXIMUM_BACKOFF", "0.3")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    command
+}
+
+/// This test binary run again with the ignored test `test` alone and the variables `vars`: a
+/// child process a scenario kills. Its output is dropped.
+pub fn spawn_child_test(test: &str, vars: &[(&str, &str)]) -> tokio::process::Child {
+    tokio::process::Command::new(std::env::current_exe().expect("this test binary"))
+        .args([
+            test,
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .envs(vars.iter().copied())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the consumer child")
+}
+
+/// Starts a consumer child `kills` times and kills each once the effects have reached its share
+/// of `n`, plus a random pause under `pause_ms`. Returns how many kills landed before all `n`
+/// effects were done.
+pub async fn kill_consumer_children(
+    db: &DatabaseConnection,
+    n: usize,
+    kills: usize,
+    pause_ms: u64,
+    mut spawn: impl FnMut() -> tokio::process::Child,
+) -> usize {
+    let step = n / (kills + 1);
+    let mut mid_run_kills = 0;
+    for k in 1..=kills {
+        let mut child = spawn();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while distinct_effects(db).await < step * k && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(random(pause_ms))).await;
+        kill(&mut child).await;
+        if distinct_effects(db).await < n {
+            mid_run_kills += 1;
+        }
+    }
+    mid_run_kills
 }

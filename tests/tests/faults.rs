@@ -60,11 +60,8 @@ async fn relay_killed_repeatedly(kind: TransportKind) {
     let started = Instant::now();
     let n = counts(1000, 5000);
     let kills = counts(6, 20);
-    let test = TestDb::new(Backend::Postgres).await;
-    create_effects_table(&test.db).await;
-    let (destination, queue, wire_queue, _cleanup) =
-        fresh_destination(&kind.summary_name("fault_relay_kill"));
-    declare_consumer_queues_over(kind, &destination).await;
+    let (test, (destination, queue, wire_queue, _cleanup)) =
+        fault_start(&kind.summary_name("fault_relay_kill"), kind).await;
     let mut wire = WireCounter::start(&destination, &wire_queue).await;
     // A slow link makes each batch take a while, so that kills land between send and mark.
     let proxy = FaultProxy::start(kind.broker_addr()).await;
@@ -78,19 +75,8 @@ async fn relay_killed_repeatedly(kind: TransportKind) {
         .unwrap();
 
     let relay = |proxy: &FaultProxy| {
-        let mut command = tokio::process::Command::new(outbox_tests::binaries::outbox_command());
+        let mut command = publish_command(&test.url, 25);
         kind.point_command(&mut command, proxy.addr())
-            .arg("publish")
-            .env("DATABASE_URL", &test.url)
-            .env("OUTBOX_PRODUCER_WAITING_TIME", "0.1")
-            .env("OUTBOX_PUBLISHED_CHUNK_SIZE", "25")
-            .env("OUTBOX_PRODUCER_LEASE", "2")
-            .env("OUTBOX_RECEIPT_TIMEOUT", "1")
-            .env("OUTBOX_MAXIMUM_BACKOFF", "0.3")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
             .spawn()
             .expect("start outbox publish")
     };
@@ -197,54 +183,22 @@ async fn consumer_killed_repeatedly(kind: TransportKind) {
     let started = Instant::now();
     let n = counts(600, 5000);
     let kills = counts(6, 20);
-    let test = TestDb::new(Backend::Postgres).await;
-    create_effects_table(&test.db).await;
-    let (destination, queue, _wire_queue, _cleanup) =
-        fresh_destination(&kind.summary_name("fault_consumer_kill"));
-    declare_consumer_queues_over(kind, &destination).await;
+    let (test, (destination, queue, _wire_queue, _cleanup)) =
+        fault_start(&kind.summary_name("fault_consumer_kill"), kind).await;
     enqueue_many(&test.db, &destination, n, 0).await;
-    let report = Producer::builder(test.db.clone())
-        .config(kind.config())
-        .build()
-        .unwrap()
-        .drain()
-        .await
-        .unwrap();
-    assert_eq!(report.sent, n);
+    relay_everything(&test.db, kind.config(), n).await;
 
     let spawn = || {
-        tokio::process::Command::new(std::env::current_exe().expect("this test binary"))
-            .args([
-                "fault_child_consumer",
-                "--exact",
-                "--ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(CHILD_DB, &test.url)
-            .env(CHILD_DESTINATION, &destination)
-            .env(CHILD_TRANSPORT, kind.name())
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start the consumer child")
+        spawn_child_test(
+            "fault_child_consumer",
+            &[
+                (CHILD_DB, &test.url),
+                (CHILD_DESTINATION, &destination),
+                (CHILD_TRANSPORT, kind.name()),
+            ],
+        )
     };
-    let step = n / (kills + 1);
-    let mut mid_run_kills = 0;
-    for k in 1..=kills {
-        let mut child = spawn();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while distinct_effects(&test.db).await < step * k && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        tokio::time::sleep(Duration::from_millis(random(30))).await;
-        kill(&mut child).await;
-        if distinct_effects(&test.db).await < n {
-            mid_run_kills += 1;
-        }
-    }
+    let mid_run_kills = kill_consumer_children(&test.db, n, kills, 30, spawn).await;
     let mut last = spawn();
     wait_until_consumed(&test.db, &queue, n, Duration::from_secs(90)).await;
     kill(&mut last).await;

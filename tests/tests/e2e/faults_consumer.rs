@@ -6,14 +6,12 @@
 //! `fault.consumer_killed_mid_group sent=N effects=N lost=0 duplicate_effects=0 ...`
 
 use std::collections::HashMap;
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use outbox::{Consumer, Payload, Producer};
 use outbox_tests::faults::*;
 use outbox_tests::stomp_peer::{RABBITMQ_STOMP, queue_message_count};
-use outbox_tests::{Backend, TestDb};
 
 /// How many of its first attempts hang, for the message with this key: one in eight hangs once,
 /// one in twenty-five twice (the consumer retries three times: all of them get through).
@@ -34,10 +32,8 @@ fn hung_attempts(key: &str) -> usize {
 async fn hung_callbacks_are_abandoned_at_the_deadline_and_nothing_is_lost_or_doubled() {
     let started = Instant::now();
     let n = counts(200, 2000);
-    let test = TestDb::new(Backend::Postgres).await;
-    create_effects_table(&test.db).await;
-    let (destination, queue, wire_queue, _cleanup) = fresh_destination("fault_hung_callback");
-    declare_consumer_queues(&destination).await;
+    let (test, (destination, queue, wire_queue, _cleanup)) =
+        fault_start("fault_hung_callback", TransportKind::Stomp).await;
     let mut wire = WireCounter::start(&destination, &wire_queue).await;
     enqueue_many(&test.db, &destination, n, 0).await;
     let relay = Producer::builder(pool(&test.url, 3).await)
@@ -148,53 +144,22 @@ async fn consumer_killed_mid_group_loses_nothing_and_duplicates_no_effect() {
     let started = Instant::now();
     let n = counts(600, 5000);
     let kills = counts(6, 20);
-    let test = TestDb::new(Backend::Postgres).await;
-    create_effects_table(&test.db).await;
-    let (destination, queue, wire_queue, _cleanup) = fresh_destination("fault_group_kill");
-    declare_consumer_queues(&destination).await;
+    let (test, (destination, queue, wire_queue, _cleanup)) =
+        fault_start("fault_group_kill", TransportKind::Stomp).await;
     let mut wire = WireCounter::start(&destination, &wire_queue).await;
     enqueue_many(&test.db, &destination, n, 0).await;
-    let report = Producer::builder(test.db.clone())
-        .config(config(RABBITMQ_STOMP))
-        .build()
-        .unwrap()
-        .drain()
-        .await
-        .unwrap();
-    assert_eq!(report.sent, n);
+    relay_everything(&test.db, config(RABBITMQ_STOMP), n).await;
 
     let spawn = || {
-        tokio::process::Command::new(std::env::current_exe().expect("this test binary"))
-            .args([
-                "faults_consumer::fault_child_group_consumer",
-                "--exact",
-                "--ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(GROUP_CHILD_DB, &test.url)
-            .env(GROUP_CHILD_DESTINATION, &destination)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start the consumer child")
+        spawn_child_test(
+            "faults_consumer::fault_child_group_consumer",
+            &[
+                (GROUP_CHILD_DB, &test.url),
+                (GROUP_CHILD_DESTINATION, &destination),
+            ],
+        )
     };
-    let step = n / (kills + 1);
-    let mut mid_run_kills = 0;
-    for k in 1..=kills {
-        let mut child = spawn();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while distinct_effects(&test.db).await < step * k && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        tokio::time::sleep(Duration::from_millis(random(40))).await;
-        kill(&mut child).await;
-        if distinct_effects(&test.db).await < n {
-            mid_run_kills += 1;
-        }
-    }
+    let mid_run_kills = kill_consumer_children(&test.db, n, kills, 40, spawn).await;
     let mut last = spawn();
     wait_until_consumed(&test.db, &queue, n, Duration::from_secs(90)).await;
     kill(&mut last).await;
