@@ -532,6 +532,17 @@ fn consumer_config() -> OutboxConfig {
     config
 }
 
+/// A fresh queue, its dead-letter queue and its topic, declared by `outbox declare`; the
+/// clean-up deletes both queues.
+async fn declared_with_dead_letters(prefix: &str) -> (String, String, String, QueueCleanup) {
+    let queue = unique(prefix);
+    let dead_letters = format!("DLQ.{queue}");
+    let cleanup = QueueCleanup(vec![queue.clone(), dead_letters.clone()]);
+    let destination = format!("/topic/{queue}");
+    outbox(None, &["declare", &destination]).await.ok();
+    (queue, dead_letters, destination, cleanup)
+}
+
 /// The messages of a queue ready for a consumer (not those handed out and unacknowledged).
 fn ready_messages(queue: &str) -> Option<usize> {
     queue_figure(queue, "messages_ready")
@@ -540,11 +551,7 @@ fn ready_messages(queue: &str) -> Option<usize> {
 #[tokio::test]
 async fn a_dead_letter_is_listed_without_loss_then_replayed_and_processed_once() {
     let test = TestDb::new(Backend::Postgres).await;
-    let queue = unique("cli_dlq");
-    let dead_letters = format!("DLQ.{queue}");
-    let _cleanup = QueueCleanup(vec![queue.clone(), dead_letters.clone()]);
-    let destination = format!("/topic/{queue}");
-    outbox(None, &["declare", &destination]).await.ok();
+    let (queue, dead_letters, destination, _cleanup) = declared_with_dead_letters("cli_dlq").await;
 
     // A callback that fails the first time: the message is dead-lettered, then succeeds.
     let calls = Arc::new(AtomicUsize::new(0));
@@ -857,11 +864,8 @@ async fn settings_that_once_panicked_or_looped_now_fail_at_start_naming_the_vari
 #[tokio::test]
 async fn replay_without_a_limit_ends_on_a_message_without_an_id_that_keeps_failing() {
     let test = TestDb::new(Backend::Postgres).await;
-    let queue = unique("cli_dlq_loop");
-    let dead_letters = format!("DLQ.{queue}");
-    let _cleanup = QueueCleanup(vec![queue.clone(), dead_letters.clone()]);
-    let destination = format!("/topic/{queue}");
-    outbox(None, &["declare", &destination]).await.ok();
+    let (queue, dead_letters, destination, _cleanup) =
+        declared_with_dead_letters("cli_dlq_loop").await;
     // Every attempt fails: each copy the replay sends is dead-lettered again at once.
     let calls = Arc::new(AtomicUsize::new(0));
     let consumer = Consumer::builder(test.db.clone())
