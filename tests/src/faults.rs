@@ -20,7 +20,7 @@ use crate::stomp_peer::{
 pub use crate::transports::TransportKind;
 use outbox::tables::published::Column;
 use outbox::tables::published::Status;
-use outbox::{OutboxConfig, Payload, Producer, Published};
+use outbox::{Consumer, OutboxConfig, Payload, Producer, Published};
 use sea_orm::{
     ColumnTrait, ConnectOptions, Database, DatabaseConnection, EntityTrait, PaginatorTrait,
     QueryFilter, TransactionTrait,
@@ -422,4 +422,19 @@ pub async fn kill_consumer_children(
         }
     }
     mid_run_kills
+}
+
+/// Runs `consumer` until the child process is killed: each message records its effect, waits
+/// `pause` between the effect and the commit (where a kill hurts most), and is saved.
+pub async fn consume_until_killed(consumer: Consumer, pause: Duration) {
+    consumer
+        .run(move |payload: Payload| async move {
+            let key = payload.message_id().unwrap_or_default().to_owned();
+            insert_effect(payload.db(), &key, "ok").await?;
+            tokio::time::sleep(pause).await;
+            payload.save();
+            Ok::<_, BoxError>(())
+        })
+        .await
+        .expect("child: consumer ran");
 }

@@ -33,6 +33,7 @@ use outbox::config::Secret;
 use outbox::tables::published::Status;
 use outbox::transport::{StompSettings, StompTransport, Transport, TransportError};
 use outbox::{Consumer, OutboxConfig, Payload, Producer};
+use outbox_tests::binaries::child_vars;
 use outbox_tests::faults::*;
 use outbox_tests::proxy::FaultProxy;
 use outbox_tests::stomp_peer::{RABBITMQ_STOMP, StompPeer, queue_message_count, unique};
@@ -40,19 +41,30 @@ use outbox_tests::{Backend, TestDb, count_with_status, eventually};
 use sea_orm::{ConnectionTrait, EntityTrait, Statement, TransactionTrait};
 use serde_json::json;
 
+/// The two tests of a scenario, an `async fn(TransportKind)`: the relay and the consumer over
+/// STOMP (the first name), then both over AMQP 0-9-1 (the second name).
+macro_rules! over_stomp_and_amqp {
+    ($scenario:ident, $stomp:ident, $amqp:ident $(,)?) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $stomp() {
+            $scenario(TransportKind::Stomp).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $amqp() {
+            $scenario(TransportKind::Amqp).await;
+        }
+    };
+}
+
 // ---------------------------------------------------------------------------------------------
 // 1. The relay killed (SIGKILL of `outbox publish`) again and again during a run
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn relay_killed_repeatedly_loses_nothing_and_duplicates_no_effect() {
-    relay_killed_repeatedly(TransportKind::Stomp).await;
-}
-
-/// The same with the relay and the consumer over AMQP 0-9-1.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn relay_killed_repeatedly_over_amqp_loses_nothing_and_duplicates_no_effect() {
-    relay_killed_repeatedly(TransportKind::Amqp).await;
-}
+over_stomp_and_amqp!(
+    relay_killed_repeatedly,
+    relay_killed_repeatedly_loses_nothing_and_duplicates_no_effect,
+    relay_killed_repeatedly_over_amqp_loses_nothing_and_duplicates_no_effect,
+);
 
 /// `outbox publish` over `kind`, through a slow proxy, killed `kills` times; the consumer over
 /// `kind` too.
@@ -137,8 +149,7 @@ const CHILD_TRANSPORT: &str = "OUTBOX_TEST_FAULT_CHILD_TRANSPORT";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "the consumer child process of consumer_killed_repeatedly_...; runs only as a child"]
 async fn fault_child_consumer() {
-    let (Ok(url), Ok(destination)) = (std::env::var(CHILD_DB), std::env::var(CHILD_DESTINATION))
-    else {
+    let Some((url, destination)) = child_vars(CHILD_DB, CHILD_DESTINATION) else {
         return;
     };
     let kind = match std::env::var(CHILD_TRANSPORT) {
@@ -153,29 +164,15 @@ async fn fault_child_consumer() {
         .in_flight(4)
         .build()
         .expect("child: consumer");
-    consumer
-        .run(|payload: Payload| async move {
-            let key = payload.message_id().unwrap_or_default().to_owned();
-            insert_effect(payload.db(), &key, "ok").await?;
-            // Between the effect and the commit: where a kill hurts most.
-            tokio::time::sleep(Duration::from_millis(3)).await;
-            payload.save();
-            Ok::<_, BoxError>(())
-        })
-        .await
-        .expect("child: consumer ran");
+    consume_until_killed(consumer, Duration::from_millis(3)).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn consumer_killed_repeatedly_loses_nothing_and_duplicates_no_effect() {
-    consumer_killed_repeatedly(TransportKind::Stomp).await;
-}
-
-/// The same with the consumer (and the relay before it) over AMQP 0-9-1.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn consumer_killed_repeatedly_over_amqp_loses_nothing_and_duplicates_no_effect() {
-    consumer_killed_repeatedly(TransportKind::Amqp).await;
-}
+// Over AMQP, the consumer and the relay before it.
+over_stomp_and_amqp!(
+    consumer_killed_repeatedly,
+    consumer_killed_repeatedly_loses_nothing_and_duplicates_no_effect,
+    consumer_killed_repeatedly_over_amqp_loses_nothing_and_duplicates_no_effect,
+);
 
 /// Every message relayed over `kind`, then a child consumer over `kind` killed `kills` times
 /// during processing.
@@ -469,17 +466,12 @@ async fn poison_messages_end_where_spec_says_and_later_messages_flow() {
 // ---------------------------------------------------------------------------------------------
 // 4. The broker connection cut and stalled (proxy) during relay and consumption
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn broker_connections_cut_and_stalled_lose_nothing_and_duplicate_no_effect() {
-    broker_connections_cut_and_stalled(TransportKind::Stomp).await;
-}
-
-/// The same with the relay and the consumer over AMQP 0-9-1 (whose heartbeats are whole
-/// seconds: 1 s here, a stall noticed after 2 s).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn broker_connections_cut_and_stalled_over_amqp_lose_nothing_and_duplicate_no_effect() {
-    broker_connections_cut_and_stalled(TransportKind::Amqp).await;
-}
+// Over AMQP 0-9-1, heartbeats are whole seconds: 1 s here, a stall noticed after 2 s.
+over_stomp_and_amqp!(
+    broker_connections_cut_and_stalled,
+    broker_connections_cut_and_stalled_lose_nothing_and_duplicate_no_effect,
+    broker_connections_cut_and_stalled_over_amqp_lose_nothing_and_duplicate_no_effect,
+);
 
 /// A relay and a consumer over `kind`, each through a proxy that cuts and stalls its link.
 async fn broker_connections_cut_and_stalled(kind: TransportKind) {

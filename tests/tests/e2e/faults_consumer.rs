@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use outbox::{Consumer, Payload, Producer};
+use outbox_tests::binaries::child_vars;
 use outbox_tests::faults::*;
 use outbox_tests::stomp_peer::{RABBITMQ_STOMP, queue_message_count};
 
@@ -112,10 +113,7 @@ const GROUP_CHILD_DESTINATION: &str = "OUTBOX_TEST_FAULT_GROUP_CHILD_DESTINATION
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "the consumer child process of consumer_killed_mid_group_...; runs only as a child"]
 async fn fault_child_group_consumer() {
-    let (Ok(url), Ok(destination)) = (
-        std::env::var(GROUP_CHILD_DB),
-        std::env::var(GROUP_CHILD_DESTINATION),
-    ) else {
+    let Some((url, destination)) = child_vars(GROUP_CHILD_DB, GROUP_CHILD_DESTINATION) else {
         return;
     };
     let consumer = Consumer::builder(pool(&url, 4).await)
@@ -126,17 +124,8 @@ async fn fault_child_group_consumer() {
         .group_wait(Duration::from_millis(20))
         .build()
         .expect("child: consumer");
-    consumer
-        .run(|payload: Payload| async move {
-            let key = payload.message_id().unwrap_or_default().to_owned();
-            insert_effect(payload.db(), &key, "ok").await?;
-            // A group takes tens of milliseconds: most kills land inside one.
-            tokio::time::sleep(Duration::from_millis(2)).await;
-            payload.save();
-            Ok::<_, BoxError>(())
-        })
-        .await
-        .expect("child: consumer ran");
+    // A group takes tens of milliseconds: most kills land inside one.
+    consume_until_killed(consumer, Duration::from_millis(2)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
