@@ -740,20 +740,25 @@ async fn usage_and_configuration_errors_exit_2_and_operational_failures_exit_1()
     assert!(help.stdout.contains("Exit codes"), "{}", help.stdout);
 }
 
+/// `outbox publish` on the database at `url`, polling every 0.1 s, its output shown.
+fn spawn_publish(url: &str) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_outbox"))
+        .arg("publish")
+        .env("DATABASE_URL", url)
+        .env("OUTBOX_STOMP_HOST_AND_PORTS", RABBITMQ_STOMP)
+        .env("OUTBOX_PRODUCER_WAITING_TIME", "0.1")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start outbox publish")
+}
+
 #[tokio::test]
 async fn the_outbox_binary_relays_and_exits_zero_on_sigterm_with_no_row_left_claimed() {
     let test = TestDb::new(Backend::Postgres).await;
     let key = unique("relay_binary");
     let (mut reader, _cleanup) = topic_reader(&key).await;
     enqueue(&test.db, &format!("/topic/{key}"), 50).await;
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_outbox"))
-        .arg("publish")
-        .env("DATABASE_URL", &test.url)
-        .env("OUTBOX_STOMP_HOST_AND_PORTS", RABBITMQ_STOMP)
-        .env("OUTBOX_PRODUCER_WAITING_TIME", "0.1")
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start outbox publish");
+    let mut child = spawn_publish(&test.url);
     let mut ids = std::collections::HashSet::new();
     while ids.len() < 50 {
         let frame = reader
@@ -789,14 +794,7 @@ async fn the_relay_stops_on_sigquit_as_on_sigterm() {
     let key = unique("relay_sigquit");
     let (mut reader, _cleanup) = topic_reader(&key).await;
     enqueue(&test.db, &format!("/topic/{key}"), 1).await;
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_outbox"))
-        .arg("publish")
-        .env("DATABASE_URL", &test.url)
-        .env("OUTBOX_STOMP_HOST_AND_PORTS", RABBITMQ_STOMP)
-        .env("OUTBOX_PRODUCER_WAITING_TIME", "0.1")
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start outbox publish");
+    let mut child = spawn_publish(&test.url);
     // Relaying shows the relay runs, its signal handlers installed.
     reader
         .next_message(Duration::from_secs(20))

@@ -5,6 +5,8 @@ use outbox::tables::published::Model as Row;
 use sea_orm::{ConnectionTrait, DatabaseConnection, EntityTrait, TransactionTrait};
 use serde_json::json;
 
+use crate::stomp_peer::{QueueCleanup, StompPeer, topic_reader, unique};
+
 /// Every row of the outbox table.
 pub async fn rows(db: &DatabaseConnection) -> Vec<Row> {
     Published::find().all(db).await.expect("read the outbox")
@@ -18,21 +20,35 @@ pub async fn enqueue_many(db: &DatabaseConnection, destination: &str, count: usi
     txn.commit().await.unwrap();
 }
 
-/// In one transaction: three good messages to `good`, one to `poison`, three more to `good`.
-/// Returns the poison row.
-pub async fn enqueue_poison_between_goods(
-    db: &DatabaseConnection,
-    good: &str,
-    poison: &str,
-) -> Row {
+/// A poison row among good ones, and the reader of the good ones.
+pub struct PoisonAmongGoods {
+    /// Reads `/topic/<key>`, where the good messages go.
+    pub reader: StompPeer,
+    pub cleanup: QueueCleanup,
+    /// The row to a missing exchange: RabbitMQ refuses it (over STOMP with an ERROR that
+    /// closes the connection).
+    pub bad: Row,
+}
+
+/// In one transaction: three messages to `/topic/<key>` (a fresh key from `prefix`), one to a
+/// missing exchange, three more to the topic; the topic is read from before.
+pub async fn poison_among_goods(db: &DatabaseConnection, prefix: &str) -> PoisonAmongGoods {
+    let key = unique(prefix);
+    let (reader, cleanup) = topic_reader(&key).await;
+    let good = format!("/topic/{key}");
+    let poison = format!("/exchange/{}/x", unique("missing"));
     let txn = db.begin().await.unwrap();
-    enqueue_numbered(&txn, good, 0..3).await;
-    let bad = outbox::enqueue(&txn, poison, &json!({"poison": true}))
+    enqueue_numbered(&txn, &good, 0..3).await;
+    let bad = outbox::enqueue(&txn, &poison, &json!({"poison": true}))
         .await
         .unwrap();
-    enqueue_numbered(&txn, good, 3..6).await;
+    enqueue_numbered(&txn, &good, 3..6).await;
     txn.commit().await.unwrap();
-    bad
+    PoisonAmongGoods {
+        reader,
+        cleanup,
+        bad,
+    }
 }
 
 async fn enqueue_numbered(

@@ -15,7 +15,7 @@ use outbox::transport::{
 };
 use outbox::{OutboxConfig, Producer, Published};
 use outbox_tests::certs::{Ca, Files};
-use outbox_tests::rows::enqueue_poison_between_goods;
+use outbox_tests::rows::{PoisonAmongGoods, poison_among_goods};
 use outbox_tests::stomp_peer::{
     QueueCleanup, RABBITMQ_STOMP, StompPeer, queue_message_count, topic_reader, unique,
 };
@@ -364,11 +364,11 @@ async fn destinations_route_as_over_stomp() {
 #[tokio::test]
 async fn a_poison_publish_charges_only_its_row() {
     let test = TestDb::new(Backend::Postgres).await;
-    let key = unique("amqp_poison");
-    let (mut reader, _cleanup) = topic_reader(&key).await;
-    let good = format!("/topic/{key}");
-    let poison = format!("/exchange/{}/x", unique("missing"));
-    let bad = enqueue_poison_between_goods(&test.db, &good, &poison).await;
+    let PoisonAmongGoods {
+        mut reader,
+        cleanup: _cleanup,
+        bad,
+    } = poison_among_goods(&test.db, "amqp_poison").await;
     let mut config = amqp_config(RABBITMQ_AMQP);
     config.maximum_retry_attempts = 3;
     let producer = Producer::builder(test.db.clone())

@@ -10,7 +10,7 @@ use outbox::tables::published::Status;
 use outbox::transport::MemoryTransport;
 use outbox::{OutboxConfig, Producer, Published};
 use outbox_tests::proxy::FaultProxy;
-use outbox_tests::rows::{enqueue_many, enqueue_poison_between_goods, rows};
+use outbox_tests::rows::{PoisonAmongGoods, enqueue_many, poison_among_goods, rows};
 use outbox_tests::stomp_peer::{RABBITMQ_STOMP, topic_reader, unique};
 use outbox_tests::{Backend, TestDb, count_with_status, eventually, on_every_backend};
 use sea_orm::{
@@ -106,12 +106,11 @@ async fn relay_sends_stored_rows_with_their_exact_headers(backend: Backend) {
 
 async fn poison_row_fails_after_its_attempts_while_the_rows_around_it_flow(backend: Backend) {
     let test = TestDb::new(backend).await;
-    let key = unique("relay_poison");
-    let (mut reader, _cleanup) = topic_reader(&key).await;
-    let good = format!("/topic/{key}");
-    // RabbitMQ answers a SEND to a missing exchange with an ERROR and closes the connection.
-    let poison = format!("/exchange/{}/x", unique("missing"));
-    let bad = enqueue_poison_between_goods(&test.db, &good, &poison).await;
+    let PoisonAmongGoods {
+        mut reader,
+        cleanup: _cleanup,
+        bad,
+    } = poison_among_goods(&test.db, "relay_poison").await;
 
     let mut settings = config(RABBITMQ_STOMP);
     settings.maximum_retry_attempts = 3;
