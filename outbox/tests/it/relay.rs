@@ -10,7 +10,7 @@ use outbox::tables::published::Status;
 use outbox::transport::MemoryTransport;
 use outbox::{OutboxConfig, Producer, Published};
 use outbox_tests::proxy::FaultProxy;
-use outbox_tests::rows::{PoisonAmongGoods, enqueue_many, poison_among_goods, rows};
+use outbox_tests::rows::{enqueue_many, poison_among_goods, rows};
 use outbox_tests::stomp_peer::{RABBITMQ_STOMP, topic_reader, unique};
 use outbox_tests::{Backend, TestDb, count_with_status, eventually, on_every_backend};
 use sea_orm::{
@@ -106,11 +106,7 @@ async fn relay_sends_stored_rows_with_their_exact_headers(backend: Backend) {
 
 async fn poison_row_fails_after_its_attempts_while_the_rows_around_it_flow(backend: Backend) {
     let test = TestDb::new(backend).await;
-    let PoisonAmongGoods {
-        mut reader,
-        cleanup: _cleanup,
-        bad,
-    } = poison_among_goods(&test.db, "relay_poison").await;
+    let mut poisoned = poison_among_goods(&test.db, "relay_poison").await;
 
     let mut settings = config(RABBITMQ_STOMP);
     settings.maximum_retry_attempts = 3;
@@ -133,7 +129,7 @@ async fn poison_row_fails_after_its_attempts_while_the_rows_around_it_flow(backe
     running.await.unwrap().unwrap();
 
     let mut received = HashSet::new();
-    while let Some(frame) = reader.next_message(Duration::from_secs(2)).await {
+    while let Some(frame) = poisoned.reader.next_message(Duration::from_secs(2)).await {
         received.insert(frame.header("dop-msg-id").unwrap().to_owned());
         if received.len() == 6 {
             break;
@@ -141,7 +137,7 @@ async fn poison_row_fails_after_its_attempts_while_the_rows_around_it_flow(backe
     }
     assert_eq!(received.len(), 6, "every good row arrived");
     for row in rows(&test.db).await {
-        if row.id == bad.id {
+        if row.id == poisoned.bad.id {
             assert_eq!(row.status, Status::Failed);
             assert_eq!(row.retry, 3, "the poison row spent its attempts");
             let reason = row.last_error.unwrap_or_default();
