@@ -132,6 +132,14 @@ pub async fn wait_until_all_sent(db: &DatabaseConnection, n: usize, limit: Durat
     }
 }
 
+/// Each of the `n` messages sent had its effect exactly once.
+#[track_caller]
+pub fn assert_exactly_once(counted: &Counted, n: usize) {
+    assert_eq!(counted.sent, n);
+    assert_eq!(counted.lost, 0, "messages lost");
+    assert_eq!(counted.duplicate_effects, 0, "effects done twice");
+}
+
 /// What the business table says about the messages in `expected`.
 pub struct Counted {
     pub sent: usize,

@@ -44,27 +44,37 @@ use serde_json::json;
 /// The two tests of a scenario, an `async fn(TransportKind)`: the relay and the consumer over
 /// STOMP (the first name), then both over AMQP 0-9-1 (the second name).
 macro_rules! over_stomp_and_amqp {
-    ($scenario:ident, $stomp:ident, $amqp:ident $(,)?) => {
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $stomp() {
-            $scenario(TransportKind::Stomp).await;
-        }
+    ($($scenario:ident: $stomp:ident, $amqp:ident;)*) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $stomp() {
+                $scenario(TransportKind::Stomp).await;
+            }
 
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $amqp() {
-            $scenario(TransportKind::Amqp).await;
-        }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $amqp() {
+                $scenario(TransportKind::Amqp).await;
+            }
+        )*
     };
+}
+
+// Over AMQP, the consumer killed runs after a relay over AMQP too; and heartbeats are whole
+// seconds: 1 s for the cut and stall, a stall noticed after 2 s.
+over_stomp_and_amqp! {
+    relay_killed_repeatedly:
+        relay_killed_repeatedly_loses_nothing_and_duplicates_no_effect,
+        relay_killed_repeatedly_over_amqp_loses_nothing_and_duplicates_no_effect;
+    consumer_killed_repeatedly:
+        consumer_killed_repeatedly_loses_nothing_and_duplicates_no_effect,
+        consumer_killed_repeatedly_over_amqp_loses_nothing_and_duplicates_no_effect;
+    broker_connections_cut_and_stalled:
+        broker_connections_cut_and_stalled_lose_nothing_and_duplicate_no_effect,
+        broker_connections_cut_and_stalled_over_amqp_lose_nothing_and_duplicate_no_effect;
 }
 
 // ---------------------------------------------------------------------------------------------
 // 1. The relay killed (SIGKILL of `outbox publish`) again and again during a run
-
-over_stomp_and_amqp!(
-    relay_killed_repeatedly,
-    relay_killed_repeatedly_loses_nothing_and_duplicates_no_effect,
-    relay_killed_repeatedly_over_amqp_loses_nothing_and_duplicates_no_effect,
-);
 
 /// `outbox publish` over `kind`, through a slow proxy, killed `kills` times; the consumer over
 /// `kind` too.
@@ -129,9 +139,7 @@ async fn relay_killed_repeatedly(kind: TransportKind) {
             started.elapsed().as_secs_f64()
         ),
     );
-    assert_eq!(counted.sent, n);
-    assert_eq!(counted.lost, 0, "messages lost");
-    assert_eq!(counted.duplicate_effects, 0, "effects done twice");
+    assert_exactly_once(&counted, n);
     assert!(mid_run_kills > 0, "no kill landed during the run");
     test.drop_database().await;
 }
@@ -166,13 +174,6 @@ async fn fault_child_consumer() {
         .expect("child: consumer");
     consume_until_killed(consumer, Duration::from_millis(3)).await;
 }
-
-// Over AMQP, the consumer and the relay before it.
-over_stomp_and_amqp!(
-    consumer_killed_repeatedly,
-    consumer_killed_repeatedly_loses_nothing_and_duplicates_no_effect,
-    consumer_killed_repeatedly_over_amqp_loses_nothing_and_duplicates_no_effect,
-);
 
 /// Every message relayed over `kind`, then a child consumer over `kind` killed `kills` times
 /// during processing.
@@ -466,13 +467,6 @@ async fn poison_messages_end_where_spec_says_and_later_messages_flow() {
 // ---------------------------------------------------------------------------------------------
 // 4. The broker connection cut and stalled (proxy) during relay and consumption
 
-// Over AMQP 0-9-1, heartbeats are whole seconds: 1 s here, a stall noticed after 2 s.
-over_stomp_and_amqp!(
-    broker_connections_cut_and_stalled,
-    broker_connections_cut_and_stalled_lose_nothing_and_duplicate_no_effect,
-    broker_connections_cut_and_stalled_over_amqp_lose_nothing_and_duplicate_no_effect,
-);
-
 /// A relay and a consumer over `kind`, each through a proxy that cuts and stalls its link.
 async fn broker_connections_cut_and_stalled(kind: TransportKind) {
     let started = Instant::now();
@@ -548,9 +542,7 @@ async fn broker_connections_cut_and_stalled(kind: TransportKind) {
             started.elapsed().as_secs_f64()
         ),
     );
-    assert_eq!(counted.sent, n);
-    assert_eq!(counted.lost, 0, "messages lost");
-    assert_eq!(counted.duplicate_effects, 0, "effects done twice");
+    assert_exactly_once(&counted, n);
     assert!(
         stall_reconnects.iter().all(|reconnected| *reconnected),
         "heartbeats noticed every stall: {stall_reconnects:?}"
@@ -839,9 +831,7 @@ async fn database_connections_dropped_lose_nothing_and_duplicate_no_effect() {
             started.elapsed().as_secs_f64()
         ),
     );
-    assert_eq!(counted.sent, n);
-    assert_eq!(counted.lost, 0, "messages lost");
-    assert_eq!(counted.duplicate_effects, 0, "effects done twice");
+    assert_exactly_once(&counted, n);
     assert_eq!(
         queue_message_count(&format!("DLQ.{queue}")),
         Some(0),

@@ -781,8 +781,6 @@ async fn database_restart() {
             started.elapsed().as_secs_f64()
         ),
     );
-    assert_eq!(counted.sent, n);
-    assert_eq!(counted.lost, 0, "messages lost");
-    assert_eq!(counted.duplicate_effects, 0, "effects done twice");
+    assert_exactly_once(&counted, n);
     test.drop_database().await;
 }

@@ -95,9 +95,7 @@ async fn hung_callbacks_are_abandoned_at_the_deadline_and_nothing_is_lost_or_dou
             started.elapsed().as_secs_f64()
         ),
     );
-    assert_eq!(counted.sent, n);
-    assert_eq!(counted.lost, 0, "messages lost");
-    assert_eq!(counted.duplicate_effects, 0, "effects done twice");
+    assert_exactly_once(&counted, n);
     assert!(hung > 0, "no callback hung");
     let calls: usize = attempts.lock().unwrap().values().sum();
     assert_eq!(calls, n + hung, "one more call per hung attempt, no other");
@@ -166,9 +164,7 @@ async fn consumer_killed_mid_group_loses_nothing_and_duplicates_no_effect() {
             started.elapsed().as_secs_f64()
         ),
     );
-    assert_eq!(counted.sent, n);
-    assert_eq!(counted.lost, 0, "messages lost");
-    assert_eq!(counted.duplicate_effects, 0, "effects done twice");
+    assert_exactly_once(&counted, n);
     assert_eq!(dead_lettered, Some(0), "nothing dead-lettered");
     assert!(mid_run_kills > 0, "no kill landed during processing");
     test.drop_database().await;
