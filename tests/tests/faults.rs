@@ -121,15 +121,12 @@ async fn relay_killed_repeatedly(kind: TransportKind) {
         }
     }
     let mut last = relay(&proxy);
-    let db = test.db.clone();
-    wait_until_all_sent(&db, n, Duration::from_secs(120)).await;
+    wait_until_all_sent(&test.db, n, Duration::from_secs(120)).await;
     kill(&mut last).await;
     wait_until_consumed(&test.db, &queue, n, Duration::from_secs(60)).await;
     consumer.stop().await.unwrap();
 
-    let expected = outbox_ids(&test.db).await;
-    let counted = count(&expected, &effect_counts(&test.db).await);
-    let wire_duplicates = wire.duplicates(&expected).await;
+    let (counted, wire_duplicates) = count_effects(&test.db, &mut wire).await;
     summary(
         &kind.summary_name("relay_killed"),
         &counted,
@@ -522,15 +519,12 @@ async fn broker_connections_cut_and_stalled(kind: TransportKind) {
             _ => unreachable!(),
         }
     }
-    let db = test.db.clone();
-    wait_until_all_sent(&db, n, Duration::from_secs(120)).await;
+    wait_until_all_sent(&test.db, n, Duration::from_secs(120)).await;
     wait_until_consumed(&test.db, &queue, n, Duration::from_secs(60)).await;
     relay.stop().await.unwrap();
     consumer.stop().await.unwrap();
 
-    let expected = outbox_ids(&test.db).await;
-    let counted = count(&expected, &effect_counts(&test.db).await);
-    let wire_duplicates = wire.duplicates(&expected).await;
+    let (counted, wire_duplicates) = count_effects(&test.db, &mut wire).await;
     summary(
         &kind.summary_name("broker_cut_and_stall"),
         &counted,
@@ -813,15 +807,12 @@ async fn database_connections_dropped_lose_nothing_and_duplicate_no_effect() {
         terminated += row.try_get_by_index::<i64>(0).unwrap();
         tokio::time::sleep(Duration::from_millis(100 + random(300))).await;
     }
-    let db = test.db.clone();
-    wait_until_all_sent(&db, n, Duration::from_secs(120)).await;
+    wait_until_all_sent(&test.db, n, Duration::from_secs(120)).await;
     wait_until_consumed(&test.db, &queue, n, Duration::from_secs(60)).await;
     relay.stop().await.unwrap();
     consumer.stop().await.unwrap();
 
-    let expected = outbox_ids(&test.db).await;
-    let counted = count(&expected, &effect_counts(&test.db).await);
-    let wire_duplicates = wire.duplicates(&expected).await;
+    let (counted, wire_duplicates) = count_effects(&test.db, &mut wire).await;
     summary(
         "database_dropped",
         &counted,

@@ -532,9 +532,7 @@ async fn broker_blocked(amqp: bool) {
         .unwrap();
     wait_until_consumed(&test.db, &queue, n, Duration::from_secs(120)).await;
     consumer.stop().await.unwrap();
-    let expected = outbox_ids(&test.db).await;
-    let counted = count(&expected, &effect_counts(&test.db).await);
-    let wire_duplicates = wire.duplicates(&expected).await;
+    let (counted, wire_duplicates) = count_effects(&test.db, &mut wire).await;
     summary(
         if amqp {
             "broker_blocked_amqp"
