@@ -203,6 +203,15 @@ impl Django {
     async fn effects(&self) -> Vec<String> {
         strings(&self.db.db, "SELECT msg_id FROM shop_effect ORDER BY id").await
     }
+
+    /// Waits until the project's callback has left an effect for each of `ids`.
+    async fn wait_for_effects(&self, ids: &[String], what: &str) {
+        eventually(DELIVERY_LIMIT, what, || async move {
+            let effects = self.effects().await;
+            ids.iter().all(|id| effects.contains(id))
+        })
+        .await;
+    }
 }
 
 impl Background {
@@ -480,19 +489,9 @@ async fn our_relay_to_python_subscribe() {
     ids.push(row.id.to_string());
 
     let mut relay = our_relay(&ours.url, RABBITMQ_STOMP);
-    eventually(
-        DELIVERY_LIMIT,
-        "manage.py subscribe processed every row",
-        || {
-            let ids = ids.clone();
-            let django = &django;
-            async move {
-                let effects = django.effects().await;
-                ids.iter().all(|id| effects.contains(id))
-            }
-        },
-    )
-    .await;
+    django
+        .wait_for_effects(&ids, "manage.py subscribe processed every row")
+        .await;
     // Long enough for a duplicate to show.
     tokio::time::sleep(Duration::from_secs(1)).await;
     subscriber.assert_running();
@@ -914,19 +913,12 @@ async fn our_relay_on_an_adopted_django_database() {
     ids.extend(later);
 
     let mut relay = our_relay(&django.db.url, RABBITMQ_STOMP);
-    eventually(
-        DELIVERY_LIMIT,
-        "manage.py subscribe processed every Django row our relay sent",
-        || {
-            let ids = ids.clone();
-            let django = &django;
-            async move {
-                let effects = django.effects().await;
-                ids.iter().all(|id| effects.contains(id))
-            }
-        },
-    )
-    .await;
+    django
+        .wait_for_effects(
+            &ids,
+            "manage.py subscribe processed every Django row our relay sent",
+        )
+        .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     subscriber.assert_running();
     let _ = relay.kill().await;
