@@ -135,9 +135,18 @@ pub async fn wait_until_all_sent(db: &DatabaseConnection, n: usize, limit: Durat
 /// The count at the effects table of every message in the outbox, and how many of them the
 /// wire counter saw more than once.
 pub async fn count_effects(db: &DatabaseConnection, wire: &mut WireCounter) -> (Counted, usize) {
-    let expected = outbox_ids(db).await;
-    let counted = count(&expected, &effect_counts(db).await);
-    (counted, wire.duplicates(&expected).await)
+    count_expected(db, wire, &outbox_ids(db).await).await
+}
+
+/// The count at the effects table of the `expected` messages, and how many of them the wire
+/// counter saw more than once.
+pub async fn count_expected(
+    db: &DatabaseConnection,
+    wire: &mut WireCounter,
+    expected: &HashSet<String>,
+) -> (Counted, usize) {
+    let counted = count(expected, &effect_counts(db).await);
+    (counted, wire.duplicates(expected).await)
 }
 
 /// Each of the `n` messages sent had its effect exactly once.

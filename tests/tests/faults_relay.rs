@@ -376,8 +376,7 @@ async fn silent_poison() {
         .collect();
     wait_until_consumed(&test.db, &queue, expected.len(), Duration::from_secs(60)).await;
     consumer.stop().await.unwrap();
-    let counted = count(&expected, &effect_counts(&test.db).await);
-    let wire_duplicates = wire.duplicates(&expected).await;
+    let (counted, wire_duplicates) = count_expected(&test.db, &mut wire, &expected).await;
     summary(
         "silent_poison",
         &counted,
@@ -605,8 +604,7 @@ async fn lease_overrun() {
         .count();
     wait_until_consumed(&test.db, &queue, expected.len(), Duration::from_secs(60)).await;
     consumer.stop().await.unwrap();
-    let counted = count(&expected, &effect_counts(&test.db).await);
-    let wire_duplicates = wire.duplicates(&expected).await;
+    let (counted, wire_duplicates) = count_expected(&test.db, &mut wire, &expected).await;
     summary(
         "lease_overrun",
         &counted,

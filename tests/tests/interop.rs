@@ -125,6 +125,15 @@ impl Django {
         command
     }
 
+    /// `manage.py write_orders` with `args`: the ids of the rows it wrote.
+    async fn write_orders(&self, args: &[&str]) -> Vec<String> {
+        let command: Vec<&str> = std::iter::once("write_orders")
+            .chain(args.iter().copied())
+            .collect();
+        serde_json::from_str(self.manage(&command, None).await.trim())
+            .expect("write_orders prints the ids")
+    }
+
     /// Runs `manage.py <args>` to its end, with `stdin` as its input; its stdout.
     async fn manage(&self, args: &[&str], stdin: Option<&str>) -> String {
         let mut command = self.command(args);
@@ -375,16 +384,9 @@ async fn python_relay_to_our_consumer() {
     let (consumer, effects) = our_consumer(&ours.db, &destination, &key);
     wait_consumers(&key, 1).await;
 
-    let written: Vec<String> = serde_json::from_str(
-        django
-            .manage(
-                &["write_orders", "--decorated", "3", "--explicit", "3"],
-                None,
-            )
-            .await
-            .trim(),
-    )
-    .expect("write_orders prints the ids");
+    let written: Vec<String> = django
+        .write_orders(&["--decorated", "3", "--explicit", "3"])
+        .await;
     assert_eq!(written.len(), 6, "{written:?}");
     let mut relay = django.spawn(&["publish"]);
     {
@@ -735,16 +737,9 @@ async fn the_same_row_sent_by_both_relays() {
     django.stomp_port = python_recorder.port;
 
     let headers = r#"{"x-custom": "a:b", "dop-correlation-id": "my-correlation-id", "dop-msg-id": "try-override"}"#;
-    let written: Vec<String> = serde_json::from_str(
-        django
-            .manage(
-                &["write_orders", "--explicit", "1", "--headers", headers],
-                None,
-            )
-            .await
-            .trim(),
-    )
-    .expect("write_orders prints the ids");
+    let written: Vec<String> = django
+        .write_orders(&["--explicit", "1", "--headers", headers])
+        .await;
     let row_id = written[0].clone();
 
     // The row, copied column by column into our outbox.
@@ -871,16 +866,9 @@ async fn our_relay_on_an_adopted_django_database() {
     let _queues = QueueCleanup(vec![key.clone(), format!("DLQ.{key}")]);
     let django = Django::new(&destination).await;
     // Rows written before the adoption are relayed too.
-    let mut ids: Vec<String> = serde_json::from_str(
-        django
-            .manage(
-                &["write_orders", "--decorated", "1", "--explicit", "1"],
-                None,
-            )
-            .await
-            .trim(),
-    )
-    .expect("write_orders prints the ids");
+    let mut ids: Vec<String> = django
+        .write_orders(&["--decorated", "1", "--explicit", "1"])
+        .await;
 
     Adopt::up(&django.db.db, None).await.expect("adopt");
     let pending = outbox_tests::Migrator::get_pending_migrations(&django.db.db)
@@ -900,16 +888,9 @@ async fn our_relay_on_an_adopted_django_database() {
 
     let mut subscriber = django.spawn(&["subscribe", "shop.callbacks.record", &destination]);
     wait_consumers(&key, 1).await;
-    let later: Vec<String> = serde_json::from_str(
-        django
-            .manage(
-                &["write_orders", "--decorated", "2", "--explicit", "2"],
-                None,
-            )
-            .await
-            .trim(),
-    )
-    .expect("write_orders prints the ids");
+    let later: Vec<String> = django
+        .write_orders(&["--decorated", "2", "--explicit", "2"])
+        .await;
     ids.extend(later);
 
     let mut relay = our_relay(&django.db.url, RABBITMQ_STOMP);
@@ -1071,16 +1052,9 @@ async fn a_django_trace_continues_in_our_consumer() {
 
     let (consumer, effects) = our_consumer(&ours.db, &destination, &key);
     wait_consumers(&key, 1).await;
-    let written: Vec<String> = serde_json::from_str(
-        django
-            .manage(
-                &["write_orders", "--decorated", "1", "--span", "checkout"],
-                None,
-            )
-            .await
-            .trim(),
-    )
-    .expect("write_orders prints the ids");
+    let written: Vec<String> = django
+        .write_orders(&["--decorated", "1", "--span", "checkout"])
+        .await;
     assert_eq!(written.len(), 1, "{written:?}");
     let checkout = {
         let spans = django.spans();

@@ -11,6 +11,7 @@ use outbox::OutboxConfig;
 use outbox::config::Secret;
 use outbox::transport::{Outgoing, StompSettings, StompTransport, Transport, TransportError};
 use outbox_tests::certs::{Ca, Files, Leaf};
+use outbox_tests::stomp_peer::unescape;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -241,7 +242,10 @@ fn take_frame(buffer: &mut Vec<u8>) -> Option<Frame> {
         .map(|line| {
             let (key, value) = line.split_once(':').unwrap_or((line, ""));
             if escaped {
-                (unescape(key), unescape(value))
+                (
+                    unescape(key).expect("a header name"),
+                    unescape(value).expect("a header value"),
+                )
             } else {
                 (key.to_owned(), value.to_owned())
             }
@@ -270,31 +274,10 @@ fn take_frame(buffer: &mut Vec<u8>) -> Option<Frame> {
     })
 }
 
-fn unescape(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
-    let mut chars = value.chars();
-    while let Some(c) = chars.next() {
-        if c != '\\' {
-            out.push(c);
-            continue;
-        }
-        match chars.next() {
-            Some('n') => out.push('\n'),
-            Some('r') => out.push('\r'),
-            Some('c') => out.push(':'),
-            Some('\\') => out.push('\\'),
-            Some(other) => panic!("undefined escape \\{other} in a header"),
-            None => panic!("a header ends in a lone backslash"),
-        }
-    }
-    out
-}
-
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
 
-/// TLS on, the given addresses, a short receipt timeout, the distinctive passcode.
 /// A stub serving a certificate for `names` from a fresh test CA, without client certificates,
 /// and the folder to write its CA bundle to.
 async fn stub_of_a_test_ca(names: &[&str]) -> (Files, Ca, Stub) {
@@ -317,6 +300,7 @@ fn trusting(files: &Files, ca: &Ca, addresses: &[SocketAddr]) -> OutboxConfig {
     config
 }
 
+/// TLS on, the given addresses, a short receipt timeout, the distinctive passcode.
 fn config(addresses: &[SocketAddr]) -> OutboxConfig {
     let mut config = OutboxConfig::default();
     config.stomp_host_and_ports = addresses
