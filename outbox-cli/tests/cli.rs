@@ -13,7 +13,8 @@ use outbox::tables::published::Status;
 use outbox::tables::published::{Column, Model as Row};
 use outbox::{Consumer, OutboxConfig, Payload, Published, Received};
 use outbox_tests::stomp_peer::{
-    QueueCleanup, RABBITMQ_STOMP, StompPeer, queue_message_count, topic_reader, unique,
+    QueueCleanup, RABBITMQ_STOMP, StompPeer, queue_figure, queue_message_count, topic_reader,
+    unique,
 };
 use outbox_tests::{Backend, TestDb, eventually, on_every_backend};
 use sea_orm::ActiveValue::Set;
@@ -531,33 +532,26 @@ fn consumer_config() -> OutboxConfig {
     config
 }
 
+/// A fresh queue, its dead-letter queue and its topic, declared by `outbox declare`; the
+/// clean-up deletes both queues.
+async fn declared_with_dead_letters(prefix: &str) -> (String, String, String, QueueCleanup) {
+    let queue = unique(prefix);
+    let dead_letters = format!("DLQ.{queue}");
+    let cleanup = QueueCleanup(vec![queue.clone(), dead_letters.clone()]);
+    let destination = format!("/topic/{queue}");
+    outbox(None, &["declare", &destination]).await.ok();
+    (queue, dead_letters, destination, cleanup)
+}
+
 /// The messages of a queue ready for a consumer (not those handed out and unacknowledged).
 fn ready_messages(queue: &str) -> Option<usize> {
-    let output = std::process::Command::new("rabbitmqctl")
-        .args([
-            "--quiet",
-            "list_queues",
-            "--no-table-headers",
-            "name",
-            "messages_ready",
-        ])
-        .output()
-        .ok()?;
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter_map(|line| line.split_once('\t'))
-        .find(|(name, _)| *name == queue)
-        .and_then(|(_, count)| count.trim().parse().ok())
+    queue_figure(queue, "messages_ready")
 }
 
 #[tokio::test]
 async fn a_dead_letter_is_listed_without_loss_then_replayed_and_processed_once() {
     let test = TestDb::new(Backend::Postgres).await;
-    let queue = unique("cli_dlq");
-    let dead_letters = format!("DLQ.{queue}");
-    let _cleanup = QueueCleanup(vec![queue.clone(), dead_letters.clone()]);
-    let destination = format!("/topic/{queue}");
-    outbox(None, &["declare", &destination]).await.ok();
+    let (queue, dead_letters, destination, _cleanup) = declared_with_dead_letters("cli_dlq").await;
 
     // A callback that fails the first time: the message is dead-lettered, then succeeds.
     let calls = Arc::new(AtomicUsize::new(0));
@@ -746,20 +740,25 @@ async fn usage_and_configuration_errors_exit_2_and_operational_failures_exit_1()
     assert!(help.stdout.contains("Exit codes"), "{}", help.stdout);
 }
 
+/// `outbox publish` on the database at `url`, polling every 0.1 s, its output shown.
+fn spawn_publish(url: &str) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_outbox"))
+        .arg("publish")
+        .env("DATABASE_URL", url)
+        .env("OUTBOX_STOMP_HOST_AND_PORTS", RABBITMQ_STOMP)
+        .env("OUTBOX_PRODUCER_WAITING_TIME", "0.1")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start outbox publish")
+}
+
 #[tokio::test]
 async fn the_outbox_binary_relays_and_exits_zero_on_sigterm_with_no_row_left_claimed() {
     let test = TestDb::new(Backend::Postgres).await;
     let key = unique("relay_binary");
     let (mut reader, _cleanup) = topic_reader(&key).await;
     enqueue(&test.db, &format!("/topic/{key}"), 50).await;
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_outbox"))
-        .arg("publish")
-        .env("DATABASE_URL", &test.url)
-        .env("OUTBOX_STOMP_HOST_AND_PORTS", RABBITMQ_STOMP)
-        .env("OUTBOX_PRODUCER_WAITING_TIME", "0.1")
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start outbox publish");
+    let mut child = spawn_publish(&test.url);
     let mut ids = std::collections::HashSet::new();
     while ids.len() < 50 {
         let frame = reader
@@ -795,14 +794,7 @@ async fn the_relay_stops_on_sigquit_as_on_sigterm() {
     let key = unique("relay_sigquit");
     let (mut reader, _cleanup) = topic_reader(&key).await;
     enqueue(&test.db, &format!("/topic/{key}"), 1).await;
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_outbox"))
-        .arg("publish")
-        .env("DATABASE_URL", &test.url)
-        .env("OUTBOX_STOMP_HOST_AND_PORTS", RABBITMQ_STOMP)
-        .env("OUTBOX_PRODUCER_WAITING_TIME", "0.1")
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start outbox publish");
+    let mut child = spawn_publish(&test.url);
     // Relaying shows the relay runs, its signal handlers installed.
     reader
         .next_message(Duration::from_secs(20))
@@ -870,11 +862,8 @@ async fn settings_that_once_panicked_or_looped_now_fail_at_start_naming_the_vari
 #[tokio::test]
 async fn replay_without_a_limit_ends_on_a_message_without_an_id_that_keeps_failing() {
     let test = TestDb::new(Backend::Postgres).await;
-    let queue = unique("cli_dlq_loop");
-    let dead_letters = format!("DLQ.{queue}");
-    let _cleanup = QueueCleanup(vec![queue.clone(), dead_letters.clone()]);
-    let destination = format!("/topic/{queue}");
-    outbox(None, &["declare", &destination]).await.ok();
+    let (queue, dead_letters, destination, _cleanup) =
+        declared_with_dead_letters("cli_dlq_loop").await;
     // Every attempt fails: each copy the replay sends is dead-lettered again at once.
     let calls = Arc::new(AtomicUsize::new(0));
     let consumer = Consumer::builder(test.db.clone())

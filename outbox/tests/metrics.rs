@@ -10,13 +10,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+use metrics_util::debugging::DebugValue;
 use metrics_util::{CompositeKey, MetricKind};
 use outbox::metrics as m;
 use outbox::tables::published::Column;
 use outbox::tables::published::Status;
 use outbox::transport::{MemoryTransport, Outgoing, Transport};
 use outbox::{Consumer, OutboxConfig, Payload, Producer, Published, Received};
+use outbox_tests::recorder::install_recorder;
 use outbox_tests::{Backend, TestDb, count_with_status, eventually};
 use sea_orm::sea_query::Expr;
 use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
@@ -100,12 +101,7 @@ fn config() -> OutboxConfig {
 
 #[tokio::test]
 async fn a_known_relay_and_consumer_run_is_counted_exactly() {
-    let recorder = DebuggingRecorder::new();
-    let snapshotter = recorder.snapshotter();
-    recorder
-        .install()
-        .expect("the only recorder of this test binary");
-    m::describe();
+    let snapshotter = install_recorder();
 
     let test = TestDb::new(Backend::Sqlite).await;
     let db = &test.db;

@@ -9,12 +9,13 @@
 
 use std::time::Duration;
 
-use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+use metrics_util::debugging::{DebugValue, Snapshotter};
 use metrics_util::{CompositeKey, MetricKind};
 use outbox::metrics as m;
-use outbox::transport::{StompSettings, StompTransport};
 use outbox::{Consumer, OutboxConfig, Payload, Producer, Published, Received};
-use outbox_tests::stomp_peer::{QueueCleanup, RABBITMQ_STOMP, StompPeer, unique};
+use outbox_tests::recorder::install_recorder;
+use outbox_tests::stomp_peer::{RABBITMQ_STOMP, StompPeer};
+use outbox_tests::transports::{DeclaredTopic, declared_topic};
 use outbox_tests::{Backend, TestDb, eventually};
 use sea_orm::{ActiveModelTrait, EntityTrait, IntoActiveModel, PaginatorTrait, Set};
 use serde_json::{Value, json};
@@ -61,23 +62,16 @@ fn described(snapshotter: &Snapshotter, name: &str) -> bool {
 
 #[tokio::test]
 async fn lags_run_from_the_save_to_the_receipt_and_to_the_callback_commit() {
-    let recorder = DebuggingRecorder::new();
-    let snapshotter = recorder.snapshotter();
-    recorder
-        .install()
-        .expect("the only recorder of this test binary");
-    m::describe();
+    let snapshotter = install_recorder();
 
     let test = TestDb::new(Backend::Postgres).await;
     let db = &test.db;
-    let queue = unique("lag");
-    let _cleanup = QueueCleanup(vec![queue.clone(), format!("DLQ.{queue}")]);
-    let destination = format!("/topic/{queue}");
     let settings = config();
-    let broker = StompTransport::new(StompSettings::from(&settings)).expect("transport");
-    outbox::consumer::declare(&broker, &settings, &destination, None)
-        .await
-        .expect("declare the queues");
+    let DeclaredTopic {
+        queue,
+        destination,
+        cleanup: _cleanup,
+    } = declared_topic("lag", &settings).await;
 
     // Two rows saved now, and one saved an hour ago: its `added` and its `dop-msg-sent-time`
     // both say so, as if it had waited for a relay all that time.

@@ -15,9 +15,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use outbox::tables::published::Status;
-use outbox::transport::{StompSettings, StompTransport};
 use outbox::{Consumer, OutboxConfig, Payload, Producer, Received};
-use outbox_tests::stomp_peer::{QueueCleanup, RABBITMQ_STOMP, StompPeer, unique};
+use outbox_tests::stomp_peer::{RABBITMQ_STOMP, StompPeer, unique};
+use outbox_tests::transports::{DeclaredTopic, declared_topic};
 use outbox_tests::{Backend, TestDb, eventually};
 use sea_orm::{EntityTrait, PaginatorTrait};
 use serde_json::json;
@@ -145,14 +145,12 @@ async fn batch_and_message_spans_carry_what_an_operator_needs() {
 
     let test = TestDb::new(Backend::Postgres).await;
     let db = &test.db;
-    let queue = unique("spans");
-    let _cleanup = QueueCleanup(vec![queue.clone(), format!("DLQ.{queue}")]);
-    let destination = format!("/topic/{queue}");
     let settings = config();
-    let broker = StompTransport::new(StompSettings::from(&settings)).expect("transport");
-    outbox::consumer::declare(&broker, &settings, &destination, None)
-        .await
-        .expect("declare the queues");
+    let DeclaredTopic {
+        queue,
+        destination,
+        cleanup: _cleanup,
+    } = declared_topic("spans", &settings).await;
 
     // The relay: two rows of one request in one batch, then a row RabbitMQ refuses (a missing
     // exchange) on both its attempts. Apart, so that the refusal, which closes the connection,

@@ -13,9 +13,9 @@ use std::time::Duration;
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
-use outbox::transport::{StompSettings, StompTransport};
 use outbox::{Consumer, OutboxConfig, Payload, Producer, Received};
-use outbox_tests::stomp_peer::{QueueCleanup, RABBITMQ_STOMP, unique};
+use outbox_tests::stomp_peer::RABBITMQ_STOMP;
+use outbox_tests::transports::{DeclaredTopic, declared_topic};
 use outbox_tests::{Backend, TestDb, eventually};
 use sea_orm::{EntityTrait, PaginatorTrait};
 use serde_json::json;
@@ -49,14 +49,12 @@ async fn the_consumer_continues_the_trace_of_the_save_that_wrote_the_message() {
 
     let test = TestDb::new(Backend::Postgres).await;
     let db = &test.db;
-    let queue = unique("trace");
-    let _cleanup = QueueCleanup(vec![queue.clone(), format!("DLQ.{queue}")]);
-    let destination = format!("/topic/{queue}");
     let settings = config();
-    let broker = StompTransport::new(StompSettings::from(&settings)).expect("transport");
-    outbox::consumer::declare(&broker, &settings, &destination, None)
-        .await
-        .expect("declare the queues");
+    let DeclaredTopic {
+        queue: _,
+        destination,
+        cleanup: _cleanup,
+    } = declared_topic("trace", &settings).await;
 
     let traced = outbox::enqueue(db, &destination, &json!({ "traced": true }))
         .instrument(tracing::info_span!("checkout"))

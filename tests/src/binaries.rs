@@ -19,3 +19,12 @@ pub fn outbox_command() -> PathBuf {
     );
     command
 }
+
+/// The database URL and destination a child test process reads from the variables `db_var`
+/// and `destination_var`; `None` when either is unset (the child test run on its own).
+pub fn child_vars(db_var: &str, destination_var: &str) -> Option<(String, String)> {
+    Some((
+        std::env::var(db_var).ok()?,
+        std::env::var(destination_var).ok()?,
+    ))
+}

@@ -5,9 +5,10 @@
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::net::SocketAddr;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use crate::db::{count_with_status, eventually};
+use crate::db::{Backend, TestDb, count_with_status, eventually};
 pub use crate::effects::{
     create_effects_table, distinct_effects, effect_counts, effect_notes, insert_effect,
 };
@@ -19,7 +20,7 @@ use crate::stomp_peer::{
 pub use crate::transports::TransportKind;
 use outbox::tables::published::Column;
 use outbox::tables::published::Status;
-use outbox::{OutboxConfig, Payload, Published};
+use outbox::{Consumer, OutboxConfig, Payload, Producer, Published};
 use sea_orm::{
     ColumnTrait, ConnectOptions, Database, DatabaseConnection, EntityTrait, PaginatorTrait,
     QueryFilter, TransactionTrait,
@@ -129,6 +130,31 @@ pub async fn wait_until_all_sent(db: &DatabaseConnection, n: usize, limit: Durat
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The count at the effects table of every message in the outbox, and how many of them the
+/// wire counter saw more than once.
+pub async fn count_effects(db: &DatabaseConnection, wire: &mut WireCounter) -> (Counted, usize) {
+    count_expected(db, wire, &outbox_ids(db).await).await
+}
+
+/// The count at the effects table of the `expected` messages, and how many of them the wire
+/// counter saw more than once.
+pub async fn count_expected(
+    db: &DatabaseConnection,
+    wire: &mut WireCounter,
+    expected: &HashSet<String>,
+) -> (Counted, usize) {
+    let counted = count(expected, &effect_counts(db).await);
+    (counted, wire.duplicates(expected).await)
+}
+
+/// Each of the `n` messages sent had its effect exactly once.
+#[track_caller]
+pub fn assert_exactly_once(counted: &Counted, n: usize) {
+    assert_eq!(counted.sent, n);
+    assert_eq!(counted.lost, 0, "messages lost");
+    assert_eq!(counted.duplicate_effects, 0, "effects done twice");
 }
 
 /// What the business table says about the messages in `expected`.
@@ -330,4 +356,110 @@ pub async fn wait_until_consumed(db: &DatabaseConnection, queue: &str, n: usize,
         queue_message_count(queue) == Some(0)
     })
     .await;
+}
+
+/// The start of a fault scenario: a PostgreSQL database with the effects table, and a fresh
+/// destination (see [`fresh_destination`]) with its consumer queues declared over `kind`.
+pub async fn fault_start(
+    prefix: &str,
+    kind: TransportKind,
+) -> (TestDb, (String, String, String, QueueCleanup)) {
+    let test = TestDb::new(Backend::Postgres).await;
+    create_effects_table(&test.db).await;
+    let destination = fresh_destination(prefix);
+    declare_consumer_queues_over(kind, &destination.0).await;
+    (test, destination)
+}
+
+/// Relays every pending row with `config` in one drain, which must send `n`.
+pub async fn relay_everything(db: &DatabaseConnection, config: OutboxConfig, n: usize) {
+    let report = Producer::builder(db.clone())
+        .config(config)
+        .build()
+        .unwrap()
+        .drain()
+        .await
+        .unwrap();
+    assert_eq!(report.sent, n);
+}
+
+/// `outbox publish` on the database at `url` with the fault suite's short timings and chunks of
+/// `chunk_size`, its output dropped, killed when dropped; the caller points it at a broker.
+pub fn publish_command(url: &str, chunk_size: usize) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(crate::binaries::outbox_command());
+    command
+        .arg("publish")
+        .env("DATABASE_URL", url)
+        .env("OUTBOX_PRODUCER_WAITING_TIME", "0.1")
+        .env("OUTBOX_PUBLISHED_CHUNK_SIZE", chunk_size.to_string())
+        .env("OUTBOX_PRODUCER_LEASE", "2")
+        .env("OUTBOX_RECEIPT_TIMEOUT", "1")
+        .env("OUTBOX_MAXIMUM_BACKOFF", "0.3")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    command
+}
+
+/// This test binary run again with the ignored test `test` alone and the variables `vars`: a
+/// child process a scenario kills. Its output is dropped.
+pub fn spawn_child_test(test: &str, vars: &[(&str, &str)]) -> tokio::process::Child {
+    tokio::process::Command::new(std::env::current_exe().expect("this test binary"))
+        .args([
+            test,
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .envs(vars.iter().copied())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the consumer child")
+}
+
+/// Starts a consumer child `kills` times and kills each once the effects have reached its share
+/// of `n`, plus a random pause under `pause_ms`. Returns how many kills landed before all `n`
+/// effects were done.
+pub async fn kill_consumer_children(
+    db: &DatabaseConnection,
+    n: usize,
+    kills: usize,
+    pause_ms: u64,
+    mut spawn: impl FnMut() -> tokio::process::Child,
+) -> usize {
+    let step = n / (kills + 1);
+    let mut mid_run_kills = 0;
+    for k in 1..=kills {
+        let mut child = spawn();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while distinct_effects(db).await < step * k && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(random(pause_ms))).await;
+        kill(&mut child).await;
+        if distinct_effects(db).await < n {
+            mid_run_kills += 1;
+        }
+    }
+    mid_run_kills
+}
+
+/// Runs `consumer` until the child process is killed: each message records its effect, waits
+/// `pause` between the effect and the commit (where a kill hurts most), and is saved.
+pub async fn consume_until_killed(consumer: Consumer, pause: Duration) {
+    consumer
+        .run(move |payload: Payload| async move {
+            let key = payload.message_id().unwrap_or_default().to_owned();
+            insert_effect(payload.db(), &key, "ok").await?;
+            tokio::time::sleep(pause).await;
+            payload.save();
+            Ok::<_, BoxError>(())
+        })
+        .await
+        .expect("child: consumer ran");
 }

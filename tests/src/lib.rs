@@ -6,6 +6,8 @@
 //! - [`db`]: a fresh database per test (`TestDb`), `eventually`, and [`on_every_backend!`](crate::on_every_backend).
 //! - [`settings`]: `OutboxConfig`s for STOMP and AMQP with the tests' short timings.
 //! - [`stomp_peer`]: a raw STOMP client for RabbitMQ, queue names and clean-up.
+//! - [`rows`]: the outbox rows a scenario writes and reads back.
+//! - [`recorder`]: the metrics recorder a test binary reads.
 //! - [`proxy`]: a TCP proxy that cuts, stalls, slows or refuses a link.
 //! - [`certs`]: certificate authorities and leaves made for one test.
 //! - [`effects`]: the business table a consumer's callback writes to, and its counts.
@@ -18,6 +20,8 @@ pub mod db;
 pub mod effects;
 pub mod faults;
 pub mod proxy;
+pub mod recorder;
+pub mod rows;
 pub mod settings;
 pub mod stomp_peer;
 pub mod transports;

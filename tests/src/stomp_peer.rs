@@ -474,13 +474,19 @@ impl Drop for QueueCleanup {
 /// The messages in a queue, ready and unacked, as `rabbitmqctl list_queues` reports them;
 /// `None` if the queue does not exist.
 pub fn queue_message_count(name: &str) -> Option<usize> {
+    queue_figure(name, "messages")
+}
+
+/// One column of `rabbitmqctl list_queues` for the queue `name` (`messages`, `messages_ready`,
+/// `consumers`...); `None` if the queue does not exist.
+pub fn queue_figure(name: &str, column: &str) -> Option<usize> {
     let output = Command::new("rabbitmqctl")
         .args([
             "--quiet",
             "list_queues",
             "--no-table-headers",
             "name",
-            "messages",
+            column,
         ])
         .output()
         .ok()?;

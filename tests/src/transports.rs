@@ -5,9 +5,12 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use outbox::OutboxConfig;
-use outbox::transport::{Deliveries, Delivery, Outgoing, SubscriptionEvent};
+use outbox::transport::{
+    Deliveries, Delivery, Outgoing, StompSettings, StompTransport, SubscriptionEvent,
+};
 
 use crate::settings::{self, RABBITMQ_AMQP, RABBITMQ_STOMP, amqp_url};
+use crate::stomp_peer::{QueueCleanup, unique};
 
 /// The protocol a scenario's relay and consumer speak to RabbitMQ. Both reach the same queues:
 /// a queue declared over one is consumed over the other.
@@ -127,5 +130,30 @@ pub async fn next_delivery(deliveries: &mut Deliveries) -> Delivery {
 pub async fn no_delivery(deliveries: &mut Deliveries, quiet: Duration) {
     if let Ok(Some(delivery)) = tokio::time::timeout(quiet, deliveries.recv()).await {
         panic!("unexpected delivery {delivery:?}");
+    }
+}
+
+/// A topic of one test: a unique queue, its destination `/topic/<queue>`, and the clean-up that
+/// deletes the queue and its dead-letter queue.
+pub struct DeclaredTopic {
+    pub queue: String,
+    pub destination: String,
+    pub cleanup: QueueCleanup,
+}
+
+/// A fresh topic named after `prefix`, its queues declared over STOMP as a consumer with
+/// `settings` declares them.
+pub async fn declared_topic(prefix: &str, settings: &OutboxConfig) -> DeclaredTopic {
+    let queue = unique(prefix);
+    let cleanup = QueueCleanup(vec![queue.clone(), format!("DLQ.{queue}")]);
+    let destination = format!("/topic/{queue}");
+    let broker = StompTransport::new(StompSettings::from(settings)).expect("transport");
+    outbox::consumer::declare(&broker, settings, &destination, None)
+        .await
+        .expect("declare the queues");
+    DeclaredTopic {
+        queue,
+        destination,
+        cleanup,
     }
 }

@@ -33,6 +33,7 @@ use outbox::config::Secret;
 use outbox::tables::published::Status;
 use outbox::transport::{StompSettings, StompTransport, Transport, TransportError};
 use outbox::{Consumer, OutboxConfig, Payload, Producer};
+use outbox_tests::binaries::child_vars;
 use outbox_tests::faults::*;
 use outbox_tests::proxy::FaultProxy;
 use outbox_tests::stomp_peer::{RABBITMQ_STOMP, StompPeer, queue_message_count, unique};
@@ -40,19 +41,40 @@ use outbox_tests::{Backend, TestDb, count_with_status, eventually};
 use sea_orm::{ConnectionTrait, EntityTrait, Statement, TransactionTrait};
 use serde_json::json;
 
+/// The two tests of a scenario, an `async fn(TransportKind)`: the relay and the consumer over
+/// STOMP (the first name), then both over AMQP 0-9-1 (the second name).
+macro_rules! over_stomp_and_amqp {
+    ($($scenario:ident: $stomp:ident, $amqp:ident;)*) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $stomp() {
+                $scenario(TransportKind::Stomp).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $amqp() {
+                $scenario(TransportKind::Amqp).await;
+            }
+        )*
+    };
+}
+
+// Over AMQP, the consumer killed runs after a relay over AMQP too; and heartbeats are whole
+// seconds: 1 s for the cut and stall, a stall noticed after 2 s.
+over_stomp_and_amqp! {
+    relay_killed_repeatedly:
+        relay_killed_repeatedly_loses_nothing_and_duplicates_no_effect,
+        relay_killed_repeatedly_over_amqp_loses_nothing_and_duplicates_no_effect;
+    consumer_killed_repeatedly:
+        consumer_killed_repeatedly_loses_nothing_and_duplicates_no_effect,
+        consumer_killed_repeatedly_over_amqp_loses_nothing_and_duplicates_no_effect;
+    broker_connections_cut_and_stalled:
+        broker_connections_cut_and_stalled_lose_nothing_and_duplicate_no_effect,
+        broker_connections_cut_and_stalled_over_amqp_lose_nothing_and_duplicate_no_effect;
+}
+
 // ---------------------------------------------------------------------------------------------
 // 1. The relay killed (SIGKILL of `outbox publish`) again and again during a run
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn relay_killed_repeatedly_loses_nothing_and_duplicates_no_effect() {
-    relay_killed_repeatedly(TransportKind::Stomp).await;
-}
-
-/// The same with the relay and the consumer over AMQP 0-9-1.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn relay_killed_repeatedly_over_amqp_loses_nothing_and_duplicates_no_effect() {
-    relay_killed_repeatedly(TransportKind::Amqp).await;
-}
 
 /// `outbox publish` over `kind`, through a slow proxy, killed `kills` times; the consumer over
 /// `kind` too.
@@ -60,11 +82,8 @@ async fn relay_killed_repeatedly(kind: TransportKind) {
     let started = Instant::now();
     let n = counts(1000, 5000);
     let kills = counts(6, 20);
-    let test = TestDb::new(Backend::Postgres).await;
-    create_effects_table(&test.db).await;
-    let (destination, queue, wire_queue, _cleanup) =
-        fresh_destination(&kind.summary_name("fault_relay_kill"));
-    declare_consumer_queues_over(kind, &destination).await;
+    let (test, (destination, queue, wire_queue, _cleanup)) =
+        fault_start(&kind.summary_name("fault_relay_kill"), kind).await;
     let mut wire = WireCounter::start(&destination, &wire_queue).await;
     // A slow link makes each batch take a while, so that kills land between send and mark.
     let proxy = FaultProxy::start(kind.broker_addr()).await;
@@ -78,19 +97,8 @@ async fn relay_killed_repeatedly(kind: TransportKind) {
         .unwrap();
 
     let relay = |proxy: &FaultProxy| {
-        let mut command = tokio::process::Command::new(outbox_tests::binaries::outbox_command());
+        let mut command = publish_command(&test.url, 25);
         kind.point_command(&mut command, proxy.addr())
-            .arg("publish")
-            .env("DATABASE_URL", &test.url)
-            .env("OUTBOX_PRODUCER_WAITING_TIME", "0.1")
-            .env("OUTBOX_PUBLISHED_CHUNK_SIZE", "25")
-            .env("OUTBOX_PRODUCER_LEASE", "2")
-            .env("OUTBOX_RECEIPT_TIMEOUT", "1")
-            .env("OUTBOX_MAXIMUM_BACKOFF", "0.3")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
             .spawn()
             .expect("start outbox publish")
     };
@@ -113,15 +121,12 @@ async fn relay_killed_repeatedly(kind: TransportKind) {
         }
     }
     let mut last = relay(&proxy);
-    let db = test.db.clone();
-    wait_until_all_sent(&db, n, Duration::from_secs(120)).await;
+    wait_until_all_sent(&test.db, n, Duration::from_secs(120)).await;
     kill(&mut last).await;
     wait_until_consumed(&test.db, &queue, n, Duration::from_secs(60)).await;
     consumer.stop().await.unwrap();
 
-    let expected = outbox_ids(&test.db).await;
-    let counted = count(&expected, &effect_counts(&test.db).await);
-    let wire_duplicates = wire.duplicates(&expected).await;
+    let (counted, wire_duplicates) = count_effects(&test.db, &mut wire).await;
     summary(
         &kind.summary_name("relay_killed"),
         &counted,
@@ -131,9 +136,7 @@ async fn relay_killed_repeatedly(kind: TransportKind) {
             started.elapsed().as_secs_f64()
         ),
     );
-    assert_eq!(counted.sent, n);
-    assert_eq!(counted.lost, 0, "messages lost");
-    assert_eq!(counted.duplicate_effects, 0, "effects done twice");
+    assert_exactly_once(&counted, n);
     assert!(mid_run_kills > 0, "no kill landed during the run");
     test.drop_database().await;
 }
@@ -151,8 +154,7 @@ const CHILD_TRANSPORT: &str = "OUTBOX_TEST_FAULT_CHILD_TRANSPORT";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "the consumer child process of consumer_killed_repeatedly_...; runs only as a child"]
 async fn fault_child_consumer() {
-    let (Ok(url), Ok(destination)) = (std::env::var(CHILD_DB), std::env::var(CHILD_DESTINATION))
-    else {
+    let Some((url, destination)) = child_vars(CHILD_DB, CHILD_DESTINATION) else {
         return;
     };
     let kind = match std::env::var(CHILD_TRANSPORT) {
@@ -167,28 +169,7 @@ async fn fault_child_consumer() {
         .in_flight(4)
         .build()
         .expect("child: consumer");
-    consumer
-        .run(|payload: Payload| async move {
-            let key = payload.message_id().unwrap_or_default().to_owned();
-            insert_effect(payload.db(), &key, "ok").await?;
-            // Between the effect and the commit: where a kill hurts most.
-            tokio::time::sleep(Duration::from_millis(3)).await;
-            payload.save();
-            Ok::<_, BoxError>(())
-        })
-        .await
-        .expect("child: consumer ran");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn consumer_killed_repeatedly_loses_nothing_and_duplicates_no_effect() {
-    consumer_killed_repeatedly(TransportKind::Stomp).await;
-}
-
-/// The same with the consumer (and the relay before it) over AMQP 0-9-1.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn consumer_killed_repeatedly_over_amqp_loses_nothing_and_duplicates_no_effect() {
-    consumer_killed_repeatedly(TransportKind::Amqp).await;
+    consume_until_killed(consumer, Duration::from_millis(3)).await;
 }
 
 /// Every message relayed over `kind`, then a child consumer over `kind` killed `kills` times
@@ -197,54 +178,22 @@ async fn consumer_killed_repeatedly(kind: TransportKind) {
     let started = Instant::now();
     let n = counts(600, 5000);
     let kills = counts(6, 20);
-    let test = TestDb::new(Backend::Postgres).await;
-    create_effects_table(&test.db).await;
-    let (destination, queue, _wire_queue, _cleanup) =
-        fresh_destination(&kind.summary_name("fault_consumer_kill"));
-    declare_consumer_queues_over(kind, &destination).await;
+    let (test, (destination, queue, _wire_queue, _cleanup)) =
+        fault_start(&kind.summary_name("fault_consumer_kill"), kind).await;
     enqueue_many(&test.db, &destination, n, 0).await;
-    let report = Producer::builder(test.db.clone())
-        .config(kind.config())
-        .build()
-        .unwrap()
-        .drain()
-        .await
-        .unwrap();
-    assert_eq!(report.sent, n);
+    relay_everything(&test.db, kind.config(), n).await;
 
     let spawn = || {
-        tokio::process::Command::new(std::env::current_exe().expect("this test binary"))
-            .args([
-                "fault_child_consumer",
-                "--exact",
-                "--ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(CHILD_DB, &test.url)
-            .env(CHILD_DESTINATION, &destination)
-            .env(CHILD_TRANSPORT, kind.name())
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start the consumer child")
+        spawn_child_test(
+            "fault_child_consumer",
+            &[
+                (CHILD_DB, &test.url),
+                (CHILD_DESTINATION, &destination),
+                (CHILD_TRANSPORT, kind.name()),
+            ],
+        )
     };
-    let step = n / (kills + 1);
-    let mut mid_run_kills = 0;
-    for k in 1..=kills {
-        let mut child = spawn();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while distinct_effects(&test.db).await < step * k && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        tokio::time::sleep(Duration::from_millis(random(30))).await;
-        kill(&mut child).await;
-        if distinct_effects(&test.db).await < n {
-            mid_run_kills += 1;
-        }
-    }
+    let mid_run_kills = kill_consumer_children(&test.db, n, kills, 30, spawn).await;
     let mut last = spawn();
     wait_until_consumed(&test.db, &queue, n, Duration::from_secs(90)).await;
     kill(&mut last).await;
@@ -515,18 +464,6 @@ async fn poison_messages_end_where_spec_says_and_later_messages_flow() {
 // ---------------------------------------------------------------------------------------------
 // 4. The broker connection cut and stalled (proxy) during relay and consumption
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn broker_connections_cut_and_stalled_lose_nothing_and_duplicate_no_effect() {
-    broker_connections_cut_and_stalled(TransportKind::Stomp).await;
-}
-
-/// The same with the relay and the consumer over AMQP 0-9-1 (whose heartbeats are whole
-/// seconds: 1 s here, a stall noticed after 2 s).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn broker_connections_cut_and_stalled_over_amqp_lose_nothing_and_duplicate_no_effect() {
-    broker_connections_cut_and_stalled(TransportKind::Amqp).await;
-}
-
 /// A relay and a consumer over `kind`, each through a proxy that cuts and stalls its link.
 async fn broker_connections_cut_and_stalled(kind: TransportKind) {
     let started = Instant::now();
@@ -582,15 +519,12 @@ async fn broker_connections_cut_and_stalled(kind: TransportKind) {
             _ => unreachable!(),
         }
     }
-    let db = test.db.clone();
-    wait_until_all_sent(&db, n, Duration::from_secs(120)).await;
+    wait_until_all_sent(&test.db, n, Duration::from_secs(120)).await;
     wait_until_consumed(&test.db, &queue, n, Duration::from_secs(60)).await;
     relay.stop().await.unwrap();
     consumer.stop().await.unwrap();
 
-    let expected = outbox_ids(&test.db).await;
-    let counted = count(&expected, &effect_counts(&test.db).await);
-    let wire_duplicates = wire.duplicates(&expected).await;
+    let (counted, wire_duplicates) = count_effects(&test.db, &mut wire).await;
     summary(
         &kind.summary_name("broker_cut_and_stall"),
         &counted,
@@ -602,9 +536,7 @@ async fn broker_connections_cut_and_stalled(kind: TransportKind) {
             started.elapsed().as_secs_f64()
         ),
     );
-    assert_eq!(counted.sent, n);
-    assert_eq!(counted.lost, 0, "messages lost");
-    assert_eq!(counted.duplicate_effects, 0, "effects done twice");
+    assert_exactly_once(&counted, n);
     assert!(
         stall_reconnects.iter().all(|reconnected| *reconnected),
         "heartbeats noticed every stall: {stall_reconnects:?}"
@@ -875,15 +807,12 @@ async fn database_connections_dropped_lose_nothing_and_duplicate_no_effect() {
         terminated += row.try_get_by_index::<i64>(0).unwrap();
         tokio::time::sleep(Duration::from_millis(100 + random(300))).await;
     }
-    let db = test.db.clone();
-    wait_until_all_sent(&db, n, Duration::from_secs(120)).await;
+    wait_until_all_sent(&test.db, n, Duration::from_secs(120)).await;
     wait_until_consumed(&test.db, &queue, n, Duration::from_secs(60)).await;
     relay.stop().await.unwrap();
     consumer.stop().await.unwrap();
 
-    let expected = outbox_ids(&test.db).await;
-    let counted = count(&expected, &effect_counts(&test.db).await);
-    let wire_duplicates = wire.duplicates(&expected).await;
+    let (counted, wire_duplicates) = count_effects(&test.db, &mut wire).await;
     summary(
         "database_dropped",
         &counted,
@@ -893,9 +822,7 @@ async fn database_connections_dropped_lose_nothing_and_duplicate_no_effect() {
             started.elapsed().as_secs_f64()
         ),
     );
-    assert_eq!(counted.sent, n);
-    assert_eq!(counted.lost, 0, "messages lost");
-    assert_eq!(counted.duplicate_effects, 0, "effects done twice");
+    assert_exactly_once(&counted, n);
     assert_eq!(
         queue_message_count(&format!("DLQ.{queue}")),
         Some(0),

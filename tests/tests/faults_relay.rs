@@ -16,6 +16,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use outbox::consumer::ConsumerHandle;
+use outbox::producer::ProducerHandle;
 use outbox::tables::published::Status;
 use outbox::tables::published::{Column, Model as Row};
 use outbox::transport::{
@@ -374,8 +376,7 @@ async fn silent_poison() {
         .collect();
     wait_until_consumed(&test.db, &queue, expected.len(), Duration::from_secs(60)).await;
     consumer.stop().await.unwrap();
-    let counted = count(&expected, &effect_counts(&test.db).await);
-    let wire_duplicates = wire.duplicates(&expected).await;
+    let (counted, wire_duplicates) = count_expected(&test.db, &mut wire, &expected).await;
     summary(
         "silent_poison",
         &counted,
@@ -603,8 +604,7 @@ async fn lease_overrun() {
         .count();
     wait_until_consumed(&test.db, &queue, expected.len(), Duration::from_secs(60)).await;
     consumer.stop().await.unwrap();
-    let counted = count(&expected, &effect_counts(&test.db).await);
-    let wire_duplicates = wire.duplicates(&expected).await;
+    let (counted, wire_duplicates) = count_expected(&test.db, &mut wire, &expected).await;
     summary(
         "lease_overrun",
         &counted,
@@ -676,25 +676,30 @@ async fn bare_rows(db: &DatabaseConnection, destination: &str, count: usize, fro
     .expect("insert rows by SQL");
 }
 
+/// A relay and a consumer that records effects, over RabbitMQ's STOMP, each on a pool of four
+/// connections to the database at `url`.
+async fn relay_and_consumer(url: &str, destination: &str) -> (ProducerHandle, ConsumerHandle) {
+    let relay = Producer::builder(pool(url, 4).await)
+        .config(config(RABBITMQ_STOMP))
+        .start()
+        .unwrap();
+    let consumer = Consumer::builder(pool(url, 4).await)
+        .config(config(RABBITMQ_STOMP))
+        .destination(destination)
+        .in_flight(8)
+        .start(record_effect)
+        .unwrap();
+    (relay, consumer)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "stops the shared RabbitMQ: run alone by .ci/run under flock -x -o"]
 async fn broker_restart() {
     let started = Instant::now();
     let n = counts(2_000, 20_000);
-    let test = TestDb::new(Backend::Postgres).await;
-    create_effects_table(&test.db).await;
-    let (destination, queue, _wire_queue, _cleanup) = fresh_destination("fault_broker_restart");
-    declare_consumer_queues(&destination).await;
-    let relay = Producer::builder(pool(&test.url, 4).await)
-        .config(config(RABBITMQ_STOMP))
-        .start()
-        .unwrap();
-    let consumer = Consumer::builder(pool(&test.url, 4).await)
-        .config(config(RABBITMQ_STOMP))
-        .destination(&destination)
-        .in_flight(8)
-        .start(record_effect)
-        .unwrap();
+    let (test, (destination, queue, _wire_queue, _cleanup)) =
+        fault_start("fault_broker_restart", TransportKind::Stomp).await;
+    let (relay, consumer) = relay_and_consumer(&test.url, &destination).await;
     bare_rows(&test.db, &destination, n / 2, 0).await;
     {
         let _restore = Restore(RABBITMQ_START);
@@ -737,20 +742,9 @@ async fn database_restart() {
     let waves = counts(6, 20);
     let per_wave = 200;
     let n = waves * per_wave;
-    let test = TestDb::new(Backend::Postgres).await;
-    create_effects_table(&test.db).await;
-    let (destination, queue, _wire_queue, _cleanup) = fresh_destination("fault_db_restart");
-    declare_consumer_queues(&destination).await;
-    let relay = Producer::builder(pool(&test.url, 4).await)
-        .config(config(RABBITMQ_STOMP))
-        .start()
-        .unwrap();
-    let consumer = Consumer::builder(pool(&test.url, 4).await)
-        .config(config(RABBITMQ_STOMP))
-        .destination(&destination)
-        .in_flight(8)
-        .start(record_effect)
-        .unwrap();
+    let (test, (destination, queue, _wire_queue, _cleanup)) =
+        fault_start("fault_db_restart", TransportKind::Stomp).await;
+    let (relay, consumer) = relay_and_consumer(&test.url, &destination).await;
     {
         let _restore = Restore(POSTGRES_START);
         for wave in 0..waves {
@@ -781,8 +775,6 @@ async fn database_restart() {
             started.elapsed().as_secs_f64()
         ),
     );
-    assert_eq!(counted.sent, n);
-    assert_eq!(counted.lost, 0, "messages lost");
-    assert_eq!(counted.duplicate_effects, 0, "effects done twice");
+    assert_exactly_once(&counted, n);
     test.drop_database().await;
 }

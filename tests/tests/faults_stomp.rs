@@ -233,20 +233,11 @@ async fn db_clear_effects(test: &TestDb) {
 async fn a_prefetch_flood_keeps_heartbeats_and_acknowledgements_flowing() {
     let started = Instant::now();
     let n = counts(5000, 20_000);
-    let test = TestDb::new(Backend::Postgres).await;
-    create_effects_table(&test.db).await;
-    let (destination, queue, wire_queue, _cleanup) = fresh_destination("fault_prefetch_flood");
-    declare_consumer_queues(&destination).await;
+    let (test, (destination, queue, wire_queue, _cleanup)) =
+        fault_start("fault_prefetch_flood", TransportKind::Stomp).await;
     let mut wire = WireCounter::start(&destination, &wire_queue).await;
     enqueue_many(&test.db, &destination, n, 0).await;
-    let report = outbox::Producer::builder(test.db.clone())
-        .config(config(RABBITMQ_STOMP))
-        .build()
-        .unwrap()
-        .drain()
-        .await
-        .unwrap();
-    assert_eq!(report.sent, n);
+    relay_everything(&test.db, config(RABBITMQ_STOMP), n).await;
     eventually(Duration::from_secs(20), "the messages queued", || async {
         queue_message_count(&queue) == Some(n)
     })
@@ -541,9 +532,7 @@ async fn broker_blocked(amqp: bool) {
         .unwrap();
     wait_until_consumed(&test.db, &queue, n, Duration::from_secs(120)).await;
     consumer.stop().await.unwrap();
-    let expected = outbox_ids(&test.db).await;
-    let counted = count(&expected, &effect_counts(&test.db).await);
-    let wire_duplicates = wire.duplicates(&expected).await;
+    let (counted, wire_duplicates) = count_effects(&test.db, &mut wire).await;
     summary(
         if amqp {
             "broker_blocked_amqp"

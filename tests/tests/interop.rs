@@ -24,7 +24,9 @@ use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
 use outbox::consumer::ConsumerHandle;
 use outbox::{Consumer, OutboxConfig, Payload};
-use outbox_tests::stomp_peer::{QueueCleanup, RABBITMQ_STOMP, StompPeer, unescape, unique};
+use outbox_tests::stomp_peer::{
+    QueueCleanup, RABBITMQ_STOMP, StompPeer, queue_figure, unescape, unique,
+};
 use outbox_tests::{Backend, TestDb, eventually};
 use sea_orm::{ConnectionTrait, DatabaseConnection, EntityTrait, Statement};
 use serde_json::Value;
@@ -123,6 +125,15 @@ impl Django {
         command
     }
 
+    /// `manage.py write_orders` with `args`: the ids of the rows it wrote.
+    async fn write_orders(&self, args: &[&str]) -> Vec<String> {
+        let command: Vec<&str> = std::iter::once("write_orders")
+            .chain(args.iter().copied())
+            .collect();
+        serde_json::from_str(self.manage(&command, None).await.trim())
+            .expect("write_orders prints the ids")
+    }
+
     /// Runs `manage.py <args>` to its end, with `stdin` as its input; its stdout.
     async fn manage(&self, args: &[&str], stdin: Option<&str>) -> String {
         let mut command = self.command(args);
@@ -200,6 +211,15 @@ impl Django {
     /// The `dop-msg-id` of every effect the project's callback left, one per processing.
     async fn effects(&self) -> Vec<String> {
         strings(&self.db.db, "SELECT msg_id FROM shop_effect ORDER BY id").await
+    }
+
+    /// Waits until the project's callback has left an effect for each of `ids`.
+    async fn wait_for_effects(&self, ids: &[String], what: &str) {
+        eventually(DELIVERY_LIMIT, what, || async move {
+            let effects = self.effects().await;
+            ids.iter().all(|id| effects.contains(id))
+        })
+        .await;
     }
 }
 
@@ -327,21 +347,7 @@ fn our_relay(database_url: &str, stomp: &str) -> Child {
 
 /// The consumers RabbitMQ counts on `queue`, `None` when the queue does not exist.
 fn queue_consumers(queue: &str) -> Option<usize> {
-    let output = std::process::Command::new("rabbitmqctl")
-        .args([
-            "--quiet",
-            "list_queues",
-            "--no-table-headers",
-            "name",
-            "consumers",
-        ])
-        .output()
-        .ok()?;
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter_map(|line| line.split_once('\t'))
-        .find(|(name, _)| *name == queue)
-        .and_then(|(_, count)| count.trim().parse().ok())
+    queue_figure(queue, "consumers")
 }
 
 async fn wait_consumers(queue: &str, count: usize) {
@@ -378,16 +384,9 @@ async fn python_relay_to_our_consumer() {
     let (consumer, effects) = our_consumer(&ours.db, &destination, &key);
     wait_consumers(&key, 1).await;
 
-    let written: Vec<String> = serde_json::from_str(
-        django
-            .manage(
-                &["write_orders", "--decorated", "3", "--explicit", "3"],
-                None,
-            )
-            .await
-            .trim(),
-    )
-    .expect("write_orders prints the ids");
+    let written: Vec<String> = django
+        .write_orders(&["--decorated", "3", "--explicit", "3"])
+        .await;
     assert_eq!(written.len(), 6, "{written:?}");
     let mut relay = django.spawn(&["publish"]);
     {
@@ -492,19 +491,9 @@ async fn our_relay_to_python_subscribe() {
     ids.push(row.id.to_string());
 
     let mut relay = our_relay(&ours.url, RABBITMQ_STOMP);
-    eventually(
-        DELIVERY_LIMIT,
-        "manage.py subscribe processed every row",
-        || {
-            let ids = ids.clone();
-            let django = &django;
-            async move {
-                let effects = django.effects().await;
-                ids.iter().all(|id| effects.contains(id))
-            }
-        },
-    )
-    .await;
+    django
+        .wait_for_effects(&ids, "manage.py subscribe processed every row")
+        .await;
     // Long enough for a duplicate to show.
     tokio::time::sleep(Duration::from_secs(1)).await;
     subscriber.assert_running();
@@ -748,16 +737,9 @@ async fn the_same_row_sent_by_both_relays() {
     django.stomp_port = python_recorder.port;
 
     let headers = r#"{"x-custom": "a:b", "dop-correlation-id": "my-correlation-id", "dop-msg-id": "try-override"}"#;
-    let written: Vec<String> = serde_json::from_str(
-        django
-            .manage(
-                &["write_orders", "--explicit", "1", "--headers", headers],
-                None,
-            )
-            .await
-            .trim(),
-    )
-    .expect("write_orders prints the ids");
+    let written: Vec<String> = django
+        .write_orders(&["--explicit", "1", "--headers", headers])
+        .await;
     let row_id = written[0].clone();
 
     // The row, copied column by column into our outbox.
@@ -884,16 +866,9 @@ async fn our_relay_on_an_adopted_django_database() {
     let _queues = QueueCleanup(vec![key.clone(), format!("DLQ.{key}")]);
     let django = Django::new(&destination).await;
     // Rows written before the adoption are relayed too.
-    let mut ids: Vec<String> = serde_json::from_str(
-        django
-            .manage(
-                &["write_orders", "--decorated", "1", "--explicit", "1"],
-                None,
-            )
-            .await
-            .trim(),
-    )
-    .expect("write_orders prints the ids");
+    let mut ids: Vec<String> = django
+        .write_orders(&["--decorated", "1", "--explicit", "1"])
+        .await;
 
     Adopt::up(&django.db.db, None).await.expect("adopt");
     let pending = outbox_tests::Migrator::get_pending_migrations(&django.db.db)
@@ -913,32 +888,18 @@ async fn our_relay_on_an_adopted_django_database() {
 
     let mut subscriber = django.spawn(&["subscribe", "shop.callbacks.record", &destination]);
     wait_consumers(&key, 1).await;
-    let later: Vec<String> = serde_json::from_str(
-        django
-            .manage(
-                &["write_orders", "--decorated", "2", "--explicit", "2"],
-                None,
-            )
-            .await
-            .trim(),
-    )
-    .expect("write_orders prints the ids");
+    let later: Vec<String> = django
+        .write_orders(&["--decorated", "2", "--explicit", "2"])
+        .await;
     ids.extend(later);
 
     let mut relay = our_relay(&django.db.url, RABBITMQ_STOMP);
-    eventually(
-        DELIVERY_LIMIT,
-        "manage.py subscribe processed every Django row our relay sent",
-        || {
-            let ids = ids.clone();
-            let django = &django;
-            async move {
-                let effects = django.effects().await;
-                ids.iter().all(|id| effects.contains(id))
-            }
-        },
-    )
-    .await;
+    django
+        .wait_for_effects(
+            &ids,
+            "manage.py subscribe processed every Django row our relay sent",
+        )
+        .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     subscriber.assert_running();
     let _ = relay.kill().await;
@@ -1091,16 +1052,9 @@ async fn a_django_trace_continues_in_our_consumer() {
 
     let (consumer, effects) = our_consumer(&ours.db, &destination, &key);
     wait_consumers(&key, 1).await;
-    let written: Vec<String> = serde_json::from_str(
-        django
-            .manage(
-                &["write_orders", "--decorated", "1", "--span", "checkout"],
-                None,
-            )
-            .await
-            .trim(),
-    )
-    .expect("write_orders prints the ids");
+    let written: Vec<String> = django
+        .write_orders(&["--decorated", "1", "--span", "checkout"])
+        .await;
     assert_eq!(written.len(), 1, "{written:?}");
     let checkout = {
         let spans = django.spans();

@@ -15,11 +15,12 @@ use outbox::transport::{
 };
 use outbox::{OutboxConfig, Producer, Published};
 use outbox_tests::certs::{Ca, Files};
+use outbox_tests::rows::poison_among_goods;
 use outbox_tests::stomp_peer::{
     QueueCleanup, RABBITMQ_STOMP, StompPeer, queue_message_count, topic_reader, unique,
 };
 use outbox_tests::{Backend, TestDb, eventually};
-use sea_orm::{DatabaseConnection, EntityTrait, TransactionTrait};
+use sea_orm::{DatabaseConnection, EntityTrait};
 use serde_json::json;
 
 /// RabbitMQ's AMQP listener, guest/guest, vhost `/`.
@@ -363,25 +364,7 @@ async fn destinations_route_as_over_stomp() {
 #[tokio::test]
 async fn a_poison_publish_charges_only_its_row() {
     let test = TestDb::new(Backend::Postgres).await;
-    let key = unique("amqp_poison");
-    let (mut reader, _cleanup) = topic_reader(&key).await;
-    let good = format!("/topic/{key}");
-    let poison = format!("/exchange/{}/x", unique("missing"));
-    let txn = test.db.begin().await.unwrap();
-    for n in 0..3 {
-        outbox::enqueue(&txn, &good, &json!({ "n": n }))
-            .await
-            .unwrap();
-    }
-    let bad = outbox::enqueue(&txn, &poison, &json!({"poison": true}))
-        .await
-        .unwrap();
-    for n in 3..6 {
-        outbox::enqueue(&txn, &good, &json!({ "n": n }))
-            .await
-            .unwrap();
-    }
-    txn.commit().await.unwrap();
+    let mut poisoned = poison_among_goods(&test.db, "amqp_poison").await;
     let mut config = amqp_config(RABBITMQ_AMQP);
     config.maximum_retry_attempts = 3;
     let producer = Producer::builder(test.db.clone())
@@ -393,7 +376,7 @@ async fn a_poison_publish_charges_only_its_row() {
     // check of its exchange), and charged to it alone.
     assert_eq!((report.sent, report.refused), (6, 3), "{report:?}");
     for row in rows(&test.db).await {
-        if row.id == bad.id {
+        if row.id == poisoned.bad.id {
             assert_eq!(row.retry, 3);
             assert_eq!(row.status, Status::Failed);
             let error = row.last_error.unwrap();
@@ -406,7 +389,8 @@ async fn a_poison_publish_charges_only_its_row() {
         }
     }
     for _ in 0..6 {
-        reader
+        poisoned
+            .reader
             .next_message(Duration::from_secs(5))
             .await
             .expect("each good message arrives");

@@ -14,6 +14,7 @@ use outbox::tables::published::Status;
 use outbox::tables::received::Column as ReceivedColumn;
 use outbox::transport::{MemoryTransport, StompSettings, StompTransport};
 use outbox::{Consumer, OutboxConfig, Payload, Producer, Received};
+use outbox_tests::binaries::child_vars;
 use outbox_tests::proxy::FaultProxy;
 use outbox_tests::stomp_peer::{
     QueueCleanup, RABBITMQ_STOMP, StompPeer, queue_message_count, unique,
@@ -1498,10 +1499,7 @@ const SIGNAL_CHILD_DESTINATION: &str = "OUTBOX_TEST_SIGNAL_CHILD_DESTINATION";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "the consumer child process of the signal tests; runs only as a child"]
 async fn signal_child_consumer() {
-    let (Ok(url), Ok(destination)) = (
-        std::env::var(SIGNAL_CHILD_DB),
-        std::env::var(SIGNAL_CHILD_DESTINATION),
-    ) else {
+    let Some((url, destination)) = child_vars(SIGNAL_CHILD_DB, SIGNAL_CHILD_DESTINATION) else {
         return;
     };
     let db = sea_orm::Database::connect(url)

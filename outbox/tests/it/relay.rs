@@ -5,11 +5,12 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use outbox::tables::published::Column;
 use outbox::tables::published::Status;
-use outbox::tables::published::{Column, Model as Row};
 use outbox::transport::MemoryTransport;
 use outbox::{OutboxConfig, Producer, Published};
 use outbox_tests::proxy::FaultProxy;
+use outbox_tests::rows::{enqueue_many, poison_among_goods, rows};
 use outbox_tests::stomp_peer::{RABBITMQ_STOMP, topic_reader, unique};
 use outbox_tests::{Backend, TestDb, count_with_status, eventually, on_every_backend};
 use sea_orm::{
@@ -29,17 +30,6 @@ fn config(broker: &str) -> OutboxConfig {
     config.pause_for_retry = Duration::ZERO;
     config.wait_retry = Duration::ZERO;
     config
-}
-
-async fn rows(db: &DatabaseConnection) -> Vec<Row> {
-    Published::find().all(db).await.expect("read the outbox")
-}
-
-async fn enqueue_many(db: &DatabaseConnection, destination: &str, count: usize) {
-    let txn = db.begin().await.unwrap();
-    let messages = (0..count).map(|n| outbox::Message::from_json(destination, json!({ "n": n })));
-    outbox::enqueue_all(&txn, messages).await.unwrap();
-    txn.commit().await.unwrap();
 }
 
 on_every_backend!(
@@ -116,26 +106,7 @@ async fn relay_sends_stored_rows_with_their_exact_headers(backend: Backend) {
 
 async fn poison_row_fails_after_its_attempts_while_the_rows_around_it_flow(backend: Backend) {
     let test = TestDb::new(backend).await;
-    let key = unique("relay_poison");
-    let (mut reader, _cleanup) = topic_reader(&key).await;
-    let good = format!("/topic/{key}");
-    // RabbitMQ answers a SEND to a missing exchange with an ERROR and closes the connection.
-    let poison = format!("/exchange/{}/x", unique("missing"));
-    let txn = test.db.begin().await.unwrap();
-    for n in 0..3 {
-        outbox::enqueue(&txn, &good, &json!({ "n": n }))
-            .await
-            .unwrap();
-    }
-    let bad = outbox::enqueue(&txn, &poison, &json!({"poison": true}))
-        .await
-        .unwrap();
-    for n in 3..6 {
-        outbox::enqueue(&txn, &good, &json!({ "n": n }))
-            .await
-            .unwrap();
-    }
-    txn.commit().await.unwrap();
+    let mut poisoned = poison_among_goods(&test.db, "relay_poison").await;
 
     let mut settings = config(RABBITMQ_STOMP);
     settings.maximum_retry_attempts = 3;
@@ -158,7 +129,7 @@ async fn poison_row_fails_after_its_attempts_while_the_rows_around_it_flow(backe
     running.await.unwrap().unwrap();
 
     let mut received = HashSet::new();
-    while let Some(frame) = reader.next_message(Duration::from_secs(2)).await {
+    while let Some(frame) = poisoned.reader.next_message(Duration::from_secs(2)).await {
         received.insert(frame.header("dop-msg-id").unwrap().to_owned());
         if received.len() == 6 {
             break;
@@ -166,7 +137,7 @@ async fn poison_row_fails_after_its_attempts_while_the_rows_around_it_flow(backe
     }
     assert_eq!(received.len(), 6, "every good row arrived");
     for row in rows(&test.db).await {
-        if row.id == bad.id {
+        if row.id == poisoned.bad.id {
             assert_eq!(row.status, Status::Failed);
             assert_eq!(row.retry, 3, "the poison row spent its attempts");
             let reason = row.last_error.unwrap_or_default();

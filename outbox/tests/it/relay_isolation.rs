@@ -7,13 +7,13 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use outbox::tables::published::Model as Row;
 use outbox::tables::published::Status;
 use outbox::transport::MemoryTransport;
 use outbox::{OutboxConfig, Producer, Published};
+use outbox_tests::rows::{enqueue_many, rows};
 use outbox_tests::stomp_peer::{RABBITMQ_STOMP, topic_reader, unique};
 use outbox_tests::{Backend, TestDb, on_every_backend};
-use sea_orm::{ConnectionTrait, DatabaseConnection, EntityTrait, Statement, TransactionTrait};
+use sea_orm::{ConnectionTrait, EntityTrait, Statement};
 use serde_json::json;
 
 fn config() -> OutboxConfig {
@@ -26,17 +26,6 @@ fn config() -> OutboxConfig {
     config.pause_for_retry = Duration::ZERO;
     config.wait_retry = Duration::ZERO;
     config
-}
-
-async fn rows(db: &DatabaseConnection) -> Vec<Row> {
-    Published::find().all(db).await.expect("read the outbox")
-}
-
-async fn enqueue(db: &DatabaseConnection, destination: &str, count: usize) {
-    let txn = db.begin().await.unwrap();
-    let messages = (0..count).map(|n| outbox::Message::from_json(destination, json!({ "n": n })));
-    outbox::enqueue_all(&txn, messages).await.unwrap();
-    txn.commit().await.unwrap();
 }
 
 /// Copies per message id in what the broker routed.
@@ -58,12 +47,12 @@ on_every_backend!(
 
 async fn a_refusal_failing_every_batch_in_flight_charges_only_the_culprit(backend: Backend) {
     let test = TestDb::new(backend).await;
-    enqueue(&test.db, "/topic/fine", 500).await;
+    enqueue_many(&test.db, "/topic/fine", 500).await;
     let culprit = outbox::enqueue(&test.db, "/exchange/missing/x", &json!({}))
         .await
         .unwrap()
         .id;
-    enqueue(&test.db, "/topic/fine", 500).await;
+    enqueue_many(&test.db, "/topic/fine", 500).await;
     let memory = MemoryTransport::new();
     memory.refuse("/exchange/missing");
     // Receipts come late, so that the three batches are in flight together when the refusal
@@ -109,7 +98,7 @@ async fn a_row_passed_over_silently_is_charged_and_the_rows_behind_it_flow(backe
         .await
         .unwrap()
         .id;
-    enqueue(&test.db, "/topic/fine", 50).await;
+    enqueue_many(&test.db, "/topic/fine", 50).await;
     let memory = MemoryTransport::new();
     memory.discard("/topic/silent");
     memory.set_receipt_timeout(Duration::from_millis(300));
@@ -132,7 +121,7 @@ async fn a_row_passed_over_silently_is_charged_and_the_rows_behind_it_flow(backe
             .starts_with("not receipted while later messages")
     );
     // Alone now, alongside the later rows, it is charged again while they flow.
-    enqueue(&test.db, "/topic/fine", 50).await;
+    enqueue_many(&test.db, "/topic/fine", 50).await;
     let report = producer.round().await.unwrap();
     assert_eq!((report.sent, report.refused), (50, 1));
     // With nothing sent after it, a timeout proves nothing: it is given back uncharged.
@@ -149,7 +138,7 @@ async fn a_row_passed_over_silently_is_charged_and_the_rows_behind_it_flow(backe
 
 async fn a_blocked_broker_charges_nobody(backend: Backend) {
     let test = TestDb::new(backend).await;
-    enqueue(&test.db, "/topic/fine", 30).await;
+    enqueue_many(&test.db, "/topic/fine", 30).await;
     let memory = MemoryTransport::new();
     memory.set_receipt_timeout(Duration::from_millis(300));
     let producer = Producer::builder(test.db.clone())
@@ -250,7 +239,7 @@ async fn a_settle_outlasting_its_lease_extends_it_and_no_other_relay_takes_the_r
         .await
         .unwrap();
     for n in 0..8 {
-        enqueue(&test.db, &format!("/topic/lease.{n}"), 1).await;
+        enqueue_many(&test.db, &format!("/topic/lease.{n}"), 1).await;
     }
     let memory = MemoryTransport::new();
     memory.refuse("/exchange/missing");

@@ -11,6 +11,7 @@ use outbox::OutboxConfig;
 use outbox::config::Secret;
 use outbox::transport::{Outgoing, StompSettings, StompTransport, Transport, TransportError};
 use outbox_tests::certs::{Ca, Files, Leaf};
+use outbox_tests::stomp_peer::unescape;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -241,7 +242,10 @@ fn take_frame(buffer: &mut Vec<u8>) -> Option<Frame> {
         .map(|line| {
             let (key, value) = line.split_once(':').unwrap_or((line, ""));
             if escaped {
-                (unescape(key), unescape(value))
+                (
+                    unescape(key).expect("a header name"),
+                    unescape(value).expect("a header value"),
+                )
             } else {
                 (key.to_owned(), value.to_owned())
             }
@@ -270,29 +274,31 @@ fn take_frame(buffer: &mut Vec<u8>) -> Option<Frame> {
     })
 }
 
-fn unescape(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
-    let mut chars = value.chars();
-    while let Some(c) = chars.next() {
-        if c != '\\' {
-            out.push(c);
-            continue;
-        }
-        match chars.next() {
-            Some('n') => out.push('\n'),
-            Some('r') => out.push('\r'),
-            Some('c') => out.push(':'),
-            Some('\\') => out.push('\\'),
-            Some(other) => panic!("undefined escape \\{other} in a header"),
-            None => panic!("a header ends in a lone backslash"),
-        }
-    }
-    out
-}
-
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
+
+/// A stub serving a certificate for `names` from a fresh test CA, without client certificates,
+/// and the folder to write its CA bundle to.
+async fn stub_of_a_test_ca(names: &[&str]) -> (Files, Ca, Stub) {
+    let files = Files::new();
+    let ca = Ca::new("outbox test CA");
+    let server = ca.server(names);
+    let stub = Stub::start(StubOptions {
+        server: &server,
+        client_ca: None,
+        refuse_login: false,
+    })
+    .await;
+    (files, ca, stub)
+}
+
+/// Settings for `addresses` that trust `ca`, its bundle written to `files`.
+fn trusting(files: &Files, ca: &Ca, addresses: &[SocketAddr]) -> OutboxConfig {
+    let mut config = config(addresses);
+    config.stomp_ca_certs = Some(files.write("ca.pem", &ca.pem));
+    config
+}
 
 /// TLS on, the given addresses, a short receipt timeout, the distinctive passcode.
 fn config(addresses: &[SocketAddr]) -> OutboxConfig {
@@ -393,17 +399,8 @@ fn assert_tls_error_names(err: &TransportError, path: &Path) {
 
 #[tokio::test]
 async fn with_the_ca_bundle_and_the_right_name_sends_are_receipted_over_tls() {
-    let files = Files::new();
-    let ca = Ca::new("outbox test CA");
-    let server = ca.server(&["127.0.0.1", "localhost"]);
-    let stub = Stub::start(StubOptions {
-        server: &server,
-        client_ca: None,
-        refuse_login: false,
-    })
-    .await;
-    let mut config = config(&[stub.addr]);
-    config.stomp_ca_certs = Some(files.write("ca.pem", &ca.pem));
+    let (files, ca, stub) = stub_of_a_test_ca(&["127.0.0.1", "localhost"]).await;
+    let config = trusting(&files, &ca, &[stub.addr]);
 
     let transport = new_transport(&config);
     sends_two(&transport).await;
@@ -473,17 +470,8 @@ async fn without_a_ca_bundle_a_private_ca_is_not_trusted() {
 
 #[tokio::test]
 async fn a_certificate_for_another_name_fails_unless_that_name_is_configured() {
-    let files = Files::new();
-    let ca = Ca::new("outbox test CA");
-    let server = ca.server(&["broker.internal"]);
-    let stub = Stub::start(StubOptions {
-        server: &server,
-        client_ca: None,
-        refuse_login: false,
-    })
-    .await;
-    let mut config = config(&[stub.addr]);
-    config.stomp_ca_certs = Some(files.write("ca.pem", &ca.pem));
+    let (files, ca, stub) = stub_of_a_test_ca(&["broker.internal"]).await;
+    let config = trusting(&files, &ca, &[stub.addr]);
 
     // By default the certificate must name the address connected to.
     let err = connect_error(&new_transport(&config)).await;
@@ -511,17 +499,8 @@ async fn a_certificate_for_another_name_fails_unless_that_name_is_configured() {
 
 #[tokio::test]
 async fn without_hostname_verification_any_name_passes_but_the_chain_is_still_checked() {
-    let files = Files::new();
-    let ca = Ca::new("outbox test CA");
-    let server = ca.server(&["broker.internal"]);
-    let stub = Stub::start(StubOptions {
-        server: &server,
-        client_ca: None,
-        refuse_login: false,
-    })
-    .await;
-    let mut config = config(&[stub.addr]);
-    config.stomp_ca_certs = Some(files.write("ca.pem", &ca.pem));
+    let (files, ca, stub) = stub_of_a_test_ca(&["broker.internal"]).await;
+    let mut config = trusting(&files, &ca, &[stub.addr]);
     config.stomp_tls_verify_hostname = false;
 
     sends_two(&new_transport(&config)).await;
@@ -554,8 +533,7 @@ async fn a_server_requiring_client_certificates_accepts_the_configured_one_only(
         refuse_login: false,
     })
     .await;
-    let mut config = config(&[stub.addr]);
-    config.stomp_ca_certs = Some(files.write("ca.pem", &ca.pem));
+    let mut config = trusting(&files, &ca, &[stub.addr]);
 
     // Without a client certificate the server ends the handshake.
     let err = connect_error(&new_transport(&config)).await;
@@ -667,8 +645,7 @@ async fn a_refused_login_is_reported_with_the_brokers_message_and_never_the_pass
         refuse_login: true,
     })
     .await;
-    let mut config = config(&[stub.addr]);
-    config.stomp_ca_certs = Some(files.write("ca.pem", &ca.pem));
+    let config = trusting(&files, &ca, &[stub.addr]);
 
     let transport = new_transport(&config);
     let err = connect_error(&transport).await;
@@ -708,18 +685,9 @@ async fn a_refused_login_is_reported_with_the_brokers_message_and_never_the_pass
 
 #[tokio::test]
 async fn failover_skips_a_closed_port_and_connects_to_the_next_address() {
-    let files = Files::new();
-    let ca = Ca::new("outbox test CA");
-    let server = ca.server(&["127.0.0.1"]);
-    let stub = Stub::start(StubOptions {
-        server: &server,
-        client_ca: None,
-        refuse_login: false,
-    })
-    .await;
+    let (files, ca, stub) = stub_of_a_test_ca(&["127.0.0.1"]).await;
     let closed = closed_port().await;
-    let mut config = config(&[closed, stub.addr]);
-    config.stomp_ca_certs = Some(files.write("ca.pem", &ca.pem));
+    let config = trusting(&files, &ca, &[closed, stub.addr]);
 
     let transport = new_transport(&config);
     sends_two(&transport).await;

@@ -6,14 +6,13 @@
 //! `fault.consumer_killed_mid_group sent=N effects=N lost=0 duplicate_effects=0 ...`
 
 use std::collections::HashMap;
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use outbox::{Consumer, Payload, Producer};
+use outbox_tests::binaries::child_vars;
 use outbox_tests::faults::*;
 use outbox_tests::stomp_peer::{RABBITMQ_STOMP, queue_message_count};
-use outbox_tests::{Backend, TestDb};
 
 /// How many of its first attempts hang, for the message with this key: one in eight hangs once,
 /// one in twenty-five twice (the consumer retries three times: all of them get through).
@@ -34,10 +33,8 @@ fn hung_attempts(key: &str) -> usize {
 async fn hung_callbacks_are_abandoned_at_the_deadline_and_nothing_is_lost_or_doubled() {
     let started = Instant::now();
     let n = counts(200, 2000);
-    let test = TestDb::new(Backend::Postgres).await;
-    create_effects_table(&test.db).await;
-    let (destination, queue, wire_queue, _cleanup) = fresh_destination("fault_hung_callback");
-    declare_consumer_queues(&destination).await;
+    let (test, (destination, queue, wire_queue, _cleanup)) =
+        fault_start("fault_hung_callback", TransportKind::Stomp).await;
     let mut wire = WireCounter::start(&destination, &wire_queue).await;
     enqueue_many(&test.db, &destination, n, 0).await;
     let relay = Producer::builder(pool(&test.url, 3).await)
@@ -98,9 +95,7 @@ async fn hung_callbacks_are_abandoned_at_the_deadline_and_nothing_is_lost_or_dou
             started.elapsed().as_secs_f64()
         ),
     );
-    assert_eq!(counted.sent, n);
-    assert_eq!(counted.lost, 0, "messages lost");
-    assert_eq!(counted.duplicate_effects, 0, "effects done twice");
+    assert_exactly_once(&counted, n);
     assert!(hung > 0, "no callback hung");
     let calls: usize = attempts.lock().unwrap().values().sum();
     assert_eq!(calls, n + hung, "one more call per hung attempt, no other");
@@ -116,10 +111,7 @@ const GROUP_CHILD_DESTINATION: &str = "OUTBOX_TEST_FAULT_GROUP_CHILD_DESTINATION
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "the consumer child process of consumer_killed_mid_group_...; runs only as a child"]
 async fn fault_child_group_consumer() {
-    let (Ok(url), Ok(destination)) = (
-        std::env::var(GROUP_CHILD_DB),
-        std::env::var(GROUP_CHILD_DESTINATION),
-    ) else {
+    let Some((url, destination)) = child_vars(GROUP_CHILD_DB, GROUP_CHILD_DESTINATION) else {
         return;
     };
     let consumer = Consumer::builder(pool(&url, 4).await)
@@ -130,17 +122,8 @@ async fn fault_child_group_consumer() {
         .group_wait(Duration::from_millis(20))
         .build()
         .expect("child: consumer");
-    consumer
-        .run(|payload: Payload| async move {
-            let key = payload.message_id().unwrap_or_default().to_owned();
-            insert_effect(payload.db(), &key, "ok").await?;
-            // A group takes tens of milliseconds: most kills land inside one.
-            tokio::time::sleep(Duration::from_millis(2)).await;
-            payload.save();
-            Ok::<_, BoxError>(())
-        })
-        .await
-        .expect("child: consumer ran");
+    // A group takes tens of milliseconds: most kills land inside one.
+    consume_until_killed(consumer, Duration::from_millis(2)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -148,53 +131,22 @@ async fn consumer_killed_mid_group_loses_nothing_and_duplicates_no_effect() {
     let started = Instant::now();
     let n = counts(600, 5000);
     let kills = counts(6, 20);
-    let test = TestDb::new(Backend::Postgres).await;
-    create_effects_table(&test.db).await;
-    let (destination, queue, wire_queue, _cleanup) = fresh_destination("fault_group_kill");
-    declare_consumer_queues(&destination).await;
+    let (test, (destination, queue, wire_queue, _cleanup)) =
+        fault_start("fault_group_kill", TransportKind::Stomp).await;
     let mut wire = WireCounter::start(&destination, &wire_queue).await;
     enqueue_many(&test.db, &destination, n, 0).await;
-    let report = Producer::builder(test.db.clone())
-        .config(config(RABBITMQ_STOMP))
-        .build()
-        .unwrap()
-        .drain()
-        .await
-        .unwrap();
-    assert_eq!(report.sent, n);
+    relay_everything(&test.db, config(RABBITMQ_STOMP), n).await;
 
     let spawn = || {
-        tokio::process::Command::new(std::env::current_exe().expect("this test binary"))
-            .args([
-                "faults_consumer::fault_child_group_consumer",
-                "--exact",
-                "--ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(GROUP_CHILD_DB, &test.url)
-            .env(GROUP_CHILD_DESTINATION, &destination)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start the consumer child")
+        spawn_child_test(
+            "faults_consumer::fault_child_group_consumer",
+            &[
+                (GROUP_CHILD_DB, &test.url),
+                (GROUP_CHILD_DESTINATION, &destination),
+            ],
+        )
     };
-    let step = n / (kills + 1);
-    let mut mid_run_kills = 0;
-    for k in 1..=kills {
-        let mut child = spawn();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while distinct_effects(&test.db).await < step * k && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        tokio::time::sleep(Duration::from_millis(random(40))).await;
-        kill(&mut child).await;
-        if distinct_effects(&test.db).await < n {
-            mid_run_kills += 1;
-        }
-    }
+    let mid_run_kills = kill_consumer_children(&test.db, n, kills, 40, spawn).await;
     let mut last = spawn();
     wait_until_consumed(&test.db, &queue, n, Duration::from_secs(90)).await;
     kill(&mut last).await;
@@ -212,9 +164,7 @@ async fn consumer_killed_mid_group_loses_nothing_and_duplicates_no_effect() {
             started.elapsed().as_secs_f64()
         ),
     );
-    assert_eq!(counted.sent, n);
-    assert_eq!(counted.lost, 0, "messages lost");
-    assert_eq!(counted.duplicate_effects, 0, "effects done twice");
+    assert_exactly_once(&counted, n);
     assert_eq!(dead_lettered, Some(0), "nothing dead-lettered");
     assert!(mid_run_kills > 0, "no kill landed during processing");
     test.drop_database().await;

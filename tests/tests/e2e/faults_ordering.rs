@@ -12,7 +12,6 @@
 //! The outbox is on PostgreSQL, MariaDB or SQLite; the consumer's inbox and effects on PostgreSQL.
 
 use std::collections::HashMap;
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -199,22 +198,11 @@ async fn ordered_relay_killed(backend: Backend, name: &str) {
 
     // Relay A: `outbox publish`, killed and restarted while the writers write.
     let relay = || {
-        tokio::process::Command::new(outbox_tests::binaries::outbox_command())
-            .arg("publish")
-            .env("DATABASE_URL", &test.url)
+        publish_command(&test.url, 100)
             .env("OUTBOX_STOMP_HOST_AND_PORTS", RABBITMQ_STOMP)
-            .env("OUTBOX_PRODUCER_WAITING_TIME", "0.1")
-            .env("OUTBOX_PUBLISHED_CHUNK_SIZE", "100")
-            .env("OUTBOX_PRODUCER_LEASE", "2")
-            .env("OUTBOX_RECEIPT_TIMEOUT", "1")
-            .env("OUTBOX_MAXIMUM_BACKOFF", "0.3")
             .env("OUTBOX_MAXIMUM_RETRY_ATTEMPTS", "2")
             .env("OUTBOX_PAUSE_FOR_RETRY", "0")
             .env("OUTBOX_WAIT_RETRY", "0")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
             .spawn()
             .expect("start outbox publish")
     };
