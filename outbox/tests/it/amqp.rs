@@ -111,9 +111,10 @@ async fn an_unroutable_row_waits_without_spending_a_retry_and_goes_once_a_queue_
     test.drop_database().await;
 }
 
-#[tokio::test]
-async fn the_relay_keeps_unroutable_rows_against_the_memory_broker_too() {
-    let test = TestDb::new(Backend::Sqlite).await;
+/// Against the memory broker on every backend: the row is kept, its destination recorded in
+/// `outbox_unroutable` (what `outbox status` lists) until a message to it routes, then cleared.
+async fn the_relay_keeps_unroutable_rows_against_the_memory_broker_too(backend: Backend) {
+    let test = TestDb::new(backend).await;
     let broker = outbox::transport::MemoryTransport::new();
     broker.set_mandatory(true);
     let destination = "/topic/memory_unroutable";
@@ -132,6 +133,12 @@ async fn the_relay_keeps_unroutable_rows_against_the_memory_broker_too() {
     assert_eq!((report.sent, report.unroutable, report.refused), (0, 1, 0));
     let row = rows(&test.db).await.remove(0);
     assert_eq!((row.status, row.retry), (Status::Schedule, 0));
+    let status = outbox::ops::status(&test.db, 10).await.unwrap();
+    assert_eq!(
+        status.unroutable,
+        vec![(destination.to_owned(), 1)],
+        "{status:?}"
+    );
     let mut deliveries = broker
         .subscribe(outbox::transport::Subscription {
             destination: destination.into(),
@@ -150,8 +157,12 @@ async fn the_relay_keeps_unroutable_rows_against_the_memory_broker_too() {
         .await
         .expect("delivered once a queue is bound");
     assert_eq!(delivery.destination, destination);
+    let status = outbox::ops::status(&test.db, 10).await.unwrap();
+    assert_eq!(status.unroutable, Vec::new(), "routed again: {status:?}");
     test.drop_database().await;
 }
+
+outbox_tests::on_every_backend!(the_relay_keeps_unroutable_rows_against_the_memory_broker_too);
 
 #[tokio::test]
 async fn unroutable_fail_and_drop_policies() {
