@@ -1,6 +1,10 @@
 //! The in-memory broker's own behaviour, case by case, against what RabbitMQ's STOMP plugin does:
 //! what the transport conformance suite (`outbox/tests/it/conformance/`) cannot reach, such as the
 //! faults a test injects and the broker's inspection methods.
+//!
+//! One job in one file although it is long: it is the unit-test module of `memory/` (compiled
+//! only for tests, `#[cfg(test)] mod tests;`), one case per function, and the cases share the
+//! private set-up below; splitting it would only scatter that set-up.
 
 use std::time::Duration;
 
