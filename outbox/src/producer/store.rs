@@ -253,37 +253,40 @@ pub(crate) async fn release_after(
     Ok(db.execute(&update).await?.rows_affected())
 }
 
-/// Records that a message to `destination` came back because no queue was bound to it: a row
-/// of `outbox_unroutable`, whose `since` is kept while the destination stays unroutable.
+/// Records that messages to `destinations` (each once, with the broker's reply) came back
+/// because no queue was bound to them: a row of `outbox_unroutable` each, in one statement,
+/// whose `since` is kept while the destination stays unroutable.
 pub(crate) async fn record_unroutable(
     db: &DatabaseConnection,
-    destination: &str,
-    reply: &str,
+    destinations: &[(String, String)],
 ) -> Result<(), DbErr> {
+    if destinations.is_empty() {
+        return Ok(());
+    }
     let backend = db.get_database_backend();
-    let insert = Query::insert()
-        .into_table(unroutable::Entity)
-        .columns([
-            unroutable::Column::Destination,
-            unroutable::Column::Reply,
-            unroutable::Column::Since,
-            unroutable::Column::LastReturnedAt,
-        ])
-        .values_panic([
-            destination.into(),
-            reply.into(),
+    let mut insert = Query::insert();
+    insert.into_table(unroutable::Entity).columns([
+        unroutable::Column::Destination,
+        unroutable::Column::Reply,
+        unroutable::Column::Since,
+        unroutable::Column::LastReturnedAt,
+    ]);
+    for (destination, reply) in destinations {
+        insert.values_panic([
+            destination.as_str().into(),
+            reply.as_str().into(),
             db_now(backend),
             db_now(backend),
-        ])
-        .on_conflict(
-            OnConflict::column(unroutable::Column::Destination)
-                .update_columns([
-                    unroutable::Column::Reply,
-                    unroutable::Column::LastReturnedAt,
-                ])
-                .to_owned(),
-        )
-        .to_owned();
+        ]);
+    }
+    insert.on_conflict(
+        OnConflict::column(unroutable::Column::Destination)
+            .update_columns([
+                unroutable::Column::Reply,
+                unroutable::Column::LastReturnedAt,
+            ])
+            .to_owned(),
+    );
     db.execute(&insert).await?;
     Ok(())
 }

@@ -108,20 +108,17 @@ impl Producer {
         Ok(report)
     }
 
-    /// Records each destination of `rows` as waiting for a queue.
+    /// Records the destinations (deduplicated, with their replies) as waiting for a queue, in one
+    /// statement.
     async fn record_unroutable(&self, destinations: Vec<(String, String)>) {
-        for (destination, reply) in destinations {
-            let result =
-                again_on_conflict(|| store::record_unroutable(&self.db, &destination, &reply))
-                    .await;
-            match result {
-                Ok(()) => {
-                    super::isolation::lock(&self.unroutable)
-                        .destinations
-                        .insert(destination);
-                }
-                Err(err) => self.table_failed(&err),
-            }
+        if destinations.is_empty() {
+            return;
+        }
+        match again_on_conflict(|| store::record_unroutable(&self.db, &destinations)).await {
+            Ok(()) => super::isolation::lock(&self.unroutable)
+                .destinations
+                .extend(destinations.into_iter().map(|(destination, _)| destination)),
+            Err(err) => self.table_failed(&err),
         }
     }
 
