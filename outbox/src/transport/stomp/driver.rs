@@ -27,6 +27,7 @@ use tokio_util::codec::FramedRead;
 use super::connection::Shared;
 use super::framing::{FrameDecoder, Inbound, Undecodable};
 use super::lock;
+use super::pacing::Ending;
 use super::socket::{Watched, Writer};
 use crate::transport::{AckMode, Delivery, SubscriptionEvent, TransportError, UndecodableMessage};
 
@@ -115,6 +116,16 @@ impl Driver {
         } else {
             tracing::warn!(error = %reason, "broker connection ended");
         }
+        let closing = self.shared.closing.load(Ordering::Relaxed);
+        let outstanding = lock(&self.shared.receipts).len();
+        *lock(&self.shared.ending) = Some(Ending {
+            lived: self.epoch.elapsed(),
+            at: Instant::now(),
+            outstanding,
+            // No ERROR: the broker closed the socket, or the link failed. RabbitMQ 3.10's STOMP
+            // plugin ends a connection so when a publish is rejected (reject-publish).
+            silently: !closing && matches!(reason, TransportError::ConnectionLost(_)),
+        });
         *lock(&self.shared.ended) = Some(reason.clone());
         for (_, waiter) in lock(&self.shared.receipts).drain() {
             let _ = waiter.send(Err(reason.clone()));
