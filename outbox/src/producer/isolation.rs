@@ -11,7 +11,7 @@ use std::time::Instant;
 use uuid::Uuid;
 
 use super::frame::outgoing;
-use super::settle::{passed_over, refused_before, silently_failed_before};
+use super::settle::{passed_over, refused_before, silently_failed_before, taken_but};
 use super::store;
 use super::{Lease, Producer, RoundReport};
 use crate::db::errors::again_on_conflict;
@@ -155,7 +155,7 @@ impl Producer {
                     }
                 }
             }
-            self.taken(proven);
+            self.taken(&taken_but(proven, &nacked));
             report += self.unroutable(unroutable, lease.token).await?;
             report.deferred += self.nacked(nacked, lease.token).await?;
             self.doubt(doubtful.iter().map(String::as_str));

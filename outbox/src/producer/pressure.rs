@@ -27,6 +27,9 @@ const FIRST_PAUSE: Duration = Duration::from_secs(2);
 const LONGEST_PAUSE: Duration = Duration::from_secs(15);
 /// Destinations remembered (rejecting or in doubt); beyond it the memory starts over.
 const REMEMBERED: usize = 10_000;
+/// An episode that begins this soon after the destination's last one was warned about is logged
+/// at DEBUG: a queue kept at its limit takes some messages and rejects others, batch after batch.
+const WARN_AGAIN_AFTER: Duration = Duration::from_secs(300);
 
 /// What the relay knows of the destinations the broker rejects messages to.
 #[derive(Debug, Default)]
@@ -35,6 +38,8 @@ pub(super) struct Pressure {
     /// Destinations with rows unreceipted when a connection closed without an ERROR: one of
     /// them may be rejecting, so their rows go alone until one of each is receipted.
     doubtful: HashSet<String>,
+    /// When each destination's last episode was warned about.
+    warned: HashMap<String, Instant>,
 }
 
 /// One destination's rejections, from the first to the next receipt.
@@ -49,6 +54,8 @@ struct Episode {
     retry_at: Instant,
     /// Rejections closed the connection (STOMP): its rows go alone, on the isolation lane.
     closes: bool,
+    /// Its beginning was logged at WARN: its end is logged at INFO.
+    warned: bool,
 }
 
 /// The pause after the `n`-th rejection in a row (`n` from 1): 2 s, 4 s, 8 s, then 15 s.
@@ -74,14 +81,25 @@ impl Pressure {
                 steps: 0,
                 retry_at: now,
                 closes,
+                warned: false,
             });
         let first = episode.steps == 0;
+        let warn = first
+            && self
+                .warned
+                .get(destination)
+                .is_none_or(|at| at.elapsed() >= WARN_AGAIN_AFTER);
         episode.rejected += messages as u64;
         episode.steps = episode.steps.saturating_add(1);
         episode.closes |= closes;
         let pause = pause_after(episode.steps);
         episode.retry_at = now + pause;
-        if first {
+        if warn {
+            if self.warned.len() >= REMEMBERED {
+                self.warned.clear();
+            }
+            self.warned.insert(destination.to_owned(), now);
+            episode.warned = true;
             tracing::warn!(
                 destination,
                 retry_in = ?pause,
@@ -120,11 +138,22 @@ impl Pressure {
 
     fn taken(&mut self, destination: &str) {
         self.doubtful.remove(destination);
-        if let Some(episode) = self.rejecting.remove(destination) {
+        let Some(episode) = self.rejecting.remove(destination) else {
+            return;
+        };
+        let (rejected, after) = (episode.rejected, episode.since.elapsed());
+        if episode.warned {
             tracing::info!(
                 destination,
-                rejected = episode.rejected,
-                after = ?episode.since.elapsed(),
+                rejected,
+                ?after,
+                "the broker takes messages to this destination again"
+            );
+        } else {
+            tracing::debug!(
+                destination,
+                rejected,
+                ?after,
                 "the broker takes messages to this destination again"
             );
         }

@@ -135,7 +135,7 @@ impl Producer {
             self.clear_suspect(row);
             settled.proven.insert(row.destination.clone());
         }
-        self.taken(&settled.proven);
+        self.taken(&taken_but(&settled.proven, &nacked));
         settled.report.sent += self.mark_sent(&sent, token).await?;
         self.doubt(doubtful.iter().map(String::as_str));
         if let Some(why) = release_reason {
@@ -285,6 +285,16 @@ pub(super) struct Settled {
     pub(super) suspects: Vec<Row>,
     /// Destinations of the rows receipted.
     pub(super) proven: HashSet<String>,
+}
+
+/// The destinations of `proven` to which none of `rejected` went: a queue at its limit takes
+/// some messages of a batch and rejects others, and its episode goes on.
+pub(super) fn taken_but(proven: &HashSet<String>, rejected: &[Row]) -> HashSet<String> {
+    proven
+        .iter()
+        .filter(|destination| !rejected.iter().any(|row| row.destination == **destination))
+        .cloned()
+        .collect()
 }
 
 /// Rows grouped by destination.
