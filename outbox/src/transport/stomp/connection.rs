@@ -240,6 +240,7 @@ impl Connection {
             backlog: Backlog::default(),
             rejections: Vec::new(),
             reject_at: tokio::time::Instant::now(),
+            peer_closed: false,
         };
         let task = tokio::spawn(driver.run());
         tracing::info!(broker = %address, ?send_every, ?expect_every, "connected to the broker");

@@ -31,7 +31,8 @@ pub(super) struct Ending {
     pub(super) at: Instant,
     /// Receipts that were still due when it ended.
     pub(super) outstanding: usize,
-    /// The broker (or the network) ended it without an ERROR, and not after our DISCONNECT.
+    /// The broker closed (or reset) the socket without an ERROR, and not after our DISCONNECT;
+    /// not heartbeats missed, nor a write that made no progress.
     pub(super) silently: bool,
 }
 
