@@ -16,6 +16,7 @@
 //! | `outbox_messages_released_total` | counter | | claimed rows given back unsent because the broker connection failed (no attempt spent) |
 //! | `outbox_messages_unroutable_total` | counter | `destination` | messages the broker returned because no queue is bound to their destination (AMQP, `mandatory`); with `OUTBOX_UNROUTABLE=retry` their rows wait and no attempt is spent |
 //! | `outbox_messages_nacked_total` | counter | | messages the broker could not take (AMQP `basic.nack`): given back with a pause, no attempt spent |
+//! | `outbox_messages_rejected_total` | counter | `destination` | publishes the broker rejected, most likely a queue full with `x-overflow: reject-publish`: an AMQP `basic.nack`, or over STOMP a connection the broker closed with that message alone pending; their rows wait a short pause, no attempt spent |
 //! | `outbox_relay_batch_size` | histogram | | rows claimed per relay batch |
 //! | `outbox_relay_batch_duration_seconds` | histogram | | time to claim, send and settle one batch |
 //! | `outbox_pending_messages` | gauge | | rows waiting to be sent (status SCHEDULE), sampled by each relay every 10 s |
@@ -77,6 +78,8 @@ pub const MESSAGES_RELEASED: &str = "outbox_messages_released_total";
 pub const MESSAGES_UNROUTABLE: &str = "outbox_messages_unroutable_total";
 /// Counter: messages the broker nacked (back-pressure), given back without an attempt spent.
 pub const MESSAGES_NACKED: &str = "outbox_messages_nacked_total";
+/// Counter: publishes the broker rejected (a queue full with `reject-publish`), by destination.
+pub const MESSAGES_REJECTED: &str = "outbox_messages_rejected_total";
 /// Rows per relay batch.
 pub const RELAY_BATCH_SIZE: &str = "outbox_relay_batch_size";
 /// Seconds per relay batch.
@@ -165,6 +168,11 @@ pub fn describe() {
         MESSAGES_NACKED,
         Unit::Count,
         "Messages the broker nacked (back-pressure), given back without spending an attempt"
+    );
+    describe_counter!(
+        MESSAGES_REJECTED,
+        Unit::Count,
+        "Publishes the broker rejected (a queue full with x-overflow reject-publish), by destination; their rows wait without spending an attempt"
     );
     describe_histogram!(
         RELAY_BATCH_SIZE,
@@ -263,6 +271,11 @@ pub(crate) fn unroutable(destination: &str) {
 /// Counts messages the broker nacked.
 pub(crate) fn nacked(rows: usize) {
     counter!(MESSAGES_NACKED).increment(rows as u64);
+}
+
+/// Counts publishes to `destination` the broker rejected.
+pub(crate) fn rejected(destination: &str, messages: usize) {
+    counter!(MESSAGES_REJECTED, "destination" => destination.to_owned()).increment(messages as u64);
 }
 
 /// Counts rows that expired unsent.

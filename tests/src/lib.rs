@@ -8,6 +8,7 @@
 //! - [`stomp_peer`]: a raw STOMP client for RabbitMQ, queue names and clean-up.
 //! - [`rows`]: the outbox rows a scenario writes and reads back.
 //! - [`recorder`]: the metrics recorder a test binary reads.
+//! - [`limited_queue`]: a RabbitMQ queue full with `x-overflow: reject-publish`, declared over AMQP.
 //! - [`proxy`]: a TCP proxy that cuts, stalls, slows or refuses a link.
 //! - [`certs`]: certificate authorities and leaves made for one test.
 //! - [`effects`]: the business table a consumer's callback writes to, and its counts.
@@ -19,6 +20,7 @@ pub mod certs;
 pub mod db;
 pub mod effects;
 pub mod faults;
+pub mod limited_queue;
 pub mod proxy;
 pub mod recorder;
 pub mod rows;
