@@ -24,7 +24,6 @@
 //! untrusted server is covered by `tests/tls.rs`.
 
 use std::collections::HashSet;
-use std::io::Write;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -36,6 +35,7 @@ use outbox::transport::{StompSettings, StompTransport, Transport, TransportError
 use outbox::{Consumer, OutboxConfig, Payload, Producer};
 use outbox_tests::binaries::child_vars;
 use outbox_tests::faults::*;
+use outbox_tests::logs::Logs;
 use outbox_tests::proxy::FaultProxy;
 use outbox_tests::stomp_peer::{RABBITMQ_STOMP, StompPeer, queue_message_count, unique};
 use outbox_tests::{Backend, TestDb, count_with_status, eventually};
@@ -553,39 +553,19 @@ async fn broker_connections_cut_and_stalled(kind: TransportKind) {
 
 /// Every log line of this test binary, from every thread (a global subscriber at debug level
 /// for the outbox crate).
-fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
-    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+fn captured_logs() -> Logs {
+    static LOGS: OnceLock<Logs> = OnceLock::new();
     LOGS.get_or_init(|| {
-        let buffer: Arc<Mutex<Vec<u8>>> = Arc::default();
-        let writer = {
-            let buffer = buffer.clone();
-            move || BufferWriter(buffer.clone())
-        };
-        let subscriber = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new("outbox=debug"))
-            .with_writer(writer)
-            .with_ansi(false)
-            .finish();
-        tracing::subscriber::set_global_default(subscriber).expect("the only global subscriber");
-        buffer
+        let logs = Logs::default();
+        tracing::subscriber::set_global_default(logs.subscriber("outbox=debug"))
+            .expect("the only global subscriber");
+        logs
     })
     .clone()
 }
 
-struct BufferWriter(Arc<Mutex<Vec<u8>>>);
-
-impl Write for BufferWriter {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 fn logs_text() -> String {
-    String::from_utf8_lossy(&captured_logs().lock().unwrap()).into_owned()
+    captured_logs().text()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -78,16 +78,17 @@ mod tests {
     use super::*;
     use uuid::Uuid;
 
-    #[test]
-    fn a_row_goes_out_with_its_headers_persistent_and_json() {
-        let row = Row {
+    /// A row to `/topic/shipments`, written now, with `headers`.
+    fn row_with(headers: serde_json::Value) -> Row {
+        let added = chrono::Utc::now();
+        Row {
             id: Uuid::new_v4(),
             version: None,
-            destination: "/topic/x".into(),
-            body: serde_json::json!({"a": 1}),
-            headers: serde_json::json!({"dop-msg-id": "m", "destination": "/evil", "x": "a:b"}),
-            added: chrono::Utc::now(),
-            expires_at: chrono::Utc::now(),
+            destination: "/topic/shipments".into(),
+            body: serde_json::json!({}),
+            headers,
+            added,
+            expires_at: added,
             retry: 0,
             status: crate::tables::published::Status::Schedule,
             claim_token: None,
@@ -96,6 +97,15 @@ mod tests {
             last_error: None,
             msg_key: None,
             seq: None,
+        }
+    }
+
+    #[test]
+    fn a_row_goes_out_with_its_headers_persistent_and_json() {
+        let row = Row {
+            destination: "/topic/x".into(),
+            body: serde_json::json!({"a": 1}),
+            ..row_with(serde_json::json!({"dop-msg-id": "m", "destination": "/evil", "x": "a:b"}))
         };
         let out = outgoing(&row);
         assert_eq!(out.destination, "/topic/x");
@@ -116,21 +126,9 @@ mod tests {
             .unwrap()
             .with_timezone(&chrono::Utc);
         let row = Row {
-            id: Uuid::new_v4(),
-            version: None,
             destination: "/topic/x".into(),
-            body: serde_json::json!({}),
-            headers: serde_json::json!({"x": "kept", "dop-msg-id": ""}),
             added,
-            expires_at: added,
-            retry: 0,
-            status: crate::tables::published::Status::Schedule,
-            claim_token: None,
-            locked_until: None,
-            next_attempt_at: None,
-            last_error: None,
-            msg_key: None,
-            seq: None,
+            ..row_with(serde_json::json!({"x": "kept", "dop-msg-id": ""}))
         };
         let out = outgoing(&row);
         let id = row.id.to_string();
@@ -150,27 +148,6 @@ mod tests {
                 .count(),
             1
         );
-    }
-
-    fn row_with(headers: serde_json::Value) -> Row {
-        let added = chrono::Utc::now();
-        Row {
-            id: Uuid::new_v4(),
-            version: None,
-            destination: "/topic/shipments".into(),
-            body: serde_json::json!({}),
-            headers,
-            added,
-            expires_at: added,
-            retry: 0,
-            status: crate::tables::published::Status::Schedule,
-            claim_token: None,
-            locked_until: None,
-            next_attempt_at: None,
-            last_error: None,
-            msg_key: None,
-            seq: None,
-        }
     }
 
     #[test]

@@ -458,27 +458,12 @@ mod tests {
         )
     }
 
-    /// Every line a `fmt` subscriber writes while `f` runs on this thread.
+    /// Every line at WARN or above logged on this thread while `f` runs.
     fn logs_of(f: impl FnOnce()) -> String {
-        #[derive(Clone, Default)]
-        struct Buffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-        impl std::io::Write for Buffer {
-            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(bytes);
-                Ok(bytes.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let buffer = Buffer::default();
-        let writer = buffer.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .finish();
-        tracing::subscriber::with_default(subscriber, f);
-        String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap()
+        let (logs, guard) = outbox_tests::logs::Logs::capture_here("warn");
+        f();
+        drop(guard);
+        logs.text()
     }
 
     #[test]

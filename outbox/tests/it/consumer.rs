@@ -272,6 +272,20 @@ async fn send_raw(destination: &str, msg_id: &str, body: Value, extra: &[(&str, 
     peer.disconnect().await.expect("disconnect");
 }
 
+/// A consumer of `destination` over the in-memory broker `memory`, its queues declared.
+async fn memory_consumer(
+    db: &DatabaseConnection,
+    memory: &MemoryTransport,
+    destination: &str,
+) -> Consumer {
+    let built = consumer(db, config(RABBITMQ_STOMP), destination)
+        .transport(memory.new_connection())
+        .build()
+        .unwrap();
+    built.declare().await.unwrap();
+    built
+}
+
 async fn declare_on_rabbitmq(destination: &str) {
     let settings = config(RABBITMQ_STOMP);
     let broker = StompTransport::new(StompSettings::from(&settings)).expect("transport");
@@ -520,11 +534,7 @@ async fn the_correlation_id_of_a_message_is_inherited_by_the_rows_its_callback_e
     let memory = MemoryTransport::new();
     let destination = "/topic/correlated";
     let probe = Probe::new();
-    let built = consumer(&test.db, config(RABBITMQ_STOMP), destination)
-        .transport(memory.new_connection())
-        .build()
-        .unwrap();
-    built.declare().await.unwrap();
+    let built = memory_consumer(&test.db, &memory, destination).await;
     outbox::send::send_with(
         &memory,
         destination,
@@ -584,11 +594,7 @@ async fn writes_with_one_idempotency_key_are_processed_once_and_every_other_mess
     let memory = MemoryTransport::new();
     let destination = "/topic/keyed";
     let probe = Probe::new();
-    let built = consumer(&test.db, config(RABBITMQ_STOMP), destination)
-        .transport(memory.new_connection())
-        .build()
-        .unwrap();
-    built.declare().await.unwrap();
+    let built = memory_consumer(&test.db, &memory, destination).await;
     // A request its client retried writes its message twice: one key says they are one. The
     // other messages, with a constant `cap-msg-id` header a naive writer set, stay distinct.
     let message = |key: Option<&str>| {

@@ -3,6 +3,7 @@
 
 use outbox::tables::published::Status;
 use outbox::{Error, Published};
+use outbox_tests::logs::Logs;
 use outbox_tests::{Backend, TestDb, on_every_backend};
 use sea_orm::ActiveValue::Set;
 use sea_orm::{
@@ -426,33 +427,6 @@ async fn enqueue_writes_an_explicit_row_with_version_and_headers(backend: Backen
     test.drop_database().await;
 }
 
-/// Every line a `fmt` subscriber writes on this thread until the guard is dropped (a
-/// `#[tokio::test]` runs on one thread).
-fn capture_logs() -> (
-    std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
-    tracing::subscriber::DefaultGuard,
-) {
-    #[derive(Clone)]
-    struct Buffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-    impl std::io::Write for Buffer {
-        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(bytes);
-            Ok(bytes.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let buffer = std::sync::Arc::default();
-    let writer = Buffer(std::sync::Arc::clone(&buffer));
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .with_max_level(tracing::Level::WARN)
-        .finish();
-    (buffer, tracing::subscriber::set_default(subscriber))
-}
-
 #[tokio::test]
 async fn a_write_of_copied_headers_stores_none_reserved_and_warns_once_naming_them() {
     let test = setup(Backend::Postgres).await;
@@ -473,12 +447,12 @@ async fn a_write_of_copied_headers_stores_none_reserved_and_warns_once_naming_th
             |copy, (name, value)| copy.header(*name, *value),
         )
     });
-    let (logs, guard) = capture_logs();
+    let (logs, guard) = Logs::capture_here("warn");
     let txn = test.db.begin().await.unwrap();
     let rows = outbox::enqueue_all(&txn, copies).await.unwrap();
     txn.commit().await.unwrap();
     drop(guard);
-    let logs = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+    let logs = logs.text();
     let warnings: Vec<&str> = logs.lines().filter(|l| l.contains("WARN")).collect();
     assert_eq!(warnings.len(), 1, "one warning for the write: {logs}");
     assert!(
