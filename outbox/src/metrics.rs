@@ -95,6 +95,10 @@ pub const CONSUMER_GROUP_SIZE: &str = "outbox_consumer_group_size";
 pub const RELAY_LAG: &str = "outbox_relay_lag_seconds";
 /// Seconds from a message's save (`dop-msg-sent-time`) to the commit of its callback.
 pub const CONSUMER_LAG: &str = "outbox_consumer_lag_seconds";
+/// Counter: messages whose callback returned `Ok` in a transaction that could no longer commit
+/// (a statement failed and its error was ignored, or the database rolled the transaction back),
+/// by queue. Each was rolled back and retried instead of acknowledged with nothing committed.
+pub const CONSUMER_DEAD_TRANSACTIONS: &str = "outbox_consumer_dead_transactions_total";
 
 /// Recording that compiles to nothing, for a build without the `metrics` feature.
 #[cfg(not(feature = "metrics"))]
@@ -191,6 +195,11 @@ pub fn describe() {
         CONSUMER_MESSAGES,
         Unit::Count,
         "Consumed messages by queue and outcome (acked, duplicate, nacked, dead_lettered, undecodable, retried)"
+    );
+    describe_counter!(
+        CONSUMER_DEAD_TRANSACTIONS,
+        Unit::Count,
+        "Messages whose callback returned Ok in a transaction that could no longer commit (an ignored statement error, a rollback by the database), by queue; each was rolled back and retried"
     );
     describe_histogram!(
         CONSUMER_CALLBACK_DURATION,
@@ -336,6 +345,11 @@ fn seconds_between(from: chrono::DateTime<chrono::Utc>, to: chrono::DateTime<chr
 /// Records the number of messages of a committed group on `queue`.
 pub(crate) fn consumer_group(queue: &str, members: usize) {
     histogram!(CONSUMER_GROUP_SIZE, "queue" => queue.to_owned()).record(members as f64);
+}
+
+/// Counts a callback that returned `Ok` in a dead transaction on `queue`.
+pub(crate) fn dead_transaction(queue: &str) {
+    counter!(CONSUMER_DEAD_TRANSACTIONS, "queue" => queue.to_owned()).increment(1);
 }
 
 /// Records how long one callback attempt took on `queue`.

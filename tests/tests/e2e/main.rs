@@ -4,3 +4,4 @@
 
 mod faults_consumer;
 mod faults_ordering;
+mod faults_transactions;
