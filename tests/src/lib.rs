@@ -13,6 +13,7 @@
 //! - [`certs`]: certificate authorities and leaves made for one test.
 //! - [`effects`]: the business table a consumer's callback writes to, and its counts.
 //! - [`faults`]: the fault suite's known sets, wire counter and summary lines.
+//! - [`logs`]: log lines a test reads.
 //! - [`transports`]: the transports a scenario runs over, and [`on_every_transport!`](crate::on_every_transport).
 
 pub mod binaries;
@@ -21,6 +22,7 @@ pub mod db;
 pub mod effects;
 pub mod faults;
 pub mod limited_queue;
+pub mod logs;
 pub mod proxy;
 pub mod recorder;
 pub mod rows;
