@@ -367,6 +367,17 @@ pub enum TransportError {
     /// The transport was closed.
     #[error("the transport is closed")]
     Closed,
+    /// The broker returned a message that no queue took, and it cannot be pinned on one
+    /// message of its batch: several messages sent together were identical (the same route,
+    /// message id and body) and only some came back, or the return matches none of them.
+    /// Whether each of them was routed is not known.
+    #[error(
+        "the broker returned a message ({route}) that cannot be pinned on one message of its batch"
+    )]
+    ReturnNotPinned {
+        /// The exchange and routing key of the returned message.
+        route: String,
+    },
 }
 
 impl TransportError {
