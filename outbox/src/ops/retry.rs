@@ -4,15 +4,15 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::{Condition, Expr, ExprTrait, Query};
-use sea_orm::{ActiveEnum, ConnectionTrait, DatabaseConnection, DbBackend};
+use sea_orm::{ActiveEnum, DatabaseConnection};
 use uuid::Uuid;
 
-use super::{BATCH, count_rows, now, written_before};
+use super::{BATCH, count_rows, now, wake_relays, written_before};
 use crate::config::OutboxConfig;
 use crate::db::batch;
 use crate::error::Error;
 use crate::tables::published::Status;
-use crate::tables::published::{Column, Entity, NOTIFY_CHANNEL};
+use crate::tables::published::{Column, Entity};
 
 /// Reschedules FAILED rows: each becomes a fresh row to the relay (status SCHEDULE, no attempt
 /// spent, due at once, a new lifetime of `days_to_keep_data` from now so that an expired row is
@@ -136,17 +136,5 @@ impl Retry {
             wake_relays(db).await;
         }
         Ok(rescheduled)
-    }
-}
-
-/// On PostgreSQL, the notification a committed insert sends, so idle relays look now rather
-/// than at their next poll. Elsewhere they find the rows at their next poll.
-async fn wake_relays(db: &DatabaseConnection) {
-    if db.get_database_backend() != DbBackend::Postgres {
-        return;
-    }
-    let notify = format!("SELECT pg_notify('{NOTIFY_CHANNEL}', '')");
-    if let Err(err) = db.execute_unprepared(&notify).await {
-        tracing::debug!(error = %err, "waking the relays failed; they find the rows at their next poll");
     }
 }

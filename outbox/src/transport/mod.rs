@@ -403,6 +403,23 @@ impl TransportError {
     }
 }
 
+/// AMQP topic matching of a routing key against a binding key: `*` is one dot-separated word,
+/// `#` zero or more (the memory broker routes with it; `outbox declare` finds the destinations a
+/// binding serves with it).
+pub(crate) fn topic_matches(binding: &str, routing_key: &str) -> bool {
+    fn matches(pattern: &[&str], words: &[&str]) -> bool {
+        match pattern.split_first() {
+            None => words.is_empty(),
+            Some((&"#", rest)) => (0..=words.len()).any(|skip| matches(rest, &words[skip..])),
+            Some((&"*", rest)) => !words.is_empty() && matches(rest, &words[1..]),
+            Some((word, rest)) => words.first() == Some(word) && matches(rest, &words[1..]),
+        }
+    }
+    let pattern: Vec<&str> = binding.split('.').collect();
+    let words: Vec<&str> = routing_key.split('.').collect();
+    matches(&pattern, &words)
+}
+
 /// The queue argument of RabbitMQ's single active consumer, as a SUBSCRIBE header
 /// ([`Transport::declares_single_active_consumer`]).
 pub(crate) const SINGLE_ACTIVE_CONSUMER: &str = "x-single-active-consumer";
