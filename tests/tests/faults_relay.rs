@@ -710,12 +710,15 @@ async fn amqp_mixed_unroutable() {
         fresh_destination("fault_mixed_unbound");
     declare_consumer_queues_over(kind, &bound).await;
     let mut wire = WireCounter::start(&bound, &bound_wire).await;
-    let consumer = Consumer::builder(pool(&test.url, 3).await)
-        .config(kind.config())
-        .destination(&bound)
-        .in_flight(8)
-        .start(record_effect)
-        .unwrap();
+    let consume = async |destination: &str| {
+        Consumer::builder(pool(&test.url, 3).await)
+            .config(kind.config())
+            .destination(destination)
+            .in_flight(8)
+            .start(record_effect)
+            .unwrap()
+    };
+    let consumer = consume(&bound).await;
     interleaved_rows(&test.db, &bound, &unbound, n).await;
     set_back(&test.db, &bound, Duration::from_secs(3600)).await;
     set_back(&test.db, &unbound, Duration::from_secs(3600)).await;
@@ -763,12 +766,7 @@ async fn amqp_mixed_unroutable() {
     let declared = outbox::ops::declare(&test.db, broker.as_ref(), &topology)
         .await
         .expect("declare");
-    let late_consumer = Consumer::builder(pool(&test.url, 3).await)
-        .config(kind.config())
-        .destination(&unbound)
-        .in_flight(8)
-        .start(record_effect)
-        .unwrap();
+    let late_consumer = consume(&unbound).await;
     let mut delivered_after = None;
     while declaring.elapsed() < Duration::from_secs(30) {
         if distinct_effects(&test.db).await >= 2 * n {

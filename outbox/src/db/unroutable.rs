@@ -11,7 +11,6 @@
 
 use sea_orm::sea_query::{Condition, Expr, ExprTrait, Query};
 use sea_orm::{ActiveEnum, ConnectionTrait, DbBackend, DbErr};
-use uuid::Uuid;
 
 use super::batch;
 use super::clock::db_now;
@@ -44,34 +43,13 @@ pub(crate) async fn wake<C: ConnectionTrait>(
     if destinations.is_empty() {
         return Ok(0);
     }
-    let condition = waiting(db.get_database_backend(), destinations);
-    let mut woken = 0;
-    loop {
-        // The condition again: a row claimed or sent since the select is left alone.
-        let step = batch::act_on_some(
-            db,
-            Entity,
-            Column::Id,
-            condition.clone(),
-            WAKE_BATCH,
-            |ids: Vec<Uuid>, condition| {
-                Query::update()
-                    .table(Entity)
-                    .value(
-                        Column::NextAttemptAt,
-                        Option::<chrono::DateTime<chrono::Utc>>::None,
-                    )
-                    .and_where(Expr::col(Column::Id).is_in(ids))
-                    .cond_where(condition)
-                    .to_owned()
-            },
-        )
-        .await?;
-        woken += step.done;
-        if !step.more {
-            return Ok(woken);
-        }
-    }
+    let mut wake = Query::update();
+    wake.table(Entity).value(
+        Column::NextAttemptAt,
+        Option::<chrono::DateTime<chrono::Utc>>::None,
+    );
+    let waiting = waiting(db.get_database_backend(), destinations);
+    batch::update_all(db, Entity, Column::Id, waiting, WAKE_BATCH, wake).await
 }
 
 /// Deletes the entries of `destinations` from `outbox_unroutable`: they route again.

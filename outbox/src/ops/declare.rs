@@ -2,13 +2,13 @@
 //! queue at the destinations its binding serves made due at once (over AMQP the broker returned
 //! their messages, and the relay parked them behind one probe per destination).
 
-use sea_orm::{DatabaseConnection, EntityTrait, QuerySelect};
+use sea_orm::DatabaseConnection;
 
+use super::status::unroutable_destinations;
 use super::wake_relays;
 use crate::consumer::Topology;
 use crate::db::unroutable::{forget, wake};
 use crate::error::Error;
-use crate::tables::unroutable;
 use crate::transport::{Transport, topic_matches};
 
 /// What [`declare`] did besides declaring the queues.
@@ -42,20 +42,7 @@ pub async fn declare(
     topology: &Topology,
 ) -> Result<Declared, Error> {
     topology.declare(transport).await?;
-    let recorded: Vec<String> = match unroutable::Entity::find()
-        .select_only()
-        .column(unroutable::Column::Destination)
-        .into_tuple()
-        .all(db)
-        .await
-    {
-        Ok(recorded) => recorded,
-        Err(err) if err.to_string().contains("outbox_unroutable") => {
-            tracing::warn!(error = %err, "no outbox_unroutable table: run the outbox's migrations");
-            Vec::new()
-        }
-        Err(err) => return Err(err.into()),
-    };
+    let recorded = unroutable_destinations(db).await?;
     let declared = topology.destination();
     let mut destinations = vec![declared.to_owned()];
     destinations.extend(

@@ -102,36 +102,18 @@ impl Retry {
     /// Reschedules the rows, a bounded batch per statement; returns how many. On PostgreSQL it
     /// then wakes the idle relays.
     pub async fn run(&self, db: &DatabaseConnection) -> Result<u64, Error> {
-        let condition = self.condition();
-        let mut rescheduled = 0;
-        loop {
-            // The condition again: a row changed since the select is left alone.
-            let step = batch::act_on_some(
-                db,
-                Entity,
-                Column::Id,
-                condition.clone(),
-                BATCH,
-                |ids, condition| {
-                    Query::update()
-                        .table(Entity)
-                        .value(Column::Status, Status::Schedule.to_value())
-                        .value(Column::Retry, 0)
-                        .value(Column::NextAttemptAt, Option::<DateTime<Utc>>::None)
-                        .value(Column::ClaimToken, Option::<Uuid>::None)
-                        .value(Column::LockedUntil, Option::<DateTime<Utc>>::None)
-                        .value(Column::ExpiresAt, now() + self.lifetime)
-                        .and_where(Expr::col(Column::Id).is_in(ids))
-                        .cond_where(condition)
-                        .to_owned()
-                },
-            )
-            .await?;
-            rescheduled += step.done;
-            if !step.more {
-                break;
-            }
-        }
+        let mut reschedule = Query::update();
+        reschedule
+            .table(Entity)
+            .value(Column::Status, Status::Schedule.to_value())
+            .value(Column::Retry, 0)
+            .value(Column::NextAttemptAt, Option::<DateTime<Utc>>::None)
+            .value(Column::ClaimToken, Option::<Uuid>::None)
+            .value(Column::LockedUntil, Option::<DateTime<Utc>>::None)
+            .value(Column::ExpiresAt, now() + self.lifetime);
+        // The condition again in each statement: a row changed since the select is left alone.
+        let rescheduled =
+            batch::update_all(db, Entity, Column::Id, self.condition(), BATCH, reschedule).await?;
         if rescheduled > 0 {
             wake_relays(db).await;
         }

@@ -351,32 +351,12 @@ pub(crate) async fn park_behind(
     let condition = waiting(backend, &[destination.to_owned()])
         .add(Expr::col(Column::Id).ne(probe))
         .add(Expr::col(Column::NextAttemptAt).lt(db_time(backend, pause + parked / 2, true)));
-    let mut moved = 0;
-    loop {
-        let step = batch::act_on_some(
-            db,
-            Entity,
-            Column::Id,
-            condition.clone(),
-            PARK_BATCH,
-            |ids: Vec<Uuid>, condition| {
-                Query::update()
-                    .table(Entity)
-                    .value(
-                        Column::NextAttemptAt,
-                        db_time(backend, pause + parked, true),
-                    )
-                    .and_where(Expr::col(Column::Id).is_in(ids))
-                    .cond_where(condition)
-                    .to_owned()
-            },
-        )
-        .await?;
-        moved += step.done;
-        if !step.more {
-            return Ok(moved);
-        }
-    }
+    let mut park = Query::update();
+    park.table(Entity).value(
+        Column::NextAttemptAt,
+        db_time(backend, pause + parked, true),
+    );
+    batch::update_all(db, Entity, Column::Id, condition, PARK_BATCH, park).await
 }
 
 /// Rows parked per statement.

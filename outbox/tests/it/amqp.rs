@@ -163,15 +163,25 @@ async fn the_relay_keeps_unroutable_rows_against_the_memory_broker_too(backend: 
     test.drop_database().await;
 }
 
-/// The relay against the memory broker in its AMQP mode, its maximum backoff the default (an
-/// hour), sending to `destination`.
-fn memory_relay(db: &DatabaseConnection, broker: &MemoryTransport) -> Producer {
-    Producer::builder(db.clone())
+/// `count` rows to `destination`, an hour old, on a fresh database, the memory broker in its
+/// AMQP mode, and a relay to it with the default maximum backoff (an hour).
+async fn hour_old_rows(
+    backend: Backend,
+    destination: &str,
+    count: usize,
+) -> (TestDb, MemoryTransport, Producer) {
+    let test = TestDb::new(backend).await;
+    let broker = MemoryTransport::new();
+    broker.set_mandatory(true);
+    enqueue_many(&test.db, destination, count).await;
+    set_back(&test.db, destination, Duration::from_secs(3600)).await;
+    let producer = Producer::builder(test.db.clone())
         .config(OutboxConfig::default())
         .transport(broker.clone())
         .isolation_transport(broker.new_connection())
         .build()
-        .unwrap()
+        .unwrap();
+    (test, broker, producer)
 }
 
 /// The rows of `destination` due within `within` from now (by this process's clock).
@@ -209,13 +219,8 @@ async fn bind(broker: &MemoryTransport, destination: &str, queue: &str) -> Deliv
 async fn an_unroutable_destination_is_probed_by_one_row_and_its_rows_go_together_once_it_routes(
     backend: Backend,
 ) {
-    let test = TestDb::new(backend).await;
-    let broker = MemoryTransport::new();
-    broker.set_mandatory(true);
     let destination = "/topic/probed.v1";
-    enqueue_many(&test.db, destination, 10).await;
-    set_back(&test.db, destination, Duration::from_secs(3600)).await;
-    let producer = memory_relay(&test.db, &broker);
+    let (test, broker, producer) = hour_old_rows(backend, destination, 10).await;
 
     let report = producer.drain().await.unwrap();
     assert_eq!((report.sent, report.unroutable), (0, 10), "{report:?}");
@@ -274,13 +279,8 @@ async fn an_unroutable_destination_is_probed_by_one_row_and_its_rows_go_together
 async fn declaring_a_queue_makes_the_waiting_rows_of_the_destinations_it_serves_due_at_once(
     backend: Backend,
 ) {
-    let test = TestDb::new(backend).await;
-    let broker = MemoryTransport::new();
-    broker.set_mandatory(true);
     let destination = "/topic/declared.v1";
-    enqueue_many(&test.db, destination, 5).await;
-    set_back(&test.db, destination, Duration::from_secs(3600)).await;
-    let producer = memory_relay(&test.db, &broker);
+    let (test, broker, producer) = hour_old_rows(backend, destination, 5).await;
     let report = producer.drain().await.unwrap();
     assert_eq!(report.unroutable, 5, "{report:?}");
     assert!(
