@@ -108,9 +108,9 @@ impl Producer {
         Ok(report)
     }
 
-    /// Gives back the returned rows of `destination` to wait for a queue, behind
-    /// one probe: the oldest waiting row of the destination, theirs or an earlier one, tried
-    /// again after half its age; every other waiting row of it parked beyond the probe.
+    /// Gives back the returned rows of `destination` to wait for a queue behind one probe: the
+    /// oldest waiting row of the destination (one of them, or an earlier one) is tried again
+    /// after half its age, every other waiting row of it is parked beyond the probe.
     async fn park(
         &self,
         destination: &str,

@@ -209,8 +209,11 @@ impl Link {
             .await
             {
                 Ok(Ok(permits)) => permits,
-                Ok(Err(_)) | Err(_) => {
-                    let reason = TransportError::ReceiptTimeout(timeout);
+                failed => {
+                    let reason = match failed {
+                        Ok(_) => TransportError::Closed,
+                        Err(_) => TransportError::ReceiptTimeout(timeout),
+                    };
                     for number in chunk {
                         confirmed[*number] = Some(Confirmed::Not(reason.clone()));
                     }
