@@ -33,9 +33,9 @@ The transactional outbox: run the relay, and operate the outbox and the consumer
 queues without writing SQL.
 
 Settings come from the environment: DATABASE_URL (or --database-url) for the commands that use \
-the database (publish, status, retry, purge), and the OUTBOX_* variables (OUTBOX_STOMP_HOST_AND_PORTS, \
-OUTBOX_STOMP_USERNAME, ...) for those that use the broker (publish, dlq, declare). Logs go to \
-stderr (RUST_LOG sets the level); results go to stdout.
+the database (publish, status, retry, purge; declare when it is set), and the OUTBOX_* variables \
+(OUTBOX_STOMP_HOST_AND_PORTS, OUTBOX_STOMP_USERNAME, ...) for those that use the broker (publish, \
+dlq, declare). Logs go to stderr (RUST_LOG sets the level); results go to stdout.
 
 Durations (--older-than) are a number and a unit: 90s, 15m, 12h, 30d, 2w, or several at once: 1d12h.
 
@@ -106,7 +106,8 @@ enum Command {
     /// Declares <queue> bound to <destination>, and DLQ.<queue>, with the headers the consumer
     /// (and django-outbox-pattern) declare them with, without consuming. Run it before anything
     /// is published to a topic: the broker drops the messages sent to a topic before a queue is
-    /// bound to it.
+    /// bound to it. With DATABASE_URL, the outbox rows kept waiting for a queue at that
+    /// destination (AMQP: the broker returned them) are then due at once.
     Declare(declare::DeclareArgs),
 }
 
@@ -156,7 +157,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Retry(args) => retry::run(args, &config, url).await,
         Command::Purge(args) => purge::run(args, url).await,
         Command::Dlq(command) => dlq::run(command, &config).await,
-        Command::Declare(args) => declare::run(args, &config).await,
+        Command::Declare(args) => declare::run(args, &config, url).await,
     }
 }
 

@@ -49,16 +49,16 @@
 //! | --- | --- |
 //! | [`write`](mod@write) | the atomic write path: `#[publish]`'s hooks, [`save`]/[`insert`]/[`update`]/[`transaction`], [`Message`] and [`enqueue`], ordering keys' write locks, Django's JSON encodings, [`write::WriteSettings`] |
 //! | [`tables`] | the tables as SeaORM entities: `published` (the outbox), `received` (the inbox), `outbox_unroutable` |
-//! | [`producer`] | the relay: claim a batch, send it, settle each row (sent, given back, charged, kept as unroutable), isolate suspects, wake on commits |
+//! | [`producer`] | the relay: claim a batch, send it, settle each row (sent, given back, charged, kept as unroutable behind its destination's probe), isolate suspects, wake on commits |
 //! | [`consumer`] | the consumer: queues and dead-letter queues, key lanes, dispatch, group commits, the inbox row, the failure policy, [`Payload`] |
 //! | [`transport`] | the broker behind a trait: STOMP, AMQP 0-9-1 and in memory; `select` turns the settings into one |
 //! | [`config`] | [`OutboxConfig`]: every `OUTBOX_*` setting, its range, secrets and their redaction |
 //! | [`migration`] | the tables' migrations, one file each (feature `migration`) |
-//! | [`ops`] | what the `outbox` command does: status, list, retry, purge, dead-letter queues |
+//! | [`ops`] | what the `outbox` command does: status, list, retry, purge, declare, dead-letter queues |
 //! | [`headers`], [`metrics`], [`send`](mod@send), [`shutdown`], [`testing`] | the `dop-*` headers, the metrics, a direct send, signals, helpers for a service's tests |
 //!
-//! Inside the crate, `db` holds what the relay, the consumer and retention share about the
-//! database (its clock, error classes, bounded batches by id), and `retention` every cleanup
+//! Inside the crate, `db` holds what the relay, the consumer, retention and ops share about the
+//! database (its clock, error classes, bounded batches by id, the rows waiting for a queue), and `retention` every cleanup
 //! (expiry, old sent rows, old inbox rows, the purge's deletes). A test that reads the sources
 //! keeps the walls between them: the transport reaches no table, relay, consumer, ops or
 //! metrics; the relay and the consumer never reach each other; ops never reach the relay.

@@ -22,6 +22,7 @@
 //! | `outbox_pending_messages` | gauge | | rows waiting to be sent (status SCHEDULE), sampled by each relay every 10 s |
 //! | `outbox_oldest_pending_age_seconds` | gauge | | age of the oldest row waiting to be sent (0 when none), sampled with the above |
 //! | `outbox_blocked_keys` | gauge | | ordering keys that a FAILED row blocks (none of their later rows is sent until it is retried or purged), sampled with the above |
+//! | `outbox_unroutable_destinations` | gauge | | destinations waiting for a queue (AMQP: the broker returned their last message; the table `outbox_unroutable`), sampled with the above |
 //! | `outbox_consumer_messages_total` | counter | `queue`, `outcome` | consumed messages by outcome: `acked`, `duplicate` (already in the inbox: acked without running the callback), `nacked` (the callback called `nack()`), `dead_lettered` (the callback failed or panicked, or its transient failures outlasted the retries), `undecodable` (the frame did not decode, or exceeded `OUTBOX_STOMP_MAX_FRAME_SIZE`: rejected to the dead-letter queue without running the callback), and `retried` (not a final outcome: one per further attempt after a transient failure) |
 //! | `outbox_consumer_callback_duration_seconds` | histogram | `queue` | time the callback took, per attempt |
 //! | `outbox_consumer_group_size` | histogram | `queue` | messages per committed group (group commits: `OUTBOX_CONSUMER_GROUP_SIZE` above 1) |
@@ -62,6 +63,8 @@ use crate::tables::published::Model as Row;
 
 /// Ordering keys that a FAILED row blocks.
 pub const BLOCKED_KEYS: &str = "outbox_blocked_keys";
+/// Gauge: destinations waiting for a queue (`outbox_unroutable`).
+pub const UNROUTABLE_DESTINATIONS: &str = "outbox_unroutable_destinations";
 /// Messages the broker receipted.
 pub const MESSAGES_SENT: &str = "outbox_messages_sent_total";
 /// Sends the broker refused.
@@ -199,6 +202,11 @@ pub fn describe() {
         Unit::Count,
         "Ordering keys that a FAILED row blocks, sampled every 10 s"
     );
+    describe_gauge!(
+        UNROUTABLE_DESTINATIONS,
+        Unit::Count,
+        "Destinations waiting for a queue (the broker returned their last message; outbox_unroutable), sampled every 10 s"
+    );
     describe_counter!(
         CONSUMER_MESSAGES,
         Unit::Count,
@@ -296,6 +304,11 @@ pub(crate) fn pending(rows: u64, oldest_age_seconds: f64, blocked_keys: Option<u
     if let Some(keys) = blocked_keys {
         gauge!(BLOCKED_KEYS).set(keys as f64);
     }
+}
+
+/// Sets the gauge of the destinations waiting for a queue.
+pub(crate) fn unroutable_destinations(destinations: usize) {
+    gauge!(UNROUTABLE_DESTINATIONS).set(destinations as f64);
 }
 
 /// What became of a consumed message (the `outcome` label).

@@ -20,7 +20,7 @@ use outbox::{Consumer, OutboxConfig, Payload, Producer, Published, Received};
 use outbox_tests::recorder::install_recorder;
 use outbox_tests::{Backend, TestDb, count_with_status, eventually};
 use sea_orm::sea_query::Expr;
-use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
+use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, Set};
 use serde_json::json;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -157,6 +157,18 @@ async fn a_known_relay_and_consumer_run_is_counted_exactly() {
     // the relay's first sample of the pending gauges comes after it.
     producer.tidy().await.unwrap();
 
+    // A destination recorded as waiting for a queue (by an AMQP relay).
+    let now = chrono::Utc::now();
+    outbox::tables::unroutable::ActiveModel {
+        destination: Set("/topic/nobody.v1".into()),
+        reply: Set("312 NO_ROUTE".into()),
+        since: Set(now),
+        last_returned_at: Set(now),
+    }
+    .insert(db)
+    .await
+    .unwrap();
+
     let relay = Producer::builder(db.clone())
         .config(config())
         .transport(broker.clone())
@@ -276,6 +288,7 @@ async fn a_known_relay_and_consumer_run_is_counted_exactly() {
     assert_eq!(recorded.gauge(m::PENDING_MESSAGES), 6.0);
     let age = recorded.gauge(m::OLDEST_PENDING_AGE);
     assert!((3590.0..3700.0).contains(&age), "{age}");
+    assert_eq!(recorded.gauge(m::UNROUTABLE_DESTINATIONS), 1.0);
 
     // Consumer outcomes.
     let outcome = |outcome| [("queue", "metrics.c"), ("outcome", outcome)];
@@ -310,6 +323,7 @@ async fn a_known_relay_and_consumer_run_is_counted_exactly() {
         m::MESSAGES_REFUSED,
         m::RELAY_BATCH_SIZE,
         m::PENDING_MESSAGES,
+        m::UNROUTABLE_DESTINATIONS,
         m::CONSUMER_MESSAGES,
         m::CONSUMER_CALLBACK_DURATION,
     ] {

@@ -2,7 +2,10 @@
 //!
 //! The relay under what a real RabbitMQ does: a destination the broker refuses while batches are
 //! in flight, a message the broker never receipts, a retention backlog, a relay that overruns
-//! its lease, and (run alone, see `.ci/run`) the broker and the database restarted during a run.
+//! its lease, batches over AMQP that mix a topic with a queue and one without (the returns
+//! pinned on their own rows, the unbound one probed, then bound by `outbox declare`), and (run
+//! alone, see `.ci/run`) the broker and the database restarted during a run. This binary's
+//! metrics recorder is the AMQP scenario's.
 //! Each scenario prints its summary line (`fault.<name> sent=N effects=N lost=0
 //! duplicate_effects=0 ...`) and appends it to the suite's summary file.
 //!
@@ -16,6 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use metrics_util::debugging::{DebugValue, Snapshotter};
 use outbox::consumer::ConsumerHandle;
 use outbox::producer::ProducerHandle;
 use outbox::tables::published::Status;
@@ -26,10 +30,13 @@ use outbox::transport::{
 };
 use outbox::{Consumer, OutboxConfig, Producer, Published};
 use outbox_tests::faults::*;
+use outbox_tests::recorder::install_recorder;
+use outbox_tests::rows::set_back;
 use outbox_tests::stomp_peer::{RABBITMQ_STOMP, unique};
 use outbox_tests::{Backend, TestDb, eventually};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, QueryFilter, Statement,
+    TransactionTrait,
 };
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -620,6 +627,201 @@ async fn lease_overrun() {
     );
     assert_eq!(counted.lost, 0);
     assert_eq!(counted.duplicate_effects, 0);
+    test.drop_database().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// amqp_mixed_unroutable: returns pinned on their own publishes, a destination probed, not its rows
+
+/// `n` rows to `bound` and `n` to `unbound`, alternating, in transactions of 500: every batch
+/// the relay claims mixes the two.
+async fn interleaved_rows(db: &DatabaseConnection, bound: &str, unbound: &str, n: usize) {
+    let mut written = 0;
+    while written < 2 * n {
+        let size = (2 * n - written).min(500);
+        let txn = db.begin().await.expect("begin");
+        let messages = (written..written + size).map(|k| {
+            let destination = if k % 2 == 0 { bound } else { unbound };
+            outbox::Message::from_json(destination, json!({"do": "ok", "tag": "ok", "n": k}))
+        });
+        outbox::enqueue_all(&txn, messages).await.expect("enqueue");
+        txn.commit().await.expect("commit");
+        written += size;
+    }
+}
+
+/// The ids of the rows to `destination`, and those of them that are SUCCEEDED.
+async fn ids_and_sent(
+    db: &DatabaseConnection,
+    destination: &str,
+) -> (HashSet<String>, HashSet<String>) {
+    let rows: Vec<Row> = rows(db)
+        .await
+        .into_iter()
+        .filter(|row| row.destination == destination)
+        .collect();
+    let ids = |sent_only: bool| {
+        rows.iter()
+            .filter(|row| !sent_only || row.status == Status::Succeeded)
+            .map(|row| row.id.to_string())
+            .collect()
+    };
+    (ids(false), ids(true))
+}
+
+/// What `snapshotter` holds of the counter `name` for `destination`.
+fn counted_for(snapshotter: &Snapshotter, name: &str, destination: &str) -> u64 {
+    snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter(|(key, ..)| {
+            key.key().name() == name
+                && key
+                    .key()
+                    .labels()
+                    .any(|label| label.key() == "destination" && label.value() == destination)
+        })
+        .map(|(.., value)| match value {
+            DebugValue::Counter(n) => n,
+            _ => 0,
+        })
+        .sum()
+}
+
+/// The relay over AMQP with RabbitMQ's returns: 1,000 rows to a topic with a queue bound and
+/// 1,000 to a topic with none, interleaved in the same batches (several in flight), rows an hour
+/// old. Every bound row is sent and none kept, no unbound row is marked sent (that would be a
+/// lost message), and the unbound destination waits behind one probe. Then `outbox declare`
+/// binds a queue for the second topic: its 1,000 rows are delivered within 30 s, not at their
+/// probe's next attempt (half an hour later).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_mixed_unroutable() {
+    let started = Instant::now();
+    // The relay counts each message returned, by destination: a bound one would be a return
+    // pinned on the wrong publish.
+    let snapshotter = install_recorder();
+    let n = 1000;
+    let test = TestDb::new(Backend::Postgres).await;
+    create_effects_table(&test.db).await;
+    let kind = TransportKind::Amqp;
+    let (bound, bound_queue, bound_wire, _bound_cleanup) = fresh_destination("fault_mixed_bound");
+    let (unbound, unbound_queue, unbound_wire, _unbound_cleanup) =
+        fresh_destination("fault_mixed_unbound");
+    declare_consumer_queues_over(kind, &bound).await;
+    let mut wire = WireCounter::start(&bound, &bound_wire).await;
+    let consume = async |destination: &str| {
+        Consumer::builder(pool(&test.url, 3).await)
+            .config(kind.config())
+            .destination(destination)
+            .in_flight(8)
+            .start(record_effect)
+            .unwrap()
+    };
+    let consumer = consume(&bound).await;
+    interleaved_rows(&test.db, &bound, &unbound, n).await;
+    set_back(&test.db, &bound, Duration::from_secs(3600)).await;
+    set_back(&test.db, &unbound, Duration::from_secs(3600)).await;
+    // The default backoff, as deployed: an hour-old row waits half an hour.
+    let mut settings = kind.config();
+    settings.maximum_backoff = OutboxConfig::default().maximum_backoff;
+    let relay = Producer::builder(pool(&test.url, 4).await)
+        .config(settings.clone())
+        .start()
+        .unwrap();
+
+    // Every row was sent once: receipted and marked sent, or returned and kept.
+    let db = test.db.clone();
+    eventually(Duration::from_secs(60), "every row tried once", || {
+        let db = db.clone();
+        async move {
+            rows(&db).await.iter().all(|row| {
+                row.status == Status::Succeeded
+                    || (row.last_error.is_some() && row.claim_token.is_none())
+            })
+        }
+    })
+    .await;
+    let (bound_ids, bound_sent) = ids_and_sent(&test.db, &bound).await;
+    let (bound_sent, kept_bound) = (bound_sent.len(), n - bound_sent.len());
+    // Marked sent while no queue was bound: the broker dropped them, lost.
+    let (unbound_ids, dropped) = ids_and_sent(&test.db, &unbound).await;
+    let bound_returned = counted_for(&snapshotter, outbox::metrics::MESSAGES_UNROUTABLE, &bound);
+    // The probe waits half an hour; the rows parked behind it an hour and a half.
+    let horizon = chrono::Utc::now() + chrono::Duration::minutes(45);
+    let probes = rows(&test.db)
+        .await
+        .iter()
+        .filter(|row| row.destination == unbound && row.status == Status::Schedule)
+        .filter(|row| row.next_attempt_at.is_none_or(|at| at < horizon))
+        .count();
+    wait_until_consumed(&test.db, &bound_queue, bound_sent, Duration::from_secs(60)).await;
+
+    // `outbox declare` binds the second topic's queue (the wire counter's queue first, so that
+    // it sees every copy): its rows go at once.
+    let mut unbound_wire_counter = WireCounter::start(&unbound, &unbound_wire).await;
+    let declaring = Instant::now();
+    let broker = outbox::transport::from_config(&settings).expect("a transport");
+    let topology = outbox::consumer::Topology::new(&settings, &unbound, None).unwrap();
+    let declared = outbox::ops::declare(&test.db, broker.as_ref(), &topology)
+        .await
+        .expect("declare");
+    let late_consumer = consume(&unbound).await;
+    let mut delivered_after = None;
+    while declaring.elapsed() < Duration::from_secs(30) {
+        if distinct_effects(&test.db).await >= 2 * n {
+            delivered_after = Some(declaring.elapsed());
+            wait_until_consumed(&test.db, &unbound_queue, 2 * n, Duration::from_secs(30)).await;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    relay.stop().await.unwrap();
+    consumer.stop().await.unwrap();
+    late_consumer.stop().await.unwrap();
+
+    let all: HashSet<String> = bound_ids.union(&unbound_ids).cloned().collect();
+    let effects = effect_counts(&test.db).await;
+    let mut counted = count(&all, &effects);
+    // Lost: no effect, or marked sent before a queue was bound (each counted once).
+    counted.lost = all
+        .iter()
+        .filter(|id| !effects.contains_key(*id) || dropped.contains(*id))
+        .count();
+    let unbound_marked_sent = dropped.len();
+    let delivered: HashSet<String> = effects.keys().cloned().collect();
+    let wire_duplicates = wire
+        .duplicates(&bound_ids.intersection(&delivered).cloned().collect())
+        .await
+        + unbound_wire_counter
+            .duplicates(&unbound_ids.intersection(&delivered).cloned().collect())
+            .await;
+    summary(
+        "amqp_mixed_unroutable",
+        &counted,
+        wire_duplicates,
+        &format!(
+            "bound={n} unbound={n} unbound_marked_sent={unbound_marked_sent} \
+             bound_returned={bound_returned} kept_bound={kept_bound} \
+             probes={probes} woken={} delivered_after_declare_secs={} secs={:.1}",
+            declared.woken,
+            delivered_after.map_or("over_30".to_owned(), |after| format!(
+                "{:.1}",
+                after.as_secs_f64()
+            )),
+            started.elapsed().as_secs_f64()
+        ),
+    );
+    assert_eq!(unbound_marked_sent, 0, "unbound rows marked sent: lost");
+    assert_eq!(bound_returned, 0, "bound rows taken for unroutable");
+    assert_eq!(kept_bound, 0, "bound rows kept as unroutable");
+    assert_eq!(probes, 1, "one row probes the unbound destination");
+    assert_eq!(declared.woken, n as u64);
+    assert_exactly_once(&counted, 2 * n);
+    assert!(
+        delivered_after.is_some(),
+        "not delivered within 30 s of the declare"
+    );
     test.drop_database().await;
 }
 

@@ -6,7 +6,7 @@
 //! `DELETE` of those ids that repeats the condition, so that a row changed in between (claimed,
 //! sent, retried) is left alone.
 
-use sea_orm::sea_query::{Condition, Query};
+use sea_orm::sea_query::{Condition, Expr, ExprTrait, Query, UpdateStatement};
 use sea_orm::{ConnectionTrait, DbErr, EntityTrait, IdenStatic, StatementBuilder};
 use uuid::Uuid;
 
@@ -59,4 +59,44 @@ where
         done: db.execute(&statement).await?.rows_affected(),
         more: found >= limit,
     })
+}
+
+/// Runs `update` (an `UPDATE` of `entity` that sets its values and has no condition of its own)
+/// on every row matching `condition`, [`act_on_some`] after [`act_on_some`] of `limit` ids each,
+/// until one finds fewer. Returns how many rows it changed.
+pub(crate) async fn update_all<C, E>(
+    db: &C,
+    entity: E,
+    id: E::Column,
+    condition: Condition,
+    limit: u64,
+    update: UpdateStatement,
+) -> Result<u64, DbErr>
+where
+    C: ConnectionTrait,
+    E: EntityTrait + Copy,
+    E::Column: Copy,
+{
+    let mut changed = 0;
+    loop {
+        let step = act_on_some(
+            db,
+            entity,
+            id,
+            condition.clone(),
+            limit,
+            |ids, condition| {
+                update
+                    .clone()
+                    .and_where(Expr::col(id).is_in(ids))
+                    .cond_where(condition)
+                    .to_owned()
+            },
+        )
+        .await?;
+        changed += step.done;
+        if !step.more {
+            return Ok(changed);
+        }
+    }
 }

@@ -4,6 +4,8 @@
 //! - [`status`]: rows per status and destination, the age of the oldest unsent row, the latest
 //!   FAILED rows with their reasons, inbox rows per queue.
 //! - [`Retry`]: puts FAILED rows back to be sent.
+//! - [`declare`]: a consumer's queues declared ahead of it, and the rows waiting for a queue at
+//!   its destination made due at once.
 //! - [`Purge`]: deletes sent or failed rows (unsent rows only when forced), in bounded batches.
 //! - [`dlq_list`] and [`dlq_replay`]: look into a consumer's dead-letter queue without losing
 //!   anything, and move its messages back to the queue they came from.
@@ -15,6 +17,7 @@
 //! ago than that.
 
 mod browse;
+mod declare;
 mod dlq;
 mod health;
 mod purge;
@@ -22,6 +25,7 @@ mod retry;
 mod status;
 
 pub use browse::{DEFAULT_LIMIT, FindReceived, FindRows, show};
+pub use declare::{Declared, declare};
 pub use dlq::{DeadLetter, ReplayReport, dlq_list, dlq_replay};
 pub use health::{Health, HealthCheck};
 pub use purge::{Purge, PurgeStatus};
@@ -37,9 +41,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, SubsecRound, Utc};
 use sea_orm::sea_query::{Condition, Expr, ExprTrait, Query};
-use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr};
 
-use crate::tables::published::{Column, Entity};
+use crate::tables::published::{Column, Entity, NOTIFY_CHANNEL};
 
 /// Rows changed per statement by [`Retry`] (and deleted per statement by [`Purge`]): no
 /// statement holds locks on a large part of the table.
@@ -78,4 +82,16 @@ async fn count_rows(db: &DatabaseConnection, condition: Condition) -> Result<u64
         None => 0,
     };
     Ok(u64::try_from(count).unwrap_or(0))
+}
+
+/// On PostgreSQL, the notification a committed insert sends, so idle relays look now rather
+/// than at their next poll. Elsewhere they find the rows at their next poll.
+async fn wake_relays(db: &DatabaseConnection) {
+    if db.get_database_backend() != DbBackend::Postgres {
+        return;
+    }
+    let notify = format!("SELECT pg_notify('{NOTIFY_CHANNEL}', '')");
+    if let Err(err) = db.execute_unprepared(&notify).await {
+        tracing::debug!(error = %err, "waking the relays failed; they find the rows at their next poll");
+    }
 }

@@ -4,15 +4,15 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::{Condition, Expr, ExprTrait, Query};
-use sea_orm::{ActiveEnum, ConnectionTrait, DatabaseConnection, DbBackend};
+use sea_orm::{ActiveEnum, DatabaseConnection};
 use uuid::Uuid;
 
-use super::{BATCH, count_rows, now, written_before};
+use super::{BATCH, count_rows, now, wake_relays, written_before};
 use crate::config::OutboxConfig;
 use crate::db::batch;
 use crate::error::Error;
 use crate::tables::published::Status;
-use crate::tables::published::{Column, Entity, NOTIFY_CHANNEL};
+use crate::tables::published::{Column, Entity};
 
 /// Reschedules FAILED rows: each becomes a fresh row to the relay (status SCHEDULE, no attempt
 /// spent, due at once, a new lifetime of `days_to_keep_data` from now so that an expired row is
@@ -102,51 +102,21 @@ impl Retry {
     /// Reschedules the rows, a bounded batch per statement; returns how many. On PostgreSQL it
     /// then wakes the idle relays.
     pub async fn run(&self, db: &DatabaseConnection) -> Result<u64, Error> {
-        let condition = self.condition();
-        let mut rescheduled = 0;
-        loop {
-            // The condition again: a row changed since the select is left alone.
-            let step = batch::act_on_some(
-                db,
-                Entity,
-                Column::Id,
-                condition.clone(),
-                BATCH,
-                |ids, condition| {
-                    Query::update()
-                        .table(Entity)
-                        .value(Column::Status, Status::Schedule.to_value())
-                        .value(Column::Retry, 0)
-                        .value(Column::NextAttemptAt, Option::<DateTime<Utc>>::None)
-                        .value(Column::ClaimToken, Option::<Uuid>::None)
-                        .value(Column::LockedUntil, Option::<DateTime<Utc>>::None)
-                        .value(Column::ExpiresAt, now() + self.lifetime)
-                        .and_where(Expr::col(Column::Id).is_in(ids))
-                        .cond_where(condition)
-                        .to_owned()
-                },
-            )
-            .await?;
-            rescheduled += step.done;
-            if !step.more {
-                break;
-            }
-        }
+        let mut reschedule = Query::update();
+        reschedule
+            .table(Entity)
+            .value(Column::Status, Status::Schedule.to_value())
+            .value(Column::Retry, 0)
+            .value(Column::NextAttemptAt, Option::<DateTime<Utc>>::None)
+            .value(Column::ClaimToken, Option::<Uuid>::None)
+            .value(Column::LockedUntil, Option::<DateTime<Utc>>::None)
+            .value(Column::ExpiresAt, now() + self.lifetime);
+        // The condition again in each statement: a row changed since the select is left alone.
+        let rescheduled =
+            batch::update_all(db, Entity, Column::Id, self.condition(), BATCH, reschedule).await?;
         if rescheduled > 0 {
             wake_relays(db).await;
         }
         Ok(rescheduled)
-    }
-}
-
-/// On PostgreSQL, the notification a committed insert sends, so idle relays look now rather
-/// than at their next poll. Elsewhere they find the rows at their next poll.
-async fn wake_relays(db: &DatabaseConnection) {
-    if db.get_database_backend() != DbBackend::Postgres {
-        return;
-    }
-    let notify = format!("SELECT pg_notify('{NOTIFY_CHANNEL}', '')");
-    if let Err(err) = db.execute_unprepared(&notify).await {
-        tracing::debug!(error = %err, "waking the relays failed; they find the rows at their next poll");
     }
 }

@@ -298,20 +298,7 @@ pub(crate) async fn pending(
 /// last sent there), with how many rows wait for each. A database the migration that adds the
 /// table did not reach has none recorded.
 async fn unroutable_waiting(db: &DatabaseConnection) -> Result<Vec<(String, u64)>, Error> {
-    let destinations: Vec<String> = match unroutable::Entity::find()
-        .select_only()
-        .column(unroutable::Column::Destination)
-        .into_tuple()
-        .all(db)
-        .await
-    {
-        Ok(destinations) => destinations,
-        Err(err) if err.to_string().contains("outbox_unroutable") => {
-            tracing::warn!(error = %err, "no outbox_unroutable table: run the outbox's migrations");
-            return Ok(Vec::new());
-        }
-        Err(err) => return Err(err.into()),
-    };
+    let destinations = unroutable_destinations(db).await?;
     if destinations.is_empty() {
         return Ok(Vec::new());
     }
@@ -330,4 +317,23 @@ async fn unroutable_waiting(db: &DatabaseConnection) -> Result<Vec<(String, u64)
         .into_iter()
         .map(|(destination, rows)| (destination, u64::try_from(rows).unwrap_or(0)))
         .collect())
+}
+
+/// The destinations recorded in `outbox_unroutable`; none, with a warning, on a database the
+/// migration that adds the table did not reach.
+pub(super) async fn unroutable_destinations(db: &DatabaseConnection) -> Result<Vec<String>, Error> {
+    match unroutable::Entity::find()
+        .select_only()
+        .column(unroutable::Column::Destination)
+        .into_tuple()
+        .all(db)
+        .await
+    {
+        Ok(destinations) => Ok(destinations),
+        Err(err) if err.to_string().contains("outbox_unroutable") => {
+            tracing::warn!(error = %err, "no outbox_unroutable table: run the outbox's migrations");
+            Ok(Vec::new())
+        }
+        Err(err) => Err(err.into()),
+    }
 }

@@ -1,5 +1,6 @@
 //! The relay's lag, sampled for the metrics: the rows waiting, the age of the oldest, the keys a
-//! FAILED row blocks. Read with the same queries as `outbox status`, at most every 10 s.
+//! FAILED row blocks, the destinations waiting for a queue. Read with the same queries as
+//! `outbox status`, at most every 10 s.
 
 use std::time::{Duration, Instant};
 
@@ -43,5 +44,12 @@ impl PendingSampler {
             }
         };
         crate::metrics::pending(rows, age, blocked);
+        // A database the migration adding the table did not reach has no such gauge.
+        match super::store::unroutable_destinations(db).await {
+            Ok(destinations) => crate::metrics::unroutable_destinations(destinations.len()),
+            Err(err) => {
+                tracing::debug!(error = %err, "counting the unroutable destinations failed")
+            }
+        }
     }
 }

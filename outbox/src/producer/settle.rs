@@ -184,6 +184,9 @@ impl Producer {
         }
         if why.is_slow_broker() {
             tracing::warn!(rows = rows.len(), error = %why, "the broker did not keep up; rows given back without spending a retry");
+        } else if matches!(why, TransportError::ReturnNotPinned { .. }) {
+            // The link is fine: only which of the rows the broker returned is not known.
+            tracing::warn!(rows = rows.len(), error = %why, "rows given back without spending a retry, to be sent again");
         } else {
             self.link_failed.store(true, Ordering::Relaxed);
             tracing::warn!(rows = rows.len(), error = %why, "broker connection failed; rows given back without spending a retry");

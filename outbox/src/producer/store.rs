@@ -19,7 +19,9 @@ use uuid::Uuid;
 
 use sea_orm::ActiveEnum;
 
+use crate::db::batch;
 use crate::db::clock::{db_now, db_time, micros};
+use crate::db::unroutable::waiting;
 use crate::tables::published::{Column, Entity, Model, Status};
 use crate::tables::unroutable;
 
@@ -291,17 +293,74 @@ pub(crate) async fn record_unroutable(
     Ok(())
 }
 
-/// Deletes the rows of `outbox_unroutable` of `destinations`: messages to them routed again.
-pub(crate) async fn clear_unroutable(
+/// The oldest row of `destination` that waits on a pause ([`crate::db::unroutable::waiting`]):
+/// its id and when it was written.
+pub(crate) async fn oldest_waiting(
     db: &DatabaseConnection,
-    destinations: &[String],
-) -> Result<u64, DbErr> {
-    let delete = Query::delete()
-        .from_table(unroutable::Entity)
-        .and_where(Expr::col(unroutable::Column::Destination).is_in(destinations.iter().cloned()))
+    destination: &str,
+) -> Result<Option<(Uuid, DateTime<Utc>)>, DbErr> {
+    let oldest = Query::select()
+        .columns([Column::Id, Column::Added])
+        .from(Entity)
+        .cond_where(waiting(
+            db.get_database_backend(),
+            &[destination.to_owned()],
+        ))
+        .order_by(Column::Added, sea_orm::Order::Asc)
+        .limit(1)
         .to_owned();
-    Ok(db.execute(&delete).await?.rows_affected())
+    match db.query_one(&oldest).await? {
+        Some(row) => Ok(Some((
+            row.try_get::<Uuid>("", Column::Id.as_str())?,
+            row.try_get::<DateTime<Utc>>("", Column::Added.as_str())?,
+        ))),
+        None => Ok(None),
+    }
 }
+
+/// Brings the waiting row `id` forward to `pause` from now, unless it is due sooner already.
+pub(crate) async fn probe_after(
+    db: &DatabaseConnection,
+    id: Uuid,
+    destination: &str,
+    pause: Duration,
+) -> Result<u64, DbErr> {
+    let backend = db.get_database_backend();
+    let probe = Query::update()
+        .table(Entity)
+        .value(Column::NextAttemptAt, db_time(backend, pause, true))
+        .and_where(Expr::col(Column::Id).eq(id))
+        .cond_where(waiting(backend, &[destination.to_owned()]))
+        .and_where(Expr::col(Column::NextAttemptAt).gt(db_time(backend, pause, true)))
+        .to_owned();
+    Ok(db.execute(&probe).await?.rows_affected())
+}
+
+/// Parks the rows of `destination` that wait on a pause, `probe` aside, behind the probe: each
+/// that would come due before `pause + parked / 2` from now waits until `pause + parked` from
+/// now, a bounded batch per statement. The rows parked by an earlier probe are pushed again only
+/// when they would otherwise come due before this one has had its chance.
+pub(crate) async fn park_behind(
+    db: &DatabaseConnection,
+    destination: &str,
+    probe: Uuid,
+    pause: Duration,
+    parked: Duration,
+) -> Result<u64, DbErr> {
+    let backend = db.get_database_backend();
+    let condition = waiting(backend, &[destination.to_owned()])
+        .add(Expr::col(Column::Id).ne(probe))
+        .add(Expr::col(Column::NextAttemptAt).lt(db_time(backend, pause + parked / 2, true)));
+    let mut park = Query::update();
+    park.table(Entity).value(
+        Column::NextAttemptAt,
+        db_time(backend, pause + parked, true),
+    );
+    batch::update_all(db, Entity, Column::Id, condition, PARK_BATCH, park).await
+}
+
+/// Rows parked per statement.
+const PARK_BATCH: u64 = 1000;
 
 /// The destinations recorded in `outbox_unroutable`.
 pub(crate) async fn unroutable_destinations(db: &DatabaseConnection) -> Result<Vec<String>, DbErr> {
@@ -319,6 +378,14 @@ pub(crate) async fn unroutable_destinations(db: &DatabaseConnection) -> Result<V
 /// `maximum_backoff`. No count is kept, so nothing of the row's retries is spent.
 pub(crate) fn unroutable_pause(age: Duration, maximum_backoff: Duration) -> Duration {
     (age / 2).clamp(Duration::from_secs(1).min(maximum_backoff), maximum_backoff)
+}
+
+/// How much longer than its destination's probe a row parked behind it waits: long enough that
+/// the probe's next return parks it again before it comes due (the relay takes `maximum_backoff`
+/// at most between two probes), and short enough that the parked rows probe by themselves
+/// should the probe be gone (expired, deleted) with nothing else of the destination to send.
+pub(crate) fn parked_beyond_probe(maximum_backoff: Duration) -> Duration {
+    maximum_backoff.max(Duration::from_secs(60))
 }
 
 /// Extends the lease of the claimed rows `ids` that still hold `token` to `lease` from now (by

@@ -2,10 +2,17 @@
 //! `OUTBOX_UNROUTABLE` says, and its destination recorded in `outbox_unroutable` until a message
 //! to it routes again, so that operators see which destinations wait for a queue.
 //!
+//! A destination is probed, not every row of it: the oldest of its waiting rows is tried again
+//! after half its age (at most `OUTBOX_MAXIMUM_BACKOFF`), and the others are parked behind it,
+//! out of the claim by their `next_attempt_at`. Once a message to the destination routes (the
+//! probe, or a new row, after a consumer subscribed), its waiting rows are made due together;
+//! `outbox declare` does the same for the destinations it binds a queue to. Parked rows that
+//! lost their probe (expired, deleted) come due by themselves a while later.
+//!
 //! The relay remembers the destinations recorded (its own, and the table's, read again at most
 //! once a minute), so that a batch whose destinations are all routable costs no statement.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
 use uuid::Uuid;
@@ -13,6 +20,7 @@ use uuid::Uuid;
 use super::{Producer, RoundReport, store};
 use crate::config::Unroutable;
 use crate::db::errors::again_on_conflict;
+use crate::db::unroutable::{forget, wake};
 use crate::error::Error;
 use crate::tables::published::Model as Row;
 
@@ -45,34 +53,16 @@ impl Producer {
         }
         report.unroutable = rows.len();
         let mut dropped = Vec::new();
-        let mut waiting: Vec<(String, String)> = Vec::new();
+        let mut waiting: BTreeMap<String, Vec<(Row, String)>> = BTreeMap::new();
         for (row, reply) in rows {
             crate::metrics::unroutable(&row.destination);
-            let reason = unroutable_error(&row.destination, &reply);
             match self.config.unroutable {
-                Unroutable::Retry => {
-                    if !waiting.iter().any(|(known, _)| *known == row.destination) {
-                        waiting.push((row.destination.clone(), reply.clone()));
-                    }
-                    let age = (chrono::Utc::now() - row.added)
-                        .to_std()
-                        .unwrap_or_default();
-                    let pause = store::unroutable_pause(age, self.config.maximum_backoff);
-                    tracing::warn!(
-                        message_id = %row.id,
-                        destination = %row.destination,
-                        correlation_id = row.correlation_id(),
-                        outcome = "unroutable",
-                        retry_in = ?pause,
-                        "{reason}"
-                    );
-                    let ids = [row.id];
-                    again_on_conflict(|| {
-                        store::release_after(&self.db, &ids, token, pause, Some(&reason))
-                    })
-                    .await?;
-                }
+                Unroutable::Retry => waiting
+                    .entry(row.destination.clone())
+                    .or_default()
+                    .push((row, reply)),
                 Unroutable::Fail => {
+                    let reason = unroutable_error(&row.destination, &reply);
                     tracing::error!(
                         message_id = %row.id,
                         destination = %row.destination,
@@ -92,6 +82,7 @@ impl Producer {
                     .await?;
                 }
                 Unroutable::Drop => {
+                    let reason = unroutable_error(&row.destination, &reply);
                     tracing::warn!(
                         message_id = %row.id,
                         destination = %row.destination,
@@ -104,8 +95,74 @@ impl Producer {
             }
         }
         again_on_conflict(|| store::mark_sent(&self.db, &dropped, token)).await?;
-        self.record_unroutable(waiting).await;
+        let mut recorded = Vec::with_capacity(waiting.len());
+        for (destination, rows) in waiting {
+            let reply = rows
+                .first()
+                .map(|(_, reply)| reply.clone())
+                .unwrap_or_default();
+            self.park(&destination, &reply, rows, token).await?;
+            recorded.push((destination, reply));
+        }
+        self.record_unroutable(recorded).await;
         Ok(report)
+    }
+
+    /// Gives back the returned rows of `destination` to wait for a queue behind one probe: the
+    /// oldest waiting row of the destination (one of them, or an earlier one) is tried again
+    /// after half its age, every other waiting row of it is parked beyond the probe.
+    async fn park(
+        &self,
+        destination: &str,
+        reply: &str,
+        rows: Vec<(Row, String)>,
+        token: Uuid,
+    ) -> Result<(), Error> {
+        let reason = unroutable_error(destination, reply);
+        let Some((oldest, _)) = rows.iter().min_by_key(|(row, _)| row.added) else {
+            return Ok(());
+        };
+        let earlier = again_on_conflict(|| store::oldest_waiting(&self.db, destination)).await?;
+        let (probe, added) = match earlier {
+            Some((id, added)) if added < oldest.added => (id, added),
+            _ => (oldest.id, oldest.added),
+        };
+        let age = (chrono::Utc::now() - added).to_std().unwrap_or_default();
+        let pause = store::unroutable_pause(age, self.config.maximum_backoff);
+        let parked = store::parked_beyond_probe(self.config.maximum_backoff);
+        for (row, _) in &rows {
+            tracing::debug!(
+                message_id = %row.id,
+                destination = %row.destination,
+                correlation_id = row.correlation_id(),
+                outcome = "unroutable",
+                probe = row.id == probe,
+                "{reason}"
+            );
+        }
+        tracing::warn!(
+            destination,
+            rows = rows.len(),
+            probe = %probe,
+            retry_in = ?pause,
+            "{reason}; the destination is probed again by its oldest waiting row, the others wait for it"
+        );
+        let (first, rest): (Vec<Uuid>, Vec<Uuid>) = rows
+            .iter()
+            .map(|(row, _)| row.id)
+            .partition(|id| *id == probe);
+        again_on_conflict(|| store::release_after(&self.db, &first, token, pause, Some(&reason)))
+            .await?;
+        again_on_conflict(|| {
+            store::release_after(&self.db, &rest, token, pause + parked, Some(&reason))
+        })
+        .await?;
+        if first.is_empty() {
+            again_on_conflict(|| store::probe_after(&self.db, probe, destination, pause)).await?;
+        }
+        again_on_conflict(|| store::park_behind(&self.db, destination, probe, pause, parked))
+            .await?;
+        Ok(())
     }
 
     /// Records the destinations (deduplicated, with their replies) as waiting for a queue, in one
@@ -114,15 +171,19 @@ impl Producer {
         if destinations.is_empty() {
             return;
         }
-        match again_on_conflict(|| store::record_unroutable(&self.db, &destinations)).await {
-            Ok(()) => super::isolation::lock(&self.unroutable)
-                .destinations
-                .extend(destinations.into_iter().map(|(destination, _)| destination)),
-            Err(err) => self.table_failed(&err),
+        if let Err(err) =
+            again_on_conflict(|| store::record_unroutable(&self.db, &destinations)).await
+        {
+            self.table_failed(&err);
         }
+        // Remembered even when the table is missing: their parked rows are woken all the same.
+        super::isolation::lock(&self.unroutable)
+            .destinations
+            .extend(destinations.into_iter().map(|(destination, _)| destination));
     }
 
-    /// Forgets the destinations of `proven` (rows just routed) that were recorded as waiting.
+    /// Forgets the destinations of `proven` (rows just routed) that were recorded as waiting, and
+    /// makes their waiting rows due now.
     pub(super) async fn routed(&self, proven: &HashSet<String>) {
         if proven.is_empty() {
             return;
@@ -139,15 +200,20 @@ impl Producer {
         if again.is_empty() {
             return;
         }
-        match again_on_conflict(|| store::clear_unroutable(&self.db, &again)).await {
-            Ok(_) => {
+        if let Err(err) = again_on_conflict(|| forget(&self.db, &again)).await {
+            self.table_failed(&err);
+        }
+        match again_on_conflict(|| wake(&self.db, &again)).await {
+            Ok(woken) => {
                 let mut recorded = super::isolation::lock(&self.unroutable);
                 for destination in &again {
                     recorded.destinations.remove(destination);
                 }
-                tracing::info!(destinations = ?again, "destinations routable again");
+                tracing::info!(destinations = ?again, woken, "destinations routable again: their waiting rows are due now");
             }
-            Err(err) => self.table_failed(&err),
+            Err(err) => {
+                tracing::warn!(error = %err, destinations = ?again, "waking the rows waiting for these destinations failed; their probe finds the queue later")
+            }
         }
     }
 

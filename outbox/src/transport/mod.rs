@@ -376,6 +376,17 @@ pub enum TransportError {
     /// The transport was closed.
     #[error("the transport is closed")]
     Closed,
+    /// The broker returned a message that no queue took, and it cannot be pinned on one
+    /// message of its batch: several messages sent together were identical (the same route,
+    /// message id and body) and only some came back, or the return matches none of them.
+    /// Whether each of them was routed is not known.
+    #[error(
+        "the broker returned a message ({route}) that cannot be pinned on one message of its batch"
+    )]
+    ReturnNotPinned {
+        /// The exchange and routing key of the returned message.
+        route: String,
+    },
 }
 
 impl TransportError {
@@ -408,6 +419,23 @@ impl TransportError {
             TransportError::ReceiptTimeout(_) | TransportError::Blocked(_)
         )
     }
+}
+
+/// AMQP topic matching of a routing key against a binding key: `*` is one dot-separated word,
+/// `#` zero or more (the memory broker routes with it; `outbox declare` finds the destinations a
+/// binding serves with it).
+pub(crate) fn topic_matches(binding: &str, routing_key: &str) -> bool {
+    fn matches(pattern: &[&str], words: &[&str]) -> bool {
+        match pattern.split_first() {
+            None => words.is_empty(),
+            Some((&"#", rest)) => (0..=words.len()).any(|skip| matches(rest, &words[skip..])),
+            Some((&"*", rest)) => !words.is_empty() && matches(rest, &words[1..]),
+            Some((word, rest)) => words.first() == Some(word) && matches(rest, &words[1..]),
+        }
+    }
+    let pattern: Vec<&str> = binding.split('.').collect();
+    let words: Vec<&str> = routing_key.split('.').collect();
+    matches(&pattern, &words)
 }
 
 /// The queue argument of RabbitMQ's single active consumer, as a SUBSCRIBE header

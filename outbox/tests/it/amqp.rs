@@ -11,11 +11,12 @@ use outbox::config::Secret;
 use outbox::tables::published::Model as Row;
 use outbox::tables::published::Status;
 use outbox::transport::{
-    AmqpSettings, AmqpTransport, Outcome, Outgoing, StompSettings, StompTransport, Transport,
+    AckMode, AmqpSettings, AmqpTransport, Deliveries, MemoryTransport, Outcome, Outgoing,
+    StompSettings, StompTransport, Subscription, Transport,
 };
 use outbox::{OutboxConfig, Producer, Published};
 use outbox_tests::certs::{Ca, Files};
-use outbox_tests::rows::poison_among_goods;
+use outbox_tests::rows::{enqueue_many, poison_among_goods, set_back};
 use outbox_tests::stomp_peer::{
     QueueCleanup, RABBITMQ_STOMP, StompPeer, queue_message_count, topic_reader, unique,
 };
@@ -162,7 +163,162 @@ async fn the_relay_keeps_unroutable_rows_against_the_memory_broker_too(backend: 
     test.drop_database().await;
 }
 
-outbox_tests::on_every_backend!(the_relay_keeps_unroutable_rows_against_the_memory_broker_too);
+/// `count` rows to `destination`, an hour old, on a fresh database, the memory broker in its
+/// AMQP mode, and a relay to it with the default maximum backoff (an hour).
+async fn hour_old_rows(
+    backend: Backend,
+    destination: &str,
+    count: usize,
+) -> (TestDb, MemoryTransport, Producer) {
+    let test = TestDb::new(backend).await;
+    let broker = MemoryTransport::new();
+    broker.set_mandatory(true);
+    enqueue_many(&test.db, destination, count).await;
+    set_back(&test.db, destination, Duration::from_secs(3600)).await;
+    let producer = Producer::builder(test.db.clone())
+        .config(OutboxConfig::default())
+        .transport(broker.clone())
+        .isolation_transport(broker.new_connection())
+        .build()
+        .unwrap();
+    (test, broker, producer)
+}
+
+/// The rows of `destination` due within `within` from now (by this process's clock).
+async fn due_within(db: &DatabaseConnection, destination: &str, within: Duration) -> Vec<Row> {
+    let horizon = chrono::Utc::now() + chrono::Duration::from_std(within).unwrap();
+    rows(db)
+        .await
+        .into_iter()
+        .filter(|row| row.destination == destination)
+        .filter(|row| row.next_attempt_at.is_none_or(|at| at < horizon))
+        .collect()
+}
+
+/// A durable queue `queue` bound to `destination` on the memory broker, and its deliveries.
+async fn bind(broker: &MemoryTransport, destination: &str, queue: &str) -> Deliveries {
+    broker
+        .subscribe(Subscription {
+            destination: destination.into(),
+            id: queue.into(),
+            ack: AckMode::Auto,
+            headers: vec![
+                ("x-queue-name".into(), queue.into()),
+                ("durable".into(), "true".into()),
+                ("auto-delete".into(), "false".into()),
+            ],
+        })
+        .await
+        .unwrap()
+}
+
+/// Against the memory broker on every backend: the rows of an unroutable destination wait
+/// behind one probe (the oldest, tried again after half its age: 30 minutes for rows an hour
+/// old), a new row to it is parked behind the same probe, and once a message to it routes every
+/// waiting row of it goes at once.
+async fn an_unroutable_destination_is_probed_by_one_row_and_its_rows_go_together_once_it_routes(
+    backend: Backend,
+) {
+    let destination = "/topic/probed.v1";
+    let (test, broker, producer) = hour_old_rows(backend, destination, 10).await;
+
+    let report = producer.drain().await.unwrap();
+    assert_eq!((report.sent, report.unroutable), (0, 10), "{report:?}");
+    let probe = rows(&test.db).await.remove(0);
+    let soon = due_within(&test.db, destination, Duration::from_secs(45 * 60)).await;
+    assert_eq!(soon.len(), 1, "one probe: {soon:?}");
+    assert_eq!(soon[0].id, probe.id, "the oldest row probes");
+    let probed_at = soon[0].next_attempt_at.expect("a pause");
+    let in_half_an_hour = chrono::Utc::now() + chrono::Duration::minutes(30);
+    assert!(
+        (probed_at - in_half_an_hour).num_seconds().abs() < 60,
+        "half its age: {probed_at}"
+    );
+    assert!(rows(&test.db).await.iter().all(|row| row.retry == 0));
+    let status = outbox::ops::status(&test.db, 10).await.unwrap();
+    assert_eq!(status.unroutable, vec![(destination.to_owned(), 10)]);
+
+    // A new row is sent once, returned, and parked behind the same probe.
+    outbox::enqueue(&test.db, destination, &json!({"n": "new"}))
+        .await
+        .unwrap();
+    let report = producer.drain().await.unwrap();
+    assert_eq!(report.unroutable, 1, "{report:?}");
+    let soon = due_within(&test.db, destination, Duration::from_secs(45 * 60)).await;
+    assert_eq!(
+        soon.iter().map(|row| row.id).collect::<Vec<_>>(),
+        [probe.id]
+    );
+
+    // A consumer binds a queue: the next new row routes, and the eleven waiting rows go with it.
+    let mut deliveries = bind(&broker, destination, "probed_q").await;
+    outbox::enqueue(&test.db, destination, &json!({"n": "routed"}))
+        .await
+        .unwrap();
+    let report = producer.drain().await.unwrap();
+    assert_eq!((report.sent, report.unroutable), (12, 0), "{report:?}");
+    assert!(
+        rows(&test.db)
+            .await
+            .iter()
+            .all(|row| row.status == Status::Succeeded)
+    );
+    for _ in 0..12 {
+        tokio::time::timeout(Duration::from_secs(5), deliveries.recv())
+            .await
+            .expect("delivered")
+            .expect("a delivery");
+    }
+    let status = outbox::ops::status(&test.db, 10).await.unwrap();
+    assert_eq!(status.unroutable, Vec::new(), "routed again: {status:?}");
+    test.drop_database().await;
+}
+
+/// Against the memory broker on every backend: `outbox declare` with a binding key that matches
+/// an unroutable destination makes its waiting rows due at once and clears its record.
+async fn declaring_a_queue_makes_the_waiting_rows_of_the_destinations_it_serves_due_at_once(
+    backend: Backend,
+) {
+    let destination = "/topic/declared.v1";
+    let (test, broker, producer) = hour_old_rows(backend, destination, 5).await;
+    let report = producer.drain().await.unwrap();
+    assert_eq!(report.unroutable, 5, "{report:?}");
+    assert!(
+        due_within(&test.db, destination, Duration::from_secs(60))
+            .await
+            .is_empty()
+    );
+
+    let topology = outbox::consumer::Topology::new(
+        &OutboxConfig::default(),
+        "/topic/declared.*",
+        Some("declared_q"),
+    )
+    .unwrap();
+    let declared = outbox::ops::declare(&test.db, &broker.new_connection(), &topology)
+        .await
+        .unwrap();
+    assert_eq!(declared.woken, 5, "{declared:?}");
+    assert!(declared.destinations.contains(&destination.to_owned()));
+    assert_eq!(
+        due_within(&test.db, destination, Duration::ZERO)
+            .await
+            .len(),
+        5
+    );
+    let status = outbox::ops::status(&test.db, 10).await.unwrap();
+    assert_eq!(status.unroutable, Vec::new(), "{status:?}");
+    let report = producer.drain().await.unwrap();
+    assert_eq!((report.sent, report.unroutable), (5, 0), "{report:?}");
+    assert_eq!(broker.queue_len("declared_q"), 5);
+    test.drop_database().await;
+}
+
+outbox_tests::on_every_backend!(
+    the_relay_keeps_unroutable_rows_against_the_memory_broker_too,
+    an_unroutable_destination_is_probed_by_one_row_and_its_rows_go_together_once_it_routes,
+    declaring_a_queue_makes_the_waiting_rows_of_the_destinations_it_serves_due_at_once,
+);
 
 #[tokio::test]
 async fn unroutable_fail_and_drop_policies() {

@@ -1,27 +1,26 @@
-//! One open AMQP connection and its channels: failover across the URLs, the confirm-mode
-//! publisher channel and its window, the checks and declarations before a publish, and a
-//! channel per subscription.
+//! One open AMQP connection and its channels: failover across the URLs, the confirm window and
+//! the pool of publisher channels ([`super::publish`] publishes on them), the checks and
+//! declarations before a publish, and a channel per subscription.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use futures::StreamExt;
 use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
-    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
 };
 use lapin::tcp::AMQPUriTcpExt;
 use lapin::types::FieldTable;
 use lapin::uri::{AMQPScheme, AMQPUri};
-use lapin::{Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 use tokio::sync::{Semaphore, mpsc};
 
+use super::publish::{Publishers, open_publisher};
 use super::routing::{self, Endpoint, QueueKind};
-use super::{BLOCKED_POLL, CONFIRM_WINDOW, Settings, lock};
+use super::{CONFIRM_WINDOW, Settings, lock};
 use crate::transport::{
-    AckMode, Deliveries, Delivery, Outcome, Outgoing, SendReport, Subscription, SubscriptionEvent,
-    TransportError,
+    AckMode, Deliveries, Delivery, Subscription, SubscriptionEvent, TransportError,
 };
 
 /// Deliveries buffered per subscription beyond its prefetch.
@@ -30,12 +29,12 @@ const DELIVERY_QUEUE: usize = 1024;
 /// One open connection and its channels.
 pub(super) struct Link {
     pub(super) generation: u64,
-    address: String,
+    pub(super) address: String,
     pub(super) connection: Connection,
-    /// The channel every publish goes on, in confirm mode.
-    publisher: Channel,
-    /// Publishes awaiting their confirms.
-    window: Arc<Semaphore>,
+    /// Idle confirm-mode channels, one per batch in flight ([`super::publish`]).
+    pub(super) publishers: Publishers,
+    /// Publishes awaiting their confirms, across every batch.
+    pub(super) window: Arc<Semaphore>,
     /// Exchanges known to exist on this connection (a passive declare succeeded).
     exchanges: tokio::sync::Mutex<HashSet<String>>,
     /// Queues this connection declared for a SEND (to `/queue/q` or a bare name).
@@ -137,14 +136,13 @@ impl Link {
             .await
             .map_err(|_| connect_failed(format!("no connection within {timeout:?}")))?
             .map_err(|err| login_error(&address, err))?;
-        let publisher = connection
-            .create_channel()
-            .await
-            .map_err(|err| connect_failed(err.to_string()))?;
-        publisher
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(|err| connect_failed(err.to_string()))?;
+        // A first publisher channel, so that a broker that refuses them fails the connect.
+        let publishers = Publishers::default();
+        publishers.give_back(
+            open_publisher(&connection)
+                .await
+                .map_err(|err| connect_failed(err.to_string()))?,
+        );
         tracing::info!(
             broker = %address,
             heartbeat = connection.configuration().heartbeat(),
@@ -154,7 +152,7 @@ impl Link {
             generation,
             address,
             connection,
-            publisher,
+            publishers,
             window: Arc::new(Semaphore::new(CONFIRM_WINDOW)),
             exchanges: tokio::sync::Mutex::new(HashSet::new()),
             queues: tokio::sync::Mutex::new(HashSet::new()),
@@ -163,7 +161,7 @@ impl Link {
     }
 
     pub(super) fn is_open(&self) -> bool {
-        self.connection.status().connected() && self.publisher.status().connected()
+        self.connection.status().connected()
     }
 
     pub(super) async fn close_quietly(&self) {
@@ -178,145 +176,9 @@ impl Link {
         broker_error(err)
     }
 
-    pub(super) async fn send(&self, messages: &[Outgoing], timeout: Duration) -> SendReport {
-        let deadline = tokio::time::Instant::now() + timeout;
-        // A blocked connection takes publishes and never confirms them: wait, then give back.
-        while self.connection.status().blocked() {
-            if tokio::time::Instant::now() >= deadline {
-                // As over STOMP: no answer in time, nobody's fault, nothing charged.
-                tracing::warn!(broker = %self.address, "the broker blocks the connection (a resource alarm): nothing published");
-                return SendReport::unsent(messages.len(), TransportError::Blocked(timeout));
-            }
-            tokio::time::sleep(BLOCKED_POLL).await;
-        }
-        let mut outcomes: Vec<Option<Outcome>> = vec![None; messages.len()];
-        let mut plans = Vec::with_capacity(messages.len());
-        for (index, message) in messages.iter().enumerate() {
-            match Endpoint::parse(&message.destination)
-                .and_then(|endpoint| Ok((endpoint, routing::properties(&message.headers)?)))
-            {
-                Ok((endpoint, properties)) => plans.push((index, endpoint, properties)),
-                Err(reason) => {
-                    outcomes[index] = Some(Outcome::Refused(TransportError::Broker {
-                        message: format!("cannot publish to `{}`", message.destination),
-                        detail: reason,
-                    }))
-                }
-            }
-        }
-        // Each distinct exchange checked once, each queue a SEND would declare declared once,
-        // before anything is published: the refused ones by key, the others in `checked`.
-        let keys: Vec<Option<String>> = plans
-            .iter()
-            .map(|(_, endpoint, _)| match endpoint {
-                Endpoint::Topic(_) | Endpoint::Exchange(..) => {
-                    Some(endpoint.routing().0.to_owned())
-                }
-                Endpoint::Queue(name) => Some(format!("queue:{name}")),
-                Endpoint::AmqQueue(_) | Endpoint::ReplyQueue(_) => None,
-            })
-            .collect();
-        let mut checked: HashSet<&str> = HashSet::new();
-        let mut refused: HashMap<&str, TransportError> = HashMap::new();
-        for ((index, endpoint, _), key) in plans.iter().zip(&keys) {
-            let Some(key) = key.as_deref() else {
-                continue;
-            };
-            if !checked.insert(key) {
-                continue;
-            }
-            let check = match endpoint {
-                Endpoint::Queue(name) => {
-                    self.declare_for_send(name, &messages[*index].headers).await
-                }
-                _ => self.check_exchange(key).await,
-            };
-            match check {
-                Ok(()) => {}
-                Err(err @ TransportError::Broker { .. }) => {
-                    refused.insert(key, err);
-                }
-                Err(err) => return SendReport::unsent(messages.len(), err),
-            }
-        }
-        let mut pending = Vec::with_capacity(plans.len());
-        for ((index, endpoint, properties), key) in plans.into_iter().zip(&keys) {
-            if let Some(err) = key.as_deref().and_then(|key| refused.get(key)) {
-                outcomes[index] = Some(Outcome::Refused(err.clone()));
-                continue;
-            }
-            let permit = match tokio::time::timeout_at(
-                deadline,
-                self.window.clone().acquire_owned(),
-            )
-            .await
-            {
-                Ok(Ok(permit)) => permit,
-                Ok(Err(_)) => {
-                    outcomes[index] = Some(Outcome::unknown(TransportError::Closed));
-                    continue;
-                }
-                Err(_) => {
-                    outcomes[index] =
-                        Some(Outcome::unknown(TransportError::ReceiptTimeout(timeout)));
-                    continue;
-                }
-            };
-            let (exchange, routing_key) = endpoint.routing();
-            let published = tokio::time::timeout_at(
-                deadline,
-                self.publisher.basic_publish(
-                    exchange.into(),
-                    routing_key.into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        immediate: false,
-                    },
-                    &messages[index].body,
-                    properties,
-                ),
-            )
-            .await;
-            match published {
-                Ok(Ok(confirm)) => pending.push((index, permit, confirm)),
-                Ok(Err(err)) => outcomes[index] = Some(Outcome::unknown(broker_error(err))),
-                Err(_) => {
-                    outcomes[index] =
-                        Some(Outcome::unknown(TransportError::ReceiptTimeout(timeout)))
-                }
-            }
-        }
-        // Confirms come in publish order on the channel: awaiting them in that order costs no
-        // head-of-line wait.
-        for (index, permit, confirm) in pending {
-            let outcome = match tokio::time::timeout_at(deadline, confirm).await {
-                Ok(Ok(Confirmation::Ack(None))) => Outcome::Receipted,
-                Ok(Ok(Confirmation::Ack(Some(returned)))) => Outcome::Unroutable(format!(
-                    "{} {}",
-                    returned.reply_code,
-                    returned.reply_text.as_str()
-                )),
-                Ok(Ok(Confirmation::Nack(_))) => Outcome::Nacked,
-                Ok(Ok(Confirmation::NotRequested)) => Outcome::unknown(
-                    TransportError::ConnectionLost("the channel lost confirm mode".into()),
-                ),
-                Ok(Err(err)) => Outcome::unknown(broker_error(err)),
-                Err(_) => Outcome::unknown(TransportError::ReceiptTimeout(timeout)),
-            };
-            drop(permit);
-            outcomes[index] = Some(outcome);
-        }
-        SendReport {
-            outcomes: outcomes
-                .into_iter()
-                .map(|outcome| outcome.unwrap_or_else(|| Outcome::unknown(TransportError::Closed)))
-                .collect(),
-        }
-    }
-
     /// Checks that `exchange` exists (a passive declare, once per connection). The default
     /// exchange always does.
-    async fn check_exchange(&self, exchange: &str) -> Result<(), TransportError> {
+    pub(super) async fn check_exchange(&self, exchange: &str) -> Result<(), TransportError> {
         if exchange.is_empty() {
             return Ok(());
         }
@@ -352,7 +214,7 @@ impl Link {
 
     /// Declares queue `name` as the STOMP plugin does for a SEND to `/queue/name` or `name`
     /// (durable), once per connection, on a channel of its own.
-    async fn declare_for_send(
+    pub(super) async fn declare_for_send(
         &self,
         name: &str,
         headers: &[(String, String)],
@@ -548,7 +410,7 @@ fn address_of(uri: &AMQPUri) -> String {
 
 /// A lapin error as the trait's: a protocol error (a reply code from the broker: 404, 403,
 /// 406, ...) is a refusal; anything else, a lost connection.
-fn broker_error(err: lapin::Error) -> TransportError {
+pub(super) fn broker_error(err: lapin::Error) -> TransportError {
     match err.kind() {
         lapin::ErrorKind::ProtocolError(amqp) => TransportError::Broker {
             message: amqp.get_id().to_string(),

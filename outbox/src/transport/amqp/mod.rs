@@ -10,14 +10,18 @@
 //! broker that cannot take a message says so ([`Outcome::Nacked`](super::Outcome::Nacked)).
 //!
 //! One connection at a time, opened on first use, failing over across the configured URLs in
-//! order; after it fails, the next call opens a new one. Publishes share one channel in confirm
-//! mode, pipelined: up to [`CONFIRM_WINDOW`] may await their confirms at once, across every
-//! caller, and each caller waits only for its own. Before the first publish to an exchange on a
-//! connection, a passive `exchange.declare` (on a channel of its own, which a 404 closes) checks
-//! that it exists: a missing exchange is then [`Outcome::Refused`](super::Outcome::Refused) for exactly its messages,
-//! instead of a channel closed under every unconfirmed publish. While the broker blocks the
-//! connection (a memory or disk alarm), nothing is published: the messages are given back,
-//! unknown and not overtaken, which charges them nothing.
+//! order; after it fails, the next call opens a new one. Each batch in flight publishes on a
+//! confirm-mode channel of its own, taken from a small pool of the connection's and given back
+//! once all its confirms came ([`publish`]): batches go pipelined side by side, up to
+//! [`CONFIRM_WINDOW`] publishes awaiting their confirms at once, and each caller waits only for
+//! its own. A message the broker returns is pinned on its own publish by identity (route,
+//! message id and body, [`returns`]), never on whichever confirm lapin hands it with; a channel
+//! whose confirms did not all come is closed, never reused. Before the first publish to an
+//! exchange on a connection, a passive `exchange.declare` (on a channel of its own, which a 404
+//! closes) checks that it exists: a missing exchange is then [`Outcome::Refused`](super::Outcome::Refused) for exactly
+//! its messages, instead of a channel closed under every unconfirmed publish. While the broker
+//! blocks the connection (a memory or disk alarm), nothing is published: the messages are given
+//! back, unknown and not overtaken, which charges them nothing.
 //!
 //! Each subscription consumes on a channel of its own, with `basic.qos` from its
 //! `prefetch-count` header; its queue is declared and bound from its headers as the STOMP plugin
@@ -39,14 +43,16 @@ use crate::config::redact_credentials;
 use link::Link;
 
 mod link;
+mod publish;
+mod returns;
 mod routing;
 mod settings;
 
 pub use settings::AmqpSettings;
 
-/// The most publishes awaiting their confirms at once on a connection: RabbitMQ's own figures
-/// gain most between 20 and 200 in flight, and the relay keeps `OUTBOX_RELAY_BATCHES_IN_FLIGHT`
-/// batches (3 by default) of up to 200 rows going.
+/// The most publishes awaiting their confirms at once on a connection, across its publisher
+/// channels: RabbitMQ's own figures gain most between 20 and 200 in flight, and the relay keeps
+/// `OUTBOX_RELAY_BATCHES_IN_FLIGHT` batches (3 by default) of up to 200 rows going.
 pub const CONFIRM_WINDOW: usize = 1024;
 /// How long a disconnect waits for the broker's answer on a blocked connection.
 const UNANSWERED_CLOSE_WAIT: Duration = Duration::from_secs(1);

@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::transport::{AckMode, Delivery, Outgoing, SubscriptionEvent, TransportError};
+use crate::transport::{
+    AckMode, Delivery, Outgoing, SubscriptionEvent, TransportError, topic_matches,
+};
 
 /// What [`TransportError::Connect`] names as the address.
 pub(super) const ADDRESS: &str = "memory";
@@ -495,21 +497,6 @@ pub(super) fn exchange_name(destination: &str) -> &str {
         return rest.split('/').next().unwrap_or(rest);
     }
     destination
-}
-
-/// AMQP topic matching: `*` is one dot-separated word, `#` zero or more.
-pub(super) fn topic_matches(binding: &str, routing_key: &str) -> bool {
-    fn matches(pattern: &[&str], words: &[&str]) -> bool {
-        match pattern.split_first() {
-            None => words.is_empty(),
-            Some((&"#", rest)) => (0..=words.len()).any(|skip| matches(rest, &words[skip..])),
-            Some((&"*", rest)) => !words.is_empty() && matches(rest, &words[1..]),
-            Some((word, rest)) => words.first() == Some(word) && matches(rest, &words[1..]),
-        }
-    }
-    let pattern: Vec<&str> = binding.split('.').collect();
-    let words: Vec<&str> = routing_key.split('.').collect();
-    matches(&pattern, &words)
 }
 
 pub(super) fn lookup<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {

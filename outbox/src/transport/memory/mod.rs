@@ -44,8 +44,10 @@
 //!
 //! With [`MemoryTransport::set_mandatory`] it answers as RabbitMQ answers the AMQP transport's
 //! `mandatory` publishes with confirms: a message that reaches no queue is
-//! [`Outcome::Unroutable`] instead of receipted and dropped, and a rejected one is
-//! [`Outcome::Nacked`], that message alone, the connection staying up.
+//! [`Outcome::Unroutable`] instead of receipted and dropped, pinned on exactly that message,
+//! whatever else its batch (or another batch in flight) holds, as the AMQP transport pins
+//! RabbitMQ's returns; and a rejected one is [`Outcome::Nacked`], that message alone, the
+//! connection staying up.
 //!
 //! Clones share the broker and the connection; [`MemoryTransport::new_connection`] opens another
 //! client connection to the same broker, as a second process would.

@@ -8,9 +8,9 @@
 
 use std::time::Duration;
 
-use super::broker::topic_matches;
 use super::*;
 use crate::transport::AckMode;
+use crate::transport::topic_matches;
 
 const WAIT: Duration = Duration::from_secs(2);
 

@@ -25,6 +25,16 @@ pub(crate) const DIFFERENCES: &[(&str, &str)] = &[
          transport refuses exactly the message to the missing exchange",
     ),
     (
+        "memory_stomp::in_mixed_batches_exactly_the_unbound_messages_are_returned",
+        "STOMP never reports an unroutable message: RabbitMQ receipts a SEND that no queue \
+         takes and drops it (run as an_unroutable_message_is_dropped_or_returned)",
+    ),
+    (
+        "stomp::in_mixed_batches_exactly_the_unbound_messages_are_returned",
+        "STOMP never reports an unroutable message: RabbitMQ receipts a SEND that no queue \
+         takes and drops it (run as an_unroutable_message_is_dropped_or_returned)",
+    ),
+    (
         "amqp::an_undecodable_message_is_reported_and_dead_lettered",
         "lapin decodes every frame RabbitMQ sends (headers are AMQP field tables, and no frame \
          size is enforced on deliveries): the AMQP transport never reports an undecodable message",
@@ -49,6 +59,7 @@ const CASES: &[&str] = &[
     "a_batch_is_receipted_in_order",
     "a_refusal_fails_the_pending_receipts_of_its_connection",
     "an_unroutable_message_is_dropped_or_returned",
+    "in_mixed_batches_exactly_the_unbound_messages_are_returned",
     "a_nacked_message_is_dead_lettered_and_an_acked_one_is_gone",
     "an_unacked_delivery_comes_again_after_its_connection_closes",
     "redeclaring_a_queue_with_other_arguments_is_a_precondition_failure",
@@ -95,6 +106,7 @@ on_every_subject!(
     a_batch_is_receipted_in_order,
     a_refusal_fails_the_pending_receipts_of_its_connection,
     an_unroutable_message_is_dropped_or_returned,
+    in_mixed_batches_exactly_the_unbound_messages_are_returned,
     a_nacked_message_is_dead_lettered_and_an_acked_one_is_gone,
     an_unacked_delivery_comes_again_after_its_connection_closes,
     redeclaring_a_queue_with_other_arguments_is_a_precondition_failure,

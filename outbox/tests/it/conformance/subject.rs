@@ -275,6 +275,9 @@ impl Subject {
                 !matches!(self.kind, Kind::Amqp)
             }
             "a_blocked_connection_holds_its_messages_until_unblocked" => self.alarm().is_some(),
+            "in_mixed_batches_exactly_the_unbound_messages_are_returned" => {
+                self.unroutable() == Unroutable::Returned
+            }
             _ => true,
         }
     }
