@@ -1,7 +1,9 @@
-//! The shared database floor: the database's clock, the classification of database errors, and
-//! the bounded "select ids, then act by id" batch. The relay, the consumer, retention and the
-//! operations commands all stand on it; it stands on nothing of theirs.
+//! The shared database floor: the database's clock, the classification of database errors, the
+//! bounds on every database call, and the bounded "select ids, then act by id" batch. The
+//! relay, the consumer, retention and the operations commands all stand on it; it stands on
+//! nothing of theirs.
 
 pub(crate) mod batch;
+pub(crate) mod bounds;
 pub(crate) mod clock;
 pub(crate) mod errors;

@@ -138,7 +138,8 @@ impl Producer {
         }
         crate::metrics::sent(rows);
         let ids: Vec<Uuid> = rows.iter().map(|row| row.id).collect();
-        let marked = again_on_conflict(|| store::mark_sent(&self.db, &ids, token)).await? as usize;
+        let marked = again_on_conflict(&self.bounds, || store::mark_sent(&self.db, &ids, token))
+            .await? as usize;
         if marked < rows.len() {
             tracing::warn!(
                 receipted = rows.len(),
@@ -166,7 +167,7 @@ impl Producer {
         }
         crate::metrics::released(rows.len());
         let ids: Vec<Uuid> = rows.iter().map(|row| row.id).collect();
-        again_on_conflict(|| store::release(&self.db, &ids, token)).await?;
+        again_on_conflict(&self.bounds, || store::release(&self.db, &ids, token)).await?;
         Ok(rows.len())
     }
 
@@ -183,7 +184,10 @@ impl Producer {
             let pause = store::unroutable_pause(age, self.config.maximum_backoff);
             tracing::warn!(message_id = %row.id, destination = %row.destination, retry_in = ?pause, "the broker could not take the message now (basic.nack); given back without spending a retry");
             let ids = [row.id];
-            again_on_conflict(|| store::release_after(&self.db, &ids, token, pause, None)).await?;
+            again_on_conflict(&self.bounds, || {
+                store::release_after(&self.db, &ids, token, pause, None)
+            })
+            .await?;
         }
         Ok(rows.len())
     }
@@ -218,8 +222,10 @@ impl Producer {
                 "the broker refused the message; it will be retried, alone"
             ),
         }
-        again_on_conflict(|| store::record_refusal(&self.db, row, token, &decision, reason))
-            .await?;
+        again_on_conflict(&self.bounds, || {
+            store::record_refusal(&self.db, row, token, &decision, reason)
+        })
+        .await?;
         crate::metrics::refused(&row.destination, decision == store::Refusal::Failed);
         Ok(())
     }

@@ -67,7 +67,7 @@ impl Producer {
                         "{reason}"
                     );
                     let ids = [row.id];
-                    again_on_conflict(|| {
+                    again_on_conflict(&self.bounds, || {
                         store::release_after(&self.db, &ids, token, pause, Some(&reason))
                     })
                     .await?;
@@ -80,7 +80,7 @@ impl Producer {
                         outcome = "failed",
                         "{reason}; marked FAILED (OUTBOX_UNROUTABLE=fail)"
                     );
-                    again_on_conflict(|| {
+                    again_on_conflict(&self.bounds, || {
                         store::record_refusal(
                             &self.db,
                             &row,
@@ -103,7 +103,7 @@ impl Producer {
                 }
             }
         }
-        again_on_conflict(|| store::mark_sent(&self.db, &dropped, token)).await?;
+        again_on_conflict(&self.bounds, || store::mark_sent(&self.db, &dropped, token)).await?;
         self.record_unroutable(waiting).await;
         Ok(report)
     }
@@ -114,7 +114,11 @@ impl Producer {
         if destinations.is_empty() {
             return;
         }
-        match again_on_conflict(|| store::record_unroutable(&self.db, &destinations)).await {
+        match again_on_conflict(&self.bounds, || {
+            store::record_unroutable(&self.db, &destinations)
+        })
+        .await
+        {
             Ok(()) => super::isolation::lock(&self.unroutable)
                 .destinations
                 .extend(destinations.into_iter().map(|(destination, _)| destination)),
@@ -139,7 +143,7 @@ impl Producer {
         if again.is_empty() {
             return;
         }
-        match again_on_conflict(|| store::clear_unroutable(&self.db, &again)).await {
+        match again_on_conflict(&self.bounds, || store::clear_unroutable(&self.db, &again)).await {
             Ok(_) => {
                 let mut recorded = super::isolation::lock(&self.unroutable);
                 for destination in &again {
@@ -163,7 +167,11 @@ impl Producer {
         if !due {
             return;
         }
-        match store::unroutable_destinations(&self.db).await {
+        match self
+            .bounds
+            .call(store::unroutable_destinations(&self.db))
+            .await
+        {
             Ok(destinations) => {
                 let mut recorded = super::isolation::lock(&self.unroutable);
                 recorded.destinations = destinations.into_iter().collect();
@@ -176,7 +184,7 @@ impl Producer {
     /// Logs a failed statement on `outbox_unroutable`: once, as a missing migration, when the
     /// table does not exist; else as a warning. Relaying goes on either way.
     fn table_failed(&self, err: &sea_orm::DbErr) {
-        let text = err.to_string();
+        let text = crate::db::errors::redacted(err);
         let missing = text.contains("outbox_unroutable")
             && (text.contains("does not exist")
                 || text.contains("doesn't exist")
