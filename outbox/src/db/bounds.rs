@@ -178,7 +178,8 @@ impl OutboxConfig {
     /// let mut options = config.database_options(std::env::var("DATABASE_URL").unwrap());
     /// options.max_connections(5);
     /// let db = sea_orm::Database::connect(options).await?;
-    /// outbox::Producer::builder(db).config(config).build()?;
+    /// let relay = outbox::Producer::builder(db).config(config).build()?;
+    /// relay.run_until(outbox::shutdown::signal()).await?;
     /// # Ok(()) }
     /// ```
     pub fn database_options(&self, url: impl Into<String>) -> ConnectOptions {
