@@ -958,6 +958,21 @@ impl Drop for BrokerUser {
 /// (plain, percent-encoded, percent-decoded) can show without one of these.
 const SECRET_MARKERS: &[&str] = &["Qx7", "Dj4ngo", "Pk9"];
 
+/// Runs `command` to its end (a minute at most); its exit code, and its stdout and stderr
+/// together.
+async fn run_to_the_end(what: &str, mut command: tokio::process::Command) -> (Option<i32>, String) {
+    let run = tokio::time::timeout(Duration::from_secs(60), command.output())
+        .await
+        .unwrap_or_else(|_| panic!("{what}: still running"))
+        .unwrap();
+    let output = format!(
+        "{}{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    (run.status.code(), output)
+}
+
 #[track_caller]
 fn assert_no_secret(what: &str, output: &str) {
     for marker in SECRET_MARKERS {
@@ -1026,18 +1041,10 @@ async fn secrets_never_show_in_any_error_or_log_line() {
         for (name, value) in &env {
             command.env(name, value);
         }
-        let run = tokio::time::timeout(Duration::from_secs(60), command.output())
-            .await
-            .unwrap_or_else(|_| panic!("{what}: still running"))
-            .unwrap();
-        let output = format!(
-            "{}{}",
-            String::from_utf8_lossy(&run.stdout),
-            String::from_utf8_lossy(&run.stderr)
-        );
+        let (code, output) = run_to_the_end(&what, command).await;
         assert_no_secret(&what, &output);
         if what != "status" {
-            assert_ne!(run.status.code(), Some(0), "{what} failed:\n{output}");
+            assert_ne!(code, Some(0), "{what} failed:\n{output}");
         }
     }
 
@@ -1153,19 +1160,10 @@ async fn a_failed_database_connection_never_shows_its_password_in_the_user_info_
             &["retry", "--dry-run"][..],
         ),
     ] {
-        let run = tokio::time::timeout(
-            Duration::from_secs(60),
-            command(Some(url), args).env("RUST_LOG", "trace").output(),
-        )
-        .await
-        .unwrap_or_else(|_| panic!("{what}: still running"))
-        .unwrap();
-        let output = format!(
-            "{}{}",
-            String::from_utf8_lossy(&run.stdout),
-            String::from_utf8_lossy(&run.stderr)
-        );
-        assert_ne!(run.status.code(), Some(0), "{what}:\n{output}");
+        let mut command = command(Some(url), args);
+        command.env("RUST_LOG", "trace");
+        let (code, output) = run_to_the_end(what, command).await;
+        assert_ne!(code, Some(0), "{what}:\n{output}");
         assert!(output.contains("database"), "{what} says why:\n{output}");
         assert_no_secret(what, &output);
     }
