@@ -16,6 +16,7 @@
 //! | `outbox_messages_released_total` | counter | | claimed rows given back unsent because the broker connection failed (no attempt spent) |
 //! | `outbox_messages_unroutable_total` | counter | `destination` | messages the broker returned because no queue is bound to their destination (AMQP, `mandatory`); with `OUTBOX_UNROUTABLE=retry` their rows wait and no attempt is spent |
 //! | `outbox_messages_nacked_total` | counter | | messages the broker could not take (AMQP `basic.nack`): given back with a pause, no attempt spent |
+//! | `outbox_messages_rejected_total` | counter | `destination` | publishes the broker rejected, most likely a queue full with `x-overflow: reject-publish`: an AMQP `basic.nack`, or over STOMP a connection the broker closed with that message alone pending; their rows wait a short pause, no attempt spent |
 //! | `outbox_relay_batch_size` | histogram | | rows claimed per relay batch |
 //! | `outbox_relay_batch_duration_seconds` | histogram | | time to claim, send and settle one batch |
 //! | `outbox_pending_messages` | gauge | | rows waiting to be sent (status SCHEDULE), sampled by each relay every 10 s |
@@ -78,6 +79,8 @@ pub const MESSAGES_RELEASED: &str = "outbox_messages_released_total";
 pub const MESSAGES_UNROUTABLE: &str = "outbox_messages_unroutable_total";
 /// Counter: messages the broker nacked (back-pressure), given back without an attempt spent.
 pub const MESSAGES_NACKED: &str = "outbox_messages_nacked_total";
+/// Counter: publishes the broker rejected (a queue full with `reject-publish`), by destination.
+pub const MESSAGES_REJECTED: &str = "outbox_messages_rejected_total";
 /// Counter: database calls that timed out, by kind (`no_answer`, `statement`, `lock`).
 pub const DATABASE_TIMEOUTS: &str = "outbox_database_timeouts_total";
 /// Rows per relay batch.
@@ -98,6 +101,10 @@ pub const CONSUMER_GROUP_SIZE: &str = "outbox_consumer_group_size";
 pub const RELAY_LAG: &str = "outbox_relay_lag_seconds";
 /// Seconds from a message's save (`dop-msg-sent-time`) to the commit of its callback.
 pub const CONSUMER_LAG: &str = "outbox_consumer_lag_seconds";
+/// Counter: messages whose callback returned `Ok` in a transaction that could no longer commit
+/// (a statement failed and its error was ignored, or the database rolled the transaction back),
+/// by queue. Each was rolled back and retried instead of acknowledged with nothing committed.
+pub const CONSUMER_DEAD_TRANSACTIONS: &str = "outbox_consumer_dead_transactions_total";
 
 /// Recording that compiles to nothing, for a build without the `metrics` feature.
 #[cfg(not(feature = "metrics"))]
@@ -165,6 +172,11 @@ pub fn describe() {
         Unit::Count,
         "Messages the broker nacked (back-pressure), given back without spending an attempt"
     );
+    describe_counter!(
+        MESSAGES_REJECTED,
+        Unit::Count,
+        "Publishes the broker rejected (a queue full with x-overflow reject-publish), by destination; their rows wait without spending an attempt"
+    );
     describe_histogram!(
         RELAY_BATCH_SIZE,
         Unit::Count,
@@ -194,6 +206,11 @@ pub fn describe() {
         CONSUMER_MESSAGES,
         Unit::Count,
         "Consumed messages by queue and outcome (acked, duplicate, nacked, dead_lettered, undecodable, retried)"
+    );
+    describe_counter!(
+        CONSUMER_DEAD_TRANSACTIONS,
+        Unit::Count,
+        "Messages whose callback returned Ok in a transaction that could no longer commit (an ignored statement error, a rollback by the database), by queue; each was rolled back and retried"
     );
     describe_histogram!(
         CONSUMER_CALLBACK_DURATION,
@@ -262,6 +279,11 @@ pub(crate) fn unroutable(destination: &str) {
 /// Counts messages the broker nacked.
 pub(crate) fn nacked(rows: usize) {
     counter!(MESSAGES_NACKED).increment(rows as u64);
+}
+
+/// Counts publishes to `destination` the broker rejected.
+pub(crate) fn rejected(destination: &str, messages: usize) {
+    counter!(MESSAGES_REJECTED, "destination" => destination.to_owned()).increment(messages as u64);
 }
 
 /// Counts rows that expired unsent.
@@ -344,6 +366,11 @@ fn seconds_between(from: chrono::DateTime<chrono::Utc>, to: chrono::DateTime<chr
 /// Records the number of messages of a committed group on `queue`.
 pub(crate) fn consumer_group(queue: &str, members: usize) {
     histogram!(CONSUMER_GROUP_SIZE, "queue" => queue.to_owned()).record(members as f64);
+}
+
+/// Counts a callback that returned `Ok` in a dead transaction on `queue`.
+pub(crate) fn dead_transaction(queue: &str) {
+    counter!(CONSUMER_DEAD_TRANSACTIONS, "queue" => queue.to_owned()).increment(1);
 }
 
 /// Records how long one callback attempt took on `queue`.

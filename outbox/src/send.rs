@@ -10,21 +10,20 @@ use std::sync::Arc;
 
 use crate::config::OutboxConfig;
 use crate::error::Error;
+use crate::headers;
 use crate::transport::{Outcome, Outgoing, Transport, TransportError};
 
 /// The process's broker connection for [`send`], made on first use from the environment.
 static DIRECT: OnceCell<Arc<dyn Transport>> = OnceCell::const_new();
 
-/// Headers that belong to the frame, set by the transport; a caller's value for them is ignored.
-const FRAME_HEADERS: &[&str] = &["destination", "content-length", "receipt", "transaction"];
-
 /// Sends `body` as JSON to `destination` at once, through a broker connection this process
 /// opens on first use with the settings of the environment ([`OutboxConfig::from_env`]), and
 /// waits for the broker's receipt. No outbox row is written.
 ///
-/// The frame carries `headers` as given, plus `persistent:true` and
-/// `content-type:application/json` unless given; no `dop-*` header is added (give `dop-msg-id`
-/// for consumers to deduplicate on).
+/// The frame carries `headers` as given, less a broker's delivery state
+/// ([`crate::headers::is_delivery_state`]: `message-id`, `redelivered`, the frame's own
+/// headers...), plus `persistent:true` and `content-type:application/json` unless given; no
+/// `dop-*` header is added (give `dop-msg-id` or `cap-msg-id` for consumers to deduplicate on).
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), outbox::Error> {
@@ -96,7 +95,7 @@ fn direct_message<B: Serialize + ?Sized>(
     })?;
     let mut frame_headers: Vec<(String, String)> = headers
         .iter()
-        .filter(|(name, _)| !FRAME_HEADERS.contains(name))
+        .filter(|(name, _)| !headers::is_delivery_state(name))
         .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
         .collect();
     for (name, value) in [("persistent", "true"), ("content-type", "application/json")] {

@@ -8,10 +8,12 @@
 //! - [`stomp_peer`]: a raw STOMP client for RabbitMQ, queue names and clean-up.
 //! - [`rows`]: the outbox rows a scenario writes and reads back.
 //! - [`recorder`]: the metrics recorder a test binary reads.
+//! - [`limited_queue`]: a RabbitMQ queue full with `x-overflow: reject-publish`, declared over AMQP.
 //! - [`proxy`]: a TCP proxy that cuts, stalls, slows or refuses a link.
 //! - [`certs`]: certificate authorities and leaves made for one test.
 //! - [`effects`]: the business table a consumer's callback writes to, and its counts.
 //! - [`faults`]: the fault suite's known sets, wire counter and summary lines.
+//! - [`logs`]: log lines a test reads.
 //! - [`transports`]: the transports a scenario runs over, and [`on_every_transport!`](crate::on_every_transport).
 
 pub mod binaries;
@@ -19,6 +21,8 @@ pub mod certs;
 pub mod db;
 pub mod effects;
 pub mod faults;
+pub mod limited_queue;
+pub mod logs;
 pub mod proxy;
 pub mod recorder;
 pub mod rows;

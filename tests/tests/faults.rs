@@ -9,7 +9,8 @@
 //! where `wire_duplicates` counts the copies of already-delivered messages seen on the wire by a
 //! second queue bound to the same topic (what the inbox absorbed).
 //!
-//! The relay killed, the consumer killed and the broker link cut and stalled run over both
+//! The relay killed, the consumer killed, the broker link cut and stalled, and a message
+//! re-published with its incoming headers (`fault.inherited_identity`) run over both
 //! transports, each as a test of its own: STOMP (`fault.relay_killed`, `fault.consumer_killed`,
 //! `fault.broker_cut_and_stall`) and AMQP 0-9-1 (`OUTBOX_BROKER_URL`; the same names with
 //! `_amqp`), the relay and the consumer both over the one under test. The fault proxy forwards
@@ -23,7 +24,6 @@
 //! untrusted server is covered by `tests/tls.rs`.
 
 use std::collections::HashSet;
-use std::io::Write;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -35,10 +35,13 @@ use outbox::transport::{StompSettings, StompTransport, Transport, TransportError
 use outbox::{Consumer, OutboxConfig, Payload, Producer};
 use outbox_tests::binaries::child_vars;
 use outbox_tests::faults::*;
+use outbox_tests::logs::Logs;
 use outbox_tests::proxy::FaultProxy;
 use outbox_tests::stomp_peer::{RABBITMQ_STOMP, StompPeer, queue_message_count, unique};
 use outbox_tests::{Backend, TestDb, count_with_status, eventually};
-use sea_orm::{ConnectionTrait, EntityTrait, Statement, TransactionTrait};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, Statement, TransactionTrait,
+};
 use serde_json::json;
 
 /// The two tests of a scenario, an `async fn(TransportKind)`: the relay and the consumer over
@@ -550,39 +553,19 @@ async fn broker_connections_cut_and_stalled(kind: TransportKind) {
 
 /// Every log line of this test binary, from every thread (a global subscriber at debug level
 /// for the outbox crate).
-fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
-    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+fn captured_logs() -> Logs {
+    static LOGS: OnceLock<Logs> = OnceLock::new();
     LOGS.get_or_init(|| {
-        let buffer: Arc<Mutex<Vec<u8>>> = Arc::default();
-        let writer = {
-            let buffer = buffer.clone();
-            move || BufferWriter(buffer.clone())
-        };
-        let subscriber = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new("outbox=debug"))
-            .with_writer(writer)
-            .with_ansi(false)
-            .finish();
-        tracing::subscriber::set_global_default(subscriber).expect("the only global subscriber");
-        buffer
+        let logs = Logs::default();
+        tracing::subscriber::set_global_default(logs.subscriber("outbox=debug"))
+            .expect("the only global subscriber");
+        logs
     })
     .clone()
 }
 
-struct BufferWriter(Arc<Mutex<Vec<u8>>>);
-
-impl Write for BufferWriter {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 fn logs_text() -> String {
-    String::from_utf8_lossy(&captured_logs().lock().unwrap()).into_owned()
+    captured_logs().text()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -829,5 +812,210 @@ async fn database_connections_dropped_lose_nothing_and_duplicate_no_effect() {
         "nothing dead-lettered"
     );
     assert!(terminated > 0, "no connection was terminated");
+    test.drop_database().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. A consumer that re-publishes what it consumes with every incoming header
+
+over_stomp_and_amqp! {
+    inherited_identity:
+        a_message_republished_with_its_incoming_headers_is_a_message_of_its_own,
+        a_message_republished_over_amqp_with_its_incoming_headers_is_a_message_of_its_own;
+}
+
+/// The service under test: for each order it consumes, it writes a shipment with a naive copy of
+/// the order's headers (the broker's delivery headers and the order's idempotency key included).
+async fn republish_with_incoming_headers(
+    shipments: String,
+    payload: Payload,
+) -> Result<(), BoxError> {
+    let copy = payload.headers().iter().fold(
+        outbox::Message::from_json(shipments, payload.body().clone()),
+        |copy, (name, value)| copy.header(name, value),
+    );
+    copy.enqueue(payload.db()).await?;
+    payload.save();
+    Ok(())
+}
+
+/// An audit trail of every order and shipment: one effect per message, `<kind>:<order>`, noted
+/// with the message's `x-tenant`.
+async fn audit(payload: Payload) -> Result<(), BoxError> {
+    let kind = payload
+        .destination()
+        .rsplit('.')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let effect = format!("{kind}:{}", payload.body()["order"]);
+    let tenant = payload.header("x-tenant").unwrap_or("none").to_owned();
+    insert_effect(payload.db(), &effect, &tenant).await?;
+    payload.save();
+    Ok(())
+}
+
+/// Three orders, each written with an idempotency key of its own, to `<p>.orders`; a consumer
+/// re-publishes each to `<p>.shipments` with all the headers it got; an audit queue bound to
+/// `<p>.*` receives both. A shipment that inherited its order's identity would be acknowledged
+/// at the audit queue as a duplicate of its order, with no effect (and over STOMP, RabbitMQ
+/// refuses a SEND carrying the inherited `message-id`): every shipment must have its effect,
+/// once.
+async fn inherited_identity(kind: TransportKind) {
+    let started = Instant::now();
+    let orders_count = 3;
+    let test = TestDb::new(Backend::Postgres).await;
+    create_effects_table(&test.db).await;
+    let topic = unique(&kind.summary_name("fault_inherit"));
+    let orders = format!("/topic/{topic}.orders");
+    let shipments = format!("/topic/{topic}.shipments");
+    let copier_queue = format!("{topic}_copier");
+    let audit_queue = format!("{topic}_audit");
+    let wire_queue = format!("{topic}_wire");
+    let _cleanup = outbox_tests::stomp_peer::QueueCleanup(vec![
+        copier_queue.clone(),
+        format!("DLQ.{copier_queue}"),
+        audit_queue.clone(),
+        format!("DLQ.{audit_queue}"),
+        wire_queue.clone(),
+    ]);
+    let consumers_db = pool(&test.url, 6).await;
+    let consumer = |destination: &str, queue: &str| {
+        Consumer::builder(consumers_db.clone())
+            .config(kind.config())
+            .destination(destination)
+            .queue(queue)
+    };
+    for (destination, queue) in [
+        (orders.as_str(), copier_queue.as_str()),
+        (&format!("/topic/{topic}.*"), audit_queue.as_str()),
+    ] {
+        consumer(destination, queue)
+            .build()
+            .unwrap()
+            .declare()
+            .await
+            .expect("declare the queues");
+    }
+    let mut wire = WireCounter::start(&shipments, &wire_queue).await;
+    let relay = Producer::builder(pool(&test.url, 3).await)
+        .config(kind.config())
+        .start()
+        .unwrap();
+    let copier = consumer(&orders, &copier_queue)
+        .start({
+            let shipments = shipments.clone();
+            move |payload| republish_with_incoming_headers(shipments.clone(), payload)
+        })
+        .unwrap();
+    let auditor = consumer(&format!("/topic/{topic}.*"), &audit_queue)
+        .start(audit)
+        .unwrap();
+
+    let txn = test.db.begin().await.unwrap();
+    let written = (1..=orders_count).map(|order| {
+        outbox::Message::from_json(&orders, json!({ "order": order }))
+            .idempotency_key(format!("order-{order}"))
+            .header("x-tenant", "acme")
+    });
+    outbox::enqueue_all(&txn, written).await.unwrap();
+    txn.commit().await.unwrap();
+
+    // Every order and shipment audited, both queues drained; or the time is up and the count
+    // says what is missing.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let drained = || {
+        [&copier_queue, &audit_queue]
+            .iter()
+            .all(|queue| queue_message_count(queue) == Some(0))
+    };
+    while (distinct_effects(&test.db).await < 2 * orders_count || !drained())
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    relay.stop().await.unwrap();
+    copier.stop().await.unwrap();
+    auditor.stop().await.unwrap();
+
+    let shipped: HashSet<String> = (1..=orders_count)
+        .map(|order| format!("shipments:{order}"))
+        .collect();
+    let effects = effect_counts(&test.db).await;
+    let counted = count(&shipped, &effects);
+    let rows = outbox::Published::find().all(&test.db).await.unwrap();
+    let copies: Vec<_> = rows
+        .iter()
+        .filter(|row| row.destination == shipments)
+        .collect();
+    let copy_ids: HashSet<String> = copies.iter().map(|row| row.id.to_string()).collect();
+    let all_sent = rows.iter().all(|row| row.status == Status::Succeeded);
+    let wire_duplicates = if all_sent && copies.len() == orders_count {
+        wire.duplicates(&copy_ids).await
+    } else {
+        0
+    };
+    summary(
+        &kind.summary_name("inherited_identity"),
+        &counted,
+        wire_duplicates,
+        &format!(
+            "orders_audited={} secs={:.1}",
+            (1..=orders_count)
+                .filter(|order| effects.contains_key(&format!("orders:{order}")))
+                .count(),
+            started.elapsed().as_secs_f64()
+        ),
+    );
+    assert_exactly_once(&counted, orders_count);
+    for order in 1..=orders_count {
+        assert_eq!(
+            effects.get(&format!("orders:{order}")),
+            Some(&1),
+            "order {order} audited once"
+        );
+    }
+    assert_eq!(
+        effect_notes(&test.db, "acme").await,
+        2 * orders_count,
+        "x-tenant carried on"
+    );
+    // Each shipment is a message of its own: its own key at the audit queue, and nothing of its
+    // order's identity or delivery in its row.
+    assert_eq!(copies.len(), orders_count);
+    for copy in &copies {
+        let headers = copy.headers.as_object().unwrap();
+        for name in [
+            "cap-msg-id",
+            "message-id",
+            "subscription",
+            "redelivered",
+            "ack",
+            "destination",
+        ] {
+            assert!(!headers.contains_key(name), "{name} inherited: {headers:?}");
+        }
+        assert_eq!(headers["dop-msg-id"], copy.id.to_string());
+    }
+    let audit_keys: HashSet<Option<String>> = outbox::Received::find()
+        .filter(outbox::tables::received::Column::Queue.eq(audit_queue.as_str()))
+        .all(&test.db)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|row| row.msg_id)
+        .collect();
+    assert_eq!(
+        audit_keys.len(),
+        2 * orders_count,
+        "six keys at the audit queue: {audit_keys:?}"
+    );
+    for queue in [&copier_queue, &audit_queue] {
+        assert_eq!(
+            queue_message_count(&format!("DLQ.{queue}")),
+            Some(0),
+            "nothing dead-lettered"
+        );
+    }
     test.drop_database().await;
 }

@@ -359,17 +359,20 @@ impl Dispatcher {
             };
         }
         let inserted = inbox::insert(&txn, message, self.keep_for, &self.bounds);
-        if let Err(err) = self.bounds.call(inserted).await {
-            let attempt = if inbox::is_duplicate(&err) {
-                Attempt::Duplicate
-            } else {
-                Attempt::Failed(Failure::Database(err))
-            };
-            return Once::Ended {
-                txn: end(txn, scope).await,
-                attempt,
-            };
-        }
+        let inbox_row = match self.bounds.call(inserted).await {
+            Ok(id) => id,
+            Err(err) => {
+                let attempt = if inbox::is_duplicate(&err) {
+                    Attempt::Duplicate
+                } else {
+                    Attempt::Failed(Failure::Database(err))
+                };
+                return Once::Ended {
+                    txn: end(txn, scope).await,
+                    attempt,
+                };
+            }
+        };
         let txn = Arc::new(txn);
         let decision = Arc::new(Decision::default());
         let payload = Payload::new(message.clone(), txn.clone(), decision.clone());
@@ -399,9 +402,41 @@ impl Dispatcher {
                         "the callback returned Ok without calling save() or nack(); treated as saved"
                     );
                 }
-                Once::Saved(txn)
+                match self.alive(&txn, inbox_row).await {
+                    Ok(()) => Once::Saved(txn),
+                    Err(failure) => Once::Ended {
+                        // In a group, the member's savepoint is rolled back to: on PostgreSQL
+                        // that revives the aborted transaction for the members after it; a
+                        // transaction the database rolled back has no savepoint left, and the
+                        // group is processed again, member by member.
+                        txn: end(txn, scope).await,
+                        attempt: Attempt::Failed(failure),
+                    },
+                }
             }
         }
+    }
+
+    /// Checks, before a saved message is committed (or, in a group, before the next member
+    /// starts), that its transaction can still commit: it reads back the inbox row it inserted
+    /// (see [`inbox::still_holds`]). A dead transaction is counted, and fails the attempt, so
+    /// that the message is retried and then dead-lettered rather than acknowledged with nothing
+    /// committed; in a group, it is this member that is blamed, and the others go on.
+    async fn alive(&self, txn: &DatabaseTransaction, inbox_row: uuid::Uuid) -> Result<(), Failure> {
+        let how = match self.bounds.call(inbox::still_holds(txn, inbox_row)).await {
+            Ok(true) => return Ok(()),
+            Ok(false) => {
+                "the transaction had been rolled back (a deadlock victim, or the callback ended \
+                 it), so the statements after that ran outside it"
+            }
+            Err(err) if crate::db::errors::db_err_is_aborted_transaction(&err) => {
+                "a statement in it failed and the error was ignored, which aborts the \
+                 transaction (PostgreSQL)"
+            }
+            Err(err) => return Err(Failure::Database(err)),
+        };
+        crate::metrics::dead_transaction(&self.queue);
+        Err(Failure::DeadTransaction(how))
     }
 
     /// Runs the callback with the message's correlation id ambient, catching panics, for at

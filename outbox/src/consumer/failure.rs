@@ -28,6 +28,12 @@ pub(crate) enum Failure {
     /// The callback ran past the callback timeout and was abandoned: transient, since a hang
     /// is more often a moment's (a remote service, a lock) than the message's.
     TimedOut(std::time::Duration),
+    /// The callback returned `Ok`, but its transaction could no longer commit: a statement in
+    /// it had failed and the error was not returned (PostgreSQL then aborts the whole
+    /// transaction), or the database had rolled it back (a MariaDB deadlock victim). The text
+    /// says which. Transient: a deadlock is a moment's; a statement that fails every time fails
+    /// every retry and the message is dead-lettered.
+    DeadTransaction(&'static str),
 }
 
 impl Failure {
@@ -35,7 +41,7 @@ impl Failure {
         match self {
             Failure::Database(err) => db_err_is_transient(err),
             Failure::Callback(err) => error_is_transient(err.as_ref()),
-            Failure::TimedOut(_) => true,
+            Failure::TimedOut(_) | Failure::DeadTransaction(_) => true,
             Failure::Panic(_) | Failure::PayloadKept => false,
         }
     }
@@ -73,6 +79,12 @@ impl fmt::Display for Failure {
                 f,
                 "the callback ran longer than the callback timeout ({timeout:?}, \
                  OUTBOX_CONSUMER_CALLBACK_TIMEOUT) and was abandoned"
+            ),
+            Failure::DeadTransaction(how) => write!(
+                f,
+                "the callback returned Ok, but its transaction could not commit: {how}; nothing \
+                 it wrote was committed (return the database error from the callback instead \
+                 of ignoring it, or run the statement that may fail in a savepoint of its own)"
             ),
             Failure::PayloadKept => f.write_str(
                 "the callback's Payload outlived its future (moved into another task?), so its \

@@ -82,7 +82,11 @@ impl Payload {
         })
     }
 
-    /// Every header of the MESSAGE frame, unescaped (the first value of a repeated header).
+    /// Every header of the MESSAGE frame, unescaped (the first value of a repeated header): the
+    /// broker's delivery state (`message-id`, `redelivered`...) and the message's identity
+    /// (`cap-msg-id`, `dop-msg-id`) included. Copied into a message the callback writes, those
+    /// are left out of its row ([`crate::headers::is_reserved`]): the new message has an identity
+    /// of its own, and keeps the rest (`dop-correlation-id`, custom headers).
     pub fn headers(&self) -> &BTreeMap<String, String> {
         &self.message.headers
     }

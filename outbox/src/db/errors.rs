@@ -99,6 +99,23 @@ fn database_error_is_conflict(err: &dyn sqlx::error::DatabaseError) -> bool {
     matches!(code.as_ref(), "40001" | "40P01" | "55P03")
 }
 
+/// Whether the database refused a statement because the transaction it ran in had already
+/// failed: PostgreSQL's `25P02` ("current transaction is aborted, commands ignored until end of
+/// transaction block"). Once any statement of a PostgreSQL transaction fails, every later one
+/// does, and its COMMIT rolls back (with no error: the command tag says `ROLLBACK`).
+pub(crate) fn db_err_is_aborted_transaction(err: &DbErr) -> bool {
+    match err {
+        #[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
+        DbErr::Exec(RuntimeErr::SqlxError(err)) | DbErr::Query(RuntimeErr::SqlxError(err)) => {
+            match err.deref() {
+                sqlx::Error::Database(db) => db.code().is_some_and(|code| code == "25P02"),
+                _ => false,
+            }
+        }
+        _ => false,
+    }
+}
+
 pub(crate) fn runtime_err_is_transient(err: &RuntimeErr) -> bool {
     match err {
         #[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]

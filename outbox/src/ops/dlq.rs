@@ -17,6 +17,7 @@ use std::time::Duration;
 use uuid::Uuid;
 
 use crate::error::Error;
+use crate::headers;
 use crate::transport::{
     AckMode, Deliveries, Delivery, Outcome, Outgoing, Subscription, Transport, TransportError,
 };
@@ -33,24 +34,6 @@ pub(crate) const REPLAY_RUN_HEADER: &str = "x-outbox-replay-run";
 
 /// RabbitMQ's largest prefetch count.
 const MAX_PREFETCH: usize = 65_535;
-
-/// Headers the broker sets on a delivery or on dead-lettering: not the message's own, and not
-/// to be sent again. `receipt` is there too: RabbitMQ passes a SEND's receipt request on to
-/// consumers, and sent again it would ask for a receipt nobody waits for.
-const BROKER_HEADERS: &[&str] = &[
-    "message-id",
-    "subscription",
-    "ack",
-    "redelivered",
-    "destination",
-    "content-length",
-    "receipt",
-    "transaction",
-    "x-death",
-];
-
-/// Header prefixes the broker adds on dead-lettering.
-const DEATH_HEADER_PREFIXES: &[&str] = &["x-first-death-", "x-last-death-"];
 
 /// A message read from a dead-letter queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,16 +73,14 @@ impl DeadLetter {
             .find_map(|name| self.header(name).filter(|value| !value.is_empty()))
     }
 
-    /// The message as it was first sent: its headers without those of the broker.
+    /// The message as it was first sent: its headers without a broker's delivery state
+    /// ([`headers::is_delivery_state`]: `message-id`, `x-death`, `persistent`...). `receipt` is
+    /// among them: RabbitMQ passes a SEND's receipt request on to consumers, and sent again it
+    /// would ask for a receipt nobody waits for.
     pub fn original_headers(&self) -> Vec<(String, String)> {
         self.headers
             .iter()
-            .filter(|(name, _)| {
-                !BROKER_HEADERS.contains(&name.as_str())
-                    && !DEATH_HEADER_PREFIXES
-                        .iter()
-                        .any(|prefix| name.starts_with(prefix))
-            })
+            .filter(|(name, _)| !headers::is_delivery_state(name))
             .cloned()
             .collect()
     }
@@ -211,8 +192,8 @@ pub async fn dlq_list(
 }
 
 /// Moves up to `limit` messages (all, with `None`) of `DLQ.<queue>` back to `queue`: each is
-/// sent to `/amq/queue/<queue>` with its original headers (the broker's removed, `persistent`
-/// kept), and acknowledged in the dead-letter queue only once the broker receipted the copy.
+/// sent to `/amq/queue/<queue>` with its original headers (the broker's removed, its identity
+/// kept, persistent), and acknowledged in the dead-letter queue only once the broker receipted the copy.
 /// Fails before moving anything if `queue` does not exist (a SEND to a missing queue is
 /// receipted and dropped). Every copy carries this run's id in the `x-outbox-replay-run` header; the replay
 /// stops at a copy of its own that came back (dead-lettered again meanwhile) rather than loop,
@@ -401,8 +382,8 @@ mod tests {
             header_pairs(&[
                 ("dop-msg-id", "m1"),
                 ("x-custom", "a:b"),
-                ("persistent", "true"),
                 (REPLAY_RUN_HEADER, "run-1"),
+                ("persistent", "true"),
             ])
         );
         let mut again = dead.clone();

@@ -11,13 +11,13 @@ use std::time::Instant;
 use uuid::Uuid;
 
 use super::frame::outgoing;
-use super::settle::{passed_over, refused_before, silently_failed_before};
+use super::settle::{passed_over, refused_before, silently_failed_before, taken_but};
 use super::store;
 use super::{Lease, Producer, RoundReport};
 use crate::db::errors::again_on_conflict;
 use crate::error::Error;
 use crate::tables::published::Model as Row;
-use crate::transport::{Outcome, Outgoing, Unknown};
+use crate::transport::{Outcome, Outgoing, TransportError, Unknown};
 
 impl Producer {
     /// Sends the rows on the isolation lane, oldest first, where nothing else is in flight: a
@@ -25,8 +25,11 @@ impl Producer {
     /// destination not yet known to take messages goes alone; once one is receipted, the rows
     /// to its destination (a refusal of RabbitMQ's is the destination's: missing exchange,
     /// access refused) go together, pipelined, and alone again if that group is refused. A row
-    /// refused before always goes alone. Stops at the first failure that is not a refusal (the
-    /// broker is unreachable or slow), giving back the rest without a charge.
+    /// refused before always goes alone. A row alone whose connection the broker closes without
+    /// an ERROR is taken as rejected (RabbitMQ's STOMP plugin answers a rejected publish so):
+    /// its destination's rows wait for the next probe, no retry spent. Stops at the first other
+    /// failure that is not a refusal (the broker is unreachable or slow, or the transport waits
+    /// before reconnecting), giving back the rest without a charge.
     pub(super) async fn isolate(
         &self,
         rows: Vec<Row>,
@@ -61,6 +64,16 @@ impl Producer {
                 }
             }
             let head = &rest[0];
+            if let Some(pause) = self.rejecting(&head.destination) {
+                // Rejected meanwhile (a probe of another batch, or of this lane): its rows
+                // wait for the next probe.
+                let destination = head.destination.clone();
+                let waiting: Vec<Row> = rest
+                    .extract_if(.., |row| row.destination == destination)
+                    .collect();
+                report.deferred += self.defer(&waiting, lease.token, pause).await?;
+                continue;
+            }
             let group: Vec<Row> =
                 if proven.contains(&head.destination) && !alone_only.contains(&head.id) {
                     let destination = head.destination.clone();
@@ -78,6 +91,9 @@ impl Producer {
             let mut back_reason = None;
             let mut unroutable = Vec::new();
             let mut nacked = Vec::new();
+            let mut closed_on = None;
+            let mut paced = None;
+            let mut doubtful = HashSet::new();
             for (row, outcome) in group.into_iter().zip(outcomes) {
                 match outcome {
                     Outcome::Receipted => {
@@ -117,14 +133,44 @@ impl Producer {
                             .await?;
                         report.refused += 1;
                     }
+                    Outcome::Unknown(Unknown {
+                        reason: TransportError::ConnectionLost(_),
+                        ..
+                    }) if !together => {
+                        // Alone on its connection, closed with no ERROR: a rejected publish
+                        // over STOMP (or a link that failed just then). Nobody's fault.
+                        self.clear_suspect(&row);
+                        closed_on = Some(row);
+                    }
+                    Outcome::Unknown(Unknown { reason, .. }) if reason.retry_in().is_some() => {
+                        paced = reason.retry_in();
+                        back.push(row);
+                    }
                     Outcome::Unknown(Unknown { reason, .. }) => {
+                        if matches!(reason, TransportError::ConnectionLost(_)) {
+                            doubtful.insert(row.destination.clone());
+                        }
                         back_reason.get_or_insert(reason);
                         back.push(row);
                     }
                 }
             }
+            self.taken(&taken_but(proven, &nacked));
             report += self.unroutable(unroutable, lease.token).await?;
-            report.released += self.nacked(&nacked, lease.token).await?;
+            report.deferred += self.nacked(nacked, lease.token).await?;
+            self.doubt(doubtful.iter().map(String::as_str));
+            if let Some(row) = closed_on {
+                let pause = self.rejected(&row.destination, 1, true);
+                report.deferred += self
+                    .defer(std::slice::from_ref(&row), lease.token, pause)
+                    .await?;
+            }
+            if let Some(wait) = paced {
+                // The lane's transport waits before reconnecting: so does the rest of the lane.
+                back.append(&mut rest);
+                report.deferred += self.defer(&back, lease.token, wait).await?;
+                break;
+            }
             if let Some(reason) = back_reason {
                 back.append(&mut rest);
                 report.released += self.release(&back, lease.token, &reason).await?;

@@ -31,6 +31,7 @@ mod idle;
 mod isolation;
 mod lag;
 mod listen;
+mod pressure;
 pub(crate) mod settle;
 pub(crate) mod store;
 mod unroutable;
@@ -158,6 +159,7 @@ impl ProducerBuilder {
             lane: tokio::sync::Mutex::new(()),
             suspects: Mutex::new(HashSet::new()),
             unroutable: Mutex::default(),
+            pressure: Mutex::default(),
             stopping: AtomicBool::new(false),
             link_failed: AtomicBool::new(false),
         })
@@ -208,6 +210,8 @@ pub struct Producer {
     suspects: Mutex<HashSet<Uuid>>,
     /// The destinations recorded as waiting for a queue, as far as this relay knows.
     unroutable: Mutex<unroutable::Recorded>,
+    /// The destinations the broker rejects messages to, or that are in doubt.
+    pressure: Mutex<pressure::Pressure>,
     /// Set when the relay is asked to stop: no new claim is made.
     stopping: AtomicBool,
     /// Set when rows were given back because the connection failed (as opposed to a broker
@@ -229,6 +233,11 @@ pub struct RoundReport {
     /// Rows whose message no queue took (AMQP): kept waiting, dropped or failed as
     /// `OUTBOX_UNROUTABLE` says.
     pub unroutable: usize,
+    /// Rows given back to wait a short pause of their own, no retry spent, because the broker
+    /// rejects messages to their destination (a queue full with `x-overflow: reject-publish`)
+    /// or the transport waits before reconnecting. Unlike `released`, the relay goes on with
+    /// other rows meanwhile.
+    pub deferred: usize,
 }
 
 impl std::ops::AddAssign for RoundReport {
@@ -238,6 +247,7 @@ impl std::ops::AddAssign for RoundReport {
         self.refused += other.refused;
         self.released += other.released;
         self.unroutable += other.unroutable;
+        self.deferred += other.deferred;
     }
 }
 
@@ -279,8 +289,12 @@ impl Producer {
                 break;
             }
             if let Err(err) = self.transport.connect().await {
-                let pause = backoff.next_pause();
-                tracing::warn!(error = %err, retry_in = ?pause, "broker unreachable; rows stay scheduled");
+                // A transport that paces its reconnections says how long; else back off.
+                let pause = err.retry_in().unwrap_or_else(|| {
+                    let pause = backoff.next_pause();
+                    tracing::warn!(error = %err, retry_in = ?pause, "broker unreachable; rows stay scheduled");
+                    pause
+                });
                 tokio::select! {
                     _ = tokio::time::sleep(pause) => continue,
                     _ = shutdown.as_mut() => break,

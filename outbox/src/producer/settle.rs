@@ -1,10 +1,12 @@
 //! Settling a claimed batch: send it on the shared connection, then mark the receipted rows
 //! sent, give back the rows a connection problem left unsettled (no retry spent), keep the rows
-//! no queue took (unroutable) or the broker nacked, and charge a retry to the row the broker
-//! refused or passed over. Every write-back checks the claim's token.
+//! no queue took (unroutable) or the broker rejected (back-pressure, see `pressure`), and charge
+//! a retry to the row the broker refused or passed over. Every write-back checks the claim's
+//! token.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use uuid::Uuid;
 
@@ -20,17 +22,25 @@ use crate::transport::{Outcome, Outgoing, TransportError, Unknown};
 impl Producer {
     /// Sends the claimed rows and records what became of each.
     ///
-    /// Rows refused before go to the isolation lane; rows suspected of dropping their
-    /// connection are sent alone, alongside the batch; the others in one pipelined batch. The
-    /// rows of a batch that a refusal failed (RabbitMQ's ERROR names no receipt) are suspects:
-    /// each is then sent alone on the isolation lane, where a refusal is its own.
+    /// Rows to a destination the broker rejects messages to wait for its next probe, unsent;
+    /// rows refused before, and rows to a destination in doubt or rejecting by closing the
+    /// connection, go to the isolation lane; rows suspected of dropping their connection are
+    /// sent alone, alongside the batch; the others in one pipelined batch. The rows of a batch
+    /// that a refusal failed (RabbitMQ's ERROR names no receipt) are suspects: each is then
+    /// sent alone on the isolation lane, where a refusal is its own.
     pub(super) async fn settle(&self, rows: Vec<Row>, lease: Lease) -> Result<RoundReport, Error> {
         let mut lease = lease;
         let mut report = RoundReport {
             claimed: rows.len(),
             ..RoundReport::default()
         };
-        let (lone, shared): (Vec<Row>, Vec<Row>) = rows.into_iter().partition(refused_before);
+        let (waiting, rows): (Vec<Row>, Vec<Row>) = rows
+            .into_iter()
+            .partition(|row| self.rejecting(&row.destination).is_some());
+        report.deferred += self.wait_for_probe(waiting, lease.token).await?;
+        let (lone, shared): (Vec<Row>, Vec<Row>) = rows
+            .into_iter()
+            .partition(|row| refused_before(row) || self.goes_alone(&row.destination));
         let (solo, batch): (Vec<Row>, Vec<Row>) =
             shared.into_iter().partition(|row| self.is_suspect(row));
 
@@ -82,6 +92,7 @@ impl Producer {
         let mut sent = Vec::new();
         let mut released = Vec::new();
         let mut release_reason = None;
+        let mut doubtful = HashSet::new();
         let mut unroutable = Vec::new();
         let mut nacked = Vec::new();
         for (row, outcome) in rows.into_iter().zip(result.outcomes) {
@@ -106,10 +117,14 @@ impl Producer {
                 Outcome::Unknown(Unknown { reason, .. }) => {
                     // The first row of a batch left unreceipted may be what broke the
                     // connection: it goes alone next time. A row already alone stays suspect.
-                    if released.is_empty()
-                        && (alone || matches!(reason, TransportError::ConnectionLost(_)))
-                    {
+                    let lost = matches!(reason, TransportError::ConnectionLost(_));
+                    if released.is_empty() && (alone || lost) {
                         self.suspect(&row);
+                    }
+                    // Closed with no ERROR: over STOMP, RabbitMQ does so for a rejected
+                    // publish, so any of these destinations may be rejecting.
+                    if lost {
+                        doubtful.insert(row.destination.clone());
                     }
                     release_reason.get_or_insert(reason);
                     released.push(row);
@@ -120,12 +135,14 @@ impl Producer {
             self.clear_suspect(row);
             settled.proven.insert(row.destination.clone());
         }
+        self.taken(&taken_but(&settled.proven, &nacked));
         settled.report.sent += self.mark_sent(&sent, token).await?;
+        self.doubt(doubtful.iter().map(String::as_str));
         if let Some(why) = release_reason {
             settled.report.released += self.release(&released, token, &why).await?;
         }
         settled.report += self.unroutable(unroutable, token).await?;
-        settled.report.released += self.nacked(&nacked, token).await?;
+        settled.report.deferred += self.nacked(nacked, token).await?;
         Ok(settled)
     }
 
@@ -159,6 +176,13 @@ impl Producer {
         if rows.is_empty() {
             return Ok(0);
         }
+        if let Some(wait) = why.retry_in() {
+            // The transport waits before reconnecting: the rows wait as long, unclaimed.
+            tracing::debug!(rows = rows.len(), retry_in = ?wait, "rows given back while the transport waits to reconnect");
+            crate::metrics::released(rows.len());
+            self.defer(rows, token, wait).await?;
+            return Ok(rows.len());
+        }
         if why.is_slow_broker() {
             tracing::warn!(rows = rows.len(), error = %why, "the broker did not keep up; rows given back without spending a retry");
         } else {
@@ -171,24 +195,53 @@ impl Producer {
         Ok(rows.len())
     }
 
-    /// Gives back the rows the broker nacked (back-pressure), after a pause, charging nothing.
-    pub(super) async fn nacked(&self, rows: &[Row], token: Uuid) -> Result<usize, Error> {
+    /// Gives back the rows the broker nacked (back-pressure: a queue full with
+    /// `reject-publish`, most likely), to wait for their destination's next probe, charging
+    /// nothing.
+    pub(super) async fn nacked(&self, rows: Vec<Row>, token: Uuid) -> Result<usize, Error> {
         if rows.is_empty() {
             return Ok(0);
         }
         crate::metrics::nacked(rows.len());
-        for row in rows {
-            let age = (chrono::Utc::now() - row.added)
-                .to_std()
-                .unwrap_or_default();
-            let pause = store::unroutable_pause(age, self.config.maximum_backoff);
-            tracing::warn!(message_id = %row.id, destination = %row.destination, retry_in = ?pause, "the broker could not take the message now (basic.nack); given back without spending a retry");
-            let ids = [row.id];
-            again_on_conflict(&self.bounds, || {
-                store::release_after(&self.db, &ids, token, pause, None)
-            })
-            .await?;
+        let mut deferred = 0;
+        for (destination, rows) in by_destination(rows) {
+            let pause = self.rejected(&destination, rows.len(), false);
+            deferred += self.defer(&rows, token, pause).await?;
         }
+        Ok(deferred)
+    }
+
+    /// Gives back, unsent, the rows to destinations the broker rejects messages to, to wait
+    /// for their destination's next probe.
+    pub(super) async fn wait_for_probe(&self, rows: Vec<Row>, token: Uuid) -> Result<usize, Error> {
+        let mut deferred = 0;
+        for (destination, rows) in by_destination(rows) {
+            if let Some(pause) = self.rejecting(&destination) {
+                deferred += self.defer(&rows, token, pause).await?;
+            } else {
+                // Its pause ended meanwhile: due again at once.
+                deferred += self.defer(&rows, token, Duration::ZERO).await?;
+            }
+        }
+        Ok(deferred)
+    }
+
+    /// Gives rows back to wait `pause` (by the database's clock) before their next attempt,
+    /// spending no retry and keeping their `last_error`.
+    pub(super) async fn defer(
+        &self,
+        rows: &[Row],
+        token: Uuid,
+        pause: Duration,
+    ) -> Result<usize, Error> {
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let ids: Vec<Uuid> = rows.iter().map(|row| row.id).collect();
+        again_on_conflict(&self.bounds, || {
+            store::release_after(&self.db, &ids, token, pause, None)
+        })
+        .await?;
         Ok(rows.len())
     }
 
@@ -238,6 +291,25 @@ pub(super) struct Settled {
     pub(super) suspects: Vec<Row>,
     /// Destinations of the rows receipted.
     pub(super) proven: HashSet<String>,
+}
+
+/// The destinations of `proven` to which none of `rejected` went: a queue at its limit takes
+/// some messages of a batch and rejects others, and its episode goes on.
+pub(super) fn taken_but(proven: &HashSet<String>, rejected: &[Row]) -> HashSet<String> {
+    proven
+        .iter()
+        .filter(|destination| !rejected.iter().any(|row| row.destination == **destination))
+        .cloned()
+        .collect()
+}
+
+/// Rows grouped by destination.
+fn by_destination(rows: Vec<Row>) -> BTreeMap<String, Vec<Row>> {
+    let mut groups: BTreeMap<String, Vec<Row>> = BTreeMap::new();
+    for row in rows {
+        groups.entry(row.destination.clone()).or_default().push(row);
+    }
+    groups
 }
 
 /// The start of `last_error` for a row charged for being passed over (see [`passed_over`]).

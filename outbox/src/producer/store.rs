@@ -313,7 +313,7 @@ pub(crate) async fn unroutable_destinations(db: &DatabaseConnection) -> Result<V
         .await
 }
 
-/// The pause before the next attempt of a row that no queue took, or that the broker nacked,
+/// The pause before the next attempt of a row that no queue took,
 /// `age` after it was written: half its age (so a row waiting for a queue is tried at
 /// geometrically spaced times, a few dozen attempts over a month), at least a second, at most
 /// `maximum_backoff`. No count is kept, so nothing of the row's retries is spent.

@@ -5,6 +5,9 @@
 use sea_orm::entity::prelude::*;
 use serde::Serialize;
 
+/// The longest idempotency key the inbox holds (`msg_id`, characters).
+pub const MAX_MSG_ID_LEN: usize = 100;
+
 /// A row of the inbox table.
 #[derive(Clone, Debug, PartialEq, DeriveEntityModel, Serialize)]
 #[sea_orm(table_name = "received")]

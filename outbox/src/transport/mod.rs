@@ -73,7 +73,7 @@ impl Outgoing {
 /// |---|---|---|
 /// | the broker holds the message | RECEIPT | `basic.ack` |
 /// | no queue took it | (never said: RECEIPT, and the broker drops it) | [`Outcome::Unroutable`]: `basic.return` (the publish is `mandatory`), then `basic.ack` |
-/// | the broker could not take it now | (never said) | [`Outcome::Nacked`]: `basic.nack` (an internal error, a queue full with `reject-publish`) |
+/// | the broker could not take it now (a queue full with `x-overflow: reject-publish`) | RabbitMQ 3.10 closes the connection with no ERROR: `Unknown`, reason [`TransportError::ConnectionLost`], for every message pending on it (and the next connection waits if this goes on: [`TransportError::ReconnectPaused`]) | [`Outcome::Nacked`]: `basic.nack`, that message alone |
 /// | the broker refused it, and the refusal names it | (never: an ERROR names no receipt) | a check made before publishing (a passive `exchange.declare` that fails, a destination the STOMP plugin refuses) |
 /// | a refusal closed the connection while it was pending | `Unknown`, reason [`TransportError::Broker`], for every message pending on the connection | `channel.close` 404: the same, for every unconfirmed publish |
 /// | no answer in time, the connection lost | `Unknown`, reason `ReceiptTimeout` / `ConnectionLost` | the same |
@@ -81,8 +81,9 @@ impl Outgoing {
 ///
 /// The relay marks a row sent on `Receipted`, charges a retry on `Refused` (and on a refusal it
 /// can pin on one row), keeps an `Unroutable` row waiting on a backoff of its own that spends no
-/// retry (`OUTBOX_UNROUTABLE`), and gives `Nacked` and the other `Unknown` rows back with no
-/// charge. The enum is `#[non_exhaustive]`: a transport with more to say adds a variant rather
+/// retry (`OUTBOX_UNROUTABLE`), keeps a `Nacked` row (and, over STOMP, a row alone on a
+/// connection the broker closed without an ERROR) waiting for its destination's next probe,
+/// spending no retry, and gives the other `Unknown` rows back with no charge. The enum is `#[non_exhaustive]`: a transport with more to say adds a variant rather
 /// than bending one of these.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -364,6 +365,14 @@ pub enum TransportError {
         "the broker read nothing from this connection for {0:?} (RabbitMQ blocks publishing connections during a memory or disk alarm)"
     )]
     Blocked(Duration),
+    /// The transport waits before opening another connection: the broker closed the last ones
+    /// soon after login, with receipts outstanding and no ERROR (RabbitMQ's STOMP plugin does so
+    /// when a queue with `x-overflow: reject-publish` is full). Nothing was written; try again
+    /// after this pause.
+    #[error(
+        "the broker closed the last connection soon after login with receipts outstanding; the next connection opens in {0:?}"
+    )]
+    ReconnectPaused(Duration),
     /// The transport was closed.
     #[error("the transport is closed")]
     Closed,
@@ -379,6 +388,15 @@ impl TransportError {
     /// a sign that a message, not the network, is at fault.
     pub fn is_broker_refusal(&self) -> bool {
         matches!(self, TransportError::Broker { .. })
+    }
+
+    /// How long the transport asks to be left alone before the next attempt
+    /// ([`TransportError::ReconnectPaused`]), if it does.
+    pub fn retry_in(&self) -> Option<Duration> {
+        match self {
+            TransportError::ReconnectPaused(wait) => Some(*wait),
+            _ => None,
+        }
     }
 
     /// Whether the broker was reachable but did not keep up (a receipt timeout, or a connection

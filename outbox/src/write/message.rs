@@ -1,6 +1,8 @@
 //! A message to write into the outbox by hand ([`Message`], [`enqueue`], [`enqueue_all`]), and
 //! the insert of outbox rows that `#[publish]` saves use too.
 
+use std::collections::BTreeSet;
+
 use chrono::{DateTime, SubsecRound, Utc};
 use sea_orm::ActiveValue::{NotSet, Set};
 use sea_orm::{ConnectionTrait, DbErr, EntityTrait};
@@ -17,6 +19,7 @@ use crate::headers;
 use crate::tables::published::{
     ActiveModel, Column, Entity, MAX_DESTINATION_LEN, MAX_KEY_LEN, MAX_VERSION_LEN, Model, Status,
 };
+use crate::tables::received::MAX_MSG_ID_LEN;
 use crate::wake;
 
 /// Rows per INSERT statement when many are written at once (well under every database's limit
@@ -46,6 +49,7 @@ pub struct Message {
     body: Value,
     headers: Map<String, Value>,
     key: Option<String>,
+    idempotency_key: Option<String>,
 }
 
 /// The entity name of messages that no `#[publish]` entity made.
@@ -75,6 +79,7 @@ impl Message {
             body,
             headers: Map::new(),
             key: None,
+            idempotency_key: None,
         }
     }
 
@@ -86,6 +91,7 @@ impl Message {
             body,
             headers: Map::new(),
             key: None,
+            idempotency_key: None,
         }
     }
 
@@ -109,8 +115,34 @@ impl Message {
         self
     }
 
-    /// Adds a custom header. The generated `dop-*` headers win over custom ones, except
-    /// `dop-correlation-id`, which a custom header may set.
+    /// Sets the idempotency key: consumers (ours, django-outbox-pattern's, CAP's) process one
+    /// message per key and queue, and acknowledge the others as duplicates. For two writes that
+    /// announce the same thing (a retried request, an import run twice): give them one key, such
+    /// as the request's id. Written as the `cap-msg-id` header, which consumers read before
+    /// `dop-msg-id`. Without it each message is its own (keyed by its row id). At most
+    /// [`MAX_MSG_ID_LEN`] characters (the inbox column), not empty.
+    ///
+    /// ```no_run
+    /// # async fn demo(txn: &sea_orm::DatabaseTransaction) -> Result<(), outbox::Error> {
+    /// use outbox::Message;
+    ///
+    /// // A payment request retried by its client writes a second row: consumers act once.
+    /// Message::new("/topic/payments", &serde_json::json!({"amount": 990}))?
+    ///     .idempotency_key("payment-request-8c1f")
+    ///     .enqueue(txn)
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn idempotency_key(mut self, key: impl Into<String>) -> Self {
+        self.idempotency_key = Some(key.into());
+        self
+    }
+
+    /// Adds a custom header. Reserved headers ([`headers::is_reserved`]: a message's identity,
+    /// such as `cap-msg-id` and the generated `dop-*` headers, and a broker's delivery state,
+    /// such as `message-id` and `redelivered`) are dropped when the message is written, with a
+    /// warning: copying a consumed message's headers into a new one is safe. A custom
+    /// `dop-correlation-id` is kept.
     pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.headers
             .insert(name.into(), Value::String(value.into()));
@@ -133,12 +165,14 @@ impl Message {
         rows.pop().ok_or(Error::Database(DbErr::RecordNotInserted))
     }
 
-    /// The row for this message, written at `added`.
+    /// The row for this message, written at `added`; the reserved headers it was given are
+    /// left out and noted in `dropped`.
     fn into_row(
         self,
         added: DateTime<Utc>,
         lifetime: chrono::Duration,
         correlation: &str,
+        dropped: &mut DroppedHeaders,
     ) -> Result<Model, Error> {
         let destination = self.full_destination();
         let invalid = |reason| Error::InvalidDestination {
@@ -162,6 +196,14 @@ impl Message {
                 return Err(invalid("the ordering key is longer than 255 characters"));
             }
         }
+        if let Some(key) = &self.idempotency_key {
+            if key.is_empty() {
+                return Err(invalid("the idempotency key is empty"));
+            }
+            if key.chars().count() > MAX_MSG_ID_LEN {
+                return Err(invalid("the idempotency key is longer than 100 characters"));
+            }
+        }
         if let Some(version) = &self.version {
             if version.is_empty() {
                 return Err(invalid("the version is empty"));
@@ -179,6 +221,10 @@ impl Message {
         };
         for (name, value) in headers::hook_headers(&context) {
             custom.entry(name).or_insert(Value::String(value));
+        }
+        dropped.note(&destination, headers::drop_reserved(&mut custom));
+        if let Some(key) = self.idempotency_key {
+            custom.insert(headers::CAP_MSG_ID.into(), Value::String(key));
         }
         // The writer's trace, unless the message or the hook set one.
         #[cfg(feature = "opentelemetry")]
@@ -258,16 +304,59 @@ pub(crate) async fn insert_messages<C: ConnectionTrait>(
     let added = Utc::now().trunc_subsecs(6);
     let lifetime = settings::row_lifetime()?;
     let correlation = headers::current_or_new_correlation_id();
+    let mut dropped = DroppedHeaders::default();
     let rows = messages
         .into_iter()
-        .map(|message| message.into_row(added, lifetime, &correlation))
+        .map(|message| message.into_row(added, lifetime, &correlation, &mut dropped))
         .collect::<Result<Vec<_>, _>>()?;
-    lock_keys(conn, &rows).await?;
+    insert_rows(conn, &rows).await?;
+    dropped.warn();
+    Ok(rows)
+}
+
+/// The reserved headers left out of the rows of one write, reported in one warning.
+#[derive(Debug, Default)]
+struct DroppedHeaders {
+    names: BTreeSet<String>,
+    rows: usize,
+    destination: Option<String>,
+}
+
+impl DroppedHeaders {
+    fn note(&mut self, destination: &str, names: Vec<String>) {
+        if names.is_empty() {
+            return;
+        }
+        self.rows += 1;
+        self.names.extend(names);
+        self.destination
+            .get_or_insert_with(|| destination.to_owned());
+    }
+
+    /// One warning for the write, naming every header dropped from its rows.
+    fn warn(self) {
+        if self.rows == 0 {
+            return;
+        }
+        let names = self.names.into_iter().collect::<Vec<_>>().join(", ");
+        tracing::warn!(
+            headers = %names,
+            rows = self.rows,
+            destination = self.destination.as_deref().unwrap_or_default(),
+            "reserved headers (a message's identity, a broker's delivery state) left out of the \
+             outbox rows written; to deduplicate messages on purpose use Message::idempotency_key"
+        );
+    }
+}
+
+/// Inserts built rows, a few hundred per statement.
+async fn insert_rows<C: ConnectionTrait>(conn: &C, rows: &[Model]) -> Result<(), Error> {
+    lock_keys(conn, rows).await?;
     if conn.get_database_backend() == sea_orm::DbBackend::MySql {
         for chunk in rows.chunks(ROWS_PER_INSERT) {
             conn.execute(&insert_with_sequence(chunk)?).await?;
         }
-        return Ok(rows);
+        return Ok(());
     }
     for chunk in rows.chunks(ROWS_PER_INSERT) {
         let active = chunk.iter().cloned().map(|row| ActiveModel {
@@ -292,7 +381,7 @@ pub(crate) async fn insert_messages<C: ConnectionTrait>(
             .exec_without_returning(conn)
             .await?;
     }
-    Ok(rows)
+    Ok(())
 }
 
 /// The rows as one INSERT that draws each `seq` with `NEXTVAL(published_seq)` (MariaDB, MySQL:
@@ -338,7 +427,141 @@ mod tests {
     use super::*;
 
     fn row(message: Message) -> Result<Model, Error> {
-        message.into_row(Utc::now(), chrono::Duration::days(30), "corr")
+        message.into_row(
+            Utc::now(),
+            chrono::Duration::days(30),
+            "corr",
+            &mut DroppedHeaders::default(),
+        )
+    }
+
+    /// A consumed message's headers, as RabbitMQ's STOMP plugin delivers a relayed row that was
+    /// written with an idempotency key.
+    const INCOMING: [(&str, &str); 11] = [
+        ("subscription", "sub-1"),
+        ("destination", "/topic/orders"),
+        ("message-id", "T_sub-1@@session-1@@7"),
+        ("redelivered", "false"),
+        ("ack", "T_sub-1@@session-1@@7"),
+        ("persistent", "true"),
+        ("cap-msg-id", "order-7"),
+        ("dop-msg-id", "3f1c55a2-0000-4000-8000-000000000007"),
+        ("dop-msg-sent-time", "2026-11-26T18:03:13.484Z"),
+        ("dop-correlation-id", "request-42"),
+        ("x-tenant", "acme"),
+    ];
+
+    fn copied(destination: &str) -> Message {
+        INCOMING.iter().fold(
+            Message::from_json(destination, Value::Null),
+            |message, (name, value)| message.header(*name, *value),
+        )
+    }
+
+    /// Every line at WARN or above logged on this thread while `f` runs.
+    fn logs_of(f: impl FnOnce()) -> String {
+        let (logs, guard) = outbox_tests::logs::Logs::capture_here("warn");
+        f();
+        drop(guard);
+        logs.text()
+    }
+
+    #[test]
+    fn a_message_copied_from_a_consumed_one_keeps_none_of_its_identity_or_delivery_state() {
+        let mut dropped = DroppedHeaders::default();
+        let r = copied("/topic/shipments")
+            .into_row(Utc::now(), chrono::Duration::days(30), "corr", &mut dropped)
+            .unwrap();
+        let headers = r.headers.as_object().unwrap();
+        assert_eq!(headers["dop-msg-id"], r.id.to_string(), "an id of its own");
+        assert_eq!(headers["dop-msg-destination"], "/topic/shipments");
+        assert_ne!(headers["dop-msg-sent-time"], "2026-11-26T18:03:13.484Z");
+        assert_eq!(
+            headers["dop-correlation-id"], "request-42",
+            "correlation goes on"
+        );
+        assert_eq!(headers["x-tenant"], "acme");
+        for name in [
+            "cap-msg-id",
+            "subscription",
+            "destination",
+            "message-id",
+            "redelivered",
+            "ack",
+            "persistent",
+        ] {
+            assert!(!headers.contains_key(name), "{name} left out");
+        }
+        assert_eq!(dropped.rows, 1);
+        assert_eq!(
+            dropped.names.iter().collect::<Vec<_>>(),
+            [
+                "ack",
+                "cap-msg-id",
+                "destination",
+                "dop-msg-id",
+                "dop-msg-sent-time",
+                "message-id",
+                "persistent",
+                "redelivered",
+                "subscription"
+            ]
+        );
+    }
+
+    #[test]
+    fn one_warning_per_write_names_every_dropped_header() {
+        let mut dropped = DroppedHeaders::default();
+        for message in [
+            copied("/topic/a"),
+            Message::from_json("/topic/b", Value::Null).header("x-death", "[]"),
+            Message::from_json("/topic/c", Value::Null).header("x-tenant", "acme"),
+        ] {
+            message
+                .into_row(Utc::now(), chrono::Duration::days(30), "corr", &mut dropped)
+                .unwrap();
+        }
+        assert_eq!(dropped.rows, 2, "the third row had nothing reserved");
+        let logs = logs_of(|| dropped.warn());
+        assert_eq!(logs.lines().count(), 1, "{logs}");
+        assert!(logs.contains("WARN"), "{logs}");
+        assert!(
+            logs.contains("headers=ack, cap-msg-id, destination, dop-msg-id, dop-msg-sent-time, message-id, persistent, redelivered, subscription, x-death"),
+            "{logs}"
+        );
+        assert!(
+            logs.contains("rows=2") && logs.contains("destination=\"/topic/a\""),
+            "{logs}"
+        );
+        assert!(logs.contains("Message::idempotency_key"), "{logs}");
+        let nothing = logs_of(|| DroppedHeaders::default().warn());
+        assert!(
+            nothing.is_empty(),
+            "no warning when nothing was dropped: {nothing}"
+        );
+    }
+
+    #[test]
+    fn the_idempotency_key_is_the_only_way_to_cap_msg_id() {
+        let r = row(Message::from_json("/topic/x", Value::Null)
+            .header("cap-msg-id", "constant")
+            .idempotency_key("order-7"))
+        .unwrap();
+        assert_eq!(r.headers["cap-msg-id"], "order-7");
+        let r = row(Message::from_json("/topic/x", Value::Null).header("cap-msg-id", "constant"))
+            .unwrap();
+        assert!(r.headers.get("cap-msg-id").is_none());
+        let refused = |key: String| {
+            row(Message::from_json("/topic/x", Value::Null).idempotency_key(key))
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(refused(String::new()).contains("idempotency key is empty"));
+        assert!(refused("k".repeat(101)).contains("longer than 100"));
+        assert!(
+            row(Message::from_json("/topic/x", Value::Null).idempotency_key("é".repeat(100)))
+                .is_ok()
+        );
     }
 
     #[test]

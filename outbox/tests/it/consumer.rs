@@ -274,6 +274,20 @@ async fn send_raw(destination: &str, msg_id: &str, body: Value, extra: &[(&str, 
     peer.disconnect().await.expect("disconnect");
 }
 
+/// A consumer of `destination` over the in-memory broker `memory`, its queues declared.
+async fn memory_consumer(
+    db: &DatabaseConnection,
+    memory: &MemoryTransport,
+    destination: &str,
+) -> Consumer {
+    let built = consumer(db, config(RABBITMQ_STOMP), destination)
+        .transport(memory.new_connection())
+        .build()
+        .unwrap();
+    built.declare().await.unwrap();
+    built
+}
+
 async fn declare_on_rabbitmq(destination: &str) {
     let settings = config(RABBITMQ_STOMP);
     let broker = StompTransport::new(StompSettings::from(&settings)).expect("transport");
@@ -522,11 +536,7 @@ async fn the_correlation_id_of_a_message_is_inherited_by_the_rows_its_callback_e
     let memory = MemoryTransport::new();
     let destination = "/topic/correlated";
     let probe = Probe::new();
-    let built = consumer(&test.db, config(RABBITMQ_STOMP), destination)
-        .transport(memory.new_connection())
-        .build()
-        .unwrap();
-    built.declare().await.unwrap();
+    let built = memory_consumer(&test.db, &memory, destination).await;
     outbox::send::send_with(
         &memory,
         destination,
@@ -576,6 +586,77 @@ async fn the_correlation_id_of_a_message_is_inherited_by_the_rows_its_callback_e
         probe.ambient.lock().unwrap()["without"].as_deref(),
         Some(fresh[0].as_str())
     );
+    test.drop_database().await;
+}
+
+#[tokio::test]
+async fn writes_with_one_idempotency_key_are_processed_once_and_every_other_message_once() {
+    let test = TestDb::new(Backend::Postgres).await;
+    create_effects_table(&test.db).await;
+    let memory = MemoryTransport::new();
+    let destination = "/topic/keyed";
+    let probe = Probe::new();
+    let built = memory_consumer(&test.db, &memory, destination).await;
+    // A request its client retried writes its message twice: one key says they are one. The
+    // other messages, with a constant `cap-msg-id` header a naive writer set, stay distinct.
+    let message = |key: Option<&str>| {
+        let message = outbox::Message::from_json(destination, json!({"do": "ok"}))
+            .header("cap-msg-id", "constant");
+        match key {
+            Some(key) => message.idempotency_key(key),
+            None => message,
+        }
+    };
+    let txn = test.db.begin().await.unwrap();
+    let rows = outbox::enqueue_all(
+        &txn,
+        [
+            message(Some("payment-1")),
+            message(Some("payment-1")),
+            message(Some("payment-2")),
+            message(None),
+            message(None),
+        ],
+    )
+    .await
+    .unwrap();
+    txn.commit().await.unwrap();
+    let report = Producer::builder(test.db.clone())
+        .config(config(RABBITMQ_STOMP))
+        .transport(memory.clone())
+        .build()
+        .unwrap()
+        .drain()
+        .await
+        .unwrap();
+    assert_eq!(report.sent, 5);
+    let unkeyed: Vec<String> = rows[3..].iter().map(|row| row.id.to_string()).collect();
+    let db = test.db.clone();
+    let callback = probe.callback();
+    built
+        .run_until(callback, async {
+            eventually(Duration::from_secs(10), "every message settled", || {
+                let db = db.clone();
+                let memory = memory.clone();
+                async move {
+                    effects(&db).await.len() == 4
+                        && memory.queue_len("keyed") + memory.unacked_len("keyed") == 0
+                }
+            })
+            .await
+        })
+        .await
+        .unwrap();
+
+    for key in ["payment-1", "payment-2", &unkeyed[0], &unkeyed[1]] {
+        assert_eq!(effect_count(&test.db, key).await, 1, "{key}");
+    }
+    assert_eq!(
+        probe.calls("payment-1"),
+        1,
+        "the second write is a duplicate"
+    );
+    assert_eq!(memory.queue_len("DLQ.keyed"), 0, "nothing dead-lettered");
     test.drop_database().await;
 }
 

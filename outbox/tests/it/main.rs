@@ -14,6 +14,7 @@ mod migrations;
 mod ordering;
 mod relay;
 mod relay_isolation;
+mod relay_rejected;
 mod relay_wake;
 mod stomp_framing;
 mod test_support;

@@ -3,6 +3,7 @@
 
 use outbox::tables::published::Status;
 use outbox::{Error, Published};
+use outbox_tests::logs::Logs;
 use outbox_tests::{Backend, TestDb, on_every_backend};
 use sea_orm::ActiveValue::Set;
 use sea_orm::{
@@ -423,5 +424,61 @@ async fn enqueue_writes_an_explicit_row_with_version_and_headers(backend: Backen
     txn.commit().await.unwrap();
     assert_eq!(written.len(), 1200);
     assert_eq!(Published::find().count(&test.db).await.unwrap(), 1201);
+    test.drop_database().await;
+}
+
+#[tokio::test]
+async fn a_write_of_copied_headers_stores_none_reserved_and_warns_once_naming_them() {
+    let test = setup(Backend::Postgres).await;
+    // What a consumer's callback would copy from the message it got.
+    let incoming = [
+        ("subscription", "sub-1"),
+        ("message-id", "T_sub-1@@session-1@@7"),
+        ("redelivered", "true"),
+        ("x-delivery-count", "1"),
+        ("cap-msg-id", "order-7"),
+        ("dop-msg-id", "parent"),
+        ("dop-correlation-id", "request-42"),
+        ("x-tenant", "acme"),
+    ];
+    let copies = (0..2).map(|n| {
+        incoming.iter().fold(
+            outbox::Message::from_json("/topic/shipments", json!({ "n": n })),
+            |copy, (name, value)| copy.header(*name, *value),
+        )
+    });
+    let (logs, guard) = Logs::capture_here("warn");
+    let txn = test.db.begin().await.unwrap();
+    let rows = outbox::enqueue_all(&txn, copies).await.unwrap();
+    txn.commit().await.unwrap();
+    drop(guard);
+    let logs = logs.text();
+    let warnings: Vec<&str> = logs.lines().filter(|l| l.contains("WARN")).collect();
+    assert_eq!(warnings.len(), 1, "one warning for the write: {logs}");
+    assert!(
+        warnings[0].contains(
+            "headers=cap-msg-id, dop-msg-id, message-id, redelivered, subscription, x-delivery-count"
+        ) && warnings[0].contains("rows=2"),
+        "{logs}"
+    );
+    for row in Published::find().all(&test.db).await.unwrap() {
+        let headers = row.headers.as_object().unwrap();
+        let mut names: Vec<&str> = headers.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            [
+                "dop-correlation-id",
+                "dop-msg-destination",
+                "dop-msg-id",
+                "dop-msg-sent-time",
+                "dop-msg-type",
+                "x-tenant"
+            ]
+        );
+        assert_eq!(headers["dop-msg-id"], row.id.to_string());
+        assert_eq!(headers["dop-correlation-id"], "request-42");
+    }
+    assert_eq!(rows.len(), 2);
     test.drop_database().await;
 }

@@ -75,9 +75,31 @@ pub(super) struct Connection {
     pub(super) last_receipted: u64,
 }
 
-/// Answers a SEND: routed to a queue (`true`) or not (`false`, returned when mandatory), or why
-/// not receipted.
-pub(super) type Waiter = oneshot::Sender<Result<bool, TransportError>>;
+/// Answers a SEND: what the broker confirms, or why it is not receipted.
+pub(super) type Waiter = oneshot::Sender<Result<Answer, TransportError>>;
+
+/// What the broker confirms of a SEND it read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Answer {
+    /// Receipted (routed to a queue, or dropped where nothing is bound and publishes are not
+    /// mandatory).
+    Receipted,
+    /// Returned: no queue took it (mandatory publishes).
+    Returned,
+    /// Nacked: a queue full with `reject-publish` refused it (mandatory publishes, as AMQP).
+    Nacked,
+}
+
+/// Where a published message went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Routing {
+    /// At least one queue took it, and none refused it.
+    Routed,
+    /// No queue is bound to its destination.
+    Unroutable,
+    /// A queue full with `x-overflow: reject-publish` refused it (others may have taken it).
+    Rejected,
+}
 
 pub(super) struct Consumer {
     pub(super) queue: String,
@@ -118,6 +140,9 @@ pub(super) struct Queue {
     /// (connection, subscription id), in subscription order: deliveries go round-robin.
     pub(super) consumers: Vec<(u64, String)>,
     pub(super) next_consumer: usize,
+    /// The most ready messages it holds; a publish beyond is refused (`x-max-length` with
+    /// `x-overflow: reject-publish`, [`MemoryTransport::limit_queue`](super::MemoryTransport::limit_queue)).
+    pub(super) max_length: Option<usize>,
 }
 
 /// A message as stored in a queue: where it was published (which gives the `destination` a
@@ -219,7 +244,18 @@ impl Broker {
             return None;
         }
         let routed = match self.publish(message) {
-            Ok(routed) => routed || !self.mandatory,
+            Ok(Routing::Routed) => Answer::Receipted,
+            Ok(Routing::Unroutable) if self.mandatory => Answer::Returned,
+            Ok(Routing::Unroutable) => Answer::Receipted,
+            Ok(Routing::Rejected) if self.mandatory => Answer::Nacked,
+            Ok(Routing::Rejected) => {
+                // RabbitMQ 3.10's STOMP plugin has no handler for the publisher nack: the
+                // connection ends, with no ERROR and no receipt for what was pending.
+                tracing::debug!(destination = %message.destination, "memory broker rejected a SEND (reject-publish); connection closed");
+                let error = lost();
+                self.close_connection_for(connection, error.clone());
+                return Some(error);
+            }
             Err(error) => {
                 tracing::debug!(destination = %message.destination, "memory broker refused a SEND");
                 self.close_connection_for(connection, error.clone());
@@ -247,7 +283,7 @@ impl Broker {
     }
 
     /// Sends the receipt of SEND `number`, if it is still pending.
-    pub(super) fn receipt(&mut self, connection: u64, number: u64, routed: bool) {
+    pub(super) fn receipt(&mut self, connection: u64, number: u64, routed: Answer) {
         if let Some(open) = self.connections.get_mut(&connection)
             && let Some(waiter) = open.pending.remove(&number)
         {
@@ -310,9 +346,9 @@ impl Broker {
         }
     }
 
-    /// Routes one SEND: whether a queue took it; an error is one RabbitMQ would close the
-    /// connection with.
-    pub(super) fn publish(&mut self, outgoing: &Outgoing) -> Result<bool, TransportError> {
+    /// Routes one SEND: where it went; an error is one RabbitMQ would close the connection
+    /// with.
+    pub(super) fn publish(&mut self, outgoing: &Outgoing) -> Result<Routing, TransportError> {
         if self
             .refused
             .iter()
@@ -343,9 +379,11 @@ impl Broker {
                     redelivered: false,
                     undecodable,
                 };
-                let routed = self.route_topic(message);
-                self.sent.push(outgoing.clone());
-                Ok(routed)
+                let routing = self.route_topic(message);
+                if routing != Routing::Rejected {
+                    self.sent.push(outgoing.clone());
+                }
+                Ok(routing)
             }
             Target::Queue { name, declare } => {
                 if declare {
@@ -365,15 +403,19 @@ impl Broker {
                     redelivered: false,
                     undecodable,
                 };
-                let routed = self.enqueue(&name, message);
-                self.sent.push(outgoing.clone());
-                Ok(routed)
+                let routing = self.enqueue(&name, message);
+                if routing != Routing::Rejected {
+                    self.sent.push(outgoing.clone());
+                }
+                Ok(routing)
             }
         }
     }
 
-    /// Copies a message into every queue bound to a matching key (none: it is dropped).
-    pub(super) fn route_topic(&mut self, message: Message) -> bool {
+    /// Copies a message into every queue bound to a matching key (none: it is dropped); a
+    /// full queue with `reject-publish` refuses its copy, and the message is then rejected, as
+    /// RabbitMQ nacks a publish one of its queues refused.
+    pub(super) fn route_topic(&mut self, message: Message) -> Routing {
         let mut queues: Vec<String> = self
             .bindings
             .iter()
@@ -382,22 +424,31 @@ impl Broker {
             .collect();
         queues.sort();
         queues.dedup();
-        let routed = !queues.is_empty();
+        let mut routing = if queues.is_empty() {
+            Routing::Unroutable
+        } else {
+            Routing::Routed
+        };
         for queue in queues {
-            self.enqueue(&queue, message.clone());
+            if self.enqueue(&queue, message.clone()) == Routing::Rejected {
+                routing = Routing::Rejected;
+            }
         }
-        routed
+        routing
     }
 
-    /// Appends to a queue if it exists (the default exchange drops what has no queue).
-    pub(super) fn enqueue(&mut self, queue: &str, message: Message) -> bool {
-        if let Some(q) = self.queues.get_mut(queue) {
-            q.ready.push_back(message);
-            self.dispatch(queue);
-            true
-        } else {
-            false
+    /// Appends to a queue if it exists (the default exchange drops what has no queue) and has
+    /// room: a queue at its length limit refuses it (`x-overflow: reject-publish`).
+    pub(super) fn enqueue(&mut self, queue: &str, message: Message) -> Routing {
+        let Some(q) = self.queues.get_mut(queue) else {
+            return Routing::Unroutable;
+        };
+        if q.max_length.is_some_and(|max| q.ready.len() >= max) {
+            return Routing::Rejected;
         }
+        q.ready.push_back(message);
+        self.dispatch(queue);
+        Routing::Routed
     }
 }
 

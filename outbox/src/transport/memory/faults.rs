@@ -1,6 +1,6 @@
 //! The faults a test can inject into the in-memory broker: refusals, an outage, silently
 //! discarded SENDs, blocked publishers (a resource alarm), late receipts, `mandatory` publishes,
-//! messages that do not decode.
+//! queues full with `reject-publish`, messages that do not decode.
 
 use std::time::Duration;
 
@@ -47,6 +47,28 @@ impl MemoryTransport {
     /// instead of receipted and dropped. `false` (the default): STOMP's behaviour.
     pub fn set_mandatory(&self, mandatory: bool) {
         self.broker().mandatory = mandatory;
+    }
+
+    /// Limits `queue` (declared durable, with no arguments, if missing) to `max_length` ready
+    /// messages with `x-overflow: reject-publish`, as RabbitMQ's `x-max-length` does; `None`
+    /// lifts the limit. A publish the queue has no room for is rejected: in mandatory (AMQP)
+    /// mode that message is [`Outcome::Nacked`]; otherwise (STOMP) the connection closes with
+    /// no ERROR, as RabbitMQ 3.10's STOMP plugin closes it, every receipt pending on it failing
+    /// ([`Outcome::Unknown`], [`TransportError::ConnectionLost`]) and the rest of the batch not
+    /// written. Consuming makes room.
+    pub fn limit_queue(&self, queue: &str, max_length: Option<usize>) {
+        let mut broker = self.broker();
+        if !broker.queues.contains_key(queue) {
+            let declaration = super::broker::Declaration {
+                durable: true,
+                auto_delete: false,
+                arguments: Vec::new(),
+            };
+            let _ = broker.declare(queue, &declaration);
+        }
+        if let Some(q) = broker.queues.get_mut(queue) {
+            q.max_length = max_length;
+        }
     }
 
     /// Undoes every [`MemoryTransport::discard`].

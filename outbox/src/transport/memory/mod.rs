@@ -37,9 +37,15 @@
 //!   [`TransportError::ReceiptTimeout`], `overtaken` when a later message on the connection was
 //!   receipted.
 //!
+//! - A queue can be limited as `x-max-length` with `x-overflow: reject-publish` limits it
+//!   ([`MemoryTransport::limit_queue`]): a publish it has no room for is rejected, which
+//!   RabbitMQ 3.10's STOMP plugin answers by closing the connection with no ERROR and no receipt
+//!   for anything pending ([`Outcome::Unknown`], [`TransportError::ConnectionLost`]).
+//!
 //! With [`MemoryTransport::set_mandatory`] it answers as RabbitMQ answers the AMQP transport's
-//! `mandatory` publishes: a message that reaches no queue is [`Outcome::Unroutable`] instead of
-//! receipted and dropped.
+//! `mandatory` publishes with confirms: a message that reaches no queue is
+//! [`Outcome::Unroutable`] instead of receipted and dropped, and a rejected one is
+//! [`Outcome::Nacked`], that message alone, the connection staying up.
 //!
 //! Clones share the broker and the connection; [`MemoryTransport::new_connection`] opens another
 //! client connection to the same broker, as a second process would.
@@ -54,7 +60,7 @@ use super::{
     Deliveries, Delivery, Outcome, Outgoing, SendReport, Subscription, SubscriptionEvent,
     Transport, TransportError, Unknown,
 };
-use broker::{Broker, lost};
+use broker::{Answer, Broker, lost};
 
 mod broker;
 mod faults;
@@ -249,8 +255,9 @@ impl Transport for MemoryTransport {
         let mut outcomes = Vec::with_capacity(messages.len());
         for (number, mut waiter) in waiters {
             let outcome = match tokio::time::timeout_at(deadline, &mut waiter).await {
-                Ok(Ok(Ok(true))) => Outcome::Receipted,
-                Ok(Ok(Ok(false))) => Outcome::Unroutable("312 NO_ROUTE".to_owned()),
+                Ok(Ok(Ok(Answer::Receipted))) => Outcome::Receipted,
+                Ok(Ok(Ok(Answer::Returned))) => Outcome::Unroutable("312 NO_ROUTE".to_owned()),
+                Ok(Ok(Ok(Answer::Nacked))) => Outcome::Nacked,
                 Ok(Ok(Err(error))) => Outcome::unknown(error),
                 Ok(Err(_)) => Outcome::unknown(lost()),
                 Err(_) => {

@@ -51,6 +51,7 @@ impl Broker {
                     ready: VecDeque::new(),
                     consumers: Vec::new(),
                     next_consumer: 0,
+                    max_length: None,
                 },
             );
             return Ok(());

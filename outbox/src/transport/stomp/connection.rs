@@ -16,6 +16,7 @@ use tokio_util::codec::FramedRead;
 use super::driver::{Backlog, Driver};
 use super::framing::{FrameDecoder, Inbound};
 use super::lock;
+use super::pacing::Ending;
 use super::settings::StompSettings;
 use super::socket::{Stream, Watched, Writer};
 use super::tls::ClientTls;
@@ -45,6 +46,9 @@ pub(super) struct Shared {
     pub(super) closing: std::sync::atomic::AtomicBool,
     /// A receipt (or room in the write queue) did not come in time on this connection.
     pub(super) unanswered: std::sync::atomic::AtomicBool,
+    /// How it ended, for the transport's reconnection pacing; set by the task just before
+    /// `ended`.
+    pub(super) ending: Mutex<Option<Ending>>,
 }
 
 /// Where a subscription's deliveries go.
@@ -236,6 +240,7 @@ impl Connection {
             backlog: Backlog::default(),
             rejections: Vec::new(),
             reject_at: tokio::time::Instant::now(),
+            peer_closed: false,
         };
         let task = tokio::spawn(driver.run());
         tracing::info!(broker = %address, ?send_every, ?expect_every, "connected to the broker");
@@ -254,6 +259,11 @@ impl Connection {
 
     pub(super) fn close(&self) {
         self.task.abort();
+    }
+
+    /// How the connection ended, once it has.
+    pub(super) fn ending(&self) -> Option<Ending> {
+        *lock(&self.shared.ending)
     }
 
     fn ended(&self) -> Option<TransportError> {

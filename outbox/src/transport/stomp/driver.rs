@@ -27,6 +27,7 @@ use tokio_util::codec::FramedRead;
 use super::connection::Shared;
 use super::framing::{FrameDecoder, Inbound, Undecodable};
 use super::lock;
+use super::pacing::Ending;
 use super::socket::{Watched, Writer};
 use crate::transport::{AckMode, Delivery, SubscriptionEvent, TransportError, UndecodableMessage};
 
@@ -105,6 +106,9 @@ pub(super) struct Driver {
     /// Messages that did not decode, to reject at `reject_at`.
     pub(super) rejections: Vec<Undecodable>,
     pub(super) reject_at: tokio::time::Instant,
+    /// The socket was closed or reset from the other side (as opposed to heartbeats missed, a
+    /// write that made no progress, or an ERROR).
+    pub(super) peer_closed: bool,
 }
 
 impl Driver {
@@ -115,6 +119,16 @@ impl Driver {
         } else {
             tracing::warn!(error = %reason, "broker connection ended");
         }
+        let closing = self.shared.closing.load(Ordering::Relaxed);
+        let outstanding = lock(&self.shared.receipts).len();
+        *lock(&self.shared.ending) = Some(Ending {
+            lived: self.epoch.elapsed(),
+            at: Instant::now(),
+            outstanding,
+            // No ERROR: the broker closed the socket. RabbitMQ 3.10's STOMP plugin ends a
+            // connection so when a publish is rejected (reject-publish).
+            silently: !closing && self.peer_closed,
+        });
         *lock(&self.shared.ended) = Some(reason.clone());
         for (_, waiter) in lock(&self.shared.receipts).drain() {
             let _ = waiter.send(Err(reason.clone()));
@@ -166,8 +180,14 @@ impl Driver {
                     let reason = match incoming {
                         Some(Ok(Inbound::Frame(message))) => self.dispatch(message),
                         Some(Ok(Inbound::Undecodable(frame))) => self.set_aside(frame),
-                        Some(Err(e)) => Some(TransportError::ConnectionLost(e.to_string())),
-                        None => Some(TransportError::ConnectionLost("the broker closed the connection".into())),
+                        Some(Err(e)) => {
+                            self.peer_closed = true;
+                            Some(TransportError::ConnectionLost(e.to_string()))
+                        }
+                        None => {
+                            self.peer_closed = true;
+                            Some(TransportError::ConnectionLost("the broker closed the connection".into()))
+                        }
                     };
                     if let Some(reason) = reason {
                         return reason;

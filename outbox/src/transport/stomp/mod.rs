@@ -8,6 +8,7 @@
 //!   receipts, subscribe, request);
 //! - [`driver`]: the task that owns the socket, routes the broker's frames, sends heartbeats and
 //!   declares the connection dead;
+//! - [`pacing`]: when the next connection may open, after the broker closed connections early;
 //! - [`socket`]: the TCP or TLS stream and its non-blocking write side;
 //! - [`framing`]: frames that do not decode, or exceed the maximum size, set apart from the rest;
 //! - [`tls`]: the rustls client;
@@ -15,16 +16,18 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_stomp::{Message, ToServer};
 
 use super::{Deliveries, Delivery, Outgoing, SendReport, Subscription, Transport, TransportError};
 use connection::Connection;
+use pacing::Pacing;
 
 mod connection;
 mod driver;
 mod framing;
+mod pacing;
 mod settings;
 mod socket;
 pub(crate) mod tls;
@@ -59,6 +62,8 @@ pub struct StompTransport {
     connection: tokio::sync::Mutex<Option<Arc<Connection>>>,
     /// Numbers the connections this transport opens ([`Delivery::connection`]).
     connections_opened: AtomicU64,
+    /// Whether the next connection must wait, after connections the broker closed early.
+    pacing: Mutex<Pacing>,
 }
 
 impl StompTransport {
@@ -73,18 +78,26 @@ impl StompTransport {
             tls,
             connection: tokio::sync::Mutex::new(None),
             connections_opened: AtomicU64::new(0),
+            pacing: Mutex::new(Pacing::default()),
         })
     }
 
-    /// The open connection, or a new one.
+    /// The open connection, or a new one; [`TransportError::ReconnectPaused`] while the
+    /// transport waits after connections the broker closed early ([`pacing`]).
     async fn connection(&self) -> Result<Arc<Connection>, TransportError> {
         let mut slot = self.connection.lock().await;
-        if let Some(connection) = slot.as_ref()
-            && connection.is_open()
-        {
-            return Ok(connection.clone());
+        if let Some(connection) = slot.as_ref() {
+            if connection.is_open() {
+                return Ok(connection.clone());
+            }
+            if let Some(ending) = connection.ending() {
+                lock(&self.pacing).ended(&ending);
+            }
         }
         *slot = None;
+        if let Some(wait) = lock(&self.pacing).wait(Instant::now()) {
+            return Err(TransportError::ReconnectPaused(wait));
+        }
         let generation = self.connections_opened.fetch_add(1, Ordering::Relaxed) + 1;
         let connection =
             Arc::new(Connection::open(&self.settings, self.tls.as_ref(), generation).await?);

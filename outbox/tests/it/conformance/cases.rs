@@ -6,12 +6,13 @@ use std::time::Duration;
 use outbox::consumer::Topology;
 use outbox::transport::{
     AckMode, Deliveries, Outcome, Outgoing, Subscription, SubscriptionEvent, Transport,
+    TransportError, Unknown,
 };
 use outbox_tests::eventually;
 use outbox_tests::stomp_peer::{QueueCleanup, unique};
 use outbox_tests::transports::{next_delivery, next_event, no_delivery, outgoing};
 
-use super::subject::{Refusal, Subject, Unroutable};
+use super::subject::{Refusal, Rejection, Subject, Unroutable};
 
 /// A subscription with client acknowledgements and no queue arguments.
 fn reader(destination: &str, id: &str, headers: &[(&str, &str)]) -> Subscription {
@@ -467,4 +468,89 @@ pub(super) async fn a_blocked_connection_holds_its_messages_until_unblocked(subj
         assert_eq!(delivery.body, body.as_bytes());
         connection.ack(&delivery).await.expect("ack");
     }
+}
+
+/// A publish to a queue full with `x-overflow: reject-publish` is never reported receipted: over
+/// AMQP that message alone is nacked; over STOMP, RabbitMQ 3.10's plugin closes the connection
+/// with no ERROR, so the rejected message and every one pending with it are unknown, lost with
+/// the connection (and the STOMP transport waits before its next connection). The queue holds
+/// what it took; once a reader makes room, a message is receipted again.
+pub(super) async fn a_rejected_publish_is_nacked_or_closes_the_connection(subject: Subject) {
+    let limited = subject.limited_queue("conformance_reject", 2).await;
+    let destination = format!("/amq/queue/{}", limited.name);
+    let batch: Vec<Outgoing> = (0..5)
+        .map(|n| outgoing(&destination, &n.to_string()))
+        .collect();
+    let report = subject.transport().send(&batch).await;
+    let closed = |outcome: &Outcome| {
+        matches!(
+            outcome,
+            Outcome::Unknown(Unknown {
+                reason: TransportError::ConnectionLost(_),
+                overtaken: false,
+            })
+        )
+    };
+    match subject.rejection() {
+        Rejection::Nacks => assert_eq!(
+            report.outcomes,
+            [
+                Outcome::Receipted,
+                Outcome::Receipted,
+                Outcome::Nacked,
+                Outcome::Nacked,
+                Outcome::Nacked
+            ]
+        ),
+        Rejection::ClosesTheConnection => {
+            // The two the queue took are receipted, or were still pending when the connection
+            // closed (RabbitMQ receipts after its confirm) and are lost with it.
+            assert!(
+                report.outcomes[..2]
+                    .iter()
+                    .all(|outcome| outcome.is_receipted() || closed(outcome)),
+                "{report:?}"
+            );
+            assert!(report.outcomes[2..].iter().all(closed), "{report:?}");
+        }
+    }
+    assert_eq!(subject.queue_message_count(&limited.name), Some(2));
+
+    // A reader makes room.
+    let connection = subject.connection();
+    let mut deliveries = connection
+        .subscribe(reader(&destination, "reader", &[]))
+        .await
+        .expect("subscribe");
+    for sent in &batch[..2] {
+        let delivery = next_delivery(&mut deliveries).await;
+        assert_eq!(delivery.body, sent.body);
+        connection.ack(&delivery).await.expect("ack");
+    }
+    let again = [outgoing(&destination, "again")];
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let report = subject.transport().send(&again).await;
+        match &report.outcomes[0] {
+            Outcome::Receipted => break,
+            Outcome::Unknown(unknown) if unknown.reason.retry_in().is_some() => {
+                assert!(subject.paces_reconnections(), "{report:?}");
+                assert!(attempts < 10, "still waiting to reconnect: {report:?}");
+                let wait = unknown.reason.retry_in().unwrap_or_default();
+                tokio::time::sleep(wait + Duration::from_millis(50)).await;
+            }
+            other => panic!("sending again after room was made: {other:?}"),
+        }
+    }
+    if subject.paces_reconnections() {
+        assert!(
+            attempts > 1,
+            "the STOMP transport reconnected at once after an early close"
+        );
+    }
+    let delivery = next_delivery(&mut deliveries).await;
+    assert_eq!(delivery.body, b"again");
+    connection.ack(&delivery).await.expect("ack");
+    no_delivery(&mut deliveries, subject.quiet()).await;
 }

@@ -54,6 +54,7 @@ const CASES: &[&str] = &[
     "redeclaring_a_queue_with_other_arguments_is_a_precondition_failure",
     "an_undecodable_message_is_reported_and_dead_lettered",
     "a_blocked_connection_holds_its_messages_until_unblocked",
+    "a_rejected_publish_is_nacked_or_closes_the_connection",
 ];
 
 /// The reason `subject` does not run `case`, if it is listed.
@@ -99,6 +100,7 @@ on_every_subject!(
     redeclaring_a_queue_with_other_arguments_is_a_precondition_failure,
     an_undecodable_message_is_reported_and_dead_lettered,
     a_blocked_connection_holds_its_messages_until_unblocked,
+    a_rejected_publish_is_nacked_or_closes_the_connection,
 );
 
 /// Prints the differences, and holds the list to the subjects: a listed case is one its subject

@@ -8,8 +8,9 @@ use outbox::transport::{
     AmqpSettings, AmqpTransport, MemoryTransport, Outgoing, StompSettings, StompTransport,
     Transport,
 };
+use outbox_tests::limited_queue::LimitedQueue;
 use outbox_tests::settings::{self, RABBITMQ_AMQP, RABBITMQ_STOMP, amqp_url};
-use outbox_tests::stomp_peer::{QueueCleanup, queue_message_count};
+use outbox_tests::stomp_peer::{QueueCleanup, queue_message_count, unique};
 
 use super::listed;
 
@@ -35,6 +36,22 @@ pub(super) enum Refusal {
     /// The destination is checked before publishing: exactly the refused message is refused,
     /// the others are confirmed (AMQP's passive `exchange.declare`).
     RefusesTheMessage,
+}
+
+/// What a subject answers a publish to a queue full with `x-overflow: reject-publish`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Rejection {
+    /// That message alone is [`outbox::transport::Outcome::Nacked`] (AMQP's `basic.nack`).
+    Nacks,
+    /// The connection closes with no ERROR: the rejected message and every one pending with it
+    /// is unknown, lost with the connection (RabbitMQ 3.10's STOMP plugin).
+    ClosesTheConnection,
+}
+
+/// A queue of the subject's broker limited to a few messages, rejecting publishes beyond.
+pub(crate) struct Limited {
+    pub(super) name: String,
+    _declared: Option<LimitedQueue>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -187,6 +204,43 @@ impl Subject {
             Kind::MemoryStomp | Kind::Stomp => Some(Refusal::ClosesTheConnection),
             Kind::Amqp => Some(Refusal::RefusesTheMessage),
             Kind::MemoryAmqp => None,
+        }
+    }
+
+    /// Its answer to a publish to a full queue with `x-overflow: reject-publish`.
+    pub(super) fn rejection(&self) -> Rejection {
+        match self.kind {
+            Kind::MemoryStomp | Kind::Stomp => Rejection::ClosesTheConnection,
+            Kind::MemoryAmqp | Kind::Amqp => Rejection::Nacks,
+        }
+    }
+
+    /// Whether the transport waits before reconnecting after the broker closed a connection
+    /// early with receipts outstanding (the STOMP transport); the memory broker does not.
+    pub(super) fn paces_reconnections(&self) -> bool {
+        self.kind == Kind::Stomp
+    }
+
+    /// A queue limited to `max_length` ready messages with `x-overflow: reject-publish`: on
+    /// RabbitMQ declared over AMQP (and deleted when dropped), in memory with
+    /// [`MemoryTransport::limit_queue`].
+    pub(super) async fn limited_queue(&self, prefix: &str, max_length: u32) -> Limited {
+        match &self.memory {
+            Some(memory) => {
+                let name = unique(prefix);
+                memory.limit_queue(&name, Some(max_length as usize));
+                Limited {
+                    name,
+                    _declared: None,
+                }
+            }
+            None => {
+                let declared = LimitedQueue::declare(prefix, max_length).await;
+                Limited {
+                    name: declared.name.clone(),
+                    _declared: Some(declared),
+                }
+            }
         }
     }
 
