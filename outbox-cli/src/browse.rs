@@ -3,6 +3,7 @@
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use clap::{Args, Subcommand, ValueEnum};
+use outbox::OutboxConfig;
 use outbox::ops::{self, FindReceived, FindRows};
 use outbox::tables::published::Model as Row;
 use outbox::tables::published::Status;
@@ -294,15 +295,23 @@ fn body_text(body: &Value, full: bool) -> String {
 }
 
 /// `list`: the outbox rows `args` finds.
-pub async fn list(args: ListArgs, url: Option<String>) -> Result<(), Failure> {
-    let db = connect(url, Some(OPERATION_POOL)).await?;
+pub async fn list(
+    args: ListArgs,
+    config: &OutboxConfig,
+    url: Option<String>,
+) -> Result<(), Failure> {
+    let db = connect(url, Some(OPERATION_POOL), config).await?;
     let rows = args.search().run(&db).await?;
     args.print(&rows).map_err(Failure::Operation)
 }
 
 /// `show`: one outbox row whole.
-pub async fn show(args: ShowArgs, url: Option<String>) -> Result<(), Failure> {
-    let db = connect(url, Some(OPERATION_POOL)).await?;
+pub async fn show(
+    args: ShowArgs,
+    config: &OutboxConfig,
+    url: Option<String>,
+) -> Result<(), Failure> {
+    let db = connect(url, Some(OPERATION_POOL), config).await?;
     match ops::show(&db, args.id()).await? {
         Some(row) => args.print(&row).map_err(Failure::Operation),
         None => Err(Failure::Operation(format!(
@@ -313,9 +322,13 @@ pub async fn show(args: ShowArgs, url: Option<String>) -> Result<(), Failure> {
 }
 
 /// `received list`: the inbox rows `args` finds.
-pub async fn received(command: ReceivedCommand, url: Option<String>) -> Result<(), Failure> {
+pub async fn received(
+    command: ReceivedCommand,
+    config: &OutboxConfig,
+    url: Option<String>,
+) -> Result<(), Failure> {
     let ReceivedCommand::List(args) = command;
-    let db = connect(url, Some(OPERATION_POOL)).await?;
+    let db = connect(url, Some(OPERATION_POOL), config).await?;
     let rows = args.search().run(&db).await?;
     args.print(&rows).map_err(Failure::Operation)
 }

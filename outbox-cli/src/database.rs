@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use outbox::OutboxConfig;
 use sea_orm::DatabaseConnection;
 
 use crate::failure::Failure;
@@ -10,17 +11,20 @@ use crate::failure::Failure;
 pub(crate) const OPERATION_POOL: u32 = 2;
 
 /// Connects to the database, with at most `pool` connections (default: SeaORM's, for the
-/// relay). A malformed URL is a usage error, an unreachable server an operational one.
+/// relay), each with the statement and lock timeouts of `config` (`OUTBOX_DB_*`: the server
+/// ends a statement past them, see [`OutboxConfig::database_options`]). A malformed URL is a
+/// usage error, an unreachable server an operational one.
 pub(crate) async fn connect(
     url: Option<String>,
     pool: Option<u32>,
+    config: &OutboxConfig,
 ) -> Result<DatabaseConnection, Failure> {
     let Some(url) = url else {
         return Err(Failure::Usage(
             "DATABASE_URL is not set (or pass --database-url)".into(),
         ));
     };
-    let mut options = sea_orm::ConnectOptions::new(url);
+    let mut options = config.database_options(url);
     options
         .connect_timeout(Duration::from_secs(10))
         .sqlx_logging(false);

@@ -36,7 +36,7 @@ pub(crate) async fn run(
     }
     let declared = match url {
         Some(url) => {
-            let db = database::connect(Some(url), Some(database::OPERATION_POOL)).await?;
+            let db = database::connect(Some(url), Some(database::OPERATION_POOL), config).await?;
             Some(outbox::ops::declare(&db, broker.as_ref(), &topology).await?)
         }
         None => {

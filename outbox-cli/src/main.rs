@@ -150,12 +150,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     let url = cli.database_url;
     match cli.command {
         Command::Publish => publish::run(config, url).await,
-        Command::Status(args) => status::run(args, url).await,
-        Command::List(args) => browse::list(args, url).await,
-        Command::Show(args) => browse::show(args, url).await,
-        Command::Received(command) => browse::received(command, url).await,
+        Command::Status(args) => status::run(args, &config, url).await,
+        Command::List(args) => browse::list(args, &config, url).await,
+        Command::Show(args) => browse::show(args, &config, url).await,
+        Command::Received(command) => browse::received(command, &config, url).await,
         Command::Retry(args) => retry::run(args, &config, url).await,
-        Command::Purge(args) => purge::run(args, url).await,
+        Command::Purge(args) => purge::run(args, &config, url).await,
         Command::Dlq(command) => dlq::run(command, &config).await,
         Command::Declare(args) => declare::run(args, &config, url).await,
     }

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
+use outbox::OutboxConfig;
 use outbox::ops::{Purge, PurgeStatus};
 
 use crate::database::{OPERATION_POOL, connect};
@@ -53,7 +54,11 @@ pub(crate) struct PurgeArgs {
 }
 
 /// Deletes the rows `args` names (or counts them, with `--dry-run`).
-pub(crate) async fn run(args: PurgeArgs, url: Option<String>) -> Result<(), Failure> {
+pub(crate) async fn run(
+    args: PurgeArgs,
+    config: &OutboxConfig,
+    url: Option<String>,
+) -> Result<(), Failure> {
     let status = PurgeStatus::from(args.status);
     if status.needs_force() && !args.force {
         return Err(Failure::Usage(format!(
@@ -65,7 +70,7 @@ pub(crate) async fn run(args: PurgeArgs, url: Option<String>) -> Result<(), Fail
             "--force only applies to --status failed, all-sent-and-failed and scheduled".into(),
         ));
     }
-    let db = connect(url, Some(OPERATION_POOL)).await?;
+    let db = connect(url, Some(OPERATION_POOL), config).await?;
     let mut purge = Purge::new(status);
     if args.force {
         purge = purge.force();

@@ -3,10 +3,13 @@
 use std::io::Write;
 use std::sync::Arc;
 
+use outbox::config::url_secrets;
+
 /// Takes the secrets of this run out of every error and log line: the credentials of any URL
-/// ([`outbox::config::redact_credentials`]), and, wherever they appear, the database password and the
-/// broker passcode this run was given, as written, percent-decoded and percent-encoded (a driver
-/// may quote any of these, and an unparsable URL is quoted whole).
+/// ([`outbox::config::redact_credentials`]), and, wherever they appear, the database password
+/// (of the URL's user info, or a `?password=`-like parameter: [`url_secrets`]) and the broker
+/// passcode this run was given, as written, percent-decoded and percent-encoded (a driver may
+/// quote any of these, and an unparsable URL is quoted whole).
 pub(crate) struct Redactor {
     secrets: Vec<String>,
 }
@@ -18,10 +21,7 @@ const SHORTEST_SECRET: usize = 4;
 impl Redactor {
     /// The redactor of a run given `database_url` and the `OUTBOX_*` settings.
     pub(crate) fn new(database_url: Option<&str>) -> Redactor {
-        let mut secrets = Vec::new();
-        if let Some(password) = database_url.and_then(url_password) {
-            secrets.push(password.to_owned());
-        }
+        let mut secrets = database_url.map(url_secrets).unwrap_or_default();
         if let Ok(passcode) = std::env::var("OUTBOX_STOMP_PASSCODE") {
             let username =
                 std::env::var("OUTBOX_STOMP_USERNAME").unwrap_or_else(|_| "guest".into());
@@ -54,17 +54,6 @@ impl Redactor {
         }
         outbox::config::redact_credentials(&text)
     }
-}
-
-/// The password of `scheme://user:password@host...`, as written, when the URL has one (the
-/// part between the first `:` after `://` and the last `@` of the address, which holds even
-/// when the password has unencoded `@`, `#`, `?` or `/`).
-fn url_password(url: &str) -> Option<&str> {
-    let (_, rest) = url.split_once("://")?;
-    let address = rest.split(char::is_whitespace).next()?;
-    let userinfo = &address[..address.rfind('@')?];
-    let (_, password) = userinfo.split_once(':')?;
-    (!password.is_empty()).then_some(password)
 }
 
 /// `%XX` sequences decoded, the rest kept as it is.
@@ -127,9 +116,9 @@ mod tests {
     #[test]
     fn the_run_s_secrets_are_redacted_in_every_form() {
         let url = "postgres://app:Qx7#pw?z@%41@127.0.0.1:5432/test";
-        assert_eq!(url_password(url), Some("Qx7#pw?z@%41"));
-        assert_eq!(url_password("postgres://app@h/db"), None);
-        assert_eq!(url_password("not a url"), None);
+        assert_eq!(url_secrets(url), ["Qx7#pw?z@%41"]);
+        assert!(url_secrets("postgres://app@h/db").is_empty());
+        assert!(url_secrets("not a url").is_empty());
         let redactor = Redactor::new(Some(url));
         for leak in [
             "Qx7#pw?z@%41",
@@ -144,5 +133,11 @@ mod tests {
             redactor.redact("invalid URL postgresql+psycopg://u:Dj4ngo!@h/db"),
             "invalid URL postgresql+psycopg://u:***@h/db"
         );
+        // A password given as a query parameter, quoted alone by a driver.
+        let redactor = Redactor::new(Some("postgres://app@h/db?password=Qx7%23pw&sslmode=prefer"));
+        for leak in ["Qx7%23pw", "Qx7#pw"] {
+            let shown = redactor.redact(&format!("password {leak} refused"));
+            assert!(!shown.contains("pw"), "{leak}: {shown}");
+        }
     }
 }

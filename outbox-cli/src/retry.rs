@@ -34,7 +34,7 @@ pub(crate) async fn run(
     config: &OutboxConfig,
     url: Option<String>,
 ) -> Result<(), Failure> {
-    let db = connect(url, Some(OPERATION_POOL)).await?;
+    let db = connect(url, Some(OPERATION_POOL), config).await?;
     let mut retry = Retry::new().config(config).ids(args.ids);
     if let Some(destination) = args.destination {
         retry = retry.destination(destination);

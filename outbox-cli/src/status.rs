@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use chrono::SecondsFormat;
 use clap::Args;
+use outbox::OutboxConfig;
 use outbox::ops::{self, StatusReport};
 
 use crate::database::{OPERATION_POOL, connect};
@@ -36,17 +37,25 @@ pub(crate) struct StatusArgs {
 }
 
 /// Reports the outbox's state, or checks it against the thresholds with `--check`.
-pub(crate) async fn run(args: StatusArgs, url: Option<String>) -> Result<(), Failure> {
+pub(crate) async fn run(
+    args: StatusArgs,
+    config: &OutboxConfig,
+    url: Option<String>,
+) -> Result<(), Failure> {
     if args.check {
-        check(args, url).await
+        check(args, config, url).await
     } else {
-        report(args, url).await
+        report(args, config, url).await
     }
 }
 
 /// `status --check`: one line, and the exit code of the first threshold crossed.
-async fn check(args: StatusArgs, url: Option<String>) -> Result<(), Failure> {
-    let db = connect(url, Some(OPERATION_POOL)).await?;
+async fn check(
+    args: StatusArgs,
+    config: &OutboxConfig,
+    url: Option<String>,
+) -> Result<(), Failure> {
+    let db = connect(url, Some(OPERATION_POOL), config).await?;
     if args.max_pending_age.is_none() && args.max_failed.is_none() {
         return Err(Failure::Usage(
             "--check needs a threshold: --max-pending-age and/or --max-failed".into(),
@@ -77,8 +86,12 @@ async fn check(args: StatusArgs, url: Option<String>) -> Result<(), Failure> {
 }
 
 /// `status`: the report, as tables or JSON.
-async fn report(args: StatusArgs, url: Option<String>) -> Result<(), Failure> {
-    let db = connect(url, Some(OPERATION_POOL)).await?;
+async fn report(
+    args: StatusArgs,
+    config: &OutboxConfig,
+    url: Option<String>,
+) -> Result<(), Failure> {
+    let db = connect(url, Some(OPERATION_POOL), config).await?;
     let report = ops::status(&db, args.failed).await?;
     if args.json {
         let json = serde_json::to_string_pretty(&report)

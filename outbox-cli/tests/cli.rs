@@ -958,6 +958,21 @@ impl Drop for BrokerUser {
 /// (plain, percent-encoded, percent-decoded) can show without one of these.
 const SECRET_MARKERS: &[&str] = &["Qx7", "Dj4ngo", "Pk9"];
 
+/// Runs `command` to its end (a minute at most); its exit code, and its stdout and stderr
+/// together.
+async fn run_to_the_end(what: &str, mut command: tokio::process::Command) -> (Option<i32>, String) {
+    let run = tokio::time::timeout(Duration::from_secs(60), command.output())
+        .await
+        .unwrap_or_else(|_| panic!("{what}: still running"))
+        .unwrap();
+    let output = format!(
+        "{}{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    (run.status.code(), output)
+}
+
 #[track_caller]
 fn assert_no_secret(what: &str, output: &str) {
     for marker in SECRET_MARKERS {
@@ -1026,18 +1041,10 @@ async fn secrets_never_show_in_any_error_or_log_line() {
         for (name, value) in &env {
             command.env(name, value);
         }
-        let run = tokio::time::timeout(Duration::from_secs(60), command.output())
-            .await
-            .unwrap_or_else(|_| panic!("{what}: still running"))
-            .unwrap();
-        let output = format!(
-            "{}{}",
-            String::from_utf8_lossy(&run.stdout),
-            String::from_utf8_lossy(&run.stderr)
-        );
+        let (code, output) = run_to_the_end(&what, command).await;
         assert_no_secret(&what, &output);
         if what != "status" {
-            assert_ne!(run.status.code(), Some(0), "{what} failed:\n{output}");
+            assert_ne!(code, Some(0), "{what} failed:\n{output}");
         }
     }
 
@@ -1134,6 +1141,100 @@ async fn secrets_never_show_in_any_error_or_log_line() {
     );
     assert_no_secret("the consumer's logs", &logs);
     test.drop_database().await;
+}
+
+#[tokio::test]
+async fn a_failed_database_connection_never_shows_its_password_in_the_user_info_or_the_query() {
+    // A password in the user info, another as `?password=`, another as `&sslpassword=`.
+    let unreachable = "postgres://postgres:Qx7-user@127.0.0.1:1/test\
+                       ?password=Qx7-query&sslmode=prefer&sslpassword=Qx7-ssl";
+    // An unknown scheme: the driver's error quotes the whole URL.
+    let unknown_scheme = "postgress://postgres:Qx7-user@127.0.0.1:5432/test?password=Qx7-query";
+    // (An unreachable server costs the command's connect timeout, 10 s: once is enough.)
+    for (what, url, args) in [
+        ("status, unknown scheme", unknown_scheme, &["status"][..]),
+        ("publish, unreachable", unreachable, &["publish"][..]),
+        (
+            "retry, unknown scheme",
+            unknown_scheme,
+            &["retry", "--dry-run"][..],
+        ),
+    ] {
+        let mut command = command(Some(url), args);
+        command.env("RUST_LOG", "trace");
+        let (code, output) = run_to_the_end(what, command).await;
+        assert_ne!(code, Some(0), "{what}:\n{output}");
+        assert!(output.contains("database"), "{what} says why:\n{output}");
+        assert_no_secret(what, &output);
+    }
+
+    // The library's own logs: a relay on a pool whose connections fail, every line of the
+    // outbox captured, and the error a service gets back from connecting. (SeaORM's span of
+    // `Database::connect` and sqlx's warnings quote the URL as given, outside the library: the
+    // command above redacts its whole output, a service's log pipeline has to.)
+    let captured = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let writer = {
+        let captured = captured.clone();
+        move || CapturedLog(captured.clone())
+    };
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("outbox=trace"))
+        .with_writer(writer)
+        .finish();
+    let _default = tracing::subscriber::set_default(subscriber);
+    let mut options = sea_orm::ConnectOptions::new(unreachable);
+    options
+        .connect_lazy(true)
+        .acquire_timeout(Duration::from_millis(500));
+    let db = sea_orm::Database::connect(options).await.unwrap();
+    let mut settings = consumer_config();
+    settings.maximum_backoff = Duration::from_millis(200);
+    let relay = outbox::Producer::builder(db)
+        .config(settings)
+        .start()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    relay.stop().await.unwrap();
+    let refused = sea_orm::Database::connect(unknown_scheme)
+        .await
+        .unwrap_err();
+    let shown = outbox::Error::from(refused).to_string();
+    assert!(shown.contains("postgres:***@"), "{shown}");
+    assert_no_secret("the error of a refused URL", &shown);
+    let logs = String::from_utf8_lossy(&captured.lock().unwrap()).into_owned();
+    assert!(logs.contains("relay round failed"), "{logs}");
+    assert_no_secret("the relay's logs", &logs);
+}
+
+#[tokio::test]
+async fn a_passcode_sent_in_clear_to_a_remote_broker_is_warned_of_once_naming_the_address() {
+    // 192.0.2.0/24 is reserved for documentation: nothing answers there.
+    let run = |addresses: &'static str| async move {
+        let run = command(None, &["declare", "/topic/plain_passcode_warning"])
+            .env("OUTBOX_STOMP_HOST_AND_PORTS", addresses)
+            .env("OUTBOX_STOMP_PASSCODE", "Pk9-plain")
+            .env("OUTBOX_RECEIPT_TIMEOUT", "1")
+            .env("OUTBOX_MAXIMUM_BACKOFF", "0.1")
+            .output()
+            .await
+            .unwrap();
+        String::from_utf8_lossy(&run.stderr).into_owned()
+    };
+    let remote = run("192.0.2.1:61613,127.0.0.1:1").await;
+    assert_eq!(
+        remote.matches("sent in clear").count(),
+        1,
+        "one warning, for the remote address only:\n{remote}"
+    );
+    let warning = remote
+        .lines()
+        .find(|line| line.contains("sent in clear"))
+        .unwrap_or_default();
+    assert!(warning.contains("192.0.2.1:61613"), "{remote}");
+    assert!(!warning.contains("127.0.0.1"), "{remote}");
+    assert_no_secret("the warning", &remote);
+    let local = run("127.0.0.1:1").await;
+    assert!(!local.contains("sent in clear"), "{local}");
 }
 
 /// A log writer into a shared buffer.

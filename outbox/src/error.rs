@@ -85,8 +85,9 @@ pub enum Error {
     #[error("outbox task stopped: {0}")]
     Stopped(String),
 
-    /// The database refused an operation.
-    #[error("database error: {0}")]
+    /// The database refused an operation. Shown without credentials: a driver's error may
+    /// quote the connection URL ([`crate::config::redact_credentials`]).
+    #[error("database error: {}", crate::config::redact_credentials(&.0.to_string()))]
     Database(#[source] DbErr),
 
     /// A consumed message's body is not the JSON a callback asked for ([`crate::consumer::Payload::json`]).
@@ -112,3 +113,19 @@ impl From<DbErr> for Error {
 
 /// The result type of the outbox.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_database_error_shows_no_password_of_the_url_it_quotes() {
+        let err = Error::Database(DbErr::Conn(sea_orm::RuntimeErr::Internal(
+            "cannot connect to postgres://app:Qx7-user@db/app?password=Qx7-query&sslmode=require"
+                .into(),
+        )));
+        let shown = err.to_string();
+        assert!(!shown.contains("Qx7"), "{shown}");
+        assert!(shown.contains("postgres://app:***@db/app?password=***&sslmode=require"));
+    }
+}

@@ -58,10 +58,11 @@
 //! | [`headers`], [`metrics`], [`send`](mod@send), [`shutdown`], [`testing`] | the `dop-*` headers, the metrics, a direct send, signals, helpers for a service's tests |
 //!
 //! Inside the crate, `db` holds what the relay, the consumer, retention and ops share about the
-//! database (its clock, error classes, bounded batches by id, the rows waiting for a queue), and `retention` every cleanup
-//! (expiry, old sent rows, old inbox rows, the purge's deletes). A test that reads the sources
-//! keeps the walls between them: the transport reaches no table, relay, consumer, ops or
-//! metrics; the relay and the consumer never reach each other; ops never reach the relay.
+//! database (its clock, error classes, the bounds on every call, bounded batches by id, the rows
+//! waiting for a queue), and `retention` every cleanup (expiry, old sent rows, old inbox rows,
+//! the purge's deletes). A test that reads the sources keeps the walls between them: the
+//! transport reaches no table, relay, consumer, ops or metrics; the relay and the consumer never
+//! reach each other; ops never reach the relay.
 //!
 //! ## Glossary
 //!

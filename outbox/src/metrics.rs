@@ -27,6 +27,7 @@
 //! | `outbox_consumer_callback_duration_seconds` | histogram | `queue` | time the callback took, per attempt |
 //! | `outbox_consumer_group_size` | histogram | `queue` | messages per committed group (group commits: `OUTBOX_CONSUMER_GROUP_SIZE` above 1) |
 //! | `outbox_relay_lag_seconds` | histogram | | per receipted message: from its row's `added` (set when the row was saved, on the writer's clock) to the broker's receipt (on the relay's clock) |
+//! | `outbox_database_timeouts_total` | counter | `kind` | database calls of the relay, the consumer or retention that timed out, each a transient failure (retried, never charged to a row): `no_answer` (no answer within `OUTBOX_DB_STATEMENT_TIMEOUT` + 1 s: a stalled connection, abandoned by the client), `statement` (the server ended the statement at its statement timeout), `lock` (a lock wait past `OUTBOX_DB_LOCK_TIMEOUT`) |
 //! | `outbox_consumer_lag_seconds` | histogram | `queue` | per committed message, end to end: from its `dop-msg-sent-time` header (the save time, on the writer's clock) to the commit of the callback's transaction (on the consumer's clock); messages without a parsable header are not recorded |
 //!
 //! The pending gauges describe the whole table, not one relay: with several relays, aggregate
@@ -83,6 +84,8 @@ pub const MESSAGES_UNROUTABLE: &str = "outbox_messages_unroutable_total";
 pub const MESSAGES_NACKED: &str = "outbox_messages_nacked_total";
 /// Counter: publishes the broker rejected (a queue full with `reject-publish`), by destination.
 pub const MESSAGES_REJECTED: &str = "outbox_messages_rejected_total";
+/// Counter: database calls that timed out, by kind (`no_answer`, `statement`, `lock`).
+pub const DATABASE_TIMEOUTS: &str = "outbox_database_timeouts_total";
 /// Rows per relay batch.
 pub const RELAY_BATCH_SIZE: &str = "outbox_relay_batch_size";
 /// Seconds per relay batch.
@@ -226,6 +229,11 @@ pub fn describe() {
         CONSUMER_GROUP_SIZE,
         Unit::Count,
         "Messages per committed consumer group (one transaction), by queue"
+    );
+    describe_counter!(
+        DATABASE_TIMEOUTS,
+        Unit::Count,
+        "Database calls that timed out (transient, retried), by kind: no_answer, statement, lock"
     );
     describe_histogram!(
         RELAY_LAG,
@@ -382,4 +390,9 @@ pub(crate) fn dead_transaction(queue: &str) {
 pub(crate) fn callback_finished(queue: &str, elapsed: Duration) {
     histogram!(CONSUMER_CALLBACK_DURATION, "queue" => queue.to_owned())
         .record(elapsed.as_secs_f64());
+}
+
+/// Counts a database call that timed out (`kind`: `no_answer`, `statement`, `lock`).
+pub(crate) fn database_timeout(kind: &'static str) {
+    counter!(DATABASE_TIMEOUTS, "kind" => kind).increment(1);
 }

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement};
 
 /// Creates the `effects` table (no unique key).
 pub async fn create_effects_table(db: &DatabaseConnection) {
@@ -20,9 +20,14 @@ pub async fn insert_effect(
     msg_id: &str,
     note: &str,
 ) -> Result<(), sea_orm::DbErr> {
+    let backend = db.get_database_backend();
+    let sql = match backend {
+        DbBackend::MySql => "INSERT INTO effects (msg_id, note) VALUES (?, ?)",
+        _ => "INSERT INTO effects (msg_id, note) VALUES ($1, $2)",
+    };
     db.execute_raw(Statement::from_sql_and_values(
-        db.get_database_backend(),
-        "INSERT INTO effects (msg_id, note) VALUES ($1, $2)",
+        backend,
+        sql,
         [msg_id.into(), note.into()],
     ))
     .await

@@ -3,9 +3,10 @@
 //! The relay under what a real RabbitMQ does: a destination the broker refuses while batches are
 //! in flight, a message the broker never receipts, a retention backlog, a relay that overruns
 //! its lease, batches over AMQP that mix a topic with a queue and one without (the returns
-//! pinned on their own rows, the unbound one probed, then bound by `outbox declare`), and (run
-//! alone, see `.ci/run`) the broker and the database restarted during a run. This binary's
-//! metrics recorder is the AMQP scenario's.
+//! pinned on their own rows, the unbound one probed, then bound by `outbox declare`), a database
+//! that stops answering (PostgreSQL and MariaDB, through a proxy), and (run alone, see
+//! `.ci/run`) the broker and the database restarted during a run. This binary's metrics
+//! recorder is the AMQP scenario's.
 //! Each scenario prints its summary line (`fault.<name> sent=N effects=N lost=0
 //! duplicate_effects=0 ...`) and appends it to the suite's summary file.
 //!
@@ -30,6 +31,7 @@ use outbox::transport::{
 };
 use outbox::{Consumer, OutboxConfig, Producer, Published};
 use outbox_tests::faults::*;
+use outbox_tests::proxy::FaultProxy;
 use outbox_tests::recorder::install_recorder;
 use outbox_tests::rows::set_back;
 use outbox_tests::stomp_peer::{RABBITMQ_STOMP, unique};
@@ -978,5 +980,182 @@ async fn database_restart() {
         ),
     );
     assert_exactly_once(&counted, n);
+    test.drop_database().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// database_stall: the database stops answering (its connections stay open, nothing comes back)
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_stall() {
+    database_stalled(Backend::Postgres, "database_stall").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_stall_mariadb() {
+    database_stalled(Backend::MariaDb, "database_stall_mariadb").await;
+}
+
+/// The statement timeout of the stall scenarios: every database call of the relay and the
+/// consumer is given up this long (and 1 s) after it got no answer.
+const STALL_STATEMENT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The consumer's shutdown timeout in the stall scenarios.
+const STALL_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// `url` with its server's address (`127.0.0.1:<port>`) replaced by `proxy`.
+fn through(url: &str, server: SocketAddr, proxy: SocketAddr) -> String {
+    let proxied = url.replacen(&server.to_string(), &proxy.to_string(), 1);
+    assert_ne!(proxied, url, "{url} names {server}");
+    proxied
+}
+
+/// The database's address for `backend`.
+fn database_addr(backend: Backend) -> SocketAddr {
+    match backend {
+        Backend::Postgres => "127.0.0.1:5432",
+        _ => "127.0.0.1:3306",
+    }
+    .parse()
+    .expect("an address")
+}
+
+/// `outbox publish` on the database at `url`, with the stall scenarios' statement timeout.
+fn stall_relay(url: &str) -> tokio::process::Child {
+    publish_command(url, 50)
+        .env("OUTBOX_STOMP_HOST_AND_PORTS", RABBITMQ_STOMP)
+        .env(
+            "OUTBOX_DB_STATEMENT_TIMEOUT",
+            STALL_STATEMENT_TIMEOUT.as_secs().to_string(),
+        )
+        .env("OUTBOX_DB_LOCK_TIMEOUT", "1")
+        .spawn()
+        .expect("start outbox publish")
+}
+
+/// A consumer recording effects, on its own pool to the database at `url`.
+async fn stall_consumer(url: &str, destination: &str) -> ConsumerHandle {
+    let mut settings = config(RABBITMQ_STOMP);
+    settings.db_statement_timeout = STALL_STATEMENT_TIMEOUT;
+    settings.db_lock_timeout = Duration::from_secs(1);
+    settings.consumer_shutdown_timeout = STALL_SHUTDOWN_TIMEOUT;
+    // A message whose attempts meet the stall is tried again later, not dead-lettered.
+    settings.consumer_max_retry_attempts = 20;
+    Consumer::builder(pool(url, 4).await)
+        .config(settings)
+        .destination(destination)
+        .in_flight(4)
+        .start(record_effect)
+        .unwrap()
+}
+
+/// SIGTERM to `child`; how long it took to exit (it must exit 0).
+async fn terminate(child: &mut tokio::process::Child, limit: Duration) -> Duration {
+    let pid = child.id().expect("running").to_string();
+    let started = Instant::now();
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("run kill");
+    assert!(sent.success(), "kill -TERM {pid}");
+    let status = tokio::time::timeout(limit, child.wait())
+        .await
+        .unwrap_or_else(|_| panic!("the relay did not exit within {limit:?} of SIGTERM"))
+        .expect("wait for the relay");
+    assert!(status.success(), "the relay exited with {status}");
+    started.elapsed()
+}
+
+/// A relay (`outbox publish`) and a consumer, both reaching the database through a proxy, are
+/// at work when the proxy stops forwarding without closing anything (a half-open link, a
+/// database host that froze). SIGTERM stops the relay within the statement timeout + 5 s, and
+/// the consumer stops within its shutdown timeout (+ 2 s to leave the broker), though their
+/// database calls never return. The database answers again; a new relay and consumer through
+/// the proxy deliver everything: nothing lost, no effect twice.
+async fn database_stalled(backend: Backend, name: &str) {
+    let started = Instant::now();
+    let n = counts(600, 4000);
+    let test = TestDb::new(backend).await;
+    create_effects_table(&test.db).await;
+    let (destination, queue, wire_queue, _cleanup) = fresh_destination("fault_db_stall");
+    declare_consumer_queues(&destination).await;
+    let mut wire = WireCounter::start(&destination, &wire_queue).await;
+    let proxy = FaultProxy::start(database_addr(backend)).await;
+    let proxied = through(&test.url, database_addr(backend), proxy.addr());
+    enqueue_many(&test.db, &destination, n / 2, 0).await;
+
+    let mut relay = stall_relay(&proxied);
+    let consumer = stall_consumer(&proxied, &destination).await;
+    eventually(Duration::from_secs(30), "a quarter of the effects", || {
+        let db = test.db.clone();
+        async move { distinct_effects(&db).await >= n / 4 }
+    })
+    .await;
+    // More work on the way while the database stops answering.
+    enqueue_many(&test.db, &destination, n - n / 2, n / 2).await;
+    proxy.stall(true);
+    let stalled_at = Instant::now();
+    // Let calls start and hang: claims, marks, inbox inserts, commits.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let relay_limit = STALL_STATEMENT_TIMEOUT + Duration::from_secs(5);
+    let consumer_limit = STALL_SHUTDOWN_TIMEOUT + Duration::from_secs(2);
+    let (relay_stop, consumer_stop) = tokio::join!(terminate(&mut relay, relay_limit * 3), async {
+        let stopping = Instant::now();
+        tokio::time::timeout(consumer_limit * 3, consumer.stop())
+            .await
+            .expect("the consumer stops")
+            .expect("the consumer stops cleanly");
+        stopping.elapsed()
+    });
+    let stall = stalled_at.elapsed();
+    println!(
+        "{name}: relay stopped in {relay_stop:?} (limit {relay_limit:?}), consumer in \
+         {consumer_stop:?} (limit {consumer_limit:?})"
+    );
+
+    // The database answers again; a new relay and consumer finish the work.
+    proxy.stall(false);
+    let mut relay = stall_relay(&proxied);
+    let consumer = stall_consumer(&proxied, &destination).await;
+    wait_until_all_sent(&test.db, n, Duration::from_secs(60)).await;
+    wait_until_consumed(&test.db, &queue, n, Duration::from_secs(60)).await;
+    terminate(&mut relay, relay_limit).await;
+    consumer.stop().await.unwrap();
+    let charged = rows(&test.db)
+        .await
+        .iter()
+        .filter(|row| row.retry > 0)
+        .count();
+
+    let (counted, wire_duplicates) = count_effects(&test.db, &mut wire).await;
+    summary(
+        name,
+        &counted,
+        wire_duplicates,
+        &format!(
+            "relay_stop_secs={:.1} consumer_stop_secs={:.1} statement_timeout_secs={} \
+             shutdown_timeout_secs={} stall_secs={:.1} charged={charged} secs={:.1}",
+            relay_stop.as_secs_f64(),
+            consumer_stop.as_secs_f64(),
+            STALL_STATEMENT_TIMEOUT.as_secs(),
+            STALL_SHUTDOWN_TIMEOUT.as_secs(),
+            stall.as_secs_f64(),
+            started.elapsed().as_secs_f64()
+        ),
+    );
+    assert_exactly_once(&counted, n);
+    assert!(
+        relay_stop <= relay_limit,
+        "the relay took {relay_stop:?} to stop, more than the statement timeout + 5 s"
+    );
+    assert!(
+        consumer_stop <= consumer_limit,
+        "the consumer took {consumer_stop:?} to stop, more than its shutdown timeout + 2 s"
+    );
+    assert_eq!(
+        charged, 0,
+        "rows charged for a database that did not answer"
+    );
+    drop(proxy);
     test.drop_database().await;
 }

@@ -34,10 +34,13 @@ impl OutboxConfig {
     }
 
     /// The durations, with their variables and ranges.
-    fn duration_settings(&self) -> [(&'static str, Duration, Range<Duration>); 11] {
+    fn duration_settings(&self) -> [(&'static str, Duration, Range<Duration>); 13] {
         const DAY: Duration = Duration::from_secs(86_400);
         const HOUR: Duration = Duration::from_secs(3600);
         const CENTISECOND: Duration = Duration::from_millis(10);
+        // The servers count these in milliseconds (PostgreSQL) and microseconds (MariaDB); a
+        // bound much shorter than a round trip would only fail every statement.
+        const DECISECOND: Duration = Duration::from_millis(100);
         let within = |min, max| Range { min, max };
         [
             (
@@ -94,6 +97,16 @@ impl OutboxConfig {
                 "OUTBOX_CONSUMER_GROUP_WAIT",
                 self.consumer_group_wait,
                 within(Duration::ZERO, Duration::from_secs(1)),
+            ),
+            (
+                "OUTBOX_DB_STATEMENT_TIMEOUT",
+                self.db_statement_timeout,
+                within(DECISECOND, HOUR),
+            ),
+            (
+                "OUTBOX_DB_LOCK_TIMEOUT",
+                self.db_lock_timeout,
+                within(DECISECOND, HOUR),
             ),
         ]
     }

@@ -115,6 +115,10 @@ impl OutboxConfig {
             "OUTBOX_CONSUMER_GROUP_WAIT" => {
                 self.consumer_group_wait = parse_seconds(value).map_err(bad)?
             }
+            "OUTBOX_DB_STATEMENT_TIMEOUT" => {
+                self.db_statement_timeout = parse_seconds(value).map_err(bad)?
+            }
+            "OUTBOX_DB_LOCK_TIMEOUT" => self.db_lock_timeout = parse_seconds(value).map_err(bad)?,
             _ => {
                 return Err(bad(format!(
                     "not an outbox setting (variables starting with {NOT_SETTINGS_PREFIX} are ignored)"

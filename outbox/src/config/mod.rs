@@ -26,7 +26,7 @@ mod secret;
 mod tests;
 
 pub use bounds::{MAX_PUBLISHED_CHUNK_SIZE, MAX_RELAY_BATCHES_IN_FLIGHT};
-pub use secret::{Secret, redact_credentials};
+pub use secret::{Secret, redact_credentials, url_secrets};
 
 /// Every setting of the outbox. `OutboxConfig::default()` has the documented defaults;
 /// [`OutboxConfig::from_env`] overrides them from `OUTBOX_<FIELD NAME IN CAPITALS>`.
@@ -62,7 +62,9 @@ pub struct OutboxConfig {
     pub stomp_key_file: Option<PathBuf>,
     /// The name the server certificate must carry; default: the host of each address.
     pub stomp_tls_server_name: Option<String>,
-    /// Check that the server certificate names the server. Default true.
+    /// Check that the server certificate names the server. Default true. `false` is refused
+    /// unless `stomp_ca_certs` names a private CA: with the public web roots, any publicly
+    /// trusted certificate, issued for any name, would be accepted.
     pub stomp_tls_verify_hostname: bool,
     /// Heartbeats `(outgoing, incoming)`; zero turns one direction off. Default 10 s each
     /// (`OUTBOX_STOMP_HEARTBEATS=10000,10000`, in milliseconds; each 0 to 3,600,000).
@@ -133,6 +135,23 @@ pub struct OutboxConfig {
     /// How long a group stays open for more messages after its first one. Default 2 ms (0 to
     /// 1 s; 0 commits as soon as no message is waiting).
     pub consumer_group_wait: Duration,
+
+    /// The longest a database statement of the outbox may run (`OUTBOX_DB_STATEMENT_TIMEOUT`).
+    /// Default 30 s (0.1 s to 3600 s). A call that gets no answer within it and 1 s more (a
+    /// stalled connection) is abandoned by the client; on the connections made with
+    /// [`OutboxConfig::database_options`] (those of the `outbox` command) the server ends the
+    /// statement itself (PostgreSQL `statement_timeout`, MariaDB `max_statement_time`). Either
+    /// way the call fails as a transient error: retried, logged and counted, never charged to a
+    /// row. A stopping relay waits at most this and 5 s for its batches in flight.
+    pub db_statement_timeout: Duration,
+    /// The longest a database statement of the outbox waits for a lock another transaction
+    /// holds (`OUTBOX_DB_LOCK_TIMEOUT`). Default 10 s (0.1 s to 3600 s; at most
+    /// `db_statement_timeout`). PostgreSQL `lock_timeout`, MariaDB `innodb_lock_wait_timeout`
+    /// (whole seconds, rounded up): set on the connections made with
+    /// [`OutboxConfig::database_options`], and in every consumer transaction, so that a
+    /// redelivered message never waits for good behind the uncommitted inbox row of a consumer
+    /// that stopped answering: it fails transiently and is tried again.
+    pub db_lock_timeout: Duration,
 }
 
 impl Default for OutboxConfig {
@@ -178,6 +197,8 @@ impl Default for OutboxConfig {
             consumer_callback_timeout: Duration::from_secs(300),
             consumer_group_size: 1,
             consumer_group_wait: Duration::from_millis(2),
+            db_statement_timeout: Duration::from_secs(30),
+            db_lock_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -210,12 +231,43 @@ impl OutboxConfig {
                 "must be longer than OUTBOX_RECEIPT_TIMEOUT, or another relay could take over rows still awaiting their receipts".into(),
             ));
         }
+        if self.db_lock_timeout > self.db_statement_timeout {
+            return Err(bad(
+                "OUTBOX_DB_LOCK_TIMEOUT",
+                seconds_text(self.db_lock_timeout),
+                "must be at most OUTBOX_DB_STATEMENT_TIMEOUT, which ends the statement first"
+                    .into(),
+            ));
+        }
+        self.validate_tls()?;
         if self.stomp_key_file.is_some() != self.stomp_cert_file.is_some() {
             return Err(bad(
                 "OUTBOX_STOMP_KEY_FILE",
                 String::new(),
                 "a client key needs OUTBOX_STOMP_CERT_FILE, and a certificate needs its key".into(),
             ));
+        }
+        Ok(())
+    }
+
+    /// TLS without host name verification only against a private CA: with the public web
+    /// roots, any publicly trusted certificate for any name would pass.
+    fn validate_tls(&self) -> Result<(), Error> {
+        let tls = self.stomp_use_ssl
+            || self
+                .broker_url
+                .iter()
+                .any(|url| url.expose().starts_with("amqps://"));
+        if tls && !self.stomp_tls_verify_hostname && self.stomp_ca_certs.is_none() {
+            return Err(Error::Config {
+                variable: "OUTBOX_STOMP_TLS_VERIFY_HOSTNAME".into(),
+                value: "false".into(),
+                reason: "refused with the public web roots, which would accept any publicly \
+                         trusted certificate issued for any name: keep it true (name the expected \
+                         certificate name with OUTBOX_STOMP_TLS_SERVER_NAME), or trust a private \
+                         CA with OUTBOX_STOMP_CA_CERTS"
+                    .into(),
+            });
         }
         Ok(())
     }

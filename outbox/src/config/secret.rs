@@ -56,14 +56,21 @@ pub(super) fn shown_value(name: &str, raw: &str) -> String {
 /// `text` with the credentials of every URL in it replaced by `***`: the password of
 /// `scheme://user:password@host` (the user name is kept), whatever the scheme, and whether or not
 /// the URL parses: a password holding `#`, `?`, `/` or `@` unencoded, as copied from a setting,
-/// is cut at the last `@` of the address. Errors of database drivers quote the URL they were
+/// is cut at the last `@` of the address. The values of query parameters that carry a secret
+/// (`?password=`, `&sslpassword=`, `pass=`, `passwd=`, `pwd=`, any name with `pass`, `pwd`,
+/// `secret` or `token` in it) go too. Errors of database drivers quote the URL they were
 /// given; every output that may carry one goes through this (the command line's errors and
-/// logs, the consumer's failure reports, the values of refused settings).
+/// logs, the library's logs of database errors, [`crate::Error::Database`], the consumer's
+/// failure reports, the values of refused settings).
 ///
 /// ```
 /// assert_eq!(
 ///     outbox::config::redact_credentials("cannot parse postgresql+psycopg://app:Dj4ngo!@db:5432/app"),
 ///     "cannot parse postgresql+psycopg://app:***@db:5432/app",
+/// );
+/// assert_eq!(
+///     outbox::config::redact_credentials("postgres://app@db/app?sslmode=require&password=Dj4ngo!"),
+///     "postgres://app@db/app?sslmode=require&password=***",
 /// );
 /// ```
 pub fn redact_credentials(text: &str) -> String {
@@ -77,7 +84,7 @@ pub fn redact_credentials(text: &str) -> String {
             .find(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '`' | '<' | '>'))
             .unwrap_or(after.len());
         let address = &after[..end];
-        match address.rfind('@') {
+        let host_and_rest = match address.rfind('@') {
             Some(last_at) => {
                 let userinfo = &address[..last_at];
                 match userinfo.find(':') {
@@ -87,14 +94,85 @@ pub fn redact_credentials(text: &str) -> String {
                     }
                     None => out.push_str(userinfo),
                 }
-                out.push_str(&address[last_at..]);
+                &address[last_at..]
             }
-            None => out.push_str(address),
+            None => address,
+        };
+        match host_and_rest.split_once('?') {
+            Some((path, query)) => {
+                out.push_str(path);
+                out.push('?');
+                out.push_str(&redact_query(query));
+            }
+            None => out.push_str(host_and_rest),
         }
         rest = &after[end..];
     }
     out.push_str(rest);
     out
+}
+
+/// The secrets a URL carries, as written: the password of its user info (`user:password@`, cut
+/// at the last `@` of the address, so that a password holding `#`, `?`, `/` or `@` unencoded is
+/// whole), and the value of every query parameter that names a secret (see
+/// [`redact_credentials`]). For an output that must blank them wherever they appear, not only
+/// inside the URL (the `outbox` command does).
+///
+/// ```
+/// assert_eq!(
+///     outbox::config::url_secrets("postgres://app:Dj4ngo!@db/app?sslmode=require&sslpassword=K3y"),
+///     ["Dj4ngo!", "K3y"],
+/// );
+/// ```
+pub fn url_secrets(url: &str) -> Vec<String> {
+    let Some((_, rest)) = url.split_once("://") else {
+        return Vec::new();
+    };
+    let address = rest.split(char::is_whitespace).next().unwrap_or_default();
+    let mut secrets = Vec::new();
+    let after_userinfo = match address.rfind('@') {
+        Some(last_at) => {
+            if let Some((_, password)) = address[..last_at].split_once(':')
+                && !password.is_empty()
+            {
+                secrets.push(password.to_owned());
+            }
+            &address[last_at..]
+        }
+        None => address,
+    };
+    if let Some((_, query)) = after_userinfo.split_once('?') {
+        for pair in query.split('&') {
+            if let Some((name, value)) = pair.split_once('=')
+                && names_a_secret(name)
+                && !value.is_empty()
+            {
+                secrets.push(value.to_owned());
+            }
+        }
+    }
+    secrets
+}
+
+/// A URL's query with the value of every parameter that names a secret replaced by `***`.
+fn redact_query(query: &str) -> String {
+    query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((name, _)) if names_a_secret(name) => format!("{name}=***"),
+            _ => pair.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+/// Whether a query parameter's name says its value is a secret (`password`, `sslpassword`,
+/// `pass`, `passwd`, `pwd`, `client_secret`, `auth_token`, ...).
+fn names_a_secret(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    ["pass", "pwd", "secret", "token"]
+        .iter()
+        .any(|word| name.contains(word))
 }
 
 #[cfg(test)]
@@ -130,6 +208,27 @@ mod tests {
             ),
             ("nothing here", "nothing here"),
             ("sqlite://db.sqlite?mode=rwc", "sqlite://db.sqlite?mode=rwc"),
+            (
+                "postgres://postgres@127.0.0.1:1/test?password=Qx7pw failed",
+                "postgres://postgres@127.0.0.1:1/test?password=*** failed",
+            ),
+            (
+                "postgres://u:Qx7@h/db?sslmode=require&sslpassword=Qx7&application_name=x",
+                "postgres://u:***@h/db?sslmode=require&sslpassword=***&application_name=x",
+            ),
+            (
+                "mysql://h/db?user=root&PASS=Qx7&pwd=Qx7&passwd=Qx7",
+                "mysql://h/db?user=root&PASS=***&pwd=***&passwd=***",
+            ),
+            (
+                "'amqp://h/?auth_token=Qx7&client_secret=Qx7'",
+                "'amqp://h/?auth_token=***&client_secret=***'",
+            ),
+            // A password with an unencoded `?`: cut at the last `@`, the query after it.
+            (
+                "postgres://u:Qx7?pw@h/db?password=Qx7",
+                "postgres://u:***@h/db?password=***",
+            ),
         ] {
             assert_eq!(redact_credentials(text), shown);
         }

@@ -243,6 +243,21 @@ fn every_duration_and_count_outside_its_range_is_refused_naming_the_variable_and
             "5000000000,0",
             "between 0 and 3600000 milliseconds",
         ),
+        (
+            "OUTBOX_DB_STATEMENT_TIMEOUT",
+            "0.05",
+            "between 0.1 and 3600 seconds",
+        ),
+        (
+            "OUTBOX_DB_STATEMENT_TIMEOUT",
+            "3601",
+            "between 0.1 and 3600 seconds",
+        ),
+        (
+            "OUTBOX_DB_LOCK_TIMEOUT",
+            "0",
+            "between 0.1 and 3600 seconds",
+        ),
     ] {
         let err = OutboxConfig::from_vars(vars(&[(name, value)]))
             .expect_err(&format!("{name}={value} accepted"))
@@ -321,4 +336,51 @@ fn a_refused_value_shows_no_credentials() {
         .unwrap_err()
         .to_string();
     assert!(!err.contains("hunter2"), "{err}");
+}
+
+#[test]
+fn the_database_bounds_are_read_and_the_lock_timeout_stays_within_the_statement_timeout() {
+    let c = OutboxConfig::default();
+    assert_eq!(c.db_statement_timeout, Duration::from_secs(30));
+    assert_eq!(c.db_lock_timeout, Duration::from_secs(10));
+    let c = OutboxConfig::from_vars(vars(&[
+        ("OUTBOX_DB_STATEMENT_TIMEOUT", "2.5"),
+        ("OUTBOX_DB_LOCK_TIMEOUT", "0.5"),
+    ]))
+    .unwrap();
+    assert_eq!(c.db_statement_timeout, Duration::from_millis(2500));
+    assert_eq!(c.db_lock_timeout, Duration::from_millis(500));
+    let err = OutboxConfig::from_vars(vars(&[
+        ("OUTBOX_DB_STATEMENT_TIMEOUT", "5"),
+        ("OUTBOX_DB_LOCK_TIMEOUT", "6"),
+    ]))
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("OUTBOX_DB_LOCK_TIMEOUT"), "{err}");
+    assert!(err.contains("OUTBOX_DB_STATEMENT_TIMEOUT"), "{err}");
+}
+
+#[test]
+fn tls_without_hostname_verification_is_refused_unless_a_private_ca_is_trusted() {
+    for tls in [
+        ("OUTBOX_STOMP_USE_SSL", "true"),
+        ("OUTBOX_BROKER_URL", "amqps://app:S3cret-pw@rabbit:5671/"),
+    ] {
+        let err =
+            OutboxConfig::from_vars(vars(&[tls, ("OUTBOX_STOMP_TLS_VERIFY_HOSTNAME", "false")]))
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("OUTBOX_STOMP_TLS_VERIFY_HOSTNAME"), "{err}");
+        assert!(err.contains("OUTBOX_STOMP_CA_CERTS"), "{err}");
+        assert!(!err.contains("S3cret-pw"), "{err}");
+        // With a private CA, the chain still ties the certificate to that CA: accepted.
+        OutboxConfig::from_vars(vars(&[
+            tls,
+            ("OUTBOX_STOMP_TLS_VERIFY_HOSTNAME", "false"),
+            ("OUTBOX_STOMP_CA_CERTS", "/etc/ssl/private-ca.pem"),
+        ]))
+        .unwrap();
+    }
+    // Without TLS the setting does nothing, and is not refused.
+    OutboxConfig::from_vars(vars(&[("OUTBOX_STOMP_TLS_VERIFY_HOSTNAME", "false")])).unwrap();
 }

@@ -12,13 +12,15 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction, TransactionTrait};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction};
 use tracing::Instrument;
 
 use super::failure::{Failure, panic_message};
 use super::inbox;
 use crate::consumer::Payload;
 use crate::consumer::payload::{BoxError, Decision, Incoming};
+use crate::db::bounds::DbBounds;
+use crate::db::errors::redacted;
 use crate::metrics::Outcome;
 use crate::transport::{Delivery, Transport};
 use crate::wake;
@@ -41,6 +43,8 @@ pub(crate) struct Dispatcher {
     pub(crate) retry_wait: Duration,
     /// How long one attempt of the callback may run.
     pub(crate) callback_timeout: Duration,
+    /// The bounds of the consumer's own database calls and of its transactions.
+    pub(crate) bounds: DbBounds,
 }
 
 /// How long a rollback may take before the transaction is abandoned to the connection pool (a
@@ -93,7 +97,7 @@ async fn end(txn: DatabaseTransaction, scope: Scope) -> Option<DatabaseTransacti
             {
                 Ok(Ok(_)) => Some(txn),
                 Ok(Err(err)) => {
-                    tracing::debug!(error = %err, "rollback to the member's savepoint failed");
+                    tracing::debug!(error = %redacted(&err), "rollback to the member's savepoint failed");
                     None
                 }
                 Err(_) => {
@@ -306,7 +310,11 @@ impl Dispatcher {
 
     /// One transaction: inbox row, callback, commit.
     async fn attempt(&self, message: &Arc<Incoming>, committed: &AtomicBool) -> Attempt {
-        let txn = match self.db.begin().await {
+        let txn = match self
+            .bounds
+            .begin_consumer(&self.db, self.callback_timeout)
+            .await
+        {
             Ok(txn) => txn,
             Err(err) => return Attempt::Failed(Failure::Database(err)),
         };
@@ -314,7 +322,7 @@ impl Dispatcher {
             Once::Saved(txn) => txn,
             Once::Ended { attempt, .. } => return attempt,
         };
-        match txn.commit().await {
+        match self.bounds.call(txn.commit()).await {
             Ok(()) => {
                 committed.store(true, Ordering::SeqCst);
                 crate::metrics::consumer_committed(
@@ -343,14 +351,15 @@ impl Dispatcher {
         message: &Arc<Incoming>,
     ) -> Once {
         if scope == Scope::Member
-            && let Err(err) = txn.execute_unprepared(SAVEPOINT).await
+            && let Err(err) = self.bounds.call(txn.execute_unprepared(SAVEPOINT)).await
         {
             return Once::Ended {
                 attempt: Attempt::Failed(Failure::Database(err)),
                 txn: None,
             };
         }
-        let inbox_row = match inbox::insert(&txn, message, self.keep_for).await {
+        let inserted = inbox::insert(&txn, message, self.keep_for, &self.bounds);
+        let inbox_row = match self.bounds.call(inserted).await {
             Ok(id) => id,
             Err(err) => {
                 let attempt = if inbox::is_duplicate(&err) {
@@ -414,7 +423,7 @@ impl Dispatcher {
     /// that the message is retried and then dead-lettered rather than acknowledged with nothing
     /// committed; in a group, it is this member that is blamed, and the others go on.
     async fn alive(&self, txn: &DatabaseTransaction, inbox_row: uuid::Uuid) -> Result<(), Failure> {
-        let how = match inbox::still_holds(txn, inbox_row).await {
+        let how = match self.bounds.call(inbox::still_holds(txn, inbox_row)).await {
             Ok(true) => return Ok(()),
             Ok(false) => {
                 "the transaction had been rolled back (a deadlock victim, or the callback ended \
@@ -492,7 +501,7 @@ pub(super) async fn rollback(txn: DatabaseTransaction) -> bool {
     // A failed rollback means the connection is gone, which rolls back too.
     match tokio::time::timeout(ROLLBACK_WAIT, txn.rollback()).await {
         Ok(Ok(())) => return true,
-        Ok(Err(err)) => tracing::debug!(error = %err, "rollback failed"),
+        Ok(Err(err)) => tracing::debug!(error = %redacted(&err), "rollback failed"),
         Err(_) => tracing::warn!(
             wait = ?ROLLBACK_WAIT,
             "the rollback did not complete (a statement of the callback still runs?); the \

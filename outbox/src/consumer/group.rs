@@ -30,7 +30,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::FutureExt;
-use sea_orm::TransactionTrait;
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::task::JoinSet;
@@ -326,7 +325,8 @@ impl Dispatcher {
         committed: &AtomicBool,
     ) -> Ended {
         let mut next = Some(first);
-        let mut txn = match self.db.begin().await {
+        let begun = self.bounds.begin_consumer(&self.db, self.callback_timeout);
+        let mut txn = match begun.await {
             Ok(txn) => txn,
             Err(err) => {
                 if let Some(first) = next.take() {
@@ -388,7 +388,7 @@ impl Dispatcher {
                 }
             }
         }
-        match txn.commit().await {
+        match self.bounds.call(txn.commit()).await {
             Ok(()) => {
                 // The last thing before returning: a panic cannot come between.
                 committed.store(true, Ordering::SeqCst);

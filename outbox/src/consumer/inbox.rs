@@ -3,19 +3,23 @@
 
 use chrono::{SubsecRound, Utc};
 use sea_orm::ActiveValue::Set;
-use sea_orm::{DatabaseTransaction, DbErr, EntityTrait, SqlErr};
+use sea_orm::{ConnectionTrait, DatabaseTransaction, DbErr, EntityTrait, QueryTrait, SqlErr};
 use uuid::Uuid;
 
 use crate::consumer::payload::Incoming;
+use crate::db::bounds::DbBounds;
 use crate::tables::published::Status;
 use crate::tables::received::{ActiveModel, Entity};
 
 /// Inserts the message's inbox row; its id. A [`is_duplicate`] error means the key was processed
-/// (or is being processed, in a transaction that has since committed) on this queue.
+/// (or is being processed, in a transaction that has since committed) on this queue. Another
+/// transaction's uncommitted row of the same key makes it wait, for at most the lock timeout
+/// (`bounds`): that transaction may belong to a consumer that stopped answering.
 pub(crate) async fn insert(
     txn: &DatabaseTransaction,
     message: &Incoming,
     keep_for: chrono::Duration,
+    bounds: &DbBounds,
 ) -> Result<Uuid, DbErr> {
     let id = Uuid::new_v4();
     // Microseconds: what every supported database stores.
@@ -31,7 +35,8 @@ pub(crate) async fn insert(
         retry: Set(0),
         status: Set(Status::Succeeded),
     };
-    Entity::insert(row).exec_without_returning(txn).await?;
+    let insert = Entity::insert(row).build(txn.get_database_backend());
+    txn.execute_raw(bounds.bound_inbox_insert(insert)).await?;
     Ok(id)
 }
 

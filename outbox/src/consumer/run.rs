@@ -15,6 +15,7 @@ use super::group::Groups;
 use super::lanes::Lanes;
 use super::payload::{BoxError, Payload};
 use crate::backoff::Backoff;
+use crate::db::bounds::DbBounds;
 use crate::error::Error;
 use crate::transport::{Deliveries, SubscriptionEvent, TransportError};
 
@@ -49,6 +50,7 @@ impl Consumer {
             max_retries: self.config.consumer_max_retry_attempts,
             retry_wait: self.config.consumer_retry_wait,
             callback_timeout: self.config.consumer_callback_timeout,
+            bounds: DbBounds::new(&self.config),
         });
         let mut groups = Groups::new(
             dispatcher.clone(),

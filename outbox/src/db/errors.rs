@@ -11,26 +11,32 @@ use sea_orm::sqlx;
 use sea_orm::{DbErr, RuntimeErr};
 use uuid::Uuid;
 
+use super::bounds::DbBounds;
+
 /// How many times a relay statement runs again after a conflict ([`again_on_conflict`]).
 const CONFLICT_RETRIES: u32 = 4;
 
-/// Runs a statement, and again (a few times, after a short pause) when the database undid
-/// it for a conflict with another transaction (a deadlock victim, a lock wait timeout; see
-/// `db_err_is_conflict`). Relays and writers share the table's indexes, so MariaDB can pick a
-/// relay's claim or settle as a deadlock victim; every such statement only touches rows that
-/// hold the claim's token, so running it again is safe.
-pub(crate) async fn again_on_conflict<T, F, Fut>(mut statement: F) -> Result<T, DbErr>
+/// Runs a statement within `bounds` (see [`DbBounds::call`]), and again (a few times, after a
+/// short pause) when the database undid it for a conflict with another transaction (a
+/// deadlock victim, a lock wait timeout; see `db_err_is_conflict`). Relays and writers share
+/// the table's indexes, so MariaDB can pick a relay's claim or settle as a deadlock victim;
+/// every such statement only touches rows that hold the claim's token, so running it again is
+/// safe.
+pub(crate) async fn again_on_conflict<T, F, Fut>(
+    bounds: &DbBounds,
+    mut statement: F,
+) -> Result<T, DbErr>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, DbErr>>,
 {
     let mut conflicts = 0;
     loop {
-        match statement().await {
+        match bounds.call(statement()).await {
             Err(err) if conflicts < CONFLICT_RETRIES && db_err_is_conflict(&err) => {
                 conflicts += 1;
                 let jitter = u64::from(Uuid::new_v4().as_u128() as u8 % 20);
-                tracing::debug!(error = %err, conflicts, "a statement met a conflict; running it again");
+                tracing::debug!(error = %redacted(&err), conflicts, "a statement met a conflict; running it again");
                 tokio::time::sleep(Duration::from_millis((10 << conflicts) + jitter)).await;
             }
             other => return other,
@@ -38,8 +44,14 @@ where
     }
 }
 
+/// `err` as a log line may show it: without the credentials of a URL it quotes.
+pub(crate) fn redacted(err: &dyn std::fmt::Display) -> String {
+    crate::config::redact_credentials(&err.to_string())
+}
+
 /// Whether a database error may go away by itself: a lost connection, a pool timeout, a
-/// conflict with another transaction, the server restarting.
+/// conflict with another transaction, the server restarting, a statement the server ended at
+/// its statement timeout, a call the client abandoned without an answer ([`DbBounds`]).
 pub(crate) fn db_err_is_transient(err: &DbErr) -> bool {
     match err {
         DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => true,
@@ -144,11 +156,51 @@ fn database_error_is_transient(err: &dyn sqlx::error::DatabaseError) -> bool {
     #[cfg(feature = "mysql")]
     if let Some(mysql) = err.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
         // Too many connections, server shutdown, connection killed, server gone, connection
-        // lost.
-        return matches!(mysql.number(), 1040 | 1053 | 1927 | 2006 | 2013);
+        // lost, the statement timeout (MariaDB max_statement_time, MySQL max_execution_time).
+        return matches!(
+            mysql.number(),
+            1040 | 1053 | 1927 | 2006 | 2013 | 1969 | 3024
+        );
     }
     // PostgreSQL: connection exceptions (08), too many connections, the server shutting down or
-    // restarting (57P01-57P03).
+    // restarting (57P01-57P03), a statement cancelled (57014: its statement timeout), a session
+    // ended for idling in a transaction (25P03).
     let code = err.code().unwrap_or_default();
-    code.starts_with("08") || matches!(code.as_ref(), "53300" | "57P01" | "57P02" | "57P03")
+    code.starts_with("08")
+        || matches!(
+            code.as_ref(),
+            "53300" | "57P01" | "57P02" | "57P03" | "57014" | "25P03"
+        )
+}
+
+/// Which of the database's own timeouts ended a statement, if one did: `statement` (its
+/// statement timeout, or an idle transaction's), `lock` (a lock wait).
+pub(crate) fn server_timeout(err: &DbErr) -> Option<&'static str> {
+    match err {
+        #[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
+        DbErr::Exec(RuntimeErr::SqlxError(err))
+        | DbErr::Query(RuntimeErr::SqlxError(err))
+        | DbErr::Conn(RuntimeErr::SqlxError(err)) => match err.deref() {
+            sqlx::Error::Database(db) => database_error_timeout(db.deref()),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+#[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
+fn database_error_timeout(err: &dyn sqlx::error::DatabaseError) -> Option<&'static str> {
+    #[cfg(feature = "mysql")]
+    if let Some(mysql) = err.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
+        return match mysql.number() {
+            1969 | 3024 => Some("statement"),
+            1205 => Some("lock"),
+            _ => None,
+        };
+    }
+    match err.code().unwrap_or_default().as_ref() {
+        "57014" | "25P03" => Some("statement"),
+        "55P03" => Some("lock"),
+        _ => None,
+    }
 }

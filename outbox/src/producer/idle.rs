@@ -20,6 +20,9 @@ use std::time::{Duration, Instant};
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement, TransactionTrait};
 use uuid::Uuid;
 
+use crate::db::bounds::DbBounds;
+use crate::db::errors::redacted;
+
 /// How long an announcement lasts; an idle relay renews it after half of that.
 pub(crate) const LEASE: Duration = Duration::from_secs(30);
 
@@ -29,6 +32,7 @@ pub(crate) const SECOND_LOOK: Duration = Duration::from_millis(25);
 /// One relay's idle announcement.
 pub(crate) struct Idle {
     relay: Uuid,
+    bounds: DbBounds,
     /// When the current announcement was made, if there is one.
     announced: Option<Instant>,
     /// Whether the database has the table (false after a statement on it failed: older schema).
@@ -38,9 +42,10 @@ pub(crate) struct Idle {
 }
 
 impl Idle {
-    pub(crate) fn new(db: &DatabaseConnection) -> Idle {
+    pub(crate) fn new(db: &DatabaseConnection, bounds: DbBounds) -> Idle {
         Idle {
             relay: Uuid::new_v4(),
+            bounds,
             announced: None,
             enabled: db.get_database_backend() == DbBackend::Postgres,
             found: false,
@@ -101,15 +106,17 @@ impl Idle {
     /// Runs one statement in a transaction that does not wait for its disk flush (the table is
     /// unlogged: nothing of it survives a crash, and nothing needs to).
     async fn run(&mut self, db: &DatabaseConnection, statement: &str) -> Result<(), ()> {
-        let result = async {
-            let txn = db.begin().await?;
-            txn.execute_unprepared("SET LOCAL synchronous_commit = off")
-                .await?;
-            txn.execute_raw(Statement::from_string(DbBackend::Postgres, statement))
-                .await?;
-            txn.commit().await
-        }
-        .await;
+        let result = self
+            .bounds
+            .call(async {
+                let txn = db.begin().await?;
+                txn.execute_unprepared("SET LOCAL synchronous_commit = off")
+                    .await?;
+                txn.execute_raw(Statement::from_string(DbBackend::Postgres, statement))
+                    .await?;
+                txn.commit().await
+            })
+            .await;
         match result {
             Ok(()) => Ok(()),
             Err(err) => {
@@ -117,9 +124,9 @@ impl Idle {
                 if missing {
                     // A schema before the migration: the trigger notifies on every insert.
                     self.enabled = false;
-                    tracing::debug!(error = %err, "no outbox_idle_relay table: relying on the trigger's notifications as they are");
+                    tracing::debug!(error = %redacted(&err), "no outbox_idle_relay table: relying on the trigger's notifications as they are");
                 } else {
-                    tracing::debug!(error = %err, "announcing the relay idle failed; it polls meanwhile");
+                    tracing::debug!(error = %redacted(&err), "announcing the relay idle failed; it polls meanwhile");
                 }
                 Err(())
             }

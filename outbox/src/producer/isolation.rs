@@ -192,7 +192,7 @@ impl Producer {
         }
         let started = Instant::now();
         let ids: Vec<Uuid> = rows.iter().map(|row| row.id).collect();
-        let held: HashSet<Uuid> = again_on_conflict(|| {
+        let held: HashSet<Uuid> = again_on_conflict(&self.bounds, || {
             store::extend_lease(&self.db, &ids, lease.token, self.config.producer_lease)
         })
         .await?

@@ -6,6 +6,9 @@ use std::time::{Duration, Instant};
 
 use sea_orm::DatabaseConnection;
 
+use crate::db::bounds::DbBounds;
+use crate::db::errors::redacted;
+
 /// How often the pending gauges are sampled.
 const SAMPLE_EVERY: Duration = Duration::from_secs(10);
 
@@ -18,7 +21,7 @@ pub(super) struct PendingSampler {
 impl PendingSampler {
     /// Runs the sampling queries if the last sample is 10 s old. A failure is logged: the gauges
     /// keep their last values.
-    pub(super) async fn sample_if_due(&mut self, db: &DatabaseConnection) {
+    pub(super) async fn sample_if_due(&mut self, db: &DatabaseConnection, bounds: &DbBounds) {
         if cfg!(not(feature = "metrics")) {
             return;
         }
@@ -26,20 +29,20 @@ impl PendingSampler {
             return;
         }
         self.last = Some(Instant::now());
-        let (rows, oldest) = match crate::ops::pending(db).await {
+        let (rows, oldest) = match bounds.call(crate::ops::pending(db)).await {
             Ok(pending) => pending,
             Err(err) => {
-                tracing::debug!(error = %err, "sampling the pending rows failed");
+                tracing::debug!(error = %redacted(&err), "sampling the pending rows failed");
                 return;
             }
         };
         let age = oldest
             .map(|added| (chrono::Utc::now() - added).num_milliseconds().max(0) as f64 / 1000.0)
             .unwrap_or(0.0);
-        let blocked = match crate::ops::blocked_keys(db).await {
+        let blocked = match bounds.call(crate::ops::blocked_keys(db)).await {
             Ok(keys) => Some(keys.len()),
             Err(err) => {
-                tracing::debug!(error = %err, "counting the blocked keys failed");
+                tracing::debug!(error = %redacted(&err), "counting the blocked keys failed");
                 None
             }
         };

@@ -49,6 +49,7 @@ use uuid::Uuid;
 
 use crate::backoff::Backoff;
 use crate::config::OutboxConfig;
+use crate::db::bounds::DbBounds;
 use crate::db::errors::again_on_conflict;
 use crate::error::Error;
 use crate::retention;
@@ -63,6 +64,13 @@ pub use crate::tables::published::NOTIFY_CHANNEL;
 /// receipt timeout already paced the attempt, and sending resumes this soon after the alarm
 /// clears, however many attempts it blocked.
 const SLOW_BROKER_PAUSE: Duration = Duration::from_secs(2);
+
+/// What a stopping relay gives its batches in flight beyond a database call's deadline: the
+/// settling that follows the call (a stop honours `OUTBOX_DB_STATEMENT_TIMEOUT` + 5 s).
+const STOP_MARGIN: Duration = Duration::from_secs(2);
+
+/// How long a stopping relay tries to withdraw its idle announcement.
+const IDLE_WITHDRAWAL_WAIT: Duration = Duration::from_secs(1);
 
 /// Time kept in hand on a lease: a send starts only when the lease outlasts the receipt timeout
 /// by this much, else the lease is extended first.
@@ -141,6 +149,7 @@ impl ProducerBuilder {
             }
         };
         Ok(Producer {
+            bounds: DbBounds::new(&config),
             db: self.db,
             transport,
             isolation,
@@ -184,6 +193,8 @@ impl ProducerHandle {
 /// Several may share a database. See [`run_producer`] and [`ProducerBuilder`].
 pub struct Producer {
     db: DatabaseConnection,
+    /// The bounds of every database call (`OUTBOX_DB_STATEMENT_TIMEOUT`).
+    bounds: DbBounds,
     transport: Arc<dyn Transport>,
     /// The isolation lane's own connection, if there is one.
     isolation: Option<Arc<dyn Transport>>,
@@ -266,12 +277,17 @@ impl Producer {
         let mut backoff = Backoff::new(self.config.maximum_backoff);
         let mut pending_sampler = lag::PendingSampler::default();
         tracing::info!(batch = self.config.published_chunk_size, "relay started");
-        let mut idle = idle::Idle::new(&self.db);
+        let mut idle = idle::Idle::new(&self.db, self.bounds);
+        // Every database call below is bounded (`OUTBOX_DB_STATEMENT_TIMEOUT`), and each races
+        // the shutdown: a database that stopped answering never holds up a stop.
         loop {
             if futures::poll!(shutdown.as_mut()).is_ready() {
                 break;
             }
-            pending_sampler.sample_if_due(&self.db).await;
+            let sampled = pending_sampler.sample_if_due(&self.db, &self.bounds);
+            if unless_stopped(shutdown.as_mut(), sampled).await.is_none() {
+                break;
+            }
             if let Err(err) = self.transport.connect().await {
                 // A transport that paces its reconnections says how long; else back off.
                 let pause = err.retry_in().unwrap_or_else(|| {
@@ -284,21 +300,16 @@ impl Producer {
                     _ = shutdown.as_mut() => break,
                 }
             }
-            let rounds = self.rounds();
-            tokio::pin!(rounds);
-            let result = tokio::select! {
-                result = rounds.as_mut() => result,
-                _ = shutdown.as_mut() => {
-                    // Finish what is claimed; claim nothing more.
-                    self.stopping.store(true, Ordering::Relaxed);
-                    let _ = rounds.await;
-                    break;
-                }
+            let Some(result) = self.rounds_unless_stopped(shutdown.as_mut()).await else {
+                break;
             };
             match result {
                 Ok(report) if report.claimed > 0 && report.released == 0 => {
                     backoff.reset();
-                    idle.found_rows(&self.db).await;
+                    let found = idle.found_rows(&self.db);
+                    if unless_stopped(shutdown.as_mut(), found).await.is_none() {
+                        break;
+                    }
                     continue;
                 }
                 Ok(report) if report.released > 0 => {
@@ -315,6 +326,7 @@ impl Producer {
                 }
                 Ok(_) => backoff.reset(),
                 Err(err) => {
+                    // A database that failed or timed out: transient, nothing charged.
                     let pause = backoff.next_pause();
                     tracing::error!(error = %err, retry_in = ?pause, "relay round failed");
                     tokio::select! {
@@ -326,9 +338,19 @@ impl Producer {
             // Nothing due: announce the relay idle (writers then notify), look again at once
             // and shortly after, then sleep until woken.
             let mut wait = self.config.producer_waiting_time;
-            if idle.nothing_due(&self.db).await {
-                if self.rounds().await.is_ok_and(|report| report.claimed > 0) {
-                    idle.found_rows(&self.db).await;
+            let announced = idle.nothing_due(&self.db);
+            let Some(fresh) = unless_stopped(shutdown.as_mut(), announced).await else {
+                break;
+            };
+            if fresh {
+                let Some(again) = self.rounds_unless_stopped(shutdown.as_mut()).await else {
+                    break;
+                };
+                if again.is_ok_and(|report| report.claimed > 0) {
+                    let found = idle.found_rows(&self.db);
+                    if unless_stopped(shutdown.as_mut(), found).await.is_none() {
+                        break;
+                    }
                     continue;
                 }
                 wait = wait.min(idle::SECOND_LOOK);
@@ -340,7 +362,8 @@ impl Producer {
                 _ = shutdown.as_mut() => break,
             }
         }
-        idle.stopped(&self.db).await;
+        // Best effort: an announcement left behind lapses by itself (`idle::LEASE`).
+        let _ = tokio::time::timeout(IDLE_WITHDRAWAL_WAIT, idle.stopped(&self.db)).await;
         retention.abort();
         if let Some(listener) = listener {
             listener.abort();
@@ -351,6 +374,39 @@ impl Producer {
         }
         tracing::info!("relay stopped");
         Ok(())
+    }
+
+    /// The rounds, unless `shutdown` completes first: then no batch is claimed any more, and
+    /// the batches in flight are given [`Producer::stop_wait`] to finish (each of their
+    /// database calls is bounded by the statement timeout, so they end by themselves even when
+    /// the database stopped answering); past it they are abandoned, and their rows are sent
+    /// again once their lease has run out (the consumers' inbox absorbs a second copy).
+    async fn rounds_unless_stopped(
+        &self,
+        shutdown: std::pin::Pin<&mut impl Future<Output = ()>>,
+    ) -> Option<Result<RoundReport, Error>> {
+        let rounds = self.rounds();
+        tokio::pin!(rounds);
+        tokio::select! {
+            result = rounds.as_mut() => Some(result),
+            _ = shutdown => {
+                self.stopping.store(true, Ordering::Relaxed);
+                if tokio::time::timeout(self.stop_wait(), rounds).await.is_err() {
+                    tracing::warn!(
+                        waited = ?self.stop_wait(),
+                        "batches still in flight at the stop were abandoned; their rows are \
+                         sent again after their lease"
+                    );
+                }
+                None
+            }
+        }
+    }
+
+    /// How long a stopping relay waits for its batches in flight: a database call's deadline
+    /// (the statement timeout and its answer margin) and [`STOP_MARGIN`].
+    fn stop_wait(&self) -> Duration {
+        self.bounds.deadline() + STOP_MARGIN
     }
 
     /// Sends every due row, round after round, until none is left; returns the totals. For
@@ -405,7 +461,7 @@ impl Producer {
     /// One round: claim a batch, send it, settle every row of it.
     pub async fn round(&self) -> Result<RoundReport, Error> {
         let started = Instant::now();
-        let claim = again_on_conflict(|| {
+        let claim = again_on_conflict(&self.bounds, || {
             store::claim_batch(
                 &self.db,
                 self.config.published_chunk_size,
@@ -456,5 +512,16 @@ impl Lease {
         let margin =
             (config.producer_lease.saturating_sub(config.receipt_timeout) / 2).min(LEASE_MARGIN);
         Instant::now() + config.receipt_timeout + margin >= self.until
+    }
+}
+
+/// `call`, unless `shutdown` completes first (then `None`, and the call is dropped).
+async fn unless_stopped<T>(
+    shutdown: std::pin::Pin<&mut impl Future<Output = ()>>,
+    call: impl Future<Output = T>,
+) -> Option<T> {
+    tokio::select! {
+        done = call => Some(done),
+        _ = shutdown => None,
     }
 }

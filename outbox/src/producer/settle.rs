@@ -155,7 +155,8 @@ impl Producer {
         }
         crate::metrics::sent(rows);
         let ids: Vec<Uuid> = rows.iter().map(|row| row.id).collect();
-        let marked = again_on_conflict(|| store::mark_sent(&self.db, &ids, token)).await? as usize;
+        let marked = again_on_conflict(&self.bounds, || store::mark_sent(&self.db, &ids, token))
+            .await? as usize;
         if marked < rows.len() {
             tracing::warn!(
                 receipted = rows.len(),
@@ -193,7 +194,7 @@ impl Producer {
         }
         crate::metrics::released(rows.len());
         let ids: Vec<Uuid> = rows.iter().map(|row| row.id).collect();
-        again_on_conflict(|| store::release(&self.db, &ids, token)).await?;
+        again_on_conflict(&self.bounds, || store::release(&self.db, &ids, token)).await?;
         Ok(rows.len())
     }
 
@@ -240,7 +241,10 @@ impl Producer {
             return Ok(0);
         }
         let ids: Vec<Uuid> = rows.iter().map(|row| row.id).collect();
-        again_on_conflict(|| store::release_after(&self.db, &ids, token, pause, None)).await?;
+        again_on_conflict(&self.bounds, || {
+            store::release_after(&self.db, &ids, token, pause, None)
+        })
+        .await?;
         Ok(rows.len())
     }
 
@@ -274,8 +278,10 @@ impl Producer {
                 "the broker refused the message; it will be retried, alone"
             ),
         }
-        again_on_conflict(|| store::record_refusal(&self.db, row, token, &decision, reason))
-            .await?;
+        again_on_conflict(&self.bounds, || {
+            store::record_refusal(&self.db, row, token, &decision, reason)
+        })
+        .await?;
         crate::metrics::refused(&row.destination, decision == store::Refusal::Failed);
         Ok(())
     }

@@ -70,7 +70,7 @@ impl Producer {
                         outcome = "failed",
                         "{reason}; marked FAILED (OUTBOX_UNROUTABLE=fail)"
                     );
-                    again_on_conflict(|| {
+                    again_on_conflict(&self.bounds, || {
                         store::record_refusal(
                             &self.db,
                             &row,
@@ -94,7 +94,7 @@ impl Producer {
                 }
             }
         }
-        again_on_conflict(|| store::mark_sent(&self.db, &dropped, token)).await?;
+        again_on_conflict(&self.bounds, || store::mark_sent(&self.db, &dropped, token)).await?;
         let mut recorded = Vec::with_capacity(waiting.len());
         for (destination, rows) in waiting {
             let reply = rows
@@ -122,7 +122,10 @@ impl Producer {
         let Some((oldest, _)) = rows.iter().min_by_key(|(row, _)| row.added) else {
             return Ok(());
         };
-        let earlier = again_on_conflict(|| store::oldest_waiting(&self.db, destination)).await?;
+        let earlier = again_on_conflict(&self.bounds, || {
+            store::oldest_waiting(&self.db, destination)
+        })
+        .await?;
         let (probe, added) = match earlier {
             Some((id, added)) if added < oldest.added => (id, added),
             _ => (oldest.id, oldest.added),
@@ -151,17 +154,24 @@ impl Producer {
             .iter()
             .map(|(row, _)| row.id)
             .partition(|id| *id == probe);
-        again_on_conflict(|| store::release_after(&self.db, &first, token, pause, Some(&reason)))
-            .await?;
-        again_on_conflict(|| {
+        again_on_conflict(&self.bounds, || {
+            store::release_after(&self.db, &first, token, pause, Some(&reason))
+        })
+        .await?;
+        again_on_conflict(&self.bounds, || {
             store::release_after(&self.db, &rest, token, pause + parked, Some(&reason))
         })
         .await?;
         if first.is_empty() {
-            again_on_conflict(|| store::probe_after(&self.db, probe, destination, pause)).await?;
-        }
-        again_on_conflict(|| store::park_behind(&self.db, destination, probe, pause, parked))
+            again_on_conflict(&self.bounds, || {
+                store::probe_after(&self.db, probe, destination, pause)
+            })
             .await?;
+        }
+        again_on_conflict(&self.bounds, || {
+            store::park_behind(&self.db, destination, probe, pause, parked)
+        })
+        .await?;
         Ok(())
     }
 
@@ -171,8 +181,10 @@ impl Producer {
         if destinations.is_empty() {
             return;
         }
-        if let Err(err) =
-            again_on_conflict(|| store::record_unroutable(&self.db, &destinations)).await
+        if let Err(err) = again_on_conflict(&self.bounds, || {
+            store::record_unroutable(&self.db, &destinations)
+        })
+        .await
         {
             self.table_failed(&err);
         }
@@ -200,10 +212,10 @@ impl Producer {
         if again.is_empty() {
             return;
         }
-        if let Err(err) = again_on_conflict(|| forget(&self.db, &again)).await {
+        if let Err(err) = again_on_conflict(&self.bounds, || forget(&self.db, &again)).await {
             self.table_failed(&err);
         }
-        match again_on_conflict(|| wake(&self.db, &again)).await {
+        match again_on_conflict(&self.bounds, || wake(&self.db, &again)).await {
             Ok(woken) => {
                 let mut recorded = super::isolation::lock(&self.unroutable);
                 for destination in &again {
@@ -229,7 +241,11 @@ impl Producer {
         if !due {
             return;
         }
-        match store::unroutable_destinations(&self.db).await {
+        match self
+            .bounds
+            .call(store::unroutable_destinations(&self.db))
+            .await
+        {
             Ok(destinations) => {
                 let mut recorded = super::isolation::lock(&self.unroutable);
                 recorded.destinations = destinations.into_iter().collect();
@@ -242,7 +258,7 @@ impl Producer {
     /// Logs a failed statement on `outbox_unroutable`: once, as a missing migration, when the
     /// table does not exist; else as a warning. Relaying goes on either way.
     fn table_failed(&self, err: &sea_orm::DbErr) {
-        let text = err.to_string();
+        let text = crate::db::errors::redacted(err);
         let missing = text.contains("outbox_unroutable")
             && (text.contains("does not exist")
                 || text.contains("doesn't exist")

@@ -21,7 +21,9 @@ use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, EntityTrait};
 
 use crate::db::batch;
 pub(crate) use crate::db::batch::Step;
+use crate::db::bounds::DbBounds;
 use crate::db::clock::{db_now, db_time};
+use crate::db::errors::redacted;
 use crate::tables::housekeeping;
 
 pub(crate) mod inbox;
@@ -41,6 +43,9 @@ pub(crate) struct Pace {
     pub batch: u64,
     /// The pause between statements.
     pub pause: Duration,
+    /// The bounds of each statement, for the jobs that run on their own (a connection that
+    /// stopped answering would otherwise end their ticks for good).
+    pub bounds: Option<DbBounds>,
 }
 
 impl Default for Pace {
@@ -48,6 +53,28 @@ impl Default for Pace {
         Pace {
             batch: BATCH,
             pause: PAUSE,
+            bounds: None,
+        }
+    }
+}
+
+impl Pace {
+    /// The default pace, each statement within `bounds`.
+    pub(crate) fn bounded(bounds: DbBounds) -> Pace {
+        Pace {
+            bounds: Some(bounds),
+            ..Pace::default()
+        }
+    }
+
+    /// Runs one statement within the bounds, if any.
+    pub(crate) async fn call<T>(
+        &self,
+        call: impl Future<Output = Result<T, DbErr>>,
+    ) -> Result<T, DbErr> {
+        match &self.bounds {
+            Some(bounds) => bounds.call(call).await,
+            None => call.await,
         }
     }
 }
@@ -61,7 +88,7 @@ where
 {
     let mut total = 0;
     loop {
-        let step = step(pace.batch).await?;
+        let step = pace.call(step(pace.batch)).await?;
         total += step.done;
         if !step.more {
             return Ok(total);
@@ -150,8 +177,8 @@ where
     E::Column: Copy,
 {
     let pace = Pace {
-        batch: BATCH,
         pause: Duration::ZERO,
+        ..Pace::default()
     };
     delete_paced(db, entity, id, condition, pace).await
 }
@@ -168,7 +195,7 @@ where
     loop {
         ticker.tick().await;
         if let Err(err) = job().await {
-            tracing::warn!(error = %err, job = job_name, "retention failed; trying again later");
+            tracing::warn!(error = %redacted(&err), job = job_name, "retention failed; trying again later");
         }
     }
 }

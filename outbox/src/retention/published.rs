@@ -10,6 +10,7 @@ use sea_orm::{ActiveEnum, DatabaseConnection, DbBackend, DbErr};
 use super::Step;
 use crate::config::OutboxConfig;
 use crate::db::batch;
+use crate::db::bounds::DbBounds;
 use crate::db::clock::{db_now, db_time};
 use crate::tables::published::{Column, Entity, Status};
 
@@ -21,10 +22,8 @@ const EVERY: Duration = Duration::from_secs(60);
 
 /// The relay's retention task: [`run_once`] every minute, until aborted.
 pub(crate) async fn keep(db: DatabaseConnection, config: Arc<OutboxConfig>) {
-    super::run_every(EVERY, "outbox rows", || {
-        run_once(&db, &config, super::Pace::default())
-    })
-    .await
+    let pace = super::Pace::bounded(DbBounds::new(&config));
+    super::run_every(EVERY, "outbox rows", || run_once(&db, &config, pace)).await
 }
 
 /// Expires unsent rows past their `expires_at`, then, when it is this process's turn, deletes
@@ -42,7 +41,8 @@ pub(crate) async fn run_once(
             "outbox rows expired before they could be sent; marked FAILED (see last_error)"
         );
     }
-    if super::take_housekeeping_turn(db, CLEANUP_TASK, config.remove_data_cache_ttl).await? {
+    let turn = super::take_housekeeping_turn(db, CLEANUP_TASK, config.remove_data_cache_ttl);
+    if pace.call(turn).await? {
         let keep = Duration::from_secs(u64::from(config.days_to_keep_data) * 86_400);
         let old = sent_before(db.get_database_backend(), keep);
         let started = Instant::now();

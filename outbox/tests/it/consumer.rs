@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use outbox::consumer::ConsumerBuilder;
 use outbox::tables::published::Status;
 use outbox::tables::received::Column as ReceivedColumn;
@@ -20,6 +21,7 @@ use outbox_tests::stomp_peer::{
     QueueCleanup, RABBITMQ_STOMP, StompPeer, queue_message_count, unique,
 };
 use outbox_tests::{Backend, TestDb, eventually, on_every_backend};
+use sea_orm::ActiveValue::Set;
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, QueryFilter, Statement,
     TransactionTrait,
@@ -802,6 +804,155 @@ async fn the_inbox_recognises_a_redelivery_and_a_concurrent_duplicate(backend: B
         .filter_map(|r| r.msg_id)
         .collect();
     assert_eq!(keys.len(), 3);
+    test.drop_database().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// A redelivered copy behind another transaction's uncommitted inbox row
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_redelivered_copy_waits_at_most_the_lock_timeout_behind_an_uncommitted_inbox_row_on_postgres()
+ {
+    redelivered_copy_behind_an_uncommitted_inbox_row(Backend::Postgres).await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_redelivered_copy_waits_at_most_the_lock_timeout_behind_an_uncommitted_inbox_row_on_mariadb()
+ {
+    redelivered_copy_behind_an_uncommitted_inbox_row(Backend::MariaDb).await;
+}
+
+/// The lock timeouts and the retries counted since the last snapshot (a snapshot reads every
+/// counter and resets it).
+fn lock_timeouts_and_retries(snapshotter: &Snapshotter) -> (u64, u64) {
+    let mut counted = (0, 0);
+    for (key, .., value) in snapshotter.snapshot().into_vec() {
+        let DebugValue::Counter(n) = value else {
+            continue;
+        };
+        let labelled = |name: &str, label: &str, wanted: &str| {
+            key.key().name() == name
+                && key
+                    .key()
+                    .labels()
+                    .any(|l| l.key() == label && l.value() == wanted)
+        };
+        if labelled(outbox::metrics::DATABASE_TIMEOUTS, "kind", "lock") {
+            counted.0 += n;
+        }
+        if labelled(outbox::metrics::CONSUMER_MESSAGES, "outcome", "retried") {
+            counted.1 += n;
+        }
+    }
+    counted
+}
+
+/// A consumer that stopped answering in the middle of a message holds its uncommitted inbox
+/// row (and the lock on its key); the broker delivers the message again, here to another
+/// consumer. The copy's inbox insert waits for that row at most `OUTBOX_DB_LOCK_TIMEOUT`,
+/// fails transiently, is counted and tried again, and once the row is gone (the stalled
+/// transaction rolled back) is processed, once. (The runtime is one thread: the consumer's
+/// tasks record into this test's recorder.)
+async fn redelivered_copy_behind_an_uncommitted_inbox_row(backend: Backend) {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _local = metrics::set_default_local_recorder(&recorder);
+    let test = TestDb::new(backend).await;
+    create_effects_table(&test.db).await;
+    let memory = MemoryTransport::new();
+    let destination = "/topic/inbox_locked";
+    let mut settings = config(RABBITMQ_STOMP);
+    settings.db_statement_timeout = Duration::from_secs(3);
+    // MariaDB counts its lock wait in whole seconds: 1 s there.
+    settings.db_lock_timeout = Duration::from_millis(500);
+    settings.consumer_retry_wait = Duration::from_millis(100);
+    settings.consumer_max_retry_attempts = 100;
+    let built = consumer(&test.db, settings, destination)
+        .transport(memory.new_connection())
+        .build()
+        .unwrap();
+    built.declare().await.unwrap();
+
+    // The stalled consumer's transaction: its inbox row inserted, never committed.
+    let stalled = test.db.begin().await.unwrap();
+    let now = chrono::Utc::now();
+    Received::insert(outbox::tables::received::ActiveModel {
+        id: Set(uuid::Uuid::new_v4()),
+        queue: Set("inbox_locked".into()),
+        msg_id: Set(Some("locked-1".into())),
+        headers: Set(None),
+        body: Set(None),
+        added: Set(now),
+        expires_at: Set(now + chrono::Duration::days(1)),
+        retry: Set(0),
+        status: Set(Status::Succeeded),
+    })
+    .exec_without_returning(&stalled)
+    .await
+    .unwrap();
+    outbox::send::send_with(
+        &memory,
+        destination,
+        &json!({"do": "ok"}),
+        &[("dop-msg-id", "locked-1")],
+    )
+    .await
+    .unwrap();
+
+    let probe = Probe::new();
+    let db = test.db.clone();
+    let started = Instant::now();
+    let observed = std::rc::Rc::new(std::cell::Cell::new((0u64, 0u64, None::<Duration>)));
+    let seen = observed.clone();
+    built
+        .run_until(probe.callback(), async move {
+            let (mut lock_timeouts, mut retries) = (0, 0);
+            while lock_timeouts < 2 {
+                let (timeouts, retried) = lock_timeouts_and_retries(&snapshotter);
+                lock_timeouts += timeouts;
+                retries += retried;
+                assert!(
+                    started.elapsed() < Duration::from_secs(20),
+                    "the copy waited behind the uncommitted inbox row for {:?} without a lock \
+                     timeout",
+                    started.elapsed()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert_eq!(effect_count(&db, "locked-1").await, 0, "not processed yet");
+            stalled.rollback().await.unwrap();
+            let released_at = started.elapsed();
+            eventually(Duration::from_secs(20), "the copy processed", || {
+                let db = db.clone();
+                async move { effect_count(&db, "locked-1").await == 1 }
+            })
+            .await;
+            retries += lock_timeouts_and_retries(&snapshotter).1;
+            seen.set((lock_timeouts, retries, Some(released_at)));
+        })
+        .await
+        .unwrap();
+    let (lock_timeouts, retries, released_at) = observed.get();
+    println!(
+        "{backend:?}: {lock_timeouts} lock timeouts and {retries} retries before the stalled \
+         transaction ended at {released_at:?}"
+    );
+    assert!(
+        lock_timeouts >= 2 && retries >= 2,
+        "{lock_timeouts} {retries}"
+    );
+    assert_eq!(probe.calls("locked-1"), 1, "the callback ran once");
+    assert_eq!(effect_count(&test.db, "locked-1").await, 1);
+    assert_eq!(
+        memory.queue_len("DLQ.inbox_locked"),
+        0,
+        "nothing dead-lettered"
+    );
+    assert_eq!(
+        memory.queue_len("inbox_locked") + memory.unacked_len("inbox_locked"),
+        0,
+        "acknowledged"
+    );
     test.drop_database().await;
 }
 

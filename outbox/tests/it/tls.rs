@@ -513,11 +513,19 @@ async fn without_hostname_verification_any_name_passes_but_the_chain_is_still_ch
     let err = connect_error(&new_transport(&untrusted)).await;
     assert_certificate_problem(&err, "UnknownIssuer");
 
-    // No bundle at all (public roots) fails the same way.
+    // No bundle at all (the public roots): refused before any connection, naming the setting
+    // (any publicly trusted certificate for any name would pass).
     let mut public = config.clone();
     public.stomp_ca_certs = None;
-    let err = connect_error(&new_transport(&public)).await;
-    assert_certificate_problem(&err, "UnknownIssuer");
+    let err = new_error(&public);
+    assert!(matches!(err, TransportError::Tls(_)), "{err:?}");
+    assert!(
+        err.to_string().contains("OUTBOX_STOMP_TLS_VERIFY_HOSTNAME"),
+        "{err}"
+    );
+    let err = public.validate().unwrap_err().to_string();
+    assert!(err.contains("OUTBOX_STOMP_TLS_VERIFY_HOSTNAME"), "{err}");
+    assert!(err.contains("OUTBOX_STOMP_CA_CERTS"), "{err}");
     assert_eq!(stub.commands().len(), 3, "{:?}", stub.commands());
 }
 

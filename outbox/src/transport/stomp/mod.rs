@@ -68,9 +68,11 @@ pub struct StompTransport {
 
 impl StompTransport {
     /// A transport for the broker `settings` name; it connects on first use. TLS files are
-    /// read now, so a wrong path fails here.
+    /// read now, so a wrong path fails here. A passcode that would cross the network in clear
+    /// (no TLS, an address other than loopback) is warned of once per address.
     pub fn new(settings: StompSettings) -> Result<Self, TransportError> {
         let tls = settings.tls.as_ref().map(tls::ClientTls::new).transpose()?;
+        settings.warn_of_a_plain_passcode();
         Ok(Self {
             settings,
             tls,

@@ -5,7 +5,10 @@
 //! `StompSettings::from(&config)` takes those of a configuration (both in `transport/select.rs`,
 //! the one place that reads the configuration for a transport).
 
+use std::collections::HashSet;
+use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use crate::config::Secret;
@@ -77,4 +80,69 @@ pub struct StompSettings {
     pub receipt_timeout: Duration,
     /// The largest frame accepted from the broker, in bytes (`OUTBOX_STOMP_MAX_FRAME_SIZE`).
     pub max_frame_size: usize,
+}
+
+impl StompSettings {
+    /// Warns, once per address and process, that the passcode goes in clear to a broker that
+    /// is not on this host: without TLS, anyone on the path reads the CONNECT frame. The
+    /// warning names the address, never the passcode. A relay makes two transports (and a
+    /// service may make more): the warning still shows once.
+    pub(super) fn warn_of_a_plain_passcode(&self) {
+        if self.tls.is_some() || self.passcode.expose().is_empty() {
+            return;
+        }
+        static WARNED: OnceLock<Mutex<HashSet<(String, u16)>>> = OnceLock::new();
+        let Ok(mut warned) = WARNED.get_or_init(Mutex::default).lock() else {
+            return;
+        };
+        for (host, port) in &self.addresses {
+            if is_loopback(host) || !warned.insert((host.clone(), *port)) {
+                continue;
+            }
+            tracing::warn!(
+                address = %format!("{host}:{port}"),
+                login = %self.login,
+                "the STOMP passcode is sent in clear to a broker that is not on this host: \
+                 anyone on the network path can read it; set OUTBOX_STOMP_USE_SSL=true"
+            );
+        }
+    }
+}
+
+/// Whether `host` is this machine: `localhost` or a loopback address (names are not resolved).
+fn is_loopback(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_hosts_are_this_machine_and_others_are_not() {
+        for host in [
+            "127.0.0.1",
+            "127.1.2.3",
+            "::1",
+            "[::1]",
+            "localhost",
+            "LOCALHOST",
+        ] {
+            assert!(is_loopback(host), "{host}");
+        }
+        for host in [
+            "10.0.0.5",
+            "rabbit.internal",
+            "0.0.0.0",
+            "::",
+            "localhost.example",
+        ] {
+            assert!(!is_loopback(host), "{host}");
+        }
+    }
 }

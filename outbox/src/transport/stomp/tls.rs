@@ -27,6 +27,14 @@ pub(crate) struct ClientTls {
 impl ClientTls {
     /// Reads the CA bundle, certificate and key that `options` name.
     pub(crate) fn new(options: &TlsOptions) -> Result<Self, TransportError> {
+        if !options.verify_hostname && options.ca_certs.is_none() {
+            // Any certificate a public CA issued, for any name, would pass.
+            return Err(TransportError::Tls(
+                "OUTBOX_STOMP_TLS_VERIFY_HOSTNAME=false is refused with the public web roots: \
+                 keep it true, or trust a private CA with OUTBOX_STOMP_CA_CERTS"
+                    .into(),
+            ));
+        }
         // Explicit provider: the process may link both of rustls's providers.
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut roots = RootCertStore::empty();
