@@ -30,7 +30,10 @@ const DELIVERY_QUEUE: usize = 1024;
 /// One open connection and its channels.
 pub(super) struct Link {
     pub(super) generation: u64,
-    address: String,
+    /// The broker's `host:port`.
+    pub(super) address: String,
+    /// Its URL's place in the configured URLs.
+    pub(super) address_index: usize,
     pub(super) connection: Connection,
     /// The channel every publish goes on, in confirm mode.
     publisher: Channel,
@@ -50,12 +53,23 @@ pub(super) struct Route {
 }
 
 impl Link {
-    /// Connects to the first URL that answers.
-    pub(super) async fn open(settings: &Settings, generation: u64) -> Result<Self, TransportError> {
+    /// Connects to the first URL that answers, trying them in order from the one at `start`.
+    pub(super) async fn open(
+        settings: &Settings,
+        generation: u64,
+        start: usize,
+    ) -> Result<Self, TransportError> {
         let mut last_error = None;
-        for uri in &settings.urls {
+        let count = settings.urls.len();
+        for index in (0..count).map(|step| (start + step) % count) {
+            let uri = &settings.urls[index];
             match Self::open_one(settings, uri, generation).await {
-                Ok(link) => return Ok(link),
+                Ok(link) => {
+                    return Ok(Self {
+                        address_index: index,
+                        ..link
+                    });
+                }
                 // A refused login or a TLS setting is the same everywhere.
                 Err(err @ TransportError::Refused { .. }) | Err(err @ TransportError::Tls(_)) => {
                     return Err(err);
@@ -153,6 +167,7 @@ impl Link {
         Ok(Self {
             generation,
             address,
+            address_index: 0,
             connection,
             publisher,
             window: Arc::new(Semaphore::new(CONFIRM_WINDOW)),
@@ -178,7 +193,15 @@ impl Link {
         broker_error(err)
     }
 
-    pub(super) async fn send(&self, messages: &[Outgoing], timeout: Duration) -> SendReport {
+    /// Publishes `messages` and waits for their confirms: each confirm for `timeout` from the
+    /// moment lapin wrote the publish's last frame (its `basic_publish` resolves then); the
+    /// writes themselves until `write_deadline`.
+    pub(super) async fn send(
+        &self,
+        messages: &[Outgoing],
+        timeout: Duration,
+        write_deadline: tokio::time::Instant,
+    ) -> SendReport {
         let deadline = tokio::time::Instant::now() + timeout;
         // A blocked connection takes publishes and never confirms them: wait, then give back.
         while self.connection.status().blocked() {
@@ -245,26 +268,24 @@ impl Link {
                 outcomes[index] = Some(Outcome::Refused(err.clone()));
                 continue;
             }
-            let permit = match tokio::time::timeout_at(
-                deadline,
-                self.window.clone().acquire_owned(),
-            )
-            .await
-            {
-                Ok(Ok(permit)) => permit,
-                Ok(Err(_)) => {
-                    outcomes[index] = Some(Outcome::unknown(TransportError::Closed));
-                    continue;
-                }
-                Err(_) => {
-                    outcomes[index] =
-                        Some(Outcome::unknown(TransportError::ReceiptTimeout(timeout)));
-                    continue;
-                }
-            };
+            let permit =
+                match tokio::time::timeout_at(write_deadline, self.window.clone().acquire_owned())
+                    .await
+                {
+                    Ok(Ok(permit)) => permit,
+                    Ok(Err(_)) => {
+                        outcomes[index] = Some(Outcome::unknown(TransportError::Closed));
+                        continue;
+                    }
+                    Err(_) => {
+                        outcomes[index] =
+                            Some(Outcome::unknown(TransportError::ReceiptTimeout(timeout)));
+                        continue;
+                    }
+                };
             let (exchange, routing_key) = endpoint.routing();
             let published = tokio::time::timeout_at(
-                deadline,
+                write_deadline,
                 self.publisher.basic_publish(
                     exchange.into(),
                     routing_key.into(),
@@ -278,7 +299,10 @@ impl Link {
             )
             .await;
             match published {
-                Ok(Ok(confirm)) => pending.push((index, permit, confirm)),
+                Ok(Ok(confirm)) => {
+                    let confirm_by = tokio::time::Instant::now() + timeout;
+                    pending.push((index, permit, confirm, confirm_by))
+                }
                 Ok(Err(err)) => outcomes[index] = Some(Outcome::unknown(broker_error(err))),
                 Err(_) => {
                     outcomes[index] =
@@ -288,8 +312,8 @@ impl Link {
         }
         // Confirms come in publish order on the channel: awaiting them in that order costs no
         // head-of-line wait.
-        for (index, permit, confirm) in pending {
-            let outcome = match tokio::time::timeout_at(deadline, confirm).await {
+        for (index, permit, confirm, confirm_by) in pending {
+            let outcome = match tokio::time::timeout_at(confirm_by, confirm).await {
                 Ok(Ok(Confirmation::Ack(None))) => Outcome::Receipted,
                 Ok(Ok(Confirmation::Ack(Some(returned)))) => Outcome::Unroutable(format!(
                     "{} {}",

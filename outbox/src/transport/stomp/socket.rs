@@ -87,6 +87,12 @@ pub(super) struct Writer {
     pub(super) waiting_since: Option<Instant>,
     /// When a byte last left, for the outgoing heartbeats.
     pub(super) last_write: Instant,
+    /// Bytes put in the buffer since the connection opened (frames and heartbeats): where the
+    /// frame queued last ends in the stream.
+    pub(super) encoded: u64,
+    /// Bytes the socket took since the connection opened: every frame that ends at or before
+    /// this has been written whole.
+    pub(super) written: u64,
 }
 
 impl Writer {
@@ -98,20 +104,27 @@ impl Writer {
             unflushed: false,
             waiting_since: None,
             last_write: Instant::now(),
+            encoded: 0,
+            written: 0,
         }
     }
 
-    /// Encodes a frame into the buffer.
-    pub(super) fn queue(&mut self, frame: Message<ToServer>) -> Result<(), TransportError> {
+    /// Encodes a frame into the buffer; returns where it ends in the stream (see
+    /// [`Writer::written`]).
+    pub(super) fn queue(&mut self, frame: Message<ToServer>) -> Result<u64, TransportError> {
         self.mark_waiting();
+        let before = self.buffer.len();
         self.codec
             .encode(frame, &mut self.buffer)
-            .map_err(|e| TransportError::ConnectionLost(format!("encoding a frame: {e}")))
+            .map_err(|e| TransportError::ConnectionLost(format!("encoding a frame: {e}")))?;
+        self.encoded += (self.buffer.len() - before) as u64;
+        Ok(self.encoded)
     }
 
     pub(super) fn queue_heartbeat(&mut self) {
         self.mark_waiting();
         self.buffer.put_u8(b'\n');
+        self.encoded += 1;
     }
 
     fn mark_waiting(&mut self) {
@@ -138,6 +151,7 @@ impl Writer {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
         let now = Instant::now();
+        self.written += written as u64;
         self.unflushed = true;
         self.last_write = now;
         self.waiting_since = (!self.buffer.is_empty()).then_some(now);
