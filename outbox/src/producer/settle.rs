@@ -122,7 +122,9 @@ impl Producer {
                     // The first row of a batch left unreceipted may be what broke the
                     // connection: it goes alone next time. A row already alone stays suspect.
                     let lost = matches!(reason, TransportError::ConnectionLost(_));
-                    if matches!(reason, TransportError::ReceiptTimeout(_)) {
+                    // Only the first: what waited behind it timed out because of it, or of the
+                    // broker.
+                    if released.is_empty() && matches!(reason, TransportError::ReceiptTimeout(_)) {
                         self.timed_out(&row);
                     }
                     if released.is_empty() && (alone || lost) {

@@ -7,11 +7,12 @@
 //! relay takes them over and sends them a second time.
 //!
 //! A row whose receipt times out, unovertaken, is given back free: the broker may just be slow.
-//! But a row that times out [`ALONE_AFTER`] times in a row, with nothing else at fault, would be
-//! sent again and again, each copy perhaps stored, and every batch behind it slowed: it goes
-//! alone, on the isolation lane, and a timeout there is charged as a refusal when the broker
-//! receipted other messages of this relay meanwhile (it is alive: the row is what it does not
-//! confirm in time). With no such evidence (a broker that confirms nothing) nobody is charged.
+//! But a row that times out first in its batch (ahead of everything else left unanswered)
+//! [`ALONE_AFTER`] times in a row would be sent again and again, each copy perhaps stored, and
+//! every batch behind it slowed: it goes alone, on the isolation lane, and a timeout there is
+//! charged as a refusal when the broker receipted other messages of this relay meanwhile (it is
+//! alive: the row is what it does not confirm in time). With no such evidence (a broker that
+//! confirms nothing) nobody is charged.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -97,7 +98,7 @@ impl Producer {
         }
     }
 
-    /// Takes note that `row`'s receipt timed out (its send unovertaken).
+    /// Takes note that `row`'s receipt timed out first in its send (unovertaken).
     pub(super) fn timed_out(&self, row: &Row) {
         let mut timeouts = lock(&self.timeouts);
         if timeouts.rows.len() >= REMEMBERED && !timeouts.rows.contains_key(&row.id) {

@@ -11,7 +11,7 @@ use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
     ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
-use lapin::tcp::AMQPUriTcpExt;
+use lapin::tcp::{AMQPUriTcpExt, AsyncTcpStream};
 use lapin::types::FieldTable;
 use lapin::uri::{AMQPScheme, AMQPUri};
 use lapin::{Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
@@ -19,6 +19,7 @@ use tokio::sync::{Semaphore, mpsc};
 
 use super::routing::{self, Endpoint, QueueKind};
 use super::{BLOCKED_POLL, CONFIRM_WINDOW, Settings, lock};
+use crate::transport::stomp::socket::limit_send_buffer;
 use crate::transport::{
     AckMode, Deliveries, Delivery, Outcome, Outgoing, SendReport, Subscription, SubscriptionEvent,
     TransportError,
@@ -137,6 +138,11 @@ impl Link {
                     .connect_async(&runtime)
                     .await
                     .map_err(lapin::Error::from)?;
+                // A publish counts as written once the socket took it: keep what the kernel
+                // holds small, as the STOMP transport does.
+                if let AsyncTcpStream::Plain(tcp) = &stream {
+                    limit_send_buffer(tcp.get_ref());
+                }
                 match &tls {
                     Some((connector, name)) => stream
                         .into_rustls(connector, name)

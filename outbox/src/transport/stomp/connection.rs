@@ -187,6 +187,7 @@ impl Connection {
             .map_err(|_| connect_failed(format!("no answer within {timeout:?}")))?
             .map_err(|e| connect_failed(e.to_string()))?;
         let _ = tcp.set_nodelay(true);
+        super::socket::limit_send_buffer(&tcp);
         let stream = match tls {
             Some(tls) => {
                 let stream = tokio::time::timeout(timeout, tls.connect(host, tcp))
@@ -305,7 +306,7 @@ impl Connection {
     }
 
     pub(super) fn is_open(&self) -> bool {
-        !self.task.is_finished() && self.ended().is_none()
+        !self.task.is_finished() && self.ended().is_none() && !self.abandoned()
     }
 
     pub(super) fn close(&self) {

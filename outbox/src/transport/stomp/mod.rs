@@ -33,7 +33,7 @@ mod driver;
 mod framing;
 mod pacing;
 mod settings;
-mod socket;
+pub(crate) mod socket;
 pub(crate) mod tls;
 
 pub use settings::{StompSettings, TlsOptions};

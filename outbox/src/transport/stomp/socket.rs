@@ -1,5 +1,10 @@
 //! The socket of a STOMP connection: TCP or TLS, noting when bytes last arrived, and a write
 //! side that the connection's task drives a step at a time.
+//!
+//! A frame counts as written once the socket took its last byte; the receipt timeout runs from
+//! then. The kernel's send buffer grows to megabytes by itself, and what it holds may take
+//! seconds to cross a slow link: [`limit_send_buffer`] bounds it, so that "written" means "on
+//! its way, close behind".
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -15,6 +20,19 @@ use tokio_util::bytes::{BufMut, BytesMut};
 use tokio_util::codec::Encoder;
 
 use crate::transport::TransportError;
+
+/// The send buffer asked of the kernel for a broker socket (Linux reserves twice this for its
+/// own bookkeeping): room for a few pipelined batches, and at most about a second of a
+/// 512 kB/s link between a frame's last byte written and its arrival.
+pub(crate) const SEND_BUFFER: usize = 256 * 1024;
+
+/// Bounds `tcp`'s send buffer to [`SEND_BUFFER`] (see the module docs). Best effort: a system
+/// that refuses keeps its own.
+pub(crate) fn limit_send_buffer(tcp: &TcpStream) {
+    if let Err(err) = socket2::SockRef::from(tcp).set_send_buffer_size(SEND_BUFFER) {
+        tracing::debug!(error = %err, "the socket's send buffer could not be bounded");
+    }
+}
 
 /// The socket, as the codec sees it: TCP or TLS, counting when bytes last arrived.
 pub(super) enum Stream {
