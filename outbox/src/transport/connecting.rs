@@ -59,6 +59,19 @@ impl Observed {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(observer);
     }
 
+    /// Logs and reports that the connection to `address` is given up: the broker answered
+    /// nothing for `timeout` while receipts (or confirms) were due.
+    pub(crate) fn abandoned(&self, address: &str, timeout: std::time::Duration) {
+        tracing::warn!(
+            broker = %address,
+            ?timeout,
+            "the broker answered nothing for the receipt timeout while receipts were due; giving this connection up (the next one starts at the next address)"
+        );
+        self.report(ConnectionEvent::Abandoned {
+            address: address.to_owned(),
+        });
+    }
+
     /// Hands `event` to the observer, if there is one.
     pub(crate) fn report(&self, event: ConnectionEvent) {
         let observer = self

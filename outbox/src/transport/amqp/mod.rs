@@ -265,14 +265,7 @@ impl AmqpTransport {
         }
         slot.take();
         drop(slot);
-        tracing::warn!(
-            broker = %link.address,
-            ?timeout,
-            "the broker confirmed nothing for the receipt timeout; giving this connection up (the next one starts at the next URL)"
-        );
-        self.observed.report(ConnectionEvent::Abandoned {
-            address: link.address.clone(),
-        });
+        self.observed.abandoned(&link.address, timeout);
         self.next_start.store(
             (link.address_index + 1) % self.settings.urls.len(),
             Ordering::Relaxed,

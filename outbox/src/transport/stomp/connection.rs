@@ -356,14 +356,7 @@ impl Connection {
         }
         *abandoned = Some(TransportError::ReceiptTimeout(timeout));
         drop(abandoned);
-        tracing::warn!(
-            broker = %self.address,
-            ?timeout,
-            "the broker answered no receipt for the receipt timeout; giving this connection up (the next one starts at the next address)"
-        );
-        self.observed.report(ConnectionEvent::Abandoned {
-            address: self.address.clone(),
-        });
+        self.observed.abandoned(&self.address, timeout);
         self.shared.abandon.notify_one();
     }
 
