@@ -5,4 +5,5 @@
 mod faults_consumer;
 mod faults_ordering;
 mod faults_reject;
+mod faults_stalls;
 mod faults_transactions;
