@@ -4,8 +4,7 @@
 //! library installs none itself.
 //!
 //! Labels are few and bounded: the destination of a relayed message (its version suffix
-//! included), the queue of a consumer, the outcome of a consumed message, and a broker's
-//! configured address. Never an id.
+//! included), the queue of a consumer, and the outcome of a consumed message. Never an id.
 //!
 //! | name | type | labels | meaning |
 //! | --- | --- | --- | --- |
@@ -18,9 +17,6 @@
 //! | `outbox_messages_unroutable_total` | counter | `destination` | messages the broker returned because no queue is bound to their destination (AMQP, `mandatory`); with `OUTBOX_UNROUTABLE=retry` their rows wait and no attempt is spent |
 //! | `outbox_messages_nacked_total` | counter | | messages the broker could not take (AMQP `basic.nack`): given back with a pause, no attempt spent |
 //! | `outbox_messages_rejected_total` | counter | `destination` | publishes the broker rejected, most likely a queue full with `x-overflow: reject-publish`: an AMQP `basic.nack`, or over STOMP a connection the broker closed with that message alone pending; their rows wait a short pause, no attempt spent |
-//! | `outbox_broker_receipt_timeouts_total` | counter | `address` | messages whose receipt (or AMQP confirm) did not come within `OUTBOX_RECEIPT_TIMEOUT` of their last byte being written, by broker address (`host:port`) |
-//! | `outbox_broker_connections_abandoned_total` | counter | `address` | connections given up because the broker answered nothing for the receipt timeout while receipts were due (alive, heartbeating, but not confirming); the next connection starts at the next address |
-//! | `outbox_broker_reconnections_total` | counter | `address` | connections opened to the address after the transport's first (by the relay, its isolation lane and the consumer alike) |
 //! | `outbox_relay_batch_size` | histogram | | rows claimed per relay batch |
 //! | `outbox_relay_batch_duration_seconds` | histogram | | time to claim, send and settle one batch |
 //! | `outbox_pending_messages` | gauge | | rows waiting to be sent (status SCHEDULE), sampled by each relay every 10 s |
@@ -65,7 +61,6 @@ use ::metrics::{
 use noop::{counter, gauge, histogram};
 
 use crate::tables::published::Model as Row;
-use crate::transport::{ConnectionEvent, ConnectionObserver};
 
 /// Ordering keys that a FAILED row blocks.
 pub const BLOCKED_KEYS: &str = "outbox_blocked_keys";
@@ -91,12 +86,6 @@ pub const MESSAGES_NACKED: &str = "outbox_messages_nacked_total";
 pub const MESSAGES_REJECTED: &str = "outbox_messages_rejected_total";
 /// Counter: database calls that timed out, by kind (`no_answer`, `statement`, `lock`).
 pub const DATABASE_TIMEOUTS: &str = "outbox_database_timeouts_total";
-/// Counter: messages whose receipt timed out, by broker address.
-pub const BROKER_RECEIPT_TIMEOUTS: &str = "outbox_broker_receipt_timeouts_total";
-/// Counter: connections given up because the broker answered nothing, by broker address.
-pub const BROKER_CONNECTIONS_ABANDONED: &str = "outbox_broker_connections_abandoned_total";
-/// Counter: connections opened after a transport's first, by broker address.
-pub const BROKER_RECONNECTIONS: &str = "outbox_broker_reconnections_total";
 /// Rows per relay batch.
 pub const RELAY_BATCH_SIZE: &str = "outbox_relay_batch_size";
 /// Seconds per relay batch.
@@ -190,21 +179,6 @@ pub fn describe() {
         MESSAGES_REJECTED,
         Unit::Count,
         "Publishes the broker rejected (a queue full with x-overflow reject-publish), by destination; their rows wait without spending an attempt"
-    );
-    describe_counter!(
-        BROKER_RECEIPT_TIMEOUTS,
-        Unit::Count,
-        "Messages whose receipt (or confirm) did not come within the receipt timeout of their last byte being written, by broker address"
-    );
-    describe_counter!(
-        BROKER_CONNECTIONS_ABANDONED,
-        Unit::Count,
-        "Broker connections given up because the broker answered nothing for the receipt timeout while receipts were due, by broker address"
-    );
-    describe_counter!(
-        BROKER_RECONNECTIONS,
-        Unit::Count,
-        "Broker connections opened after a transport's first, by broker address"
     );
     describe_histogram!(
         RELAY_BATCH_SIZE,
@@ -318,30 +292,6 @@ pub(crate) fn nacked(rows: usize) {
 /// Counts publishes to `destination` the broker rejected.
 pub(crate) fn rejected(destination: &str, messages: usize) {
     counter!(MESSAGES_REJECTED, "destination" => destination.to_owned()).increment(messages as u64);
-}
-
-/// The observer the relay and the consumer hand their transports: it counts what the
-/// transport reports of its connections, by broker address.
-pub(crate) fn connection_observer() -> ConnectionObserver {
-    std::sync::Arc::new(connection_event)
-}
-
-/// Counts one event of a transport's connections.
-fn connection_event(event: &ConnectionEvent) {
-    match event {
-        ConnectionEvent::Connected {
-            address,
-            reconnection: true,
-        } => counter!(BROKER_RECONNECTIONS, "address" => address.clone()).increment(1),
-        ConnectionEvent::ReceiptTimeout { address, messages } => {
-            counter!(BROKER_RECEIPT_TIMEOUTS, "address" => address.clone())
-                .increment(*messages as u64)
-        }
-        ConnectionEvent::Abandoned { address } => {
-            counter!(BROKER_CONNECTIONS_ABANDONED, "address" => address.clone()).increment(1)
-        }
-        _ => {}
-    }
 }
 
 /// Counts rows that expired unsent.

@@ -314,12 +314,6 @@ impl WireCounter {
         }
         self.seen.values().map(|n| n.saturating_sub(1)).sum()
     }
-
-    /// The copies of message `id` read so far (call [`WireCounter::duplicates`] first, which
-    /// reads until every expected message was seen).
-    pub fn copies_of(&self, id: &str) -> usize {
-        self.seen.get(id).copied().unwrap_or(0)
-    }
 }
 
 impl Drop for WireCounter {
@@ -342,28 +336,6 @@ pub async fn record_effect(payload: Payload) -> Result<(), BoxError> {
     insert_effect(payload.db(), &key, "ok").await?;
     payload.save();
     Ok(())
-}
-
-/// Sends SIGTERM to a running child process, as an operator or a container runtime does.
-pub fn sigterm(child: &tokio::process::Child) {
-    let pid = child.id().expect("a running child").to_string();
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("run kill");
-    assert!(status.success(), "kill -TERM {pid} failed");
-}
-
-/// The resident memory of a running child process, in KiB (`VmRSS` in `/proc/<pid>/status`).
-pub fn resident_kib(child: &tokio::process::Child) -> u64 {
-    let pid = child.id().expect("a running child");
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_else(|e| panic!("reading /proc/{pid}/status: {e}"));
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status"))
 }
 
 pub async fn kill(child: &mut tokio::process::Child) {

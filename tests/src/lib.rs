@@ -12,8 +12,6 @@
 //! - [`proxy`]: a TCP proxy that cuts, stalls, slows or refuses a link.
 //! - [`certs`]: certificate authorities and leaves made for one test.
 //! - [`effects`]: the business table a consumer's callback writes to, and its counts.
-//! - [`fake_broker`]: a fake STOMP broker that never confirms, lies about a frame's length, or
-//!   never answers.
 //! - [`faults`]: the fault suite's known sets, wire counter and summary lines.
 //! - [`logs`]: log lines a test reads.
 //! - [`transports`]: the transports a scenario runs over, and [`on_every_transport!`](crate::on_every_transport).
@@ -22,7 +20,6 @@ pub mod binaries;
 pub mod certs;
 pub mod db;
 pub mod effects;
-pub mod fake_broker;
 pub mod faults;
 pub mod limited_queue;
 pub mod logs;

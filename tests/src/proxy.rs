@@ -1,6 +1,6 @@
 //! A TCP proxy that breaks the link on command, for testing what the library does when the
-//! network misbehaves between it and the broker: connections cut, a black hole, a slow link (a
-//! delay per chunk, or a rate limit in bytes a second), a broker that refuses connections.
+//! network misbehaves between it and the broker: connections cut, a black hole, a slow link, a
+//! broker that refuses connections.
 //!
 //! Each accepted connection is forwarded to the upstream address by two copying tasks, one per
 //! direction. Commands go through a `watch` channel that every task listens to, so they apply at
@@ -25,8 +25,6 @@ struct Control {
     stall: bool,
     /// Wait this long before forwarding each chunk.
     slow: Option<Duration>,
-    /// Forward at most this many bytes a second, each direction of each connection.
-    rate: Option<u64>,
     /// Close new connections as soon as they are accepted.
     refuse: bool,
     /// Bumped by `cut()`: a connection opened under an older value closes.
@@ -90,13 +88,6 @@ impl FaultProxy {
     /// Delays each forwarded chunk by `delay` (`None`: no delay).
     pub fn slow(&self, delay: Option<Duration>) {
         self.control.send_modify(|c| c.slow = delay);
-    }
-
-    /// Forwards at most `bytes_per_second` bytes a second in each direction of each connection
-    /// (`None`: as fast as the sockets go). Reads are small while limited, so that little waits
-    /// in the proxy: what the sender's socket takes is about what the link carries.
-    pub fn rate(&self, bytes_per_second: Option<u64>) {
-        self.control.send_modify(|c| c.rate = bytes_per_second);
     }
 
     /// `true`: accept new connections and close them at once (as a broker that is going down
@@ -184,19 +175,12 @@ async fn pump(
     epoch: u64,
 ) {
     let mut chunk = vec![0u8; 16 * 1024];
-    // When the rate limit lets the next byte through.
-    let mut next_at = tokio::time::Instant::now();
     loop {
         if flowing(&mut control, epoch).await.is_none() {
             return;
         }
-        let rate = control.borrow().rate;
-        // Limited: a tenth of a second's worth per read at most.
-        let room = rate.map_or(chunk.len(), |rate| {
-            (rate as usize / 10).clamp(1, chunk.len())
-        });
         let read = tokio::select! {
-            read = from.read(&mut chunk[..room]) => read,
+            read = from.read(&mut chunk) => read,
             () = ended(&mut control, epoch) => return,
         };
         let count = match read {
@@ -210,16 +194,6 @@ async fn pump(
         if let Some(delay) = delay {
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
-                () = ended(&mut control, epoch) => return,
-            }
-        }
-        if let Some(rate) = control.borrow().rate {
-            let now = tokio::time::Instant::now();
-            next_at = next_at.max(now) + Duration::from_secs_f64(count as f64 / rate.max(1) as f64);
-        }
-        if next_at > tokio::time::Instant::now() {
-            tokio::select! {
-                () = tokio::time::sleep_until(next_at) => {}
                 () = ended(&mut control, epoch) => return,
             }
         }

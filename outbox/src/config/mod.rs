@@ -71,8 +71,7 @@ pub struct OutboxConfig {
     pub stomp_heartbeats: (Duration, Duration),
     /// The longest pause between reconnection attempts. Default 3600 s (0.01 s to 86,400 s).
     pub maximum_backoff: Duration,
-    /// How long to wait for a message's receipt once its last byte is written. Default 10 s
-    /// (0.01 s to 3600 s).
+    /// How long to wait for the receipts of a batch. Default 10 s (0.01 s to 3600 s).
     pub receipt_timeout: Duration,
     /// Largest frame accepted from the broker, in bytes. Default 64 MiB (4 KiB to 1 GiB).
     pub stomp_max_frame_size: usize,

@@ -251,8 +251,6 @@ impl ConsumerBuilder {
             None => crate::transport::from_config(&config)?,
         };
         topology.check_transport(transport.as_ref())?;
-        // Receipt timeouts and reconnections, per broker address.
-        transport.observe(crate::metrics::connection_observer());
         Ok(Consumer {
             db: self.db,
             transport,

@@ -26,8 +26,7 @@ impl Consumer {
     /// Runs until `shutdown` completes: then stops taking messages, waits up to the shutdown
     /// timeout for the callbacks in flight (their messages are acknowledged or rejected as
     /// usual), unsubscribes, disconnects and returns. Broker and database failures do not end
-    /// it: it reconnects with backoff. Connecting never holds up the stop: an attempt in
-    /// progress ends at once.
+    /// it: it reconnects with backoff.
     pub async fn run_until<F, Fut, E>(
         &self,
         callback: F,
@@ -76,23 +75,8 @@ impl Consumer {
             group_size = self.group_size,
             "consumer started"
         );
-        self.transport.resume_connecting();
         'connection: loop {
-            // Stopping, connecting ends at once; a subscription already asked for is waited
-            // for (its receipt, a receipt timeout at most), so that it is closed politely.
-            let opening = self.open_subscription();
-            tokio::pin!(opening);
-            let opened = tokio::select! {
-                opened = opening.as_mut() => opened,
-                _ = shutdown.as_mut() => {
-                    self.transport.stop_connecting();
-                    if let Ok((id, _)) = opening.await {
-                        subscribed = Some(id);
-                    }
-                    break 'connection;
-                }
-            };
-            let (id, mut deliveries) = match opened {
+            let (id, mut deliveries) = match self.open_subscription().await {
                 Ok(opened) => opened,
                 Err(err) => {
                     let pause = backoff.next_pause();
@@ -165,12 +149,8 @@ impl Consumer {
                 }
             }
         }
-        // What stops from here on uses the open connection, if any: no new one.
-        self.transport.stop_connecting();
         groups.close();
         self.stop(tasks, subscribed).await;
-        // A transport shared with others connects again for them.
-        self.transport.resume_connecting();
         housekeeping.abort();
         tracing::info!(queue = %self.topology.queue(), "consumer stopped");
         Ok(())

@@ -86,15 +86,7 @@ impl Producer {
                 };
             let together = group.len() > 1;
             let frames: Vec<Outgoing> = group.iter().map(outgoing).collect();
-            let started = Instant::now();
-            // The lease extended meanwhile, if it was, is the group's alone: the rest keep theirs.
-            let (answers, _) = self
-                .send_holding(transport.as_ref(), &frames, &group, *lease)
-                .await;
-            let outcomes = answers.outcomes;
-            if outcomes.iter().any(Outcome::is_receipted) {
-                self.broker_receipted();
-            }
+            let outcomes = transport.send(&frames).await.outcomes;
             let mut back = Vec::new();
             let mut back_reason = None;
             let mut unroutable = Vec::new();
@@ -106,7 +98,6 @@ impl Producer {
                 match outcome {
                     Outcome::Receipted => {
                         self.clear_suspect(&row);
-                        self.forget_timeouts(&row);
                         proven.insert(row.destination.clone());
                         sent.push(row);
                     }
@@ -150,17 +141,6 @@ impl Producer {
                         // over STOMP (or a link that failed just then). Nobody's fault.
                         self.clear_suspect(&row);
                         closed_on = Some(row);
-                    }
-                    Outcome::Unknown(Unknown {
-                        reason: reason @ TransportError::ReceiptTimeout(_),
-                        ..
-                    }) if !together
-                        && let Some(charge) = self.timeout_charge(&row, started, &reason) =>
-                    {
-                        // Alone, after timing out again and again, while the broker receipts
-                        // others: this message is what it does not confirm in time.
-                        self.refuse(&row, lease.token, &charge).await?;
-                        report.refused += 1;
                     }
                     Outcome::Unknown(Unknown { reason, .. }) if reason.retry_in().is_some() => {
                         paced = reason.retry_in();

@@ -34,7 +34,6 @@ mod listen;
 mod pressure;
 pub(crate) mod settle;
 pub(crate) mod store;
-mod timeouts;
 mod unroutable;
 
 use std::collections::HashSet;
@@ -149,11 +148,6 @@ impl ProducerBuilder {
                 (transport, self.isolation.or(Some(isolation)))
             }
         };
-        // Receipt timeouts and reconnections, per broker address.
-        transport.observe(crate::metrics::connection_observer());
-        if let Some(isolation) = &isolation {
-            isolation.observe(crate::metrics::connection_observer());
-        }
         Ok(Producer {
             bounds: DbBounds::new(&config),
             db: self.db,
@@ -164,7 +158,6 @@ impl ProducerBuilder {
             sending: RwLock::new(()),
             lane: tokio::sync::Mutex::new(()),
             suspects: Mutex::new(HashSet::new()),
-            timeouts: Mutex::default(),
             unroutable: Mutex::default(),
             pressure: Mutex::default(),
             stopping: AtomicBool::new(false),
@@ -215,8 +208,6 @@ pub struct Producer {
     /// Rows whose batch lost its connection with them first in line, unreceipted: sent alone
     /// (alongside the batches) until they are receipted.
     suspects: Mutex<HashSet<Uuid>>,
-    /// Rows whose receipts timed out, and when the broker last receipted anything.
-    timeouts: Mutex<timeouts::Timeouts>,
     /// The destinations recorded as waiting for a queue, as far as this relay knows.
     unroutable: Mutex<unroutable::Recorded>,
     /// The destinations the broker rejects messages to, or that are in doubt.
@@ -274,15 +265,9 @@ impl Producer {
     /// Runs until `shutdown` completes; then finishes the batches in flight, disconnects and
     /// returns. Database and broker errors do not end it: they are logged and retried with
     /// backoff. Retention runs meanwhile on a task of its own, stopped at once on shutdown.
-    ///
-    /// Connecting never holds up the stop: an attempt in progress (against a broker that does
-    /// not answer, it lasts a receipt timeout per address) ends at once, and a batch whose send
-    /// must connect gives its rows back unsent; a batch already written waits for its receipts,
-    /// a receipt timeout at most.
     pub async fn run_until(&self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
         tokio::pin!(shutdown);
         self.stopping.store(false, Ordering::Relaxed);
-        self.connecting(true);
         let mut commits = wake::subscribe();
         let listener = self.listen_postgres();
         let retention = tokio::spawn(retention::published::keep(
@@ -303,11 +288,7 @@ impl Producer {
             if unless_stopped(shutdown.as_mut(), sampled).await.is_none() {
                 break;
             }
-            let connected = tokio::select! {
-                connected = self.transport.connect() => connected,
-                _ = shutdown.as_mut() => break,
-            };
-            if let Err(err) = connected {
+            if let Err(err) = self.transport.connect().await {
                 // A transport that paces its reconnections says how long; else back off.
                 let pause = err.retry_in().unwrap_or_else(|| {
                     let pause = backoff.next_pause();
@@ -381,7 +362,6 @@ impl Producer {
                 _ = shutdown.as_mut() => break,
             }
         }
-        self.connecting(false);
         // Best effort: an announcement left behind lapses by itself (`idle::LEASE`).
         let _ = tokio::time::timeout(IDLE_WITHDRAWAL_WAIT, idle.stopped(&self.db)).await;
         retention.abort();
@@ -392,18 +372,15 @@ impl Producer {
         if let Some(isolation) = &self.isolation {
             let _ = isolation.disconnect().await;
         }
-        // A transport shared with others connects again for them.
-        self.connecting(true);
         tracing::info!("relay stopped");
         Ok(())
     }
 
-    /// The rounds, unless `shutdown` completes first: then no batch is claimed any more, no
-    /// transport connects any more (what would have to connect is given back unsent), and the
-    /// batches in flight are given [`Producer::stop_wait`] to finish (each of their database
-    /// calls is bounded by the statement timeout, so they end by themselves even when the
-    /// database stopped answering); past it they are abandoned, and their rows are sent again
-    /// once their lease has run out (the consumers' inbox absorbs a second copy).
+    /// The rounds, unless `shutdown` completes first: then no batch is claimed any more, and
+    /// the batches in flight are given [`Producer::stop_wait`] to finish (each of their
+    /// database calls is bounded by the statement timeout, so they end by themselves even when
+    /// the database stopped answering); past it they are abandoned, and their rows are sent
+    /// again once their lease has run out (the consumers' inbox absorbs a second copy).
     async fn rounds_unless_stopped(
         &self,
         shutdown: std::pin::Pin<&mut impl Future<Output = ()>>,
@@ -414,7 +391,6 @@ impl Producer {
             result = rounds.as_mut() => Some(result),
             _ = shutdown => {
                 self.stopping.store(true, Ordering::Relaxed);
-                self.connecting(false);
                 if tokio::time::timeout(self.stop_wait(), rounds).await.is_err() {
                     tracing::warn!(
                         waited = ?self.stop_wait(),
@@ -423,17 +399,6 @@ impl Producer {
                     );
                 }
                 None
-            }
-        }
-    }
-
-    /// Lets the transports connect, or stops every connection attempt of theirs at once.
-    fn connecting(&self, allowed: bool) {
-        for transport in std::iter::once(&self.transport).chain(self.isolation.as_ref()) {
-            if allowed {
-                transport.resume_connecting();
-            } else {
-                transport.stop_connecting();
             }
         }
     }
@@ -535,7 +500,6 @@ impl Producer {
 
 /// A claim's lease as this relay counts it: from before the claim was made, so never later than
 /// the database's `locked_until`.
-#[derive(Debug, Clone, Copy)]
 struct Lease {
     token: Uuid,
     until: Instant,
@@ -545,22 +509,9 @@ impl Lease {
     /// Whether a send started now could still be waiting for receipts when the lease ends (with
     /// a margin of half the lease's excess over the receipt timeout, at most [`LEASE_MARGIN`]).
     fn expiring(&self, config: &OutboxConfig) -> bool {
-        Instant::now() + Lease::in_hand(config) >= self.until
-    }
-
-    /// From when the lease is [`Lease::expiring`]: extended then, a send that still waits gets
-    /// a full receipt timeout in hand.
-    fn renew_at(&self, config: &OutboxConfig) -> Instant {
-        self.until
-            .checked_sub(Lease::in_hand(config))
-            .unwrap_or_else(Instant::now)
-    }
-
-    /// What a send needs left of its lease: the receipt timeout and a margin.
-    fn in_hand(config: &OutboxConfig) -> Duration {
         let margin =
             (config.producer_lease.saturating_sub(config.receipt_timeout) / 2).min(LEASE_MARGIN);
-        config.receipt_timeout + margin
+        Instant::now() + config.receipt_timeout + margin >= self.until
     }
 }
 

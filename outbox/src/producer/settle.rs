@@ -23,9 +23,8 @@ impl Producer {
     /// Sends the claimed rows and records what became of each.
     ///
     /// Rows to a destination the broker rejects messages to wait for its next probe, unsent;
-    /// rows refused before, rows whose receipts timed out again and again (see `timeouts`), and
-    /// rows to a destination in doubt or rejecting by closing the connection, go to the
-    /// isolation lane; rows suspected of dropping their connection are
+    /// rows refused before, and rows to a destination in doubt or rejecting by closing the
+    /// connection, go to the isolation lane; rows suspected of dropping their connection are
     /// sent alone, alongside the batch; the others in one pipelined batch. The rows of a batch
     /// that a refusal failed (RabbitMQ's ERROR names no receipt) are suspects: each is then
     /// sent alone on the isolation lane, where a refusal is its own.
@@ -39,9 +38,9 @@ impl Producer {
             .into_iter()
             .partition(|row| self.rejecting(&row.destination).is_some());
         report.deferred += self.wait_for_probe(waiting, lease.token).await?;
-        let (lone, shared): (Vec<Row>, Vec<Row>) = rows.into_iter().partition(|row| {
-            refused_before(row) || self.times_out(row) || self.goes_alone(&row.destination)
-        });
+        let (lone, shared): (Vec<Row>, Vec<Row>) = rows
+            .into_iter()
+            .partition(|row| refused_before(row) || self.goes_alone(&row.destination));
         let (solo, batch): (Vec<Row>, Vec<Row>) =
             shared.into_iter().partition(|row| self.is_suspect(row));
 
@@ -56,10 +55,10 @@ impl Producer {
                 let solo: Vec<Row> = held.extract_if(.., |row| self.is_suspect(row)).collect();
                 (held, solo)
             };
-            let together = self.send_shared(batch, lease);
+            let together = self.send_shared(batch, lease.token);
             let alone = futures::future::join_all(
                 solo.into_iter()
-                    .map(|row| self.send_shared(vec![row], lease)),
+                    .map(|row| self.send_shared(vec![row], lease.token)),
             );
             // The suspects first: the batch's frames then follow theirs on the connection, and
             // their receipts show whether the broker passed a suspect over.
@@ -79,19 +78,16 @@ impl Producer {
         Ok(report)
     }
 
-    /// Sends `rows` pipelined on the shared connection (their lease kept while it lasts) and
-    /// settles what it can: receipted rows marked sent, rows at fault charged, the rest given
-    /// back; returns the rows a refusal made suspects.
-    pub(super) async fn send_shared(&self, rows: Vec<Row>, lease: Lease) -> Result<Settled, Error> {
+    /// Sends `rows` pipelined on the shared connection and settles what it can: receipted rows
+    /// marked sent, rows at fault charged, the rest given back; returns the rows a refusal made
+    /// suspects.
+    pub(super) async fn send_shared(&self, rows: Vec<Row>, token: Uuid) -> Result<Settled, Error> {
         let mut settled = Settled::default();
         if rows.is_empty() {
             return Ok(settled);
         }
-        let token = lease.token;
         let frames: Vec<Outgoing> = rows.iter().map(outgoing).collect();
-        let (result, _) = self
-            .send_holding(self.transport.as_ref(), &frames, &rows, lease)
-            .await;
+        let result = self.transport.send(&frames).await;
         let alone = rows.len() == 1;
         let mut sent = Vec::new();
         let mut released = Vec::new();
@@ -122,11 +118,6 @@ impl Producer {
                     // The first row of a batch left unreceipted may be what broke the
                     // connection: it goes alone next time. A row already alone stays suspect.
                     let lost = matches!(reason, TransportError::ConnectionLost(_));
-                    // Only the first: what waited behind it timed out because of it, or of the
-                    // broker.
-                    if released.is_empty() && matches!(reason, TransportError::ReceiptTimeout(_)) {
-                        self.timed_out(&row);
-                    }
                     if released.is_empty() && (alone || lost) {
                         self.suspect(&row);
                     }
@@ -140,12 +131,8 @@ impl Producer {
                 }
             }
         }
-        if !sent.is_empty() {
-            self.broker_receipted();
-        }
         for row in &sent {
             self.clear_suspect(row);
-            self.forget_timeouts(row);
             settled.proven.insert(row.destination.clone());
         }
         self.taken(&taken_but(&settled.proven, &nacked));
@@ -263,7 +250,6 @@ impl Producer {
 
     pub(super) async fn refuse(&self, row: &Row, token: Uuid, reason: &str) -> Result<(), Error> {
         self.clear_suspect(row);
-        self.forget_timeouts(row);
         let failures = u32::try_from(row.retry).unwrap_or(0).saturating_add(1);
         let decision = store::after_failure(
             failures,

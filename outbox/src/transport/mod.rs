@@ -8,8 +8,6 @@
 //!
 //! Where each part lives:
 //! - this file: the trait and the types every transport shares;
-//! - `connecting.rs`: the stop signal raced against every connection attempt, and the events a
-//!   transport reports about its connections;
 //! - `select.rs`: the one place that reads the configuration for a transport;
 //! - `stomp/`: the facade, the connection, the task that drives it, its socket, framing, TLS and
 //!   [`StompSettings`];
@@ -21,7 +19,6 @@
 //! reaches it as a [`SubscriptionEvent`].
 #[cfg(feature = "amqp")]
 mod amqp;
-mod connecting;
 mod memory;
 mod select;
 mod stomp;
@@ -33,7 +30,6 @@ use tokio::sync::mpsc::error::TryRecvError;
 
 #[cfg(feature = "amqp")]
 pub use amqp::{AmqpSettings, AmqpTransport, CONFIRM_WINDOW};
-pub use connecting::{ConnectionEvent, ConnectionObserver};
 pub use memory::MemoryTransport;
 pub use select::from_config;
 pub use stomp::{StompSettings, StompTransport, TlsOptions};
@@ -455,10 +451,8 @@ pub trait Transport: Send + Sync {
     /// Opens a connection unless one is open.
     async fn connect(&self) -> Result<(), TransportError>;
 
-    /// Sends the messages pipelined, each with a receipt request, and waits for the receipts:
-    /// each for the transport's receipt timeout from the moment its last byte was written, so a
-    /// large message on a slow link (and what waits behind it) is not given up on while it is
-    /// still being written. Connects first if needed. Several calls
+    /// Sends the messages pipelined, each with a receipt request, and waits for the receipts
+    /// (bounded by the transport's receipt timeout). Connects first if needed. Several calls
     /// may be in flight at once on one connection; a refusal that closes the connection fails
     /// the messages of every call pending on it ([`Outcome::Unknown`]).
     async fn send(&self, messages: &[Outgoing]) -> SendReport;
@@ -483,26 +477,6 @@ pub trait Transport: Send + Sync {
 
     /// Closes the connection politely (DISCONNECT with a receipt).
     async fn disconnect(&self) -> Result<(), TransportError>;
-
-    /// Ends every connection attempt in progress at once, and refuses new ones (with
-    /// [`TransportError::Closed`]) until [`Transport::resume_connecting`]: what a stopping relay or
-    /// consumer calls, so that a broker that does not answer cannot hold up its shutdown. An open
-    /// connection is kept: sends in flight on it get their receipts, and
-    /// [`Transport::disconnect`] closes it politely. A relay or consumer lets it connect again
-    /// once stopped (for whoever shares the transport). Nothing to do for a transport whose
-    /// connecting never waits (the default).
-    fn stop_connecting(&self) {}
-
-    /// Lets connections open again after [`Transport::stop_connecting`] (the default: nothing to
-    /// do).
-    fn resume_connecting(&self) {}
-
-    /// Hands the transport's [`ConnectionEvent`]s to `observer` (replacing any earlier one):
-    /// the relay and the consumer count them per broker address. A transport with nothing to
-    /// report ignores it (the default).
-    fn observe(&self, observer: ConnectionObserver) {
-        let _ = observer;
-    }
 
     /// Whether a subscription's `x-single-active-consumer: true` header declares its queue with
     /// RabbitMQ's single active consumer. False by default, as over STOMP: RabbitMQ's STOMP

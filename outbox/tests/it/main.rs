@@ -19,5 +19,4 @@ mod relay_wake;
 mod stomp_framing;
 mod test_support;
 mod tls;
-mod transport_stalls;
 mod write_path;

@@ -5,5 +5,4 @@
 mod faults_consumer;
 mod faults_ordering;
 mod faults_reject;
-mod faults_stalls;
 mod faults_transactions;

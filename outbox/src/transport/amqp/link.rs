@@ -10,7 +10,7 @@ use lapin::options::{
     BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions, QueueBindOptions,
     QueueDeclareOptions,
 };
-use lapin::tcp::{AMQPUriTcpExt, AsyncTcpStream};
+use lapin::tcp::AMQPUriTcpExt;
 use lapin::types::FieldTable;
 use lapin::uri::{AMQPScheme, AMQPUri};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
@@ -19,7 +19,6 @@ use tokio::sync::{Semaphore, mpsc};
 use super::publish::{Publishers, open_publisher};
 use super::routing::{self, Endpoint, QueueKind};
 use super::{CONFIRM_WINDOW, Settings, lock};
-use crate::transport::stomp::socket::limit_send_buffer;
 use crate::transport::{
     AckMode, Deliveries, Delivery, Subscription, SubscriptionEvent, TransportError,
 };
@@ -30,10 +29,7 @@ const DELIVERY_QUEUE: usize = 1024;
 /// One open connection and its channels.
 pub(super) struct Link {
     pub(super) generation: u64,
-    /// The broker's `host:port`.
     pub(super) address: String,
-    /// Its URL's place in the configured URLs.
-    pub(super) address_index: usize,
     pub(super) connection: Connection,
     /// Idle confirm-mode channels, one per batch in flight ([`super::publish`]).
     pub(super) publishers: Publishers,
@@ -53,23 +49,12 @@ pub(super) struct Route {
 }
 
 impl Link {
-    /// Connects to the first URL that answers, trying them in order from the one at `start`.
-    pub(super) async fn open(
-        settings: &Settings,
-        generation: u64,
-        start: usize,
-    ) -> Result<Self, TransportError> {
+    /// Connects to the first URL that answers.
+    pub(super) async fn open(settings: &Settings, generation: u64) -> Result<Self, TransportError> {
         let mut last_error = None;
-        let count = settings.urls.len();
-        for index in (0..count).map(|step| (start + step) % count) {
-            let uri = &settings.urls[index];
+        for uri in &settings.urls {
             match Self::open_one(settings, uri, generation).await {
-                Ok(link) => {
-                    return Ok(Self {
-                        address_index: index,
-                        ..link
-                    });
-                }
+                Ok(link) => return Ok(link),
                 // A refused login or a TLS setting is the same everywhere.
                 Err(err @ TransportError::Refused { .. }) | Err(err @ TransportError::Tls(_)) => {
                     return Err(err);
@@ -137,11 +122,6 @@ impl Link {
                     .connect_async(&runtime)
                     .await
                     .map_err(lapin::Error::from)?;
-                // A publish counts as written once the socket took it: keep what the kernel
-                // holds small, as the STOMP transport does.
-                if let AsyncTcpStream::Plain(tcp) = &stream {
-                    limit_send_buffer(tcp.get_ref());
-                }
                 match &tls {
                     Some((connector, name)) => stream
                         .into_rustls(connector, name)
@@ -171,7 +151,6 @@ impl Link {
         Ok(Self {
             generation,
             address,
-            address_index: 0,
             connection,
             publishers,
             window: Arc::new(Semaphore::new(CONFIRM_WINDOW)),

@@ -23,35 +23,22 @@
 //! blocks the connection (a memory or disk alarm), nothing is published: the messages are given
 //! back, unknown and not overtaken, which charges them nothing.
 //!
-//! Each confirm is awaited for the receipt timeout from the moment lapin wrote the publish's last
-//! frame (lapin resolves `basic_publish` then), so that a large message on a slow link is not
-//! given up on while it is still being written. lapin says nothing of a publish until its last
-//! frame is written, so the writes themselves are allowed the receipt timeout plus the bytes
-//! ahead of them at [`SLOWEST_WRITE_RATE`] (the STOMP transport, which writes its own socket,
-//! instead gives a connection up when no byte leaves for the receipt timeout). A connection on
-//! which confirms time out while the broker answered nothing for the receipt timeout is
-//! abandoned, and the next one starts at the next URL.
-//!
 //! Each subscription consumes on a channel of its own, with `basic.qos` from its
 //! `prefetch-count` header; its queue is declared and bound from its headers as the STOMP plugin
 //! declares and binds it, so that STOMP and AMQP consumers share a queue in either order.
 
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use lapin::Channel;
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicRejectOptions};
 use lapin::tcp::RustlsConnector;
 use lapin::uri::{AMQPScheme, AMQPUri};
 
-use super::connecting::{Gate, Observed};
 use super::stomp::tls::ClientTls;
-use super::{
-    ConnectionEvent, ConnectionObserver, Deliveries, Delivery, Outcome, Outgoing, SendReport,
-    Subscription, Transport, TransportError,
-};
+use super::{Deliveries, Delivery, Outgoing, SendReport, Subscription, Transport, TransportError};
 use crate::config::redact_credentials;
 use link::Link;
 
@@ -71,10 +58,6 @@ pub const CONFIRM_WINDOW: usize = 1024;
 const UNANSWERED_CLOSE_WAIT: Duration = Duration::from_secs(1);
 /// How often a blocked connection is looked at while a send waits for it to be unblocked.
 const BLOCKED_POLL: Duration = Duration::from_millis(50);
-/// The slowest a link may write, in bytes a second, before a publish still unwritten is given
-/// up on: a send's publishes may take the receipt timeout plus the bytes ahead of them (its own
-/// and those of the sends in progress) at this rate to be written.
-pub(crate) const SLOWEST_WRITE_RATE: u64 = 64 * 1024;
 
 /// An AMQP 0-9-1 broker connection with failover, heartbeats and publisher confirms.
 ///
@@ -102,16 +85,6 @@ pub struct AmqpTransport {
     link: tokio::sync::Mutex<Option<Arc<Link>>>,
     /// Numbers the connections this transport opens ([`Delivery::connection`]).
     connections_opened: AtomicU64,
-    /// The URL the next connection tries first: the last connection's, or the one after it
-    /// when that connection was abandoned (it confirmed nothing).
-    next_start: AtomicUsize,
-    /// Body bytes of the sends in progress: what a new send's publishes may wait behind.
-    unwritten: AtomicU64,
-    /// The connection (by generation) on which the broker last answered a publish, and when.
-    answered: Mutex<(u64, Option<Instant>)>,
-    /// Closed while the caller stops: no connection attempt then.
-    gate: Gate,
-    observed: Arc<Observed>,
 }
 
 /// What a connection is opened with: the [`AmqpSettings`], their URLs parsed and TLS files read.
@@ -173,16 +146,10 @@ impl AmqpTransport {
             }),
             link: tokio::sync::Mutex::new(None),
             connections_opened: AtomicU64::new(0),
-            next_start: AtomicUsize::new(0),
-            unwritten: AtomicU64::new(0),
-            answered: Mutex::new((0, None)),
-            gate: Gate::default(),
-            observed: Arc::default(),
         })
     }
 
-    /// The open connection, or a new one; [`TransportError::Closed`] while connecting is
-    /// stopped.
+    /// The open connection, or a new one.
     async fn link(&self) -> Result<Arc<Link>, TransportError> {
         let mut slot = self.link.lock().await;
         if let Some(link) = slot.as_ref()
@@ -190,94 +157,13 @@ impl AmqpTransport {
         {
             return Ok(link.clone());
         }
-        // Sticky: the next connection starts where the last one was (`next_start` is set when a
-        // connection opens), or after it when it was abandoned.
         if let Some(old) = slot.take() {
-            let closing = self.gate.attempt(async {
-                let _ =
-                    tokio::time::timeout(self.settings.receipt_timeout, old.close_quietly()).await;
-                Ok(())
-            });
-            closing.await?;
+            let _ = tokio::time::timeout(self.settings.receipt_timeout, old.close_quietly()).await;
         }
         let generation = self.connections_opened.fetch_add(1, Ordering::Relaxed) + 1;
-        let start = self.next_start.load(Ordering::Relaxed) % self.settings.urls.len();
-        let link = Arc::new(
-            self.gate
-                .attempt(Link::open(&self.settings, generation, start))
-                .await?,
-        );
-        self.next_start.store(link.address_index, Ordering::Relaxed);
-        self.observed.report(ConnectionEvent::Connected {
-            address: link.address.clone(),
-            reconnection: generation > 1,
-        });
+        let link = Arc::new(Link::open(&self.settings, generation).await?);
         *slot = Some(link.clone());
         Ok(link)
-    }
-
-    /// How long a send of `bytes` may take to write its publishes: the receipt timeout, plus
-    /// what waits ahead of them (the sends in progress, and its own) at
-    /// [`SLOWEST_WRITE_RATE`]. The bytes count as in progress until the guard is dropped.
-    fn write_allowance(&self, bytes: u64) -> (Duration, InProgress<'_>) {
-        let ahead = self.unwritten.fetch_add(bytes, Ordering::Relaxed) + bytes;
-        let allowance = self.settings.receipt_timeout
-            + Duration::from_secs_f64(ahead as f64 / SLOWEST_WRITE_RATE as f64);
-        (allowance, InProgress(&self.unwritten, bytes))
-    }
-
-    /// Takes note of what the broker answered on `link` and reports the confirms that timed
-    /// out; abandons the connection when some timed out and the broker answered nothing on it
-    /// for the receipt timeout (it is alive, but confirms nothing: another URL may).
-    async fn after_send(&self, link: &Arc<Link>, report: &SendReport) {
-        let timeout = self.settings.receipt_timeout;
-        let answered = report.outcomes.iter().any(|outcome| {
-            matches!(
-                outcome,
-                Outcome::Receipted | Outcome::Unroutable(_) | Outcome::Nacked
-            )
-        });
-        let timed_out = report
-            .outcomes
-            .iter()
-            .filter(|outcome| matches!(outcome.error(), Some(TransportError::ReceiptTimeout(_))))
-            .count();
-        let answered_lately = {
-            let mut last = lock(&self.answered);
-            if last.0 != link.generation {
-                *last = (link.generation, None);
-            }
-            if answered {
-                last.1 = Some(Instant::now());
-            }
-            last.1.is_some_and(|at| at.elapsed() < timeout)
-        };
-        if timed_out == 0 {
-            return;
-        }
-        self.observed.report(ConnectionEvent::ReceiptTimeout {
-            address: link.address.clone(),
-            messages: timed_out,
-        });
-        if answered_lately || !link.is_open() {
-            return;
-        }
-        let mut slot = self.link.lock().await;
-        if !slot
-            .as_ref()
-            .is_some_and(|current| Arc::ptr_eq(current, link))
-        {
-            return;
-        }
-        slot.take();
-        drop(slot);
-        self.observed.abandoned(&link.address, timeout);
-        self.next_start.store(
-            (link.address_index + 1) % self.settings.urls.len(),
-            Ordering::Relaxed,
-        );
-        // Its unwritten publishes go with it: the broker drops a message it did not get whole.
-        let _ = tokio::time::timeout(UNANSWERED_CLOSE_WAIT, link.close_quietly()).await;
     }
 
     /// The open connection, if any (for acks: never a new one).
@@ -303,23 +189,12 @@ impl Transport for AmqpTransport {
             Ok(link) => link,
             Err(err) => return SendReport::unsent(messages.len(), err),
         };
-        let bytes: u64 = messages.iter().map(|m| m.body.len() as u64).sum();
-        let (allowance, in_progress) = self.write_allowance(bytes);
-        let write_deadline = tokio::time::Instant::now() + allowance;
-        // Link::send bounds its own waits; this bounds the broker's answers to the checks and
-        // declarations before them, which a blocked broker never reads.
-        let report = match tokio::time::timeout(
-            allowance + timeout + BLOCKED_POLL,
-            link.send(messages, timeout, write_deadline),
-        )
-        .await
-        {
+        // Link::send bounds its own waits by the timeout; this bounds the broker's answers to
+        // the checks and declarations before them, which a blocked broker never reads.
+        match tokio::time::timeout(timeout + BLOCKED_POLL, link.send(messages, timeout)).await {
             Ok(report) => report,
             Err(_) => SendReport::unsent(messages.len(), TransportError::ReceiptTimeout(timeout)),
-        };
-        drop(in_progress);
-        self.after_send(&link, &report).await;
-        report
+        }
     }
 
     async fn subscribe(&self, subscription: Subscription) -> Result<Deliveries, TransportError> {
@@ -374,18 +249,6 @@ impl Transport for AmqpTransport {
             .await?;
         }
         Ok(())
-    }
-
-    fn stop_connecting(&self) {
-        self.gate.stop();
-    }
-
-    fn resume_connecting(&self) {
-        self.gate.resume();
-    }
-
-    fn observe(&self, observer: ConnectionObserver) {
-        self.observed.set(observer);
     }
 
     fn declares_single_active_consumer(&self) -> bool {
@@ -457,15 +320,6 @@ impl AmqpTransport {
             .parse()
             .map_err(|_| TransportError::stale_delivery())?;
         Ok((channel, tag))
-    }
-}
-
-/// Bytes of a send in progress, counted in [`AmqpTransport::unwritten`] until dropped.
-struct InProgress<'a>(&'a AtomicU64, u64);
-
-impl Drop for InProgress<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(self.1, Ordering::Relaxed);
     }
 }
 

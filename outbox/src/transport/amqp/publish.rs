@@ -74,15 +74,8 @@ struct Plan {
 }
 
 impl Link {
-    /// Publishes `messages` and waits for their confirms: each confirm for `timeout` from the
-    /// moment lapin wrote the publish's last frame (its `basic_publish` resolves then); the
-    /// writes themselves until `write_deadline`.
-    pub(super) async fn send(
-        &self,
-        messages: &[Outgoing],
-        timeout: Duration,
-        write_deadline: tokio::time::Instant,
-    ) -> SendReport {
+    /// Publishes `messages` and waits for their confirms, all within `timeout`.
+    pub(super) async fn send(&self, messages: &[Outgoing], timeout: Duration) -> SendReport {
         let deadline = tokio::time::Instant::now() + timeout;
         // A blocked connection takes publishes and never confirms them: wait, then give back.
         while self.connection.status().blocked() {
@@ -99,7 +92,7 @@ impl Link {
             Err(err) => return SendReport::unsent(messages.len(), err),
         };
         if !plans.is_empty() {
-            self.publish(messages, plans, write_deadline, timeout, &mut outcomes)
+            self.publish(messages, plans, deadline, timeout, &mut outcomes)
                 .await;
         }
         SendReport {
@@ -183,7 +176,7 @@ impl Link {
         &self,
         messages: &[Outgoing],
         plans: Vec<Plan>,
-        write_deadline: tokio::time::Instant,
+        deadline: tokio::time::Instant,
         timeout: Duration,
         outcomes: &mut [Option<Outcome>],
     ) {
@@ -194,8 +187,7 @@ impl Link {
         };
         let channel = match self.publishers.take() {
             Some(channel) => channel,
-            None => match tokio::time::timeout_at(write_deadline, open_publisher(&self.connection))
-                .await
+            None => match tokio::time::timeout_at(deadline, open_publisher(&self.connection)).await
             {
                 Ok(Ok(channel)) => channel,
                 Ok(Err(err)) => return unknown(broker_error(err), outcomes),
@@ -211,7 +203,7 @@ impl Link {
             // holding some would wait for each other until the deadline.
             let count = u32::try_from(chunk.len()).unwrap_or(u32::MAX);
             let mut permits = match tokio::time::timeout_at(
-                write_deadline,
+                deadline,
                 self.window.clone().acquire_many_owned(count),
             )
             .await
@@ -233,7 +225,7 @@ impl Link {
                 let plan = &plans[*number];
                 let (exchange, routing_key) = plan.endpoint.routing();
                 let published = tokio::time::timeout_at(
-                    write_deadline,
+                    deadline,
                     channel.basic_publish(
                         exchange.into(),
                         routing_key.into(),
@@ -247,10 +239,7 @@ impl Link {
                 )
                 .await;
                 match published {
-                    // The confirm's clock starts now: the publish's last frame is written.
-                    Ok(Ok(confirm)) => {
-                        pending.push((*number, confirm, tokio::time::Instant::now() + timeout))
-                    }
+                    Ok(Ok(confirm)) => pending.push((*number, confirm)),
                     Ok(Err(err)) => confirmed[*number] = Some(Confirmed::Not(broker_error(err))),
                     Err(_) => {
                         confirmed[*number] =
@@ -260,23 +249,22 @@ impl Link {
             }
             // Confirms come in publish order on the channel: awaiting them in that order costs
             // no head-of-line wait. The returns they carry are the batch's, in no useful order.
-            for (number, confirm, confirm_by) in pending {
-                confirmed[number] =
-                    Some(match tokio::time::timeout_at(confirm_by, confirm).await {
-                        Ok(Ok(Confirmation::Ack(message))) => {
-                            returned.extend(message);
-                            Confirmed::Ack
-                        }
-                        Ok(Ok(Confirmation::Nack(message))) => {
-                            returned.extend(message);
-                            Confirmed::Nack
-                        }
-                        Ok(Ok(Confirmation::NotRequested)) => Confirmed::Not(
-                            TransportError::ConnectionLost("the channel lost confirm mode".into()),
-                        ),
-                        Ok(Err(err)) => Confirmed::Not(broker_error(err)),
-                        Err(_) => Confirmed::Not(TransportError::ReceiptTimeout(timeout)),
-                    });
+            for (number, confirm) in pending {
+                confirmed[number] = Some(match tokio::time::timeout_at(deadline, confirm).await {
+                    Ok(Ok(Confirmation::Ack(message))) => {
+                        returned.extend(message);
+                        Confirmed::Ack
+                    }
+                    Ok(Ok(Confirmation::Nack(message))) => {
+                        returned.extend(message);
+                        Confirmed::Nack
+                    }
+                    Ok(Ok(Confirmation::NotRequested)) => Confirmed::Not(
+                        TransportError::ConnectionLost("the channel lost confirm mode".into()),
+                    ),
+                    Ok(Err(err)) => Confirmed::Not(broker_error(err)),
+                    Err(_) => Confirmed::Not(TransportError::ReceiptTimeout(timeout)),
+                });
                 drop(permits.split(1));
             }
         }

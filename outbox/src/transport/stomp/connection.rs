@@ -1,14 +1,6 @@
 //! One open STOMP connection, as its callers see it: the login with failover across the
 //! configured addresses, then SENDs with receipts, SUBSCRIBEs and other requests queued to the
 //! task that owns the socket ([`super::driver`]).
-//!
-//! Each receipt is awaited for the receipt timeout from the moment the frame's last byte was
-//! written, not from when it was queued: a large frame on a slow link, and whatever waits behind
-//! it, is not given up on while it is still being written (the task gives the connection up if
-//! no byte leaves for the receipt timeout). A receipt that does not come in time is forgotten at
-//! once, so that a broker that never answers costs no memory; and when nothing at all was
-//! answered on the connection for the receipt timeout, the connection is abandoned, and the
-//! transport's next connection starts at the next address.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,17 +13,16 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::FramedRead;
 
-use super::driver::{Backlog, Driver, Outbound};
+use super::driver::{Backlog, Driver};
 use super::framing::{FrameDecoder, Inbound};
 use super::lock;
 use super::pacing::Ending;
 use super::settings::StompSettings;
 use super::socket::{Stream, Watched, Writer};
 use super::tls::ClientTls;
-use crate::transport::connecting::Observed;
 use crate::transport::{
-    AckMode, ConnectionEvent, Deliveries, Outcome, Outgoing, SendReport, Subscription,
-    SubscriptionEvent, TransportError,
+    AckMode, Deliveries, Outcome, Outgoing, SendReport, Subscription, SubscriptionEvent,
+    TransportError,
 };
 
 /// Frames a caller may queue before the writer catches up: plenty for a pipelined batch.
@@ -43,17 +34,6 @@ const DELIVERY_QUEUE: usize = 1024;
 const MAX_DELIVERY_QUEUE: usize = 10_000;
 
 type Waiter = oneshot::Sender<Result<(), TransportError>>;
-/// The caller's end of a [`Waiter`].
-type Waiting = oneshot::Receiver<Result<(), TransportError>>;
-
-/// What came of a frame sent with a receipt request.
-enum Answer {
-    Receipted,
-    /// No receipt: the connection ended (or the broker refused a frame) first.
-    Failed(TransportError),
-    /// The receipt did not come within the timeout after the frame was written.
-    TimedOut,
-}
 
 /// State shared by callers and the connection's task.
 #[derive(Default)]
@@ -69,14 +49,6 @@ pub(super) struct Shared {
     /// How it ended, for the transport's reconnection pacing; set by the task just before
     /// `ended`.
     pub(super) ending: Mutex<Option<Ending>>,
-    /// The highest receipt number the broker answered ([`Connection::overtaken`]).
-    pub(super) highest_answered: AtomicU64,
-    /// When the broker last answered a receipt.
-    pub(super) last_answer: Mutex<Option<Instant>>,
-    /// Why a caller gave the connection up, if one did; the task ends it when told through
-    /// `abandon`.
-    pub(super) abandoned: Mutex<Option<TransportError>>,
-    pub(super) abandon: tokio::sync::Notify,
 }
 
 /// Where a subscription's deliveries go.
@@ -96,12 +68,7 @@ pub(super) struct Route {
 pub(super) struct Connection {
     /// Which of the transport's connections this is.
     pub(super) generation: u64,
-    /// The broker's `host:port`.
-    pub(super) address: String,
-    /// Its place in the configured addresses.
-    pub(super) address_index: usize,
-    outbound: mpsc::Sender<Outbound>,
-    observed: Arc<Observed>,
+    outbound: mpsc::Sender<Message<ToServer>>,
     pub(super) shared: Arc<Shared>,
     next_receipt: AtomicU64,
     task: tokio::task::JoinHandle<()>,
@@ -114,22 +81,15 @@ impl Drop for Connection {
 }
 
 impl Connection {
-    /// Connects to the first address that answers, trying them in order from the one at
-    /// `start` (with TLS when `tls` is given), and logs in.
+    /// Connects to the first address that answers (with TLS when `tls` is given), and logs in.
     pub(super) async fn open(
         settings: &StompSettings,
         tls: Option<&ClientTls>,
         generation: u64,
-        start: usize,
-        observed: Arc<Observed>,
     ) -> Result<Self, TransportError> {
         let mut last_error = None;
-        let count = settings.addresses.len();
-        for index in (0..count).map(|step| (start + step) % count) {
-            let (host, port) = &settings.addresses[index];
-            let opened =
-                Self::open_one(settings, tls, host, *port, generation, observed.clone()).await;
-            match opened.map(|connection| connection.at(index)) {
+        for (host, port) in &settings.addresses {
+            match Self::open_one(settings, tls, host, *port, generation).await {
                 Ok(connection) => return Ok(connection),
                 // A refused login is the same everywhere: say so rather than try the others.
                 Err(err @ TransportError::Refused { .. }) | Err(err @ TransportError::Tls(_)) => {
@@ -162,19 +122,12 @@ impl Connection {
         })
     }
 
-    /// This connection, noted as opened to the address at `index`.
-    fn at(mut self, index: usize) -> Self {
-        self.address_index = index;
-        self
-    }
-
     async fn open_one(
         settings: &StompSettings,
         tls: Option<&ClientTls>,
         host: &str,
         port: u16,
         generation: u64,
-        observed: Arc<Observed>,
     ) -> Result<Self, TransportError> {
         let address = format!("{host}:{port}");
         let connect_failed = |reason: String| TransportError::Connect {
@@ -187,7 +140,6 @@ impl Connection {
             .map_err(|_| connect_failed(format!("no answer within {timeout:?}")))?
             .map_err(|e| connect_failed(e.to_string()))?;
         let _ = tcp.set_nodelay(true);
-        super::socket::limit_send_buffer(&tcp);
         let stream = match tls {
             Some(tls) => {
                 let stream = tokio::time::timeout(timeout, tls.connect(host, tcp))
@@ -278,7 +230,6 @@ impl Connection {
             reader,
             writer,
             outbound: rx,
-            unwritten: Default::default(),
             shared: shared.clone(),
             last_read,
             epoch,
@@ -295,10 +246,7 @@ impl Connection {
         tracing::info!(broker = %address, ?send_every, ?expect_every, "connected to the broker");
         Ok(Self {
             generation,
-            address,
-            address_index: 0,
             outbound,
-            observed,
             shared,
             next_receipt: AtomicU64::new(1),
             task,
@@ -306,7 +254,7 @@ impl Connection {
     }
 
     pub(super) fn is_open(&self) -> bool {
-        !self.task.is_finished() && self.ended().is_none() && !self.abandoned()
+        !self.task.is_finished() && self.ended().is_none()
     }
 
     pub(super) fn close(&self) {
@@ -316,11 +264,6 @@ impl Connection {
     /// How the connection ended, once it has.
     pub(super) fn ending(&self) -> Option<Ending> {
         *lock(&self.shared.ending)
-    }
-
-    /// Whether a caller gave the connection up because the broker answered nothing.
-    pub(super) fn abandoned(&self) -> bool {
-        lock(&self.shared.abandoned).is_some()
     }
 
     fn ended(&self) -> Option<TransportError> {
@@ -336,135 +279,63 @@ impl Connection {
         lock(&self.shared.subscriptions)
     }
 
-    /// Takes note that `count` receipts did not come within `timeout` (reported as an event);
-    /// gives the connection up when the broker answered nothing at all for that long: it is
-    /// alive (heartbeats) but not confirming, and another address may be.
-    fn timed_out(&self, count: usize, timeout: Duration) {
+    /// The error of a receipt that did not come in time, noting that the broker left one
+    /// unanswered on this connection.
+    fn unanswered(&self, timeout: Duration) -> TransportError {
         self.shared.unanswered.store(true, Ordering::Relaxed);
-        self.observed.report(ConnectionEvent::ReceiptTimeout {
-            address: self.address.clone(),
-            messages: count,
-        });
-        let answered_lately =
-            lock(&self.shared.last_answer).is_some_and(|at| at.elapsed() < timeout);
-        if answered_lately || self.ended().is_some() {
-            return;
-        }
-        let mut abandoned = lock(&self.shared.abandoned);
-        if abandoned.is_some() {
-            return;
-        }
-        *abandoned = Some(TransportError::ReceiptTimeout(timeout));
-        drop(abandoned);
-        self.observed.abandoned(&self.address, timeout);
-        self.shared.abandon.notify_one();
+        TransportError::ReceiptTimeout(timeout)
     }
 
     /// Queues a frame for writing.
     pub(super) fn write(&self, frame: Message<ToServer>) -> Result<(), TransportError> {
-        self.outbound
-            .try_send(Outbound::unwatched(frame))
-            .map_err(|_| self.lost())
+        self.outbound.try_send(frame).map_err(|_| self.lost())
     }
 
-    /// Adds a receipt request to `frame` and registers its waiter; returns the receipt's
-    /// number and its waiter.
-    fn with_receipt(&self, frame: &mut Message<ToServer>) -> (u64, Waiting) {
+    /// Adds a receipt request to `frame` and registers its waiter.
+    fn with_receipt(
+        &self,
+        frame: &mut Message<ToServer>,
+    ) -> oneshot::Receiver<Result<(), TransportError>> {
         let (tx, rx) = oneshot::channel();
+        // Numbered and registered under one lock, so that every number below `next_receipt` is
+        // either pending in the map or answered ([`Connection::overtaken`]).
         let mut receipts = lock(&self.shared.receipts);
-        let number = self.next_receipt.fetch_add(1, Ordering::Relaxed);
-        let id = number.to_string();
+        let id = self
+            .next_receipt
+            .fetch_add(1, Ordering::Relaxed)
+            .to_string();
         receipts.insert(id.clone(), tx);
         drop(receipts);
         frame
             .extra_headers
             .push((b"receipt".to_vec(), id.into_bytes()));
-        (number, rx)
+        rx
     }
 
-    /// Queues `frame`, whose receipt is `number`, telling when its last byte is written; `None`
-    /// (and the waiter forgotten) when the connection has ended. The task takes frames as fast
-    /// as the broker reads them and ends the connection when no byte leaves for the receipt
-    /// timeout, so waiting for room here is bounded by that.
-    async fn queue(
-        &self,
-        frame: Message<ToServer>,
-        number: u64,
-    ) -> Option<oneshot::Receiver<tokio::time::Instant>> {
-        let (tx, written) = oneshot::channel();
-        let outbound = Outbound {
-            frame,
-            written: Some(tx),
-        };
-        if self.outbound.send(outbound).await.is_err() {
-            self.forget(number);
-            return None;
-        }
-        Some(written)
-    }
-
-    /// Removes the waiter of receipt `number`: a receipt that comes later finds nobody.
-    fn forget(&self, number: u64) {
-        lock(&self.shared.receipts).remove(&number.to_string());
-    }
-
-    /// Waits for the frame to be written whole, then for its receipt, for `timeout` from then.
-    async fn answer(
-        &self,
-        number: u64,
-        written: oneshot::Receiver<tokio::time::Instant>,
-        mut receipt: Waiting,
-        timeout: Duration,
-    ) -> Answer {
-        let Ok(written_at) = written.await else {
-            // The connection ended before the frame left (its task told every waiter why,
-            // unless it was aborted).
-            self.forget(number);
-            return match receipt.try_recv() {
-                Ok(Ok(())) => Answer::Receipted,
-                Ok(Err(err)) => Answer::Failed(err),
-                Err(_) => Answer::Failed(self.lost()),
-            };
-        };
-        match tokio::time::timeout_at(written_at + timeout, &mut receipt).await {
-            Ok(Ok(Ok(()))) => Answer::Receipted,
-            Ok(Ok(Err(err))) => Answer::Failed(err),
-            Ok(Err(_)) => Answer::Failed(self.lost()),
-            Err(_) => {
-                self.forget(number);
-                // Answered between the deadline and the removal: it counts.
-                match receipt.try_recv() {
-                    Ok(Ok(())) => Answer::Receipted,
-                    Ok(Err(err)) => Answer::Failed(err),
-                    Err(_) => Answer::TimedOut,
-                }
-            }
-        }
-    }
-
-    /// Sends one frame with a receipt request and waits for the receipt, for `timeout` from
-    /// the moment the frame was written.
+    /// Sends one frame with a receipt request and waits for the receipt.
     pub(super) async fn request(
         &self,
         mut frame: Message<ToServer>,
         timeout: Duration,
     ) -> Result<(), TransportError> {
-        let (number, receipt) = self.with_receipt(&mut frame);
-        let Some(written) = self.queue(frame, number).await else {
-            return Err(self.lost());
-        };
-        match self.answer(number, written, receipt, timeout).await {
-            Answer::Receipted => Ok(()),
-            Answer::Failed(err) => Err(err),
-            Answer::TimedOut => {
-                self.timed_out(1, timeout);
-                Err(TransportError::ReceiptTimeout(timeout))
-            }
+        let deadline = tokio::time::Instant::now() + timeout;
+        let receipt = self.with_receipt(&mut frame);
+        match tokio::time::timeout_at(deadline, self.outbound.send(frame)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err(self.lost()),
+            Err(_) => return Err(self.unanswered(timeout)),
+        }
+        match tokio::time::timeout_at(deadline, receipt).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(self.lost()),
+            Err(_) => Err(self.unanswered(timeout)),
         }
     }
 
     pub(super) async fn send(&self, messages: &[Outgoing], timeout: Duration) -> SendReport {
-        let mut waiting = Vec::with_capacity(messages.len());
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut waiters = Vec::with_capacity(messages.len());
+        let mut unqueued = None;
         for message in messages {
             let mut headers = Vec::with_capacity(message.headers.len() + 3);
             headers.extend(message.headers.iter().cloned());
@@ -476,47 +347,62 @@ impl Connection {
                 body: Some(message.body.clone()),
             }
             .into();
-            let (number, receipt) = self.with_receipt(&mut frame);
-            let Some(written) = self.queue(frame, number).await else {
-                break;
-            };
-            waiting.push((number, written, receipt));
+            let receipt = self.with_receipt(&mut frame);
+            let number = frame
+                .extra_headers
+                .last()
+                .and_then(|(_, id)| std::str::from_utf8(id).ok()?.parse::<u64>().ok())
+                .unwrap_or(u64::MAX);
+            // A broker that stops reading fills the queue: wait for room only until the deadline.
+            match tokio::time::timeout_at(deadline, self.outbound.send(frame)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => break,
+                Err(_) => {
+                    unqueued = Some(self.unanswered(timeout));
+                    break;
+                }
+            }
+            waiters.push((number, receipt));
         }
         let mut outcomes = Vec::with_capacity(messages.len());
         let mut timed_out = Vec::new();
-        for (number, written, receipt) in waiting {
-            let outcome = match self.answer(number, written, receipt, timeout).await {
-                Answer::Receipted => Outcome::Receipted,
-                Answer::Failed(err) => Outcome::unknown(err),
-                Answer::TimedOut => {
+        for (number, mut waiter) in waiters {
+            let outcome = match tokio::time::timeout_at(deadline, &mut waiter).await {
+                Ok(Ok(Ok(()))) => Outcome::Receipted,
+                Ok(Ok(Err(err))) => Outcome::unknown(err),
+                Ok(Err(_)) => Outcome::unknown(self.lost()),
+                Err(_) => {
                     timed_out.push((outcomes.len(), number));
-                    Outcome::unknown(TransportError::ReceiptTimeout(timeout))
+                    Outcome::unknown(self.unanswered(timeout))
                 }
             };
             outcomes.push(outcome);
         }
-        // Overtaken is judged before the connection may be given up below.
-        for (index, number) in &timed_out {
-            if self.overtaken(*number)
-                && let Outcome::Unknown(unknown) = &mut outcomes[*index]
+        for (index, number) in timed_out {
+            if self.overtaken(number)
+                && let Outcome::Unknown(unknown) = &mut outcomes[index]
             {
                 unknown.overtaken = true;
             }
         }
-        if !timed_out.is_empty() {
-            self.timed_out(timed_out.len(), timeout);
-        }
-        // Messages never queued: the connection had ended.
+        // Messages never queued: the connection had ended, or the broker stopped reading.
         while outcomes.len() < messages.len() {
-            outcomes.push(Outcome::unknown(self.lost()));
+            let reason = unqueued.clone().unwrap_or_else(|| self.lost());
+            outcomes.push(Outcome::unknown(reason));
         }
         SendReport { outcomes }
     }
 
     /// Whether a frame numbered after receipt `number` was receipted on this still-open
-    /// connection while `number` was not (RabbitMQ handles a connection's frames in order).
+    /// connection while `number` was not: the numbers below `next_receipt` that are no longer
+    /// in the map were answered, and the map is emptied only when the connection ends.
     fn overtaken(&self, number: u64) -> bool {
-        self.shared.highest_answered.load(Ordering::Relaxed) > number && self.ended().is_none()
+        let answered_later = {
+            let receipts = lock(&self.shared.receipts);
+            let next = self.next_receipt.load(Ordering::Relaxed);
+            (number + 1..next).any(|later| !receipts.contains_key(&later.to_string()))
+        };
+        answered_later && self.ended().is_none()
     }
 
     pub(super) async fn subscribe(

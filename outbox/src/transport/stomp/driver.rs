@@ -12,13 +12,6 @@
 //! deliveries beyond a subscription's buffer wait in the task's backlog, not in the socket. A
 //! frame that does not decode, or exceeds the maximum frame size, is rejected to its dead-letter
 //! queue and the connection goes on ([`super::framing`]).
-//!
-//! It tells each caller when the last byte of its frame has left ([`Outbound::written`]): the
-//! receipt timeout runs from then, so that a large frame on a slow link, and every frame queued
-//! behind it, is not given up on while it is still being written. A frame from the broker that
-//! stays incomplete, its bytes trickling slower than any real link (a `content-length` that
-//! lies, fed only by heartbeats), ends the connection; so does a caller that gives the
-//! connection up ([`super::connection::Shared::abandon`]).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -28,7 +21,7 @@ use std::time::{Duration, Instant};
 use async_stomp::{FromServer, Message, ToServer};
 use futures::StreamExt;
 use tokio::io::ReadHalf;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio_util::codec::FramedRead;
 
 use super::connection::Shared;
@@ -38,29 +31,11 @@ use super::pacing::Ending;
 use super::socket::{Watched, Writer};
 use crate::transport::{AckMode, Delivery, SubscriptionEvent, TransportError, UndecodableMessage};
 
-/// Encoded bytes waiting for the socket past which the task stops taking queued frames: enough
-/// to keep a socket's send buffer full. Callers then wait on the queue instead of the task's
-/// memory growing, and a large frame being written has only this much encoded behind it.
-const WRITE_HIGH_WATER: usize = 512 * 1024;
+/// Encoded bytes waiting for the socket past which the task stops taking queued frames: callers
+/// then wait on the queue (with a deadline) instead of the task's memory growing.
+const WRITE_HIGH_WATER: usize = 4 * 1024 * 1024;
 /// How long a message that did not decode waits before it is rejected (see `Driver::set_aside`).
 const REJECT_AFTER: Duration = Duration::from_millis(100);
-
-/// A frame a caller queues, and how it learns that the frame's last byte was written.
-pub(super) struct Outbound {
-    pub(super) frame: Message<ToServer>,
-    /// Told when the frame's last byte left (dropped if the connection ends first).
-    pub(super) written: Option<oneshot::Sender<tokio::time::Instant>>,
-}
-
-impl Outbound {
-    /// A frame nobody waits on (ACK, NACK).
-    pub(super) fn unwatched(frame: Message<ToServer>) -> Self {
-        Outbound {
-            frame,
-            written: None,
-        }
-    }
-}
 
 /// Deliveries that found their subscription's buffer full, in arrival order: the task keeps
 /// reading (heartbeats, receipts) and hands these over as room appears.
@@ -117,18 +92,13 @@ impl Backlog {
 pub(super) struct Driver {
     pub(super) reader: FramedRead<ReadHalf<Watched>, FrameDecoder>,
     pub(super) writer: Writer,
-    pub(super) outbound: mpsc::Receiver<Outbound>,
-    /// Callers waiting for their frame's last byte to leave: where it ends in the stream
-    /// ([`Writer::encoded`]), in order.
-    pub(super) unwritten: VecDeque<(u64, oneshot::Sender<tokio::time::Instant>)>,
+    pub(super) outbound: mpsc::Receiver<Message<ToServer>>,
     pub(super) shared: Arc<Shared>,
     pub(super) last_read: Arc<AtomicU64>,
     pub(super) epoch: Instant,
     pub(super) send_every: Option<Duration>,
     pub(super) expect_every: Option<Duration>,
-    /// How long bytes may wait for the broker to read them before the connection is given up;
-    /// also how long a frame from the broker may stay incomplete before its pace is judged
-    /// ([`FrameDecoder::stalled`]).
+    /// How long bytes may wait for the broker to read them before the connection is given up.
     pub(super) write_deadline: Duration,
     /// Stamped on every delivery ([`Delivery::connection`]).
     pub(super) generation: u64,
@@ -189,14 +159,14 @@ impl Driver {
                     let Some(frame) = frame else {
                         return TransportError::Closed;
                     };
-                    if let Err(err) = self.take(frame) {
+                    if let Err(err) = self.writer.queue(frame) {
                         return err;
                     }
                     // Everything queued behind it leaves in the same writes.
                     while self.writer.buffer.len() < WRITE_HIGH_WATER
                         && let Ok(frame) = self.outbound.try_recv()
                     {
-                        if let Err(err) = self.take(frame) {
+                        if let Err(err) = self.writer.queue(frame) {
                             return err;
                         }
                     }
@@ -205,12 +175,6 @@ impl Driver {
                     if let Err(e) = written {
                         return TransportError::ConnectionLost(e.to_string());
                     }
-                    self.tell_written();
-                }
-                () = self.shared.abandon.notified() => {
-                    return lock(&self.shared.abandoned)
-                        .clone()
-                        .unwrap_or_else(|| TransportError::ConnectionLost("given up".into()));
                 }
                 incoming = self.reader.next() => {
                     let reason = match incoming {
@@ -246,31 +210,8 @@ impl Driver {
         }
     }
 
-    /// Encodes a caller's frame, noting who waits for its last byte to leave.
-    fn take(&mut self, outbound: Outbound) -> Result<(), TransportError> {
-        let end = self.writer.queue(outbound.frame)?;
-        if let Some(written) = outbound.written {
-            self.unwritten.push_back((end, written));
-        }
-        Ok(())
-    }
-
-    /// Tells the callers whose frames have now left whole.
-    fn tell_written(&mut self) {
-        let now = tokio::time::Instant::now();
-        while self
-            .unwritten
-            .front()
-            .is_some_and(|(end, _)| *end <= self.writer.written)
-        {
-            if let Some((_, caller)) = self.unwritten.pop_front() {
-                let _ = caller.send(now);
-            }
-        }
-    }
-
     /// Sends a heartbeat when one is due, and ends the connection when the broker has been
-    /// silent, or has read nothing, for longer than allowed, or sends a frame that never ends.
+    /// silent, or has read nothing, for longer than allowed.
     fn check_liveness(&mut self) -> Option<TransportError> {
         if let Some(every) = self.send_every
             && self.writer.last_write.elapsed() >= every
@@ -293,14 +234,6 @@ impl Driver {
                 )));
             }
         }
-        // Heartbeats are read as body bytes while a frame is incomplete: judge its pace, after
-        // a grace of the receipt timeout (or two heartbeat intervals, if longer).
-        let grace = self.expect_every.map_or(self.write_deadline, |every| {
-            self.write_deadline.max(every * 2)
-        });
-        if let Some(reason) = self.reader.decoder().stalled(grace) {
-            return Some(TransportError::ConnectionLost(reason));
-        }
         None
     }
 
@@ -309,12 +242,6 @@ impl Driver {
         match message.content {
             FromServer::Receipt { receipt_id } => {
                 if let Some(waiter) = lock(&self.shared.receipts).remove(&receipt_id) {
-                    if let Ok(number) = receipt_id.parse::<u64>() {
-                        self.shared
-                            .highest_answered
-                            .fetch_max(number, Ordering::Relaxed);
-                    }
-                    *lock(&self.shared.last_answer) = Some(Instant::now());
                     let _ = waiter.send(Ok(()));
                 }
                 None

@@ -10,15 +10,8 @@
 //! refuses, or one larger than the configured maximum, becomes an [`Inbound::Undecodable`]
 //! carrying the headers that settle it (`ack`, `subscription`, `message-id`), read leniently.
 //! An oversized frame is never buffered whole: its bytes are discarded as they arrive.
-//!
-//! A `content-length` that promises more than ever comes would otherwise keep the decoder
-//! waiting for good, taking the broker's heartbeats for body bytes, so that the connection
-//! looks alive and answers nothing: the decoder notes since when a frame has been incomplete and
-//! how much of it arrived, and [`FrameDecoder::stalled`] says when that frame arrives too slowly
-//! to be believed (the connection's task then ends the connection).
 
 use std::io;
-use std::time::{Duration, Instant};
 
 use async_stomp::FromServer;
 use async_stomp::Message;
@@ -28,11 +21,6 @@ use tokio_util::codec::Decoder;
 
 /// The longest reason kept from the codec's error (its text can quote the frame).
 const MAX_REASON: usize = 200;
-/// The slowest a frame's bytes may arrive, on average since its first byte, once it has been
-/// incomplete for the connection's grace: slower than this, the frame is taken to promise bytes
-/// that never come (a lying `content-length` fed only by heartbeats), and the connection as
-/// broken. Far below any link a broker is used over; far above a trickle of heartbeats.
-pub(super) const SLOWEST_FRAME_RATE: u64 = 4 * 1024;
 
 /// One frame from the broker, as far as it could be read.
 #[derive(Debug)]
@@ -83,19 +71,6 @@ pub(super) struct FrameDecoder {
     codec: ClientCodec,
     max_frame_size: usize,
     state: State,
-    /// The frame being read, while it is incomplete.
-    partial: Option<Partial>,
-}
-
-/// A frame of which some bytes have arrived, but not all.
-#[derive(Debug, Clone, Copy)]
-struct Partial {
-    /// When its first byte was seen.
-    since: Instant,
-    /// Its bytes seen so far (buffered or discarded).
-    seen: usize,
-    /// Of those, the bytes already discarded (an oversized frame's).
-    discarded: usize,
 }
 
 impl FrameDecoder {
@@ -106,46 +81,6 @@ impl FrameDecoder {
             codec: ClientCodec::with_max_frame_size(max_frame_size.saturating_add(1)),
             max_frame_size,
             state: State::Between,
-            partial: None,
-        }
-    }
-
-    /// Why the frame being read is taken as never coming whole, if it is: it has been
-    /// incomplete for longer than `grace`, and its bytes came slower than
-    /// [`SLOWEST_FRAME_RATE`] on average.
-    pub(super) fn stalled(&self, grace: Duration) -> Option<String> {
-        let partial = self.partial?;
-        let waited = partial.since.elapsed();
-        if waited <= grace {
-            return None;
-        }
-        let rate = partial.seen as f64 / waited.as_secs_f64();
-        (rate < SLOWEST_FRAME_RATE as f64).then(|| {
-            format!(
-                "a frame from the broker has been incomplete for {waited:.1?} ({} bytes arrived): \
-                 its content-length promises bytes that do not come",
-                partial.seen
-            )
-        })
-    }
-
-    /// Notes that `buffered` bytes of an incomplete frame wait in the buffer, besides those
-    /// already discarded.
-    fn incomplete(&mut self, buffered: usize) {
-        let partial = self.partial.get_or_insert(Partial {
-            since: Instant::now(),
-            seen: 0,
-            discarded: 0,
-        });
-        partial.seen = partial.discarded + buffered;
-    }
-
-    /// Notes that `count` bytes of the frame being read were discarded.
-    fn discarded(&mut self, count: usize) {
-        self.incomplete(0);
-        if let Some(partial) = self.partial.as_mut() {
-            partial.discarded += count;
-            partial.seen = partial.discarded;
         }
     }
 }
@@ -160,7 +95,6 @@ impl Decoder for FrameDecoder {
                 State::SkippingBody { left, frame } => {
                     let taken = left.min(src.len());
                     src.advance(taken);
-                    self.discarded(taken);
                     self.state = if taken == left {
                         State::SkippingToNul { frame }
                     } else {
@@ -176,11 +110,9 @@ impl Decoder for FrameDecoder {
                 State::SkippingToNul { frame } => match memchr(0, src) {
                     Some(end) => {
                         src.advance(end + 1);
-                        self.partial = None;
                         return Ok(Some(Inbound::Undecodable(frame)));
                     }
                     None => {
-                        self.discarded(src.len());
                         src.clear();
                         self.state = State::SkippingToNul { frame };
                         return Ok(None);
@@ -194,18 +126,6 @@ impl Decoder for FrameDecoder {
 
 impl FrameDecoder {
     fn decode_next(&mut self, src: &mut BytesMut) -> Result<Option<Inbound>, io::Error> {
-        let decoded = self.decode_frame(src);
-        match &decoded {
-            Ok(None) if !src.is_empty() || !matches!(self.state, State::Between) => {
-                self.incomplete(src.len())
-            }
-            Ok(None) => {}
-            Ok(Some(_)) | Err(_) => self.partial = None,
-        }
-        decoded
-    }
-
-    fn decode_frame(&mut self, src: &mut BytesMut) -> Result<Option<Inbound>, io::Error> {
         // Heartbeats: end-of-lines between frames.
         let heartbeats = src
             .iter()
@@ -259,7 +179,6 @@ impl FrameDecoder {
                 Some(nul) => body_start + nul + 1,
                 None if src.len() > self.max_frame_size => {
                     let size = src.len();
-                    self.discarded(size);
                     src.clear();
                     self.state = State::SkippingToNul {
                         frame: oversized(size, self.max_frame_size),
@@ -523,43 +442,6 @@ mod tests {
             ));
             assert!(is_message(&items[1], b"body"));
         }
-    }
-
-    #[test]
-    fn a_frame_fed_only_heartbeats_past_its_grace_is_taken_as_stalled() {
-        let mut decoder = FrameDecoder::new(1 << 20);
-        let mut buffer = BytesMut::from(&b"RECEIPT\nreceipt-id:1\n\n\0\n"[..]);
-        assert!(matches!(
-            decoder.decode(&mut buffer),
-            Ok(Some(Inbound::Frame(_)))
-        ));
-        assert!(decoder.decode(&mut buffer).unwrap().is_none());
-        assert_eq!(decoder.stalled(Duration::ZERO), None, "between frames");
-        // A MESSAGE promising 100,000 bytes, of which a few come, then heartbeats.
-        buffer.extend_from_slice(b"MESSAGE\nsubscription:s\ncontent-length:100000\n\nabc");
-        assert!(decoder.decode(&mut buffer).unwrap().is_none());
-        buffer.extend_from_slice(b"\n\n");
-        assert!(decoder.decode(&mut buffer).unwrap().is_none());
-        assert_eq!(
-            decoder.stalled(Duration::from_secs(60)),
-            None,
-            "within its grace"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-        let stalled = decoder.stalled(Duration::from_millis(10)).expect("stalled");
-        assert!(stalled.contains("content-length"), "{stalled}");
-    }
-
-    #[test]
-    fn a_frame_arriving_at_a_believable_rate_is_not_stalled() {
-        let mut decoder = FrameDecoder::new(64);
-        // An oversized frame being discarded counts what it discarded.
-        let mut buffer = BytesMut::from(&b"MESSAGE\ncontent-length:100000\n\n"[..]);
-        buffer.extend_from_slice(&[b'x'; 4000]);
-        assert!(decoder.decode(&mut buffer).unwrap().is_none());
-        std::thread::sleep(Duration::from_millis(20));
-        // 4 kB in about 20 ms: far above the slowest believable rate.
-        assert_eq!(decoder.stalled(Duration::from_millis(10)), None);
     }
 
     #[test]

@@ -14,17 +14,13 @@
 //! - [`tls`]: the rustls client;
 //! - [`settings`]: what [`StompTransport::new`] takes.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_stomp::{Message, ToServer};
 
-use super::connecting::{Gate, Observed};
-use super::{
-    ConnectionEvent, ConnectionObserver, Deliveries, Delivery, Outgoing, SendReport, Subscription,
-    Transport, TransportError,
-};
+use super::{Deliveries, Delivery, Outgoing, SendReport, Subscription, Transport, TransportError};
 use connection::Connection;
 use pacing::Pacing;
 
@@ -33,7 +29,7 @@ mod driver;
 mod framing;
 mod pacing;
 mod settings;
-pub(crate) mod socket;
+mod socket;
 pub(crate) mod tls;
 
 pub use settings::{StompSettings, TlsOptions};
@@ -68,12 +64,6 @@ pub struct StompTransport {
     connections_opened: AtomicU64,
     /// Whether the next connection must wait, after connections the broker closed early.
     pacing: Mutex<Pacing>,
-    /// The address the next connection tries first: the last connection's, or the one after
-    /// it when that connection was abandoned (it answered no receipt).
-    next_start: AtomicUsize,
-    /// Closed while the caller stops: no connection attempt then.
-    gate: Gate,
-    observed: Arc<Observed>,
 }
 
 impl StompTransport {
@@ -89,15 +79,11 @@ impl StompTransport {
             connection: tokio::sync::Mutex::new(None),
             connections_opened: AtomicU64::new(0),
             pacing: Mutex::new(Pacing::default()),
-            next_start: AtomicUsize::new(0),
-            gate: Gate::default(),
-            observed: Arc::default(),
         })
     }
 
     /// The open connection, or a new one; [`TransportError::ReconnectPaused`] while the
-    /// transport waits after connections the broker closed early ([`pacing`]);
-    /// [`TransportError::Closed`] while connecting is stopped.
+    /// transport waits after connections the broker closed early ([`pacing`]).
     async fn connection(&self) -> Result<Arc<Connection>, TransportError> {
         let mut slot = self.connection.lock().await;
         if let Some(connection) = slot.as_ref() {
@@ -107,31 +93,14 @@ impl StompTransport {
             if let Some(ending) = connection.ending() {
                 lock(&self.pacing).ended(&ending);
             }
-            // Sticky: the next connection starts where the last one was, unless that one was
-            // given up for answering nothing.
-            let count = self.settings.addresses.len().max(1);
-            let step = usize::from(connection.abandoned());
-            self.next_start
-                .store((connection.address_index + step) % count, Ordering::Relaxed);
         }
         *slot = None;
         if let Some(wait) = lock(&self.pacing).wait(Instant::now()) {
             return Err(TransportError::ReconnectPaused(wait));
         }
         let generation = self.connections_opened.fetch_add(1, Ordering::Relaxed) + 1;
-        let start = self.next_start.load(Ordering::Relaxed);
-        let opened = self.gate.attempt(Connection::open(
-            &self.settings,
-            self.tls.as_ref(),
-            generation,
-            start,
-            self.observed.clone(),
-        ));
-        let connection = Arc::new(opened.await?);
-        self.observed.report(ConnectionEvent::Connected {
-            address: connection.address.clone(),
-            reconnection: generation > 1,
-        });
+        let connection =
+            Arc::new(Connection::open(&self.settings, self.tls.as_ref(), generation).await?);
         *slot = Some(connection.clone());
         Ok(connection)
     }
@@ -210,18 +179,6 @@ impl Transport for StompTransport {
             .extra_headers
             .push((b"requeue".to_vec(), b"false".to_vec()));
         connection.write(frame)
-    }
-
-    fn stop_connecting(&self) {
-        self.gate.stop();
-    }
-
-    fn resume_connecting(&self) {
-        self.gate.resume();
-    }
-
-    fn observe(&self, observer: ConnectionObserver) {
-        self.observed.set(observer);
     }
 
     async fn disconnect(&self) -> Result<(), TransportError> {

@@ -76,8 +76,7 @@ pub struct StompSettings {
     /// Heartbeats `(outgoing, incoming)`; zero turns one direction off
     /// (`OUTBOX_STOMP_HEARTBEATS`).
     pub heartbeats: (Duration, Duration),
-    /// How long a receipt is awaited once its frame is written, and a connection attempt
-    /// (`OUTBOX_RECEIPT_TIMEOUT`).
+    /// How long a receipt (and a connection attempt) is awaited (`OUTBOX_RECEIPT_TIMEOUT`).
     pub receipt_timeout: Duration,
     /// The largest frame accepted from the broker, in bytes (`OUTBOX_STOMP_MAX_FRAME_SIZE`).
     pub max_frame_size: usize,

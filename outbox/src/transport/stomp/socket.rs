@@ -1,10 +1,5 @@
 //! The socket of a STOMP connection: TCP or TLS, noting when bytes last arrived, and a write
 //! side that the connection's task drives a step at a time.
-//!
-//! A frame counts as written once the socket took its last byte; the receipt timeout runs from
-//! then. The kernel's send buffer grows to megabytes by itself, and what it holds may take
-//! seconds to cross a slow link: [`limit_send_buffer`] bounds it, so that "written" means "on
-//! its way, close behind".
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -20,19 +15,6 @@ use tokio_util::bytes::{BufMut, BytesMut};
 use tokio_util::codec::Encoder;
 
 use crate::transport::TransportError;
-
-/// The send buffer asked of the kernel for a broker socket (Linux reserves twice this for its
-/// own bookkeeping): room for a few pipelined batches, and at most about a second of a
-/// 512 kB/s link between a frame's last byte written and its arrival.
-pub(crate) const SEND_BUFFER: usize = 256 * 1024;
-
-/// Bounds `tcp`'s send buffer to [`SEND_BUFFER`] (see the module docs). Best effort: a system
-/// that refuses keeps its own.
-pub(crate) fn limit_send_buffer(tcp: &TcpStream) {
-    if let Err(err) = socket2::SockRef::from(tcp).set_send_buffer_size(SEND_BUFFER) {
-        tracing::debug!(error = %err, "the socket's send buffer could not be bounded");
-    }
-}
 
 /// The socket, as the codec sees it: TCP or TLS, counting when bytes last arrived.
 pub(super) enum Stream {
@@ -105,12 +87,6 @@ pub(super) struct Writer {
     pub(super) waiting_since: Option<Instant>,
     /// When a byte last left, for the outgoing heartbeats.
     pub(super) last_write: Instant,
-    /// Bytes put in the buffer since the connection opened (frames and heartbeats): where the
-    /// frame queued last ends in the stream.
-    pub(super) encoded: u64,
-    /// Bytes the socket took since the connection opened: every frame that ends at or before
-    /// this has been written whole.
-    pub(super) written: u64,
 }
 
 impl Writer {
@@ -122,27 +98,20 @@ impl Writer {
             unflushed: false,
             waiting_since: None,
             last_write: Instant::now(),
-            encoded: 0,
-            written: 0,
         }
     }
 
-    /// Encodes a frame into the buffer; returns where it ends in the stream (see
-    /// [`Writer::written`]).
-    pub(super) fn queue(&mut self, frame: Message<ToServer>) -> Result<u64, TransportError> {
+    /// Encodes a frame into the buffer.
+    pub(super) fn queue(&mut self, frame: Message<ToServer>) -> Result<(), TransportError> {
         self.mark_waiting();
-        let before = self.buffer.len();
         self.codec
             .encode(frame, &mut self.buffer)
-            .map_err(|e| TransportError::ConnectionLost(format!("encoding a frame: {e}")))?;
-        self.encoded += (self.buffer.len() - before) as u64;
-        Ok(self.encoded)
+            .map_err(|e| TransportError::ConnectionLost(format!("encoding a frame: {e}")))
     }
 
     pub(super) fn queue_heartbeat(&mut self) {
         self.mark_waiting();
         self.buffer.put_u8(b'\n');
-        self.encoded += 1;
     }
 
     fn mark_waiting(&mut self) {
@@ -169,7 +138,6 @@ impl Writer {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
         let now = Instant::now();
-        self.written += written as u64;
         self.unflushed = true;
         self.last_write = now;
         self.waiting_since = (!self.buffer.is_empty()).then_some(now);
