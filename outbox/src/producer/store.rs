@@ -306,7 +306,10 @@ pub(crate) async fn oldest_waiting(
             db.get_database_backend(),
             &[destination.to_owned()],
         ))
+        // Rows written in one transaction share their `added`: the id breaks the tie, so that
+        // every batch of the destination finds the same probe.
         .order_by(Column::Added, sea_orm::Order::Asc)
+        .order_by(Column::Id, sea_orm::Order::Asc)
         .limit(1)
         .to_owned();
     match db.query_one(&oldest).await? {

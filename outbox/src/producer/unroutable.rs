@@ -119,7 +119,10 @@ impl Producer {
         token: Uuid,
     ) -> Result<(), Error> {
         let reason = unroutable_error(destination, reply);
-        let Some((oldest, _)) = rows.iter().min_by_key(|(row, _)| row.added) else {
+        // The oldest by `added`, then id (rows written together share their `added`), as
+        // `store::oldest_waiting` orders them: every batch of the destination agrees on its
+        // probe, and none parks the probe an earlier batch chose.
+        let Some((oldest, _)) = rows.iter().min_by_key(|(row, _)| (row.added, row.id)) else {
             return Ok(());
         };
         let earlier = again_on_conflict(&self.bounds, || {
@@ -127,7 +130,7 @@ impl Producer {
         })
         .await?;
         let (probe, added) = match earlier {
-            Some((id, added)) if added < oldest.added => (id, added),
+            Some((id, added)) if (added, id) <= (oldest.added, oldest.id) => (id, added),
             _ => (oldest.id, oldest.added),
         };
         let age = (chrono::Utc::now() - added).to_std().unwrap_or_default();
